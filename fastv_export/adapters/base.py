@@ -1,0 +1,126 @@
+"""Model adapters: where a VLM keeps its decoder layers, image-token ids and vision path.
+
+One small adapter per architecture; everything else (reference FastV, export) talks to the model
+through this interface only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import FastVError
+
+
+@dataclass(frozen=True)
+class DecoderInfo:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses name the HF classes they serve and where things live."""
+
+    name: ClassVar[str] = "base"
+    architectures: ClassVar[tuple[str, ...]] = ()
+    #: rank of position ids inside the text model: 2 ([B, n]) or 3 ([3, B, n], M-RoPE)
+    position_rank: ClassVar[int] = 2
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    def text_model(self) -> nn.Module:
+        """The decoder stack: a module with ``.layers``, ``.norm`` and ``.rotary_emb``."""
+        return self.model.model.language_model
+
+    def layers(self) -> nn.ModuleList:
+        return self.text_model().layers
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def decoder_info(self) -> DecoderInfo:
+        c = self.text_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return DecoderInfo(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+                           intermediate_size=c.intermediate_size, num_heads=c.num_attention_heads,
+                           num_kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
+                           vocab_size=c.vocab_size)
+
+    # --- image tokens ------------------------------------------------------------------------
+    def image_token_ids(self) -> tuple[int, ...]:
+        """Token ids whose positions are FastV candidates (image and video placeholders)."""
+        raise NotImplementedError
+
+    def image_tokens_per_image(self) -> int:
+        """Image tokens one default-sized image becomes in the language model."""
+        raise NotImplementedError
+
+    def image_prompt_tokens(self) -> list[int]:
+        """Token ids that stand for one image inside a prompt (placeholders and delimiters)."""
+        raise NotImplementedError
+
+    def vision_inputs(self, num_images: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random pixel inputs for ``num_images`` default-sized images, as the model's forward takes them."""
+        raise NotImplementedError
+
+    def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-token inputs the model's forward needs beside input_ids (none by default)."""
+        return {}
+
+    def candidate_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions [B, M] (ascending) of all image/video tokens of each prompt: one pool."""
+        ids = torch.tensor(self.image_token_ids(), device=input_ids.device)
+        is_image = torch.isin(input_ids, ids)
+        counts = is_image.sum(dim=1).tolist()
+        if len(set(counts)) > 1:
+            raise FastVError(f"the prompts of this batch hold different numbers of image tokens ({counts}); "
+                             "FastV needs the same count in every row: batch prompts with the same images "
+                             "layout, or run them separately")
+        m = counts[0] if counts else 0
+        return is_image.nonzero()[:, 1].view(input_ids.shape[0], m)
+
+
+_REGISTRY: list[type[ModelAdapter]] = []
+
+
+def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _REGISTRY.append(cls)
+    return cls
+
+
+def supported_architectures() -> list[str]:
+    return [a for cls in _REGISTRY for a in cls.architectures]
+
+
+def adapter_class_for(architecture: str) -> type[ModelAdapter]:
+    for cls in _REGISTRY:
+        if architecture in cls.architectures:
+            return cls
+    raise FastVError(f"unsupported architecture {architecture!r}; fastv-export supports: "
+                     f"{', '.join(supported_architectures())}")
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for a loaded HF model (raises FastVError naming the supported ones)."""
+    return adapter_class_for(type(model).__name__)(model)
+
+
+def vision_grid_error(what: str, expected, got) -> FastVError:
+    return FastVError(f"{what}: the model expects {expected}, got {got}")

@@ -1,0 +1,43 @@
+"""Qwen2-VL (Qwen2VLForConditionalGeneration): M-RoPE gives every token a (t, h, w) position
+triple; images and video frames share one candidate pool."""
+from __future__ import annotations
+
+import torch
+
+from .base import ModelAdapter, register
+
+# default image: a 12 x 12 patch grid (168 x 168 pixels at patch 14), one temporal patch
+DEFAULT_GRID = (1, 12, 12)
+
+
+@register
+class Qwen2VLAdapter(ModelAdapter):
+    name = "qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+    position_rank = 3
+
+    def image_token_ids(self) -> tuple[int, ...]:
+        return (int(self.config.image_token_id), int(self.config.video_token_id))
+
+    def image_tokens_per_image(self) -> int:
+        t, h, w = DEFAULT_GRID
+        return t * h * w // self.config.vision_config.spatial_merge_size ** 2
+
+    def image_prompt_tokens(self) -> list[int]:
+        c = self.config
+        return [int(c.vision_start_token_id)] + [int(c.image_token_id)] * self.image_tokens_per_image() + \
+            [int(c.vision_end_token_id)]
+
+    def vision_inputs(self, num_images: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        v = self.config.vision_config
+        t, h, w = DEFAULT_GRID
+        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = torch.randn(num_images * t * h * w, patch_dim, generator=generator)
+        return {"pixel_values": pixels, "image_grid_thw": torch.tensor([DEFAULT_GRID] * num_images)}
+
+    def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.config
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types[input_ids == c.image_token_id] = 1
+        types[input_ids == c.video_token_id] = 2
+        return {"mm_token_type_ids": types}

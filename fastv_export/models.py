@@ -1,0 +1,104 @@
+"""Built-in tiny models (real HF config classes, seeded random weights) and local checkpoints.
+
+No model hub is ever contacted: presets are built in code, checkpoints load from a directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .adapters import adapter_class_for
+from .errors import FastVError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny-llava"
+PRESET_SEED = 1234
+# Larger than HF's 0.02 so that random attention is peaked enough to rank tokens meaningfully.
+TINY_INIT_RANGE = 0.2
+
+
+def _tiny_llava_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=7, projection_dim=32)           # 8 x 8 = 64 image tokens
+    text = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       initializer_range=TINY_INIT_RANGE, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=500, image_seq_length=64,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       initializer_range=TINY_INIT_RANGE)
+
+
+def _tiny_qwen2_vl_config():
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=TINY_INIT_RANGE)
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, initializer_range=TINY_INIT_RANGE,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, use_sliding_window=False)
+    return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=500, video_token_id=501,
+                         vision_start_token_id=502, vision_end_token_id=503, initializer_range=TINY_INIT_RANGE)
+
+
+PRESETS: dict[str, Callable] = {
+    "tiny-llava": _tiny_llava_config,
+    "tiny-qwen2-vl": _tiny_qwen2_vl_config,
+}
+_CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration"}
+
+
+def build_preset_config(name: str):
+    """The HF config of a built-in preset."""
+    if name not in PRESETS:
+        raise FastVError(f"unknown preset {name!r}; built-in presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A deterministic tiny model: same weights on every machine (seeded CPU init)."""
+    import transformers
+
+    config = build_preset_config(name)
+    config._attn_implementation = attn_implementation
+    cls = getattr(transformers, _CLASSES[name])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PRESET_SEED)
+        model = cls(config)
+    return model.to(dtype).eval()
+
+
+def load_model(spec: str | Path = DEFAULT_MODEL, attn_implementation: str = "sdpa",
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A preset name (``tiny-llava``, ``tiny-qwen2-vl``) or a local HF checkpoint directory."""
+    spec = str(spec)
+    if spec in PRESETS:
+        return build_preset(spec, attn_implementation, dtype)
+    path = Path(spec)
+    if not path.is_dir():
+        raise FastVError(f"model {spec!r} is neither a built-in preset ({', '.join(PRESETS)}) nor a directory; "
+                         "pass --model DIR with a local Hugging Face checkpoint")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FastVError(f"{path} has no config.json: is it a Hugging Face checkpoint directory?")
+    try:
+        archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    except json.JSONDecodeError as exc:
+        raise FastVError(f"{cfg_file} is not valid JSON ({exc})") from None
+    if not archs:
+        raise FastVError(f"{cfg_file} names no 'architectures'; cannot pick a model class")
+    adapter_class_for(archs[0])  # unsupported architecture -> clear error before loading weights
+    import transformers
+
+    log.info("loading %s from %s", archs[0], path)
+    cls = getattr(transformers, archs[0])
+    model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,245 @@
+"""The PyTorch reference FastV against independent computations (issue 3 acceptance)."""
+import pytest
+import torch
+
+from fastv_export import FastVConfig, FastVError, apply_fastv
+from fastv_export.inputs import make_prompt
+from fastv_export.selection import random_scores
+
+from .conftest import model_and_adapter
+from .independent import independent_pruned_logits, python_select
+
+
+def _logits(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, use_cache=False, **kw).logits
+
+
+def _greedy(model, inputs, n=8):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("ratio", [0, "0/7"])
+def test_r0_is_the_unmodified_model(preset, ratio):
+    model, adapter = model_and_adapter(preset)
+    p = make_prompt(adapter, [7, 4], num_images=1, seed=1).model_inputs()
+    base_logits = _logits(model, p)
+    base_seq, base_steps = _greedy(model, p)
+    with apply_fastv(model, FastVConfig(k=1, ratio=ratio)):
+        assert torch.equal(_logits(model, p), base_logits)
+        seq, steps = _greedy(model, p)
+    assert torch.equal(seq, base_seq) and torch.equal(steps, base_steps)
+
+
+def test_prompt_without_image_tokens_is_unmodified(preset):
+    model, adapter = model_and_adapter(preset)
+    p = make_prompt(adapter, [9, 5], num_images=0, seed=2)
+    inputs = {"input_ids": p.input_ids, "attention_mask": p.attention_mask, **p.extra}
+    base_seq, base_steps = _greedy(model, inputs)
+    with apply_fastv(model, FastVConfig(k=2, ratio="3/4")) as h:
+        seq, steps = _greedy(model, inputs)
+        assert h.kept_positions is None
+    assert torch.equal(seq, base_seq) and torch.equal(steps, base_steps)
+
+
+CASES = [  # (k, ratio, ranking, batch text lengths, images)
+    (2, "1/2", "last", [8], 1),
+    (1, "3/4", "mean", [8], 1),
+    (3, "9/10", "last", [6, 11], 1),
+    (2, "2/3", "mean", [5, 9, 3], 1),
+    (2, "1/2", "random", [8, 3], 1),
+    (2, "1/2", "last", [8], 2),    # two images: one pool of 2 x M candidates
+    (1, "1/3", "mean", [4, 7], 2),
+]
+
+
+# eager: the same attention kernels as the independent computation, so 1e-5 is the bar;
+# sdpa: the unmodified model itself differs from eager by ~2e-5 on these logits (fp32).
+@pytest.mark.parametrize("attn,tol", [("eager", 1e-5), ("sdpa", 1e-4)])
+@pytest.mark.parametrize("k,ratio,ranking,lengths,images", CASES)
+def test_pruned_prefill_equals_independent_computation(preset, k, ratio, ranking, lengths, images, attn, tol):
+    model, adapter = model_and_adapter(preset, attn)
+    eager, eager_adapter = model_and_adapter(preset, "eager")
+    prompt = make_prompt(adapter, lengths, num_images=images, seed=3)
+    inputs = prompt.model_inputs()
+    cfg = FastVConfig(k=k, ratio=ratio, ranking=ranking, seed=5)
+    ref_logits, ref_kept = independent_pruned_logits(
+        eager, eager_adapter, inputs, k, ranking, cfg.keep_count, set(adapter.image_token_ids()),
+        random_scores_fn=random_scores, seed=5)
+    with apply_fastv(model, cfg) as h:
+        logits = _logits(model, inputs)
+        kept = h.kept_positions
+        m = h.candidate_positions.shape[1]
+    assert m == images * adapter.image_tokens_per_image()
+    assert torch.equal(kept, ref_kept)
+    assert logits.shape == ref_logits.shape
+    # padded query rows produce garbage in both; compare real tokens only
+    valid = torch.stack([prompt.attention_mask[r, kept[r]] for r in range(kept.shape[0])]).bool()
+    err = (logits - ref_logits).abs()[valid].max().item()
+    assert err <= tol, err
+
+
+def test_layers_after_k_run_on_kept_tokens_and_cache_two_lengths(preset):
+    model, adapter = model_and_adapter(preset)
+    prompt = make_prompt(adapter, [10], num_images=1, seed=4)
+    n = prompt.input_ids.shape[1]
+    k, cfg = 2, FastVConfig(k=2, ratio="3/4")
+    seen = {}
+    # outputs of each layer: n tokens before K, n' from K on
+    hooks = [layer.register_forward_hook(
+        lambda mod, args, out, i=i: seen.setdefault(i, []).append(
+            (out[0] if isinstance(out, tuple) else out).shape[1]))
+        for i, layer in enumerate(adapter.layers())]
+    calls = []
+    attn = adapter.layers()[k - 1].self_attn
+    h_attn = attn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with apply_fastv(model, cfg) as h, torch.no_grad():
+            out = model(**prompt.model_inputs(), use_cache=True)
+            n_kept = h.kept_positions.shape[1]
+            m = adapter.image_tokens_per_image()
+            assert n_kept == n - m + cfg.keep_count(m)
+            cache = out.past_key_values
+            for i in range(len(adapter.layers())):
+                assert cache.layers[i].keys.shape[2] == (n if i < k else n_kept), i
+                assert seen[i] == [n if i < k else n_kept]
+            assert len(calls) == 1, "layer K-1 must run once"
+            # every other layer keeps the model's own attention implementation
+            assert all(layer.self_attn.config._attn_implementation == "sdpa"
+                       for i, layer in enumerate(adapter.layers()) if i != k - 1)
+    finally:
+        h_attn.remove()
+        for hk in hooks:
+            hk.remove()
+    assert attn.config._attn_implementation == "sdpa"   # restored
+
+
+@pytest.mark.parametrize("ranking", ["last", "mean"])
+def test_kv_cache_generation_equals_recompute_without_cache(preset, ranking):
+    model, adapter = model_and_adapter(preset)
+    prompt = make_prompt(adapter, [6], num_images=1, seed=6)
+    inputs = prompt.model_inputs()
+    steps = 16
+    with apply_fastv(model, FastVConfig(k=2, ratio="1/2", ranking=ranking)) as h:
+        seq, step_logits = _greedy(model, inputs, steps)
+        kept = h.kept_positions.clone()
+        h.force_selection(kept)
+        n = prompt.input_ids.shape[1]
+        for t in range(steps):
+            ids = seq[:, :n + t]
+            full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids), **adapter.text_inputs(ids))
+            logits = _logits(model, full)[:, -1]
+            err = (logits - step_logits[:, t]).abs().max().item()
+            assert err <= 1e-4, (t, err)
+            assert int(logits.argmax(-1)) == int(seq[0, n + t])
+
+
+def test_batch_with_left_padding_equals_each_prompt_alone(preset):
+    model, adapter = model_and_adapter(preset)
+    prompt = make_prompt(adapter, [3, 12, 7], num_images=1, seed=7)
+    cfg = FastVConfig(k=2, ratio="1/2", ranking="mean")
+    with apply_fastv(model, cfg) as h:
+        seq, logits = _greedy(model, prompt.model_inputs(), 8)
+        kept_batch = h.kept_positions.clone()
+        n = prompt.input_ids.shape[1]
+        for r in range(3):
+            single = prompt.row(r, adapter, 1)
+            s_seq, s_logits = _greedy(model, single.model_inputs(), 8)
+            pad = n - single.input_ids.shape[1]
+            assert torch.equal(s_seq[0], seq[r, pad:])
+            assert (s_logits[0] - logits[r]).abs().max().item() <= 1e-4
+            pruned_real = kept_batch[r][kept_batch[r] >= pad] - pad
+            assert torch.equal(h.kept_positions[0], pruned_real)
+
+
+def test_random_ranking_is_seeded_and_reproducible(preset):
+    model, adapter = model_and_adapter(preset)
+    inputs = make_prompt(adapter, [5], num_images=1, seed=8).model_inputs()
+    kept = {}
+    for seed in (0, 0, 1):
+        with apply_fastv(model, FastVConfig(k=1, ratio="1/2", ranking="random", seed=seed)) as h:
+            _logits(model, inputs)
+            kept.setdefault(seed, []).append(h.kept_positions.clone())
+    assert torch.equal(kept[0][0], kept[0][1])
+    assert not torch.equal(kept[0][0], kept[1][0])
+
+
+def test_k0_random_prunes_before_the_first_layer(preset):
+    model, adapter = model_and_adapter(preset)
+    inputs = make_prompt(adapter, [5], num_images=1, seed=9).model_inputs()
+    with apply_fastv(model, FastVConfig(k=0, ratio="1/2", ranking="random")) as h, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        assert all(layer.keys.shape[2] == h.kept_positions.shape[1] for layer in out.past_key_values.layers)
+
+
+def test_ties_go_to_the_lower_position(preset):
+    """Zero key projection in layer K-1: every key is equal, attention is uniform, all candidate
+    scores tie exactly, so the lowest candidate positions must be kept."""
+    from fastv_export.models import load_model
+    model = load_model(preset)
+    from fastv_export.adapters import get_adapter
+    adapter = get_adapter(model)
+    attn = adapter.layers()[1].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.zero_()
+        if attn.k_proj.bias is not None:
+            attn.k_proj.bias.zero_()
+    prompt = make_prompt(adapter, [5], num_images=1, seed=10)
+    for ranking in ("last", "mean"):
+        cfg = FastVConfig(k=2, keep=5, ranking=ranking)
+        with apply_fastv(model, cfg) as h:
+            _logits(model, prompt.model_inputs())
+            cand = h.candidate_positions[0].tolist()
+            if ranking == "last":
+                assert len(set(h.candidate_scores[0].tolist())) == 1
+            kept = set(h.kept_positions[0].tolist())
+        assert [c for c in cand if c in kept] == cand[:5]
+
+
+def test_python_selection_helper_breaks_ties_low():
+    assert python_select([0.5, 0.5, 0.9, 0.5], [3, 4, 5, 6], 8, 2) == [0, 1, 2, 3, 5, 7]
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_bad_k_ratio_keep():
+    model, adapter = model_and_adapter("tiny-llava")
+    with pytest.raises(FastVError, match="K=4 is out of range"):
+        apply_fastv(model, FastVConfig(k=4))
+    for bad in (1, 1.0, -0.1, "3/2", "abc"):
+        with pytest.raises(FastVError, match="R must"):
+            FastVConfig(k=1, ratio=bad)
+    with pytest.raises(FastVError, match="K = 0"):
+        FastVConfig(k=0, ratio=0.5, ranking="last")
+    inputs = make_prompt(adapter, [5], num_images=1).model_inputs()
+    with apply_fastv(model, FastVConfig(k=1, keep=65)):
+        with pytest.raises(FastVError, match="keep=65 is more than the 64 image tokens"):
+            _logits(model, inputs)
+
+
+def test_batch_rows_with_different_image_counts():
+    model, adapter = model_and_adapter("tiny-llava")
+    p = make_prompt(adapter, [5, 5], num_images=1)
+    ids = p.input_ids.clone()
+    ids[1, ids[1] == adapter.image_token_ids()[0]] = 11  # row 1 loses its image
+    with apply_fastv(model, FastVConfig(k=1)):
+        with pytest.raises(FastVError, match="different numbers of image tokens"):
+            model(input_ids=ids, attention_mask=p.attention_mask)
+
+
+def test_unsupported_architecture_and_missing_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastv_export.models import load_model
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                        num_attention_heads=1))
+    with pytest.raises(FastVError, match="unsupported architecture 'LlamaForCausalLM'.*LlavaForConditional"):
+        apply_fastv(tiny, FastVConfig(k=0, ratio=0.5, ranking="random"))
+    with pytest.raises(FastVError, match="neither a built-in preset"):
+        load_model(tmp_path / "nope")
+    tiny.config.architectures = ["LlamaForCausalLM"]
+    tiny.save_pretrained(tmp_path / "llama")
+    with pytest.raises(FastVError, match="unsupported architecture"):
+        load_model(tmp_path / "llama")
