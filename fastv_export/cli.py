@@ -15,6 +15,9 @@ from .errors import FastVError
 # subcommand name -> module (imported lazily so `--help` stays fast)
 SUBCOMMANDS: dict[str, str] = {
     "generate": "fastv_export.commands.generate",
+    "export": "fastv_export.commands.export",
+    "validate": "fastv_export.commands.validate",
+    "run": "fastv_export.commands.run",
     "flops": "fastv_export.flops",
     "analyze": "fastv_export.analysis",
 }

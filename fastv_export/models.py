@@ -49,11 +49,26 @@ def _tiny_qwen2_vl_config():
                          vision_start_token_id=502, vision_end_token_id=503, initializer_range=TINY_INIT_RANGE)
 
 
+def _bench_llava_config():
+    """LLaVA-1.5-shaped for CPU benchmarks: 576 image tokens (336 px, patch 14), 16 layers of hidden
+    1024 with LLaVA-7B's MLP ratio; a one-layer vision tower so that the language model dominates."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=64)
+    text = LlamaConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2752, num_hidden_layers=16,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576)
+
+
 PRESETS: dict[str, Callable] = {
     "tiny-llava": _tiny_llava_config,
     "tiny-qwen2-vl": _tiny_qwen2_vl_config,
+    "bench-llava": _bench_llava_config,
 }
-_CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration"}
+_CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration",
+            "bench-llava": "LlavaForConditionalGeneration"}
 
 
 def build_preset_config(name: str):

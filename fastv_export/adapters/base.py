@@ -80,6 +80,14 @@ class ModelAdapter:
         """Random pixel inputs for ``num_images`` default-sized images, as the model's forward takes them."""
         raise NotImplementedError
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Language-model features [M, D] of ONE default-sized image (what vision.onnx computes)."""
+        raise NotImplementedError
+
+    def preprocess_image(self, image) -> "np.ndarray":
+        """A PIL image -> the pixel input of ONE default-sized image (what vision.onnx takes)."""
+        raise NotImplementedError
+
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs the model's forward needs beside input_ids (none by default)."""
         return {}

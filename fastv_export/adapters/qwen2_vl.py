@@ -15,6 +15,7 @@ class Qwen2VLAdapter(ModelAdapter):
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     position_rank = 3
+    image_grid = DEFAULT_GRID
 
     def image_token_ids(self) -> tuple[int, ...]:
         return (int(self.config.image_token_id), int(self.config.video_token_id))
@@ -41,3 +42,18 @@ class Qwen2VLAdapter(ModelAdapter):
         types[input_ids == c.image_token_id] = 1
         types[input_ids == c.video_token_id] = 2
         return {"mm_token_type_ids": types}
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        grid = torch.tensor([DEFAULT_GRID], device=pixel_values.device)
+        out = self.model.model.visual(pixel_values, grid_thw=grid)
+        return out.pooler_output
+
+    def preprocess_image(self, image):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        v = self.config.vision_config
+        t, h, w = DEFAULT_GRID
+        side = h * v.patch_size
+        proc = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=v.patch_size,
+                                        merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+        return proc(images=image.convert("RGB").resize((side, side)), return_tensors="np")["pixel_values"]

@@ -1,0 +1,189 @@
+"""The bundle: graphs + manifest.json, everything a C++ runtime needs (DESIGN §4).
+
+``write_manifest`` describes a freshly exported directory; ``load_bundle`` verifies one (schema,
+fields, files, sizes, sha256, ONNX parse) and fails with a message naming the file and the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from . import __version__
+from .adapters import ModelAdapter
+from .config import FastVConfig
+from .errors import FastVError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PLUGIN = {"name": "TokenSelect", "version": "1", "namespace": "fastv", "onnx_domain": "fastv",
+          "library": "libfastv_plugins.so"}
+REQUIRED = ("schema_version", "source_model", "fastv", "precision", "image_tokens", "graphs", "pipeline",
+            "kv_cache", "positions", "plugin", "engines", "files")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _io(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
+                 for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                    "shape": shape})
+    return out
+
+
+def describe_graph(path: Path) -> dict:
+    m = onnx.load(str(path), load_external_data=False)
+    return {"file": path.name, "inputs": _io(m.graph.input), "outputs": _io(m.graph.output),
+            "opsets": {o.domain or "ai.onnx": o.version for o in m.opset_import}}
+
+
+def config_hash(adapter: ModelAdapter) -> str:
+    return hashlib.sha256(adapter.config.to_json_string(use_diff=False).encode()).hexdigest()
+
+
+def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) -> dict:
+    info = adapter.decoder_info()
+    k = cfg.k
+    graphs = {name: describe_graph(out / f"{name}.onnx") for name in ("vision", "embed", "pre_k", "post_k")}
+    mrope = adapter.position_rank == 3
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "producer": {"name": "fastv-export", "version": __version__},
+        "source_model": {"name": str(options.model), "architecture": type(adapter.model).__name__,
+                         "adapter": adapter.name, "config_sha256": config_hash(adapter),
+                         "num_layers": info.num_layers, "hidden_size": info.hidden_size,
+                         "vocab_size": info.vocab_size,
+                         "eos_token_id": adapter.text_config.eos_token_id,
+                         "pad_token_id": adapter.text_config.pad_token_id},
+        "fastv": {"k": k, "ratio": f"{cfg.r.numerator}/{cfg.r.denominator}", "ratio_num": cfg.r.numerator,
+                  "ratio_den": cfg.r.denominator, "keep": cfg.keep, "ranking": cfg.ranking, "seed": cfg.seed,
+                  "keep_rule": "keep(M) = M - floor(M*ratio_num/ratio_den) if keep is null else min(keep, M)"},
+        "precision": options.dtype,
+        "image_tokens": {
+            "token_ids": list(adapter.image_token_ids()),
+            "per_image": adapter.image_tokens_per_image(),
+            "prompt_tokens_per_image": adapter.image_prompt_tokens(),
+            "candidates": "positions of every token whose id is in token_ids, all images in one pool; "
+                          "every batch row must hold the same number",
+            "vision_input": graphs["vision"]["inputs"][0],
+            **({"grid_thw": list(adapter.image_grid)} if getattr(adapter, "image_grid", None) else {}),
+        },
+        "graphs": graphs,
+        "pipeline": {
+            "embedding": "own graph (embed.onnx): token embedding with image_features placed at the image "
+                         "tokens in order",
+            "prefill": [
+                "vision: each image's pixel_values -> image_features; concatenate in prompt order",
+                "embed: input_ids [B,n] + image_features -> inputs_embeds",
+                "pre_k: inputs_embeds, attention_mask [B,n], position_ids, candidate_positions [B,M], "
+                "empty past -> hidden_states [B,n',D], selected_position_ids, kept_indices, present.{i<K}",
+                "post_k: hidden_states, attention_mask[:, kept_indices], selected_position_ids, empty past "
+                "-> logits [B,n',V] (next token: last row), present.{i>=K}",
+            ],
+            "decode": [
+                "embed: input_ids [B,1] + image_features [0,D] -> inputs_embeds",
+                "pre_k: candidate_positions [B,0] (TokenSelect is the identity), attention_mask over "
+                "n + t + 1 tokens, past = pre_k presents",
+                "post_k: attention_mask over n' + t + 1 tokens, past = post_k presents",
+            ],
+        },
+        "kv_cache": {
+            "layout": "[batch, num_kv_heads, seq, head_dim]", "num_kv_heads": info.num_kv_heads,
+            "head_dim": info.head_dim, "dtype": graphs["pre_k"]["outputs"][-1]["dtype"],
+            "layers": [{"layer": i, "graph": "pre_k" if i < k else "post_k",
+                        "prefill_length": "n (all prompt tokens)" if i < k else "n' (kept tokens)"}
+                       for i in range(info.num_layers)],
+        },
+        "positions": {
+            "input": "position_ids", "rank": adapter.position_rank,
+            "kind": "mrope (t, h, w) triples, first axis" if mrope else "rope",
+            "prefill": ("per row over real tokens: text tokens count up by 1; an image block of grid "
+                        "(t, h/merge, w/merge) gets (offset + t_i, offset + h_i, offset + w_i) with offset = "
+                        "previous max + 1; padding gets 0" if mrope else
+                        "per row: cumsum(attention_mask) - 1, padding gets 1"),
+            "kept_tokens": "keep their ORIGINAL position ids (selected_position_ids)",
+            "decode": "step t (0-based) of a row uses max(prompt position ids of that row) + 1 + t "
+                      "(continues from the original, unpruned prompt)",
+            **({"mrope_section": adapter.text_config.rope_parameters.get("mrope_section"),
+                "spatial_merge_size": adapter.config.vision_config.spatial_merge_size} if mrope else {}),
+        },
+        "plugin": dict(PLUGIN, used_by="pre_k.onnx node fastv_token_select (expands to its ONNX function "
+                                      "body when the library is not loaded)"),
+        "engines": None,
+        "files": {},
+    }
+    for f in sorted(out.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            manifest["files"][f.name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    def file(self, graph: str) -> Path:
+        return self.path / self.manifest["graphs"][graph]["file"]
+
+
+def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:
+    """Verify a bundle directory and return it; FastVError names the file and field on any mismatch."""
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise FastVError(f"{root} is not a bundle directory (run `fastv-export export --out {root}` first)")
+    if not mpath.is_file():
+        raise FastVError(f"{mpath} is missing: not a fastv-export bundle")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise FastVError(f"{mpath} is not valid JSON ({exc}); re-export the bundle") from None
+    if not isinstance(manifest, dict):
+        raise FastVError(f"{mpath}: top level must be an object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise FastVError(f"{mpath}: field 'schema_version' is {version!r}, this fastv-export reads "
+                         f"{SCHEMA_VERSION}; re-export the bundle with this version")
+    for key in REQUIRED:
+        if key not in manifest:
+            raise FastVError(f"{mpath}: required field {key!r} is missing; re-export the bundle")
+    files = manifest["files"]
+    for name, graph in manifest["graphs"].items():
+        if graph.get("file") not in files:
+            raise FastVError(f"{mpath}: field 'graphs.{name}.file' names {graph.get('file')!r}, "
+                             f"which 'files' does not list")
+    for name, meta in files.items():
+        f = root / name
+        if not f.is_file():
+            raise FastVError(f"{f} is missing (listed in {MANIFEST} field 'files'); re-export the bundle")
+        size = f.stat().st_size
+        if size != meta.get("bytes"):
+            raise FastVError(f"{f} has {size} bytes, {MANIFEST} field 'files.{name}.bytes' says "
+                             f"{meta.get('bytes')}: the file is truncated or was replaced")
+        if sha256(f) != meta.get("sha256"):
+            raise FastVError(f"{f}: sha256 does not match {MANIFEST} field 'files.{name}.sha256': "
+                             "the file was modified after export")
+        if check_onnx and name.endswith(".onnx"):
+            try:
+                onnx.load(str(f), load_external_data=False)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
+                raise FastVError(f"{f} is not a readable ONNX file ({type(exc).__name__}); re-export") from None
+    return Bundle(root, manifest)

@@ -1,0 +1,38 @@
+"""`fastv-export export`: write a FastV bundle (ONNX graphs + manifest.json)."""
+from __future__ import annotations
+
+import argparse
+
+from ..export import DTYPES, ExportOptions, export_bundle
+from .common import add_fastv_arguments, add_model_argument, fastv_config_from_args
+
+HELP = "export a model with FastV as vision / embed / pre-K (+TokenSelect) / post-K ONNX graphs"
+DESCRIPTION = """\
+Split the language model at layer K: pre_k.onnx runs layers < K and ends in ONE fastv::TokenSelect
+node (an ONNX local function that ONNX Runtime runs as is; TensorRT uses the TokenSelect plugin
+when libfastv_plugins.so is loaded), post_k.onnx runs layers >= K, the norm and lm_head on the
+kept tokens. vision.onnx and embed.onnx produce the inputs. The same graphs serve prefill and
+decode (decode passes no candidates: TokenSelect is the identity). manifest.json records
+everything a runtime needs, with sha256 checksums. The bundle is written atomically.
+
+examples:
+  fastv-export export --out bundle                               # tiny-llava, K=2, R=1/2
+  fastv-export export --model tiny-qwen2-vl --k 1 --r 3/4 --ranking mean --out qwen-bundle
+  fastv-export export --dtype fp16 --out bundle-fp16 --force
+then: fastv-export validate bundle
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    add_fastv_arguments(parser)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="graph precision (default fp32)")
+    parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = fastv_config_from_args(args)
+    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
+    print(f"wrote {out} ({cfg.describe()}, {args.dtype}); next: fastv-export validate {out}")
+    return 0

@@ -1,0 +1,162 @@
+"""torch modules that torch.onnx exports as the split graphs (embed, pre-K, post-K).
+
+They call the model's own decoder layers, rotary embedding, norm and head (nothing re-implemented)
+with plain tensors in and out: the KV cache enters as ``past_key_values.{i}.key|value`` tensors and
+leaves as ``present.{i}.key|value``; the attention mask is the Optimum-style [B, past + n] 0/1 mask,
+turned into a causal additive mask here. Layer K-1's post-rotary query and key leave pre-K as extra
+outputs that graph surgery (graphs/surgery.py) wires into the TokenSelect node.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter
+
+CAPTURE_IMPL = "fastv_export_capture"
+
+
+class _TensorCache:
+    """The minimal cache interface HF attention layers call: ``update`` concatenates the past."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], first_layer: int) -> None:
+        self.past = past
+        self.first_layer = first_layer
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        pk, pv = self.past[layer_idx - self.first_layer]
+        k = torch.cat([pk, key], dim=2)
+        v = torch.cat([pv, value], dim=2)
+        self.present.append((k, v))
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past[0][0].shape[2]
+
+
+def causal_mask(attention_mask: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S] 0/1 mask (S = past + n) -> additive [B, 1, n, S]: query i sees key j iff
+    j <= S - n + i and attention_mask[j] = 1. Padded query rows see themselves (finite rows)."""
+    s = attention_mask.shape[1]
+    q_pos = torch.arange(n, device=attention_mask.device)[:, None] + (s - n)
+    k_pos = torch.arange(s, device=attention_mask.device)[None, :]
+    visible = (k_pos <= q_pos)[None, None] & attention_mask[:, None, None, :].bool()
+    visible = visible | (k_pos == q_pos)[None, None]
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+        ~visible, torch.finfo(dtype).min)
+
+
+def _capture(module, query, key, value, attention_mask, **kwargs):
+    holder, original = module._fastv_export
+    holder["query"], holder["key"] = query, key
+    return original(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_capture() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAPTURE_IMPL, _capture)
+
+
+_register_capture()
+
+
+class DecoderSlice(nn.Module):
+    """Decoder layers [start, stop) with tensor KV cache I/O."""
+
+    def __init__(self, adapter: ModelAdapter, start: int, stop: int) -> None:
+        super().__init__()
+        text = adapter.text_model()
+        self.layers = nn.ModuleList(list(text.layers)[start:stop])
+        self.rotary_emb = text.rotary_emb
+        self.start = start
+
+    def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            past: list[torch.Tensor]):
+        n = hidden.shape[1]
+        mask = causal_mask(attention_mask, n, hidden.dtype)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        cache = _TensorCache([(past[2 * i], past[2 * i + 1]) for i in range(len(self.layers))], self.start)
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=None,
+                        past_key_values=cache, use_cache=True)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden, [t for kv in cache.present for t in kv]
+
+
+class PreK(DecoderSlice):
+    """Layers < K. Returns (hidden, query of layer K-1 [last row or all rows], key of layer K-1
+    with past, presents...)."""
+
+    def __init__(self, adapter: ModelAdapter, k: int, query_rows: str) -> None:
+        super().__init__(adapter, 0, k)
+        self.query_rows = query_rows
+        self.holder: dict[str, torch.Tensor] = {}
+        # a private copy of layer K-1 whose attention reports its query and key; the model is untouched
+        self.layers[k - 1] = copy.deepcopy(self.layers[k - 1])
+        attn = self.layers[k - 1].self_attn
+        attn.config = copy.copy(attn.config)
+        impl = attn.config._attn_implementation
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        original = (sys.modules[type(attn).__module__].eager_attention_forward if impl in (None, "eager")
+                    else ALL_ATTENTION_FUNCTIONS[impl])
+        attn.config._attn_implementation_internal = CAPTURE_IMPL
+        attn._fastv_export = (self.holder, original)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        hidden, present = self.run(inputs_embeds, attention_mask, position_ids, list(past))
+        q = self.holder.pop("query")
+        k = self.holder.pop("key")
+        if self.query_rows == "last":
+            q = q[:, :, -1:, :]
+        return (hidden, q, k, *present)
+
+
+class PostK(DecoderSlice):
+    """Layers >= K, final norm and lm_head."""
+
+    def __init__(self, adapter: ModelAdapter, k: int) -> None:
+        super().__init__(adapter, k, adapter.decoder_info().num_layers)
+        self.norm = adapter.text_model().norm
+        self.lm_head = adapter.lm_head()
+
+    def forward(self, hidden_states, attention_mask, position_ids, *past):
+        hidden, present = self.run(hidden_states, attention_mask, position_ids, list(past))
+        return (self.lm_head(self.norm(hidden)), *present)
+
+
+class Embed(nn.Module):
+    """Token embedding with image features placed at the image-token positions, in order:
+    input_ids [B, n], image_features [F, D] (F = image tokens of the whole batch) -> [B, n, D]."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__()
+        self.embed_tokens = adapter.text_model().embed_tokens
+        self.register_buffer("image_ids", torch.tensor(adapter.image_token_ids()), persistent=False)
+
+    def forward(self, input_ids, image_features):
+        emb = self.embed_tokens(input_ids)
+        is_image = (input_ids[..., None] == self.image_ids).any(-1)
+        order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0) - 1
+        # one zero row appended so that decode steps (F = 0, no image tokens) gather in bounds
+        table = torch.cat([image_features.to(emb.dtype), emb.new_zeros(1, emb.shape[-1])], dim=0)
+        picked = table[order.clamp(min=0)].reshape(emb.shape)
+        return torch.where(is_image[..., None], picked, emb)
+
+
+class Vision(nn.Module):
+    """Vision tower + projector: the adapter's pixel inputs for ONE default-sized image ->
+    image features [M, D] in prompt order."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model
+
+    def forward(self, pixel_values):
+        return self.adapter.image_features(pixel_values)

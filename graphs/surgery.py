@@ -1,0 +1,77 @@
+"""Graph surgery on exported decoder slices (onnx-graphsurgeon).
+
+- ``insert_token_select``: the exported pre-K graph ends in layer K-1's hidden states plus that
+  layer's post-rotary query and key; this wires them into ONE ``fastv::TokenSelect`` node (with its
+  standard-ONNX local function) and makes the node's outputs the graph's outputs.
+- ``name_dims``: symbolic dimension names that users (and the manifest) can read.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..config import FastVConfig
+from . import token_select as ts
+
+PRE_K_OUTPUTS = ("hidden_states", "selected_position_ids", "kept_indices")
+
+
+def insert_token_select(model: onnx.ModelProto, cfg: FastVConfig, *, scale: float,
+                        position_rank: int) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    outputs = {t.name: t for t in graph.outputs}
+    inputs = {t.name: t for t in graph.inputs}
+    hidden, query, key = outputs["layer_hidden"], outputs["layer_query"], outputs["layer_key"]
+    mask, positions = inputs["attention_mask"], inputs["position_ids"]
+    candidates = gs.Variable("candidate_positions", dtype=np.int64, shape=["batch", "num_candidates"])
+    graph.inputs.append(candidates)
+    pos_shape = ["batch", "kept_seq"] if position_rank == 2 else [3, "batch", "kept_seq"]
+    selected = gs.Variable(PRE_K_OUTPUTS[0], dtype=hidden.dtype, shape=["batch", "kept_seq", hidden.shape[-1]])
+    sel_pos = gs.Variable(PRE_K_OUTPUTS[1], dtype=np.int64, shape=pos_shape)
+    kept = gs.Variable(PRE_K_OUTPUTS[2], dtype=np.int64, shape=["batch", "kept_seq"])
+    ratio_num, ratio_den = (cfg.r.numerator, cfg.r.denominator)
+    node = ts.make_token_select_node(
+        [hidden.name, query.name, key.name, mask.name, positions.name, candidates.name],
+        [selected.name, sel_pos.name, kept.name], ranking=cfg.ranking, ratio_num=ratio_num, ratio_den=ratio_den,
+        keep=-1 if cfg.keep is None else cfg.keep, scale=scale, seed=cfg.seed)
+    graph.nodes.append(gs.Node(op=node.op_type, name=node.name, domain=node.domain,
+                               attrs={a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
+                               inputs=[hidden, query, key, mask, positions, candidates],
+                               outputs=[selected, sel_pos, kept]))
+    presents = [t for t in graph.outputs if t.name.startswith("present.")]
+    graph.outputs = [selected, sel_pos, kept] + presents
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.functions.append(ts.token_select_function(cfg.ranking, position_rank=position_rank))
+    if not any(o.domain == ts.OP_DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(ts.OP_DOMAIN, ts.OP_VERSION))
+    out.ir_version = model.ir_version
+    return name_dims(out)
+
+
+# dynamo names dynamic dims s0, s1, ...: give the graph's I/O readable, consistent names
+_DIM_NAMES = {
+    "inputs_embeds": ["batch", "seq", None], "hidden_states": ["batch", "seq", None],
+    "attention_mask": ["batch", "total_seq"], "input_ids": ["batch", "seq"],
+    "image_features": ["image_tokens", None], "candidate_positions": ["batch", "num_candidates"],
+    "logits": ["batch", "seq", None],
+}
+
+
+def name_dims(model: onnx.ModelProto, overrides: dict[str, list] | None = None) -> onnx.ModelProto:
+    names = dict(_DIM_NAMES, **(overrides or {}))
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        wanted = names.get(value.name)
+        if value.name.startswith(("past_key_values.", "present.")):
+            wanted = ["batch", None, "past_seq" if value.name.startswith("past") else "total_seq", None]
+        elif value.name in ("position_ids", "selected_position_ids"):
+            seq = "seq" if value.name == "position_ids" else "kept_seq"
+            wanted = ["batch", seq] if len(dims) == 2 else [None, "batch", seq]
+        if not wanted:
+            continue
+        for dim, name in zip(dims, wanted):
+            if name is not None and not dim.HasField("dim_value"):
+                dim.dim_param = name
+    return model

@@ -1,0 +1,42 @@
+"""The manifest's position rules (numpy) against the models' own position computation."""
+import numpy as np
+import torch
+
+from fastv_export.inputs import make_prompt
+from fastv_export.positions import decode_positions, prefill_positions
+
+from .conftest import model_and_adapter
+
+
+def _manifest(adapter):
+    m = {"positions": {"rank": adapter.position_rank}, "image_tokens": {
+        "token_ids": list(adapter.image_token_ids()), "per_image": adapter.image_tokens_per_image()}}
+    if adapter.position_rank == 3:
+        m["positions"]["spatial_merge_size"] = adapter.config.vision_config.spatial_merge_size
+        m["image_tokens"]["grid_thw"] = list(adapter.image_grid)
+    return m
+
+
+def test_prefill_and_decode_positions_match_hf_generate(preset):
+    model, adapter = model_and_adapter(preset)
+    prompt = make_prompt(adapter, [4, 9], num_images=2, seed=3)
+    seen = []
+    layer = adapter.layers()[0]
+    h = layer.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_embeddings"][0]),
+                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**prompt.model_inputs(), max_new_tokens=3, do_sample=False)
+    finally:
+        h.remove()
+    man = _manifest(adapter)
+    ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
+    pos = prefill_positions(man, ids, mask)
+    rotary = adapter.text_model().rotary_emb
+    x = torch.zeros(1, dtype=torch.float32)
+    cos = rotary(x, torch.from_numpy(pos))[0]
+    real = prompt.attention_mask.bool()
+    assert torch.allclose(cos[real], seen[0][real], atol=1e-6)
+    for step in range(2):
+        dp = torch.from_numpy(decode_positions(pos, step))
+        assert torch.allclose(rotary(x, dp)[0], seen[1 + step], atol=1e-6)
