@@ -42,7 +42,14 @@ def _position_dims(adapter: ModelAdapter, batch, seq) -> dict:
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_shapes, opset: int) -> None:
+            dynamic_shapes, opset: int, tracer: str = "dynamo") -> None:
+    """torch.onnx export; ``tracer="jit"`` (TorchScript tracing, static shapes) serves vision towers whose
+    Python control flow on a fixed image grid torch.export cannot trace."""
+    if tracer == "jit":
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamo=False, opset_version=opset)
+        return
     with torch.no_grad():
         program = torch.onnx.export(module, args, None, input_names=input_names, output_names=output_names,
                                     dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
@@ -78,7 +85,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     pixel = {k_: v for k_, v in make_prompt(adapter, 1, num_images=1).vision.items() if k_ == "pixel_values"}
     vision = Vision(adapter).eval()
     _export(vision, (pixel["pixel_values"].to(dtype),), out / "vision.onnx", ["pixel_values"], ["image_features"],
-            None, opset)
+            None, opset, tracer="jit" if adapter.position_rank == 3 else "dynamo")
     steps.update()
 
     # embed: token embedding + image features at the image-token positions

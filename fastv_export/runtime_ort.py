@@ -43,7 +43,8 @@ class OrtRuntime:
             path = bundle.file(name)
             if name == "pre_k" and expose_layer_hidden:
                 model = onnx.load(str(path))
-                model.graph.output.append(onnx.helper.make_tensor_value_info("layer_hidden", 0, None))
+                elem = onnx.TensorProto.FLOAT16 if bundle.manifest["precision"] == "fp16" else onnx.TensorProto.FLOAT
+                model.graph.output.append(onnx.helper.make_tensor_value_info("layer_hidden", elem, None))
                 src = model.SerializeToString()
             else:
                 src = str(path)

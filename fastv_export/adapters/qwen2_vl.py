@@ -44,8 +44,17 @@ class Qwen2VLAdapter(ModelAdapter):
         return {"mm_token_type_ids": types}
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        grid = torch.tensor([DEFAULT_GRID], device=pixel_values.device)
-        out = self.model.model.visual(pixel_values, grid_thw=grid)
+        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+
+        visual = self.model.model.visual
+        grid = torch.tensor([DEFAULT_GRID])
+        # the grid is fixed: precompute what the tower derives from it, so that tracing for export
+        # sees constants instead of data-dependent loops
+        with torch.no_grad():
+            pos = get_vision_position_ids(grid, visual.spatial_merge_size)
+            cu, max_len = get_vision_attention_seqlens(grid, visual.config)
+        out = visual(pixel_values, grid_thw=grid.to(pixel_values.device), position_ids=pos.to(pixel_values.device),
+                     cu_seqlens=cu.to(pixel_values.device), max_seqlen=max_len)
         return out.pooler_output
 
     def preprocess_image(self, image):

@@ -1,0 +1,391 @@
+"""FLOPs and KV-cache model of a FastV prefill (paper §4.2, Eq. 5), with an exact count beside it.
+
+Two estimates of the same prefill of ``n = M + T_txt`` prompt tokens (M image, T_txt text) through
+a decoder of ``L`` layers, where FastV drops ``floor(M * p / q)`` image tokens at layer ``K`` so
+that layers ``>= K`` see ``n_hat = n - dropped`` tokens:
+
+* **Eq. 5** (the paper's): one layer costs ``4 n d^2 + 2 n^2 d + 2 n d m`` (d hidden size,
+  m FFN intermediate size). We report the per-layer average
+  ``(K f(n) + (L - K) f(n_hat)) / L`` in units of 1e9, which is how Table 1's "Flops(B)" column
+  is defined (LLaVA-1.5-13B, 576 image + 36 text tokens: baseline 154.6).
+* **Exact** (multiply-add = 2 FLOPs), summed over the whole prefill:
+
+  - projections with GQA: q ``2 n d H hd``, k and v ``2 n d Hkv hd`` each, o ``2 n H hd d``;
+  - attention with causal masking: ``Q K^T`` and ``P V`` each ``2 hd H * n (n + 1) / 2``
+    (query i sees i keys; the kept tokens keep their order, so layers >= K use ``n_hat``);
+  - gated MLP (gate, up, down): ``3 * 2 n d m``;
+  - lm_head on the last prompt token only: ``2 d V``.
+
+  Ignored: norms, softmax, rotary embeddings, residual adds, activation functions, embedding
+  lookup, the vision tower and projector, and FastV's own ranking (a top-k over M scores).
+
+The KV cache holds ``2 Hkv hd n`` elements per layer: ``n`` for layers < K, ``n_hat`` for layers
+>= K (pruning happens once, in prefill). Bytes per element come from ``--dtype``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import FastVConfig
+from .errors import FastVError
+
+log = logging.getLogger(__name__)
+
+GIGA = 10**9
+DTYPE_BYTES: dict[str, int] = {"fp16": 2, "bf16": 2, "fp32": 4}
+DEFAULT_MODEL_CONFIG = "tiny-llava"
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The shapes of a decoder-only language model that matter for FLOPs and the KV cache."""
+
+    hidden: int
+    intermediate: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FastVError(f"decoder shape: {name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], source: str = "config") -> "DecoderShape":
+        """From HF config keys; a nested ``text_config`` (LLaVA, Qwen2-VL, ...) takes precedence."""
+        text = raw.get("text_config")
+        keys = dict(text) if isinstance(text, Mapping) else {}
+        merged = {**{k: v for k, v in raw.items() if k != "text_config"}, **keys} if keys else dict(raw)
+        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in required if merged.get(k) is None]
+        if missing:
+            raise FastVError(f"{source}: missing {', '.join(missing)} (looked at the top level and under "
+                             f"'text_config')")
+        heads = merged["num_attention_heads"]
+        kv_heads = merged.get("num_key_value_heads") or heads
+        head_dim = merged.get("head_dim") or (merged["hidden_size"] // heads if heads else 0)
+        return cls(hidden=merged["hidden_size"], intermediate=merged["intermediate_size"],
+                   num_layers=merged["num_hidden_layers"], num_heads=heads, num_kv_heads=kv_heads,
+                   head_dim=head_dim, vocab_size=merged["vocab_size"])
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DecoderShape":
+        """From a transformers config: its ``text_config`` if it has one, else the config itself."""
+        text = getattr(cfg, "text_config", None)
+        if text is None and not hasattr(cfg, "hidden_size") and hasattr(cfg, "get_text_config"):
+            text = cfg.get_text_config()
+        text = text if text is not None else cfg
+        names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size")
+        return cls.from_mapping({k: getattr(text, k, None) for k in names}, source=type(cfg).__name__)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "DecoderShape":
+        """From a Hugging Face ``config.json`` (or a checkpoint directory holding one)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.is_file():
+            raise FastVError(f"model config file {str(p)!r} not found")
+        try:
+            raw = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FastVError(f"cannot read {str(p)!r} as JSON: {exc}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise FastVError(f"{str(p)!r} does not hold a JSON object")
+        try:
+            return cls.from_mapping(raw, source=str(p))
+        except FastVError:
+            # e.g. LLaVA's config.json lists only the non-default text keys: let transformers fill them in
+            shape = _shape_via_transformers(raw)
+            if shape is None:
+                raise
+            return shape
+
+    @classmethod
+    def resolve(cls, spec: str | Path) -> "DecoderShape":
+        """A config.json path or checkpoint directory, a paper preset (:data:`PAPER_PRESETS`) or a
+        built-in model preset (``fastv_export.models.PRESETS``, e.g. ``tiny-llava``)."""
+        text = str(spec)
+        if Path(text).exists():
+            return cls.from_json(text)
+        if text in PAPER_PRESETS:
+            return PAPER_PRESETS[text]
+        model_presets = _model_presets()
+        if text in model_presets:
+            from .models import build_preset_config
+            return cls.from_config(build_preset_config(text))
+        if text.endswith(".json") or "/" in text or "\\" in text:
+            raise FastVError(f"model config file {text!r} not found")
+        known = ", ".join([*PAPER_PRESETS, *model_presets])
+        raise FastVError(f"unknown model config {text!r}: give a config.json path or one of the presets {known}")
+
+
+PAPER_PRESETS: dict[str, DecoderShape] = {
+    # LLaMA/Vicuna language models of LLaVA-1.5 (vocab as in the llava-hf checkpoints)
+    "llava-1.5-7b": DecoderShape(4096, 11008, 32, 32, 32, 128, 32064),
+    "llava-1.5-13b": DecoderShape(5120, 13824, 40, 40, 40, 128, 32064),
+}
+
+
+def _model_presets() -> tuple[str, ...]:
+    """Names of the built-in model presets; empty if ``fastv_export.models`` is not importable."""
+    try:
+        from .models import PRESETS
+    except ImportError as exc:  # pragma: no cover - only while models.py is being written
+        log.debug("fastv_export.models not importable: %s", exc)
+        return ()
+    return tuple(PRESETS)
+
+
+def _shape_via_transformers(raw: dict[str, Any]) -> DecoderShape | None:
+    """Fill missing keys from transformers' defaults for ``raw['model_type']``; None if impossible."""
+    if "model_type" not in raw:
+        return None
+    try:
+        from transformers import AutoConfig
+        kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+        return DecoderShape.from_config(AutoConfig.for_model(raw["model_type"], **kwargs))
+    except (FastVError, ValueError, KeyError, TypeError) as exc:
+        log.debug("transformers could not complete the config: %s", exc)
+        return None
+
+
+# --------------------------------------------------------------------------------------- formulas
+
+def eq5_layer_flops(n: int, d: int, m: int) -> int:
+    """Paper Eq. 5, one layer: ``4 n d^2 + 2 n^2 d + 2 n d m``."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def exact_layer_flops(shape: DecoderShape, n: int) -> int:
+    """Exact FLOPs of one decoder layer over ``n`` causal tokens (see the module docstring)."""
+    d, hd = shape.hidden, shape.head_dim
+    q_width, kv_width = shape.num_heads * hd, shape.num_kv_heads * hd
+    projections = 2 * n * d * q_width + 2 * (2 * n * d * kv_width) + 2 * n * q_width * d
+    attention = 2 * (2 * hd * shape.num_heads * (n * (n + 1) // 2))   # Q K^T and P V, causal
+    mlp = 3 * 2 * n * d * shape.intermediate
+    return projections + attention + mlp
+
+
+def kv_cache_layer_elems(shape: DecoderShape, n: int) -> int:
+    """Elements of one layer's KV cache (keys and values) over ``n`` tokens."""
+    return 2 * shape.num_kv_heads * shape.head_dim * n
+
+
+def _fastv_config(k: int, ratio: Fraction | float | str | None, keep: int | None) -> FastVConfig:
+    # the ranking does not change the cost; K = 0 only admits "random"
+    if keep is None and ratio is None:
+        ratio = "1/2"
+    return FastVConfig(k=k, ratio=ratio, keep=keep, ranking="random" if k == 0 else "last")
+
+
+# ---------------------------------------------------------------------------------------- report
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Baseline vs FastV cost of one prefill. FLOPs and bytes are exact integers (Eq. 5's per-layer
+    average is an exact Fraction); the ``*_gflops`` values of :meth:`to_dict` are in units of 1e9."""
+
+    shape: DecoderShape
+    k: int
+    r: Fraction                    # the given R, or the effective dropped fraction with ``keep``
+    keep: int | None
+    image_tokens: int
+    text_tokens: int
+    kept_image_tokens: int
+    dtype: str
+    eq5_baseline_per_layer: Fraction
+    eq5_fastv_per_layer: Fraction
+    exact_baseline: int
+    exact_fastv: int
+    kv_baseline_bytes: int
+    kv_fastv_bytes: int
+    model: str | None = None
+
+    @property
+    def n(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+    @property
+    def n_hat(self) -> int:
+        return self.kept_image_tokens + self.text_tokens
+
+    @property
+    def eq5_ratio(self) -> float:
+        return float(self.eq5_fastv_per_layer / self.eq5_baseline_per_layer)
+
+    @property
+    def exact_ratio(self) -> float:
+        return float(Fraction(self.exact_fastv, self.exact_baseline))
+
+    @property
+    def kv_cache_ratio(self) -> float:
+        return float(Fraction(self.kv_fastv_bytes, self.kv_baseline_bytes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (inputs, Eq. 5, exact count, KV cache, speedups = baseline / FastV)."""
+        return {
+            "model": self.model,
+            "decoder": asdict(self.shape),
+            "k": self.k,
+            "r": f"{self.r.numerator}/{self.r.denominator}",
+            "keep": self.keep,
+            "image_tokens": self.image_tokens,
+            "text_tokens": self.text_tokens,
+            "kept_image_tokens": self.kept_image_tokens,
+            "dropped_image_tokens": self.image_tokens - self.kept_image_tokens,
+            "n": self.n,
+            "n_hat": self.n_hat,
+            "eq5_baseline_gflops_per_layer": float(self.eq5_baseline_per_layer / GIGA),
+            "eq5_gflops_per_layer": float(self.eq5_fastv_per_layer / GIGA),
+            "eq5_ratio": self.eq5_ratio,
+            "eq5_speedup": 1 / self.eq5_ratio,
+            "exact_baseline_gflops": self.exact_baseline / GIGA,
+            "exact_gflops": self.exact_fastv / GIGA,
+            "exact_ratio": self.exact_ratio,
+            "exact_speedup": 1 / self.exact_ratio,
+            "dtype": self.dtype,
+            "dtype_bytes": DTYPE_BYTES[self.dtype],
+            "kv_cache_baseline_bytes": self.kv_baseline_bytes,
+            "kv_cache_bytes": self.kv_fastv_bytes,
+            "kv_cache_ratio": self.kv_cache_ratio,
+        }
+
+
+def estimate(shape: DecoderShape, image_tokens: int = 576, text_tokens: int = 36, k: int = 2,
+             ratio: Fraction | float | str | None = None, keep: int | None = None, dtype: str = "fp16",
+             model: str | None = None) -> FlopsReport:
+    """Baseline vs FastV (K, R or keep) cost of a prefill of ``image_tokens + text_tokens`` tokens.
+
+    ``ratio`` defaults to 1/2 when ``keep`` is not given. Raises :class:`FastVError` for K >= the
+    number of layers, R outside [0, 1), keep > image_tokens, negative token counts, unknown dtype.
+    """
+    for name, value in (("image_tokens", image_tokens), ("text_tokens", text_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FastVError(f"{name} must be an integer >= 0, got {value!r}")
+    if image_tokens + text_tokens == 0:
+        raise FastVError("the prompt is empty: give image_tokens + text_tokens >= 1")
+    if dtype not in DTYPE_BYTES:
+        raise FastVError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    cfg = _fastv_config(k, ratio, keep)
+    cfg.check_layers(shape.num_layers)
+    kept = cfg.keep_count(image_tokens)
+    n, n_hat = image_tokens + text_tokens, kept + text_tokens
+    if n_hat == 0:
+        raise FastVError("FastV would drop every prompt token (keep=0 and no text tokens)")
+    r = cfg.r if keep is None else Fraction(image_tokens - kept, image_tokens or 1)
+    L, K = shape.num_layers, cfg.k
+    d, m = shape.hidden, shape.intermediate
+    lm_head = 2 * d * shape.vocab_size
+    elem = DTYPE_BYTES[dtype]
+    report = FlopsReport(
+        shape=shape, k=K, r=r, keep=keep, image_tokens=image_tokens, text_tokens=text_tokens,
+        kept_image_tokens=kept, dtype=dtype, model=model,
+        eq5_baseline_per_layer=Fraction(eq5_layer_flops(n, d, m)),
+        eq5_fastv_per_layer=Fraction(K * eq5_layer_flops(n, d, m) + (L - K) * eq5_layer_flops(n_hat, d, m), L),
+        exact_baseline=L * exact_layer_flops(shape, n) + lm_head,
+        exact_fastv=K * exact_layer_flops(shape, n) + (L - K) * exact_layer_flops(shape, n_hat) + lm_head,
+        kv_baseline_bytes=L * kv_cache_layer_elems(shape, n) * elem,
+        kv_fastv_bytes=(K * kv_cache_layer_elems(shape, n) + (L - K) * kv_cache_layer_elems(shape, n_hat)) * elem,
+    )
+    log.debug("flops: %s n=%d n_hat=%d -> eq5 ratio %.4f exact ratio %.4f", shape, n, n_hat,
+              report.eq5_ratio, report.exact_ratio)
+    return report
+
+
+def eq5_speedup(shape: DecoderShape, image_tokens: int = 576, text_tokens: int = 36, k: int = 2,
+                ratio: Fraction | float | str | None = None, keep: int | None = None) -> float:
+    """Theoretical prefill speedup baseline / FastV by Eq. 5 (1 / FLOPs ratio; 1.0 for R = 0)."""
+    return 1 / estimate(shape, image_tokens, text_tokens, k, ratio, keep).eq5_ratio
+
+
+def exact_speedup(shape: DecoderShape, image_tokens: int = 576, text_tokens: int = 36, k: int = 2,
+                  ratio: Fraction | float | str | None = None, keep: int | None = None) -> float:
+    """Prefill speedup baseline / FastV by the exact count (GQA, causal attention, lm_head)."""
+    return 1 / estimate(shape, image_tokens, text_tokens, k, ratio, keep).exact_ratio
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+HELP = "theoretical FLOPs (paper Eq. 5 and an exact count) and KV-cache size of a FastV prefill"
+DESCRIPTION = f"""\
+Estimate what FastV saves in prefill, without running a model.
+
+Eq. 5 of the paper prices one decoder layer over n tokens at 4nd^2 + 2n^2d + 2ndm (d hidden size,
+m FFN intermediate size). With n = image + text tokens and n_hat = n - floor(M*R) (M image tokens,
+R the dropped fraction, an exact rational), layers < K see n tokens and layers >= K see n_hat.
+The paper's Table 1 "Flops(B)" column is the per-layer average of this in units of 1e9, with
+576 image + 36 text tokens (LLaVA-1.5-13B baseline: 154.6; K=2 R=50%: 84.6).
+
+Beside it, an exact count for the whole prefill (multiply-add = 2 FLOPs): q/k/v/o projections
+with grouped-query attention, causal attention (query i sees i keys), the gated MLP and the
+lm_head on the last token; norms, softmax and rotary embeddings are ignored. The KV cache holds
+n tokens in layers < K and n_hat in layers >= K.
+
+--model-config takes a config.json (or checkpoint directory), a paper preset
+({', '.join(PAPER_PRESETS)}) or a built-in model preset (default: {DEFAULT_MODEL_CONFIG}).
+
+examples:
+  fastv-export flops --model-config llava-1.5-13b --k 2 --r 50%
+  fastv-export flops --model-config llava-1.5-7b --k 3 --r 3/4 --json
+  fastv-export flops --model-config path/to/config.json --image-tokens 2304 --keep 576 --dtype bf16
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG, metavar="CONFIG.json|PRESET",
+                        help=f"HF config.json, checkpoint directory or preset (default {DEFAULT_MODEL_CONFIG})")
+    parser.add_argument("--image-tokens", type=int, default=576, metavar="M", help="image tokens (default 576)")
+    parser.add_argument("--text-tokens", type=int, default=36, metavar="T", help="text tokens (default 36)")
+    parser.add_argument("--k", type=int, default=2, help="pruning layer K (default 2)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--r", default=None, metavar="R",
+                      help="fraction of image tokens dropped: 0.5, 1/2 or 50%% (default 1/2)")
+    what.add_argument("--keep", type=int, default=None, metavar="N",
+                      help="absolute number of image tokens kept instead of --r")
+    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="fp16",
+                        help="KV-cache element type (default fp16)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def format_report(rep: FlopsReport) -> str:
+    """A short human-readable table of baseline vs FastV."""
+    d = rep.to_dict()
+    s = rep.shape
+    what = f"keep={rep.keep}" if rep.keep is not None else f"R={d['r']}"
+    mb = 1024 * 1024
+    rows = [
+        ("Eq.5 GFLOPs/layer", d["eq5_baseline_gflops_per_layer"], d["eq5_gflops_per_layer"], d["eq5_ratio"]),
+        ("exact prefill GFLOPs", d["exact_baseline_gflops"], d["exact_gflops"], d["exact_ratio"]),
+        (f"KV cache MiB ({rep.dtype})", rep.kv_baseline_bytes / mb, rep.kv_fastv_bytes / mb, d["kv_cache_ratio"]),
+    ]
+    lines = [
+        f"model: {rep.model or '?'} ({s.num_layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
+        f"heads {s.num_heads}/{s.num_kv_heads} kv, head_dim {s.head_dim}, vocab {s.vocab_size})",
+        f"prompt: n={rep.n} ({rep.image_tokens} image + {rep.text_tokens} text); FastV K={rep.k} {what}: "
+        f"keeps {rep.kept_image_tokens} image tokens, n_hat={rep.n_hat} in layers >= {rep.k}",
+        "",
+        f"{'':24}{'baseline':>14}{'FastV':>14}{'ratio':>9}{'speedup':>9}",
+    ]
+    for name, base, fast, ratio in rows:
+        speed = f"{1 / ratio:.2f}x" if ratio else "inf"
+        lines.append(f"{name:24}{base:14.3f}{fast:14.3f}{ratio:9.3f}{speed:>9}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = DecoderShape.resolve(args.model_config)
+    rep = estimate(shape, image_tokens=args.image_tokens, text_tokens=args.text_tokens, k=args.k,
+                   ratio=args.r, keep=args.keep, dtype=args.dtype, model=str(args.model_config))
+    print(json.dumps(rep.to_dict()) if args.json else format_report(rep))
+    return 0

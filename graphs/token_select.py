@@ -1,0 +1,337 @@
+"""``fastv::TokenSelect``: the ONNX side of the op whose contract is ``docs/token_select.md``.
+
+- ``token_select_function(ranking)``: the model-local ONNX function (domain ``fastv``, name
+  ``TokenSelect``) whose body, made of standard opset-18 ops only, is the reference semantics that
+  ONNX Runtime runs and that TensorRT's ONNX parser expands when the plugin library is not loaded.
+- ``make_token_select_node(...)``: the one node that calls it, carrying ``plugin_namespace`` /
+  ``plugin_version`` so that TensorRT uses the registered ``TokenSelect`` plugin when it is loaded.
+- ``make_token_select_model(...)``: a standalone, checker-valid model with the six inputs and three
+  outputs, for the ONNX Runtime tests, the TensorRT plugin tests and the kernel tests.
+
+How the function is built: with ``onnx.helper`` through a tiny node builder (``_Body``), not with
+onnxscript. The body differs per ranking (one model holds one ranking) and its scalar parameters
+(``ratio_num``, ``ratio_den``, ``keep``, ``scale``, ``seed``) must stay *attribute references*
+(``Constant`` nodes with ``ref_attr_name``) so that one FunctionProto serves every R / K / seed and
+TensorRT's parser sees the same attributes as the plugin. onnx.helper gives exact control over
+those references, over the declared attribute list (``ranking``, ``plugin_namespace`` and
+``plugin_version`` are declared but unused by the body) and over value names, with no extra
+dependency at export time and no translation layer between this file and the proto that ships.
+
+Body, in the order it runs (all scores in float32 whatever T is):
+
+1. keep count from SHAPES only: ``M = Shape(candidate_positions)[1]``,
+   ``keep(M) = Where(keep < 0, M - (M*num)//den, Min(keep, M))``, ``N' = N - M + keep(M)``.
+2. scores ``[B, S]`` (``last``/``mean``): query reshaped to ``[B, Hkv, G*Nq, d]`` (G = H/Hkv, head
+   h = hkv*G + g reads kv head hkv, i.e. h // G) and multiplied with key^T, so the key is never
+   copied G times; logits * scale, invisible keys (padding; for ``mean`` also j > S-Nq+r) set to
+   the lowest float32 (exp gives exactly 0, as with -inf, without NaN for rows that see nothing),
+   Softmax over keys, then ``last``: mean over heads of the last row; ``mean``: rows whose own token
+   is padding zeroed (Where, so nothing leaks), summed over rows, divided by max(1, valid rows),
+   mean over heads. Candidate scores = GatherElements(scores, P + c), P = S - N.
+   ``random``: the int64 hash of the candidate index c (x mod p written as x - (x/p)*p, exact for
+   x >= 0), floor(h2/128) * 2^-24 in float32 (exact).
+3. selection: ``priority = ScatterElements(+inf [B, N], candidate_positions, candidate_scores)``,
+   ``TopK(priority, N')`` (largest, sorted; ONNX TopK puts the lower index first among equal
+   values, so ties go to the lower position and non-candidates, all +inf, are always kept), then
+   the kept indices sorted ascending by a second TopK (smallest) on their float32 values (exact:
+   indices < 2^24), then GatherElements for hidden states and position ids.
+
+The body is independent of the rank of ``position_ids``: they are viewed as ``[L, B, N]`` (L = 1
+for ``[B, N]``, 3 for M-RoPE ``[3, B, N]``), gathered along the last axis and reshaped back to
+``Shape(position_ids)[:-1] + [N']``. M = 0 gives the identity (N' = N, kept = 0..N-1).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+OP_DOMAIN = "fastv"
+OP_TYPE = "TokenSelect"
+OP_VERSION = 1
+PLUGIN_NAMESPACE = "fastv"
+PLUGIN_VERSION = "1"
+
+RANKINGS = ("last", "mean", "random")
+MIN_OPSET = 18
+
+INPUTS = ("hidden_states", "query", "key", "attention_mask", "position_ids", "candidate_positions")
+OUTPUTS = ("selected_hidden_states", "selected_position_ids", "kept_indices")
+# every attribute the node carries; the body reads the first five through ref_attr_name
+ATTRIBUTES = ("ratio_num", "ratio_den", "keep", "scale", "seed", "ranking", "plugin_namespace", "plugin_version")
+
+# the seeded hash of docs/token_select.md (same constants as fastv_export.selection)
+HASH_PRIME = 2147483647  # 2^31 - 1
+HASH_A, HASH_B, HASH_C, HASH_D = 48271, 69621, 12345, 1013904223
+SEED_LIMIT = 2**31
+
+_FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+
+
+class _Body:
+    """Appends nodes to a function body with readable, unique value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._used: set[str] = set(INPUTS) | set(OUTPUTS)
+
+    def _name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._used:
+            name, i = f"{base}_{i}", i + 1
+        self._used.add(name)
+        return name
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, outputs: int | Sequence[str] = 1,
+           **attrs) -> str | list[str]:
+        if isinstance(outputs, int):
+            outs = [self._name(f"{name or op_type.lower()}" + (f"_{k}" if outputs > 1 else ""))
+                    for k in range(outputs)]
+        else:
+            outs = list(outputs)
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, value, dtype=np.int64, name: str = "const") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        out = self._name(name)
+        self.nodes.append(helper.make_node("Constant", [], [out],
+                                           value=onnx.numpy_helper.from_array(arr, out)))
+        return out
+
+    def attr(self, attr_name: str, attr_type: int) -> str:
+        """A scalar Constant whose value is the calling node's attribute ``attr_name``."""
+        field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.FLOAT: "value_float"}[attr_type]
+        out = self._name(f"attr_{attr_name}")
+        node = helper.make_node("Constant", [], [out])
+        # built by hand (older onnx.helper.make_attribute_ref has no ref_attr_name keyword)
+        ref = onnx.AttributeProto()
+        ref.name, ref.type, ref.ref_attr_name = field, attr_type, attr_name
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return out
+
+
+def _check_ranking(ranking: str) -> None:
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+
+
+def _scores(b: _Body, ranking: str, dims: dict[str, str]) -> str:
+    """Full attention scores [B, S] float32 for ``last`` / ``mean``."""
+    zero, one = dims["0"], dims["1"]
+    q = b.op("Cast", "query", to=TensorProto.FLOAT, name="query_f32")
+    k = b.op("Cast", "key", to=TensorProto.FLOAT, name="key_f32")
+    q_shape = b.op("Shape", "query", name="query_shape")                       # [B, H, Nq, d]
+    k_shape = b.op("Shape", "key", name="key_shape")                           # [B, Hkv, S, d]
+    bq = b.op("Slice", q_shape, zero, one, name="dim_B")
+    h = b.op("Slice", q_shape, one, dims["2"], name="dim_H")
+    d = b.op("Slice", q_shape, dims["3"], dims["4"], name="dim_d")
+    hkv = b.op("Slice", k_shape, one, dims["2"], name="dim_Hkv")
+    s_dim = b.op("Slice", k_shape, dims["2"], dims["3"], name="dim_S")         # [1]
+    g = b.op("Div", h, hkv, name="dim_G")
+    if ranking == "last":
+        q = b.op("Slice", q, dims["-1"], dims["max"], dims["2"], name="query_last_row")   # [B, H, 1, d]
+        nq = one
+    else:
+        nq = b.op("Slice", q_shape, dims["2"], dims["3"], name="dim_Nq")
+    # GQA: [B, H, Nq, d] -> [B, Hkv, G*Nq, d] (head h = hkv*G + g), times key^T -> [B, Hkv, G*Nq, S]
+    gnq = b.op("Mul", g, nq, name="dim_GNq")
+    q_grouped = b.op("Reshape", q, b.op("Concat", bq, hkv, gnq, d, axis=0, name="grouped_shape"),
+                     name="query_grouped")
+    k_t = b.op("Transpose", k, perm=[0, 1, 3, 2], name="key_t")
+    logits = b.op("MatMul", q_grouped, k_t, name="logits_grouped")
+    logits = b.op("Reshape", logits, b.op("Concat", bq, h, nq, s_dim, axis=0, name="logits_shape"),
+                  name="logits")                                              # [B, H, Nq, S]
+    logits = b.op("Mul", logits, b.attr("scale", onnx.AttributeProto.FLOAT), name="logits_scaled")
+    key_valid = b.op("Cast", "attention_mask", to=TensorProto.BOOL, name="key_valid")      # [B, S]
+    allowed = b.op("Unsqueeze", key_valid, b.const([1, 2]), name="allowed_keys")           # [B, 1, 1, S]
+    if ranking == "mean":
+        s_scalar = b.op("Squeeze", s_dim, zero, name="S")
+        nq_scalar = b.op("Squeeze", nq, zero, name="Nq")
+        row_start = b.op("Sub", s_scalar, nq_scalar, name="row_start")        # S - Nq
+        one_s = b.const(1, name="one")
+        key_pos = b.op("Range", b.const(0, name="zero"), s_scalar, one_s, name="key_pos")        # [S]
+        row_pos = b.op("Range", row_start, s_scalar, one_s, name="row_pos")                    # [Nq]
+        causal = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, zero, name="key_pos_row"),
+                      b.op("Unsqueeze", row_pos, one, name="row_pos_col"), name="causal")      # [Nq, S]
+        allowed = b.op("And", allowed, causal, name="allowed")                                 # [B, 1, Nq, S]
+    lowest = b.const(np.finfo(np.float32).min, dtype=np.float32, name="lowest")
+    masked = b.op("Where", allowed, logits, lowest, name="logits_masked")
+    probs = b.op("Softmax", masked, axis=-1, name="probs")                    # [B, H, Nq, S]
+    if ranking == "last":
+        return b.op("ReduceMean", probs, dims["1,2"], keepdims=0, name="scores")
+    # mean: rows whose own token is padding add nothing; divide by max(1, valid rows)
+    row_ok = b.op("Slice", key_valid, b.op("Sub", s_dim, nq, name="row_start_1d"), s_dim, one,
+                  name="row_valid")                                           # [B, Nq]
+    row_ok4 = b.op("Unsqueeze", row_ok, b.const([1, 3]), name="row_valid_4d")              # [B, 1, Nq, 1]
+    probs = b.op("Where", row_ok4, probs, b.const(0.0, dtype=np.float32, name="zero_f"), name="probs_rows")
+    total = b.op("ReduceSum", probs, dims["2"], keepdims=0, name="received")               # [B, H, S]
+    n_rows = b.op("ReduceSum", b.op("Cast", row_ok, to=TensorProto.FLOAT, name="row_valid_f"), one,
+                  keepdims=1, name="n_rows")                                  # [B, 1]
+    n_rows = b.op("Max", n_rows, b.const(1.0, dtype=np.float32, name="one_f"), name="n_rows_min1")
+    n_rows = b.op("Unsqueeze", n_rows, dims["2"], name="n_rows_3d")           # [B, 1, 1]
+    per_head = b.op("Div", total, n_rows, name="received_mean_rows")
+    return b.op("ReduceMean", per_head, one, keepdims=0, name="scores")      # [B, S]
+
+
+def _random_scores(b: _Body) -> str:
+    """floor(h2 / 128) * 2^-24 of the doc's int64 hash of the candidate index (exact in float32)."""
+    prime = b.const(HASH_PRIME, name="hash_prime")
+
+    def mod_p(x: str, name: str) -> str:       # x >= 0: x mod p = x - (x / p) * p
+        return b.op("Sub", x, b.op("Mul", b.op("Div", x, prime, name=f"{name}_quot"), prime,
+                                   name=f"{name}_floor"), name=name)
+
+    c = "candidate_positions"
+    seed_term = b.op("Mul", b.attr("seed", onnx.AttributeProto.INT), b.const(HASH_B, name="hash_b"),
+                     name="seed_term")
+    x1 = b.op("Add", b.op("Add", b.op("Mul", c, b.const(HASH_A, name="hash_a"), name="c_term"), seed_term,
+                          name="h1_sum"), b.const(HASH_C, name="hash_c"), name="h1_pre")
+    h1 = mod_p(x1, "h1")
+    x2 = b.op("Add", b.op("Mul", h1, h1, name="h1_sq"), b.const(HASH_D, name="hash_d"), name="h2_pre")
+    h2 = mod_p(x2, "h2")
+    top = b.op("Div", h2, b.const(128, name="c128"), name="h2_top")
+    return b.op("Mul", b.op("Cast", top, to=TensorProto.FLOAT, name="h2_top_f"),
+                b.const(2.0**-24, dtype=np.float32, name="two_m24"), name="candidate_scores")
+
+
+def token_select_function(ranking: str, opset: int = 18, *, position_rank: int | None = None) -> onnx.FunctionProto:
+    """The ``fastv::TokenSelect`` local function for ``ranking`` (standard ops of opset ``opset``).
+
+    ``position_rank`` (2 or 3) is accepted for symmetry with the model builders; the body handles
+    ``position_ids`` of rank 2 and 3 alike, so it does not change the result.
+    """
+    _check_ranking(ranking)
+    if opset < MIN_OPSET:
+        raise ValueError(f"TokenSelect's body needs opset >= {MIN_OPSET}, got {opset}")
+    if position_rank not in (None, 2, 3):
+        raise ValueError(f"position_rank must be 2 ([B, N]) or 3 ([3, B, N]), got {position_rank!r}")
+    b = _Body()
+    dims = {"0": b.const([0], name="i0"), "1": b.const([1], name="i1"), "2": b.const([2], name="i2"),
+            "3": b.const([3], name="i3"), "4": b.const([4], name="i4"), "-1": b.const([-1], name="im1"),
+            "max": b.const([np.iinfo(np.int64).max], name="imax"), "1,2": b.const([1, 2], name="i12")}
+    zero, one = dims["0"], dims["1"]
+
+    # 1. N' from shapes only
+    x_shape = b.op("Shape", "hidden_states", name="hidden_shape")              # [B, N, D]
+    bn = b.op("Slice", x_shape, zero, dims["2"], name="dim_BN")
+    n = b.op("Slice", x_shape, one, dims["2"], name="dim_N")
+    d_model = b.op("Slice", x_shape, dims["2"], dims["3"], name="dim_D")
+    m = b.op("Shape", "candidate_positions", start=1, end=2, name="dim_M")    # [1]
+    num = b.attr("ratio_num", onnx.AttributeProto.INT)
+    den = b.attr("ratio_den", onnx.AttributeProto.INT)
+    keep = b.attr("keep", onnx.AttributeProto.INT)
+    dropped = b.op("Div", b.op("Mul", m, num, name="m_num"), den, name="dropped")
+    keep_ratio = b.op("Sub", m, dropped, name="keep_ratio")
+    keep_abs = b.op("Min", b.op("Reshape", keep, one, name="keep_1d"), m, name="keep_abs")
+    use_ratio = b.op("Less", keep, b.const(0, name="zero_i"), name="use_ratio")
+    keep_m = b.op("Where", use_ratio, keep_ratio, keep_abs, name="keep_m")
+    n_kept = b.op("Add", b.op("Sub", n, m, name="n_minus_m"), keep_m, name="n_kept")       # [1]
+
+    # 2. candidate scores [B, M] float32
+    if ranking == "random":
+        cand = _random_scores(b)
+    else:
+        full = _scores(b, ranking, dims)                                      # [B, S]
+        s_dim = b.op("Shape", "key", start=2, end=3, name="dim_S_key")
+        past = b.op("Sub", s_dim, n, name="past_len")                         # P = S - N
+        cand = b.op("GatherElements", full, b.op("Add", "candidate_positions", past, name="cand_key_index"),
+                    axis=1, name="candidate_scores")
+
+    # 3. selection
+    inf = b.const([np.inf], dtype=np.float32, name="inf")
+    priority = b.op("ScatterElements", b.op("Expand", inf, bn, name="priority_init"), "candidate_positions",
+                    cand, axis=1, name="priority")                           # [B, N]
+    _, top_idx = b.op("TopK", priority, n_kept, axis=1, largest=1, sorted=1, outputs=2, name="top")
+    idx_f = b.op("Cast", top_idx, to=TensorProto.FLOAT, name="top_index_f")
+    ascending, _ = b.op("TopK", idx_f, n_kept, axis=1, largest=0, sorted=1, outputs=2, name="ascending")
+    b.op("Cast", ascending, to=TensorProto.INT64, outputs=["kept_indices"])    # [B, N']
+
+    bk = b.op("Shape", "kept_indices", name="kept_shape")                     # [B, N']
+    gather_x = b.op("Expand", b.op("Unsqueeze", "kept_indices", dims["2"], name="kept_3d"),
+                    b.op("Concat", bk, d_model, axis=0, name="gather_x_shape"), name="gather_x_index")
+    b.op("GatherElements", "hidden_states", gather_x, axis=1, outputs=["selected_hidden_states"])
+
+    pos_shape = b.op("Shape", "position_ids", name="pos_shape")               # [B, N] or [3, B, N]
+    pos_lead = b.op("Slice", pos_shape, zero, dims["-1"], name="pos_lead")    # [B] or [3, B]
+    pos3 = b.op("Reshape", "position_ids", b.op("Concat", dims["-1"], bn, axis=0, name="pos3_shape"),
+                name="pos3")                                                  # [L, B, N]
+    l_dim = b.op("Shape", pos3, start=0, end=1, name="dim_L")
+    gather_p = b.op("Expand", b.op("Unsqueeze", "kept_indices", zero, name="kept_l"),
+                    b.op("Concat", l_dim, bk, axis=0, name="gather_p_shape"), name="gather_p_index")
+    sel_pos3 = b.op("GatherElements", pos3, gather_p, axis=2, name="selected_pos3")         # [L, B, N']
+    b.op("Reshape", sel_pos3, b.op("Concat", pos_lead, n_kept, axis=0, name="selected_pos_shape"),
+         outputs=["selected_position_ids"])
+
+    return helper.make_function(
+        OP_DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS), b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
+        doc_string=f"fastv::TokenSelect, ranking={ranking!r} (docs/token_select.md); standard ops only.")
+
+
+def _check_params(ranking: str, ratio_num: int, ratio_den: int, keep: int, scale: float, seed: int) -> None:
+    _check_ranking(ranking)
+    for label, v in (("ratio_num", ratio_num), ("ratio_den", ratio_den), ("keep", keep), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{label} must be an integer, got {v!r}")
+    if not (ratio_den > 0 and 0 <= ratio_num < ratio_den):
+        raise ValueError(f"need 0 <= ratio_num < ratio_den, got {ratio_num}/{ratio_den}")
+    if keep < -1:
+        raise ValueError(f"keep must be -1 (use the ratio) or >= 0, got {keep}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2^31), got {seed}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+
+
+def make_token_select_node(inputs: list[str], outputs: list[str], *, ranking: str, ratio_num: int, ratio_den: int,
+                           keep: int = -1, scale: float, seed: int = 0,
+                           name: str = "fastv_token_select") -> onnx.NodeProto:
+    """The ``fastv::TokenSelect`` node (six inputs, three outputs, every attribute of the contract)."""
+    _check_params(ranking, ratio_num, ratio_den, keep, scale, seed)
+    if len(inputs) != len(INPUTS) or len(outputs) != len(OUTPUTS):
+        raise ValueError(f"TokenSelect takes {len(INPUTS)} inputs {INPUTS} and gives {len(OUTPUTS)} outputs "
+                         f"{OUTPUTS}; got {len(inputs)} and {len(outputs)}")
+    return helper.make_node(
+        OP_TYPE, list(inputs), list(outputs), name=name, domain=OP_DOMAIN,
+        ranking=ranking, ratio_num=int(ratio_num), ratio_den=int(ratio_den), keep=int(keep),
+        scale=float(scale), seed=int(seed), plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
+
+
+def keep_count(m: int, ratio_num: int, ratio_den: int, keep: int = -1) -> int:
+    """keep(M) of the contract, in Python integers."""
+    return m - (m * ratio_num) // ratio_den if keep < 0 else min(keep, m)
+
+
+def make_token_select_model(*, ranking: str, ratio_num: int, ratio_den: int, keep: int = -1, scale: float,
+                            seed: int = 0, dtype: int = TensorProto.FLOAT, position_rank: int = 2,
+                            opset: int = 18) -> onnx.ModelProto:
+    """A standalone model: the six inputs (symbolic dims B, N, D, H, Nq, d, Hkv, S, M), one
+    TokenSelect node, its local function, and the three outputs (N' symbolic: ``N_kept``)."""
+    if dtype not in _FLOAT_TYPES:
+        raise ValueError(f"dtype must be FLOAT, FLOAT16 or BFLOAT16, got {dtype!r}")
+    if position_rank not in (2, 3):
+        raise ValueError(f"position_rank must be 2 ([B, N]) or 3 ([3, B, N]), got {position_rank!r}")
+    i64 = TensorProto.INT64
+    pos_in = ["B", "N"] if position_rank == 2 else [3, "B", "N"]
+    pos_out = ["B", "N_kept"] if position_rank == 2 else [3, "B", "N_kept"]
+    vi = helper.make_tensor_value_info
+    graph_inputs = [vi("hidden_states", dtype, ["B", "N", "D"]), vi("query", dtype, ["B", "H", "Nq", "d"]),
+                    vi("key", dtype, ["B", "Hkv", "S", "d"]), vi("attention_mask", i64, ["B", "S"]),
+                    vi("position_ids", i64, pos_in), vi("candidate_positions", i64, ["B", "M"])]
+    graph_outputs = [vi("selected_hidden_states", dtype, ["B", "N_kept", "D"]),
+                     vi("selected_position_ids", i64, pos_out), vi("kept_indices", i64, ["B", "N_kept"])]
+    node = make_token_select_node(list(INPUTS), list(OUTPUTS), ranking=ranking, ratio_num=ratio_num,
+                                  ratio_den=ratio_den, keep=keep, scale=scale, seed=seed)
+    graph = helper.make_graph([node], f"token_select_{ranking}", graph_inputs, graph_outputs)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_VERSION)],
+        functions=[token_select_function(ranking, opset, position_rank=position_rank)],
+        producer_name="fastv-export")
+    # the lowest IR version that holds this opset (make_model writes the newest, which ORT may not read)
+    model.ir_version = max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True))
+    return model
