@@ -143,9 +143,11 @@ class Embed(nn.Module):
         emb = self.embed_tokens(input_ids)
         is_image = (input_ids[..., None] == self.image_ids).any(-1)
         order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0) - 1
-        # one zero row appended so that decode steps (F = 0, no image tokens) gather in bounds
+        # image-token ids beyond the features given (e.g. generated during decode, F = 0) keep their
+        # token embedding, as in the HF model; one zero row keeps the gather in bounds when F = 0
+        is_image = is_image & (order < image_features.shape[0]).reshape(is_image.shape)
         table = torch.cat([image_features.to(emb.dtype), emb.new_zeros(1, emb.shape[-1])], dim=0)
-        picked = table[order.clamp(min=0)].reshape(emb.shape)
+        picked = table[order.clamp(min=0, max=image_features.shape[0])].reshape(emb.shape)
         return torch.where(is_image[..., None], picked, emb)
 
 

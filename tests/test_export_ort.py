@@ -93,7 +93,7 @@ def test_r0_export_gives_the_unmodified_models_tokens():
 def test_fp16_export_validates_within_stated_tolerance():
     path = bundle("tiny-llava", 2, "1/2", "last", "fp16")
     report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1,))
-    assert report["precision"] == "fp16" and report["tolerances"]["logits"] == 5e-2
+    assert report["precision"] == "fp16" and report["tolerances"]["logits"] == 1e-1
     assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
 
 

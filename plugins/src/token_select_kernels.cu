@@ -1,0 +1,597 @@
+// fastv::TokenSelect: CUDA kernels and their launcher (docs/token_select.md).
+//
+// Pipeline for one call (everything on `stream`, scratch in the caller's workspace, nothing allocated):
+//   1. row_lse_kernel   (last / mean) log-sum-exp of every query row used, streaming over key tiles
+//                       (32 rows x 32 keys, head_dim in chunks of 32, through shared memory): the n x n
+//                       attention map is never materialised.
+//   2. valid_rows_kernel (mean) number of query rows whose own token is real.
+//   3. colsum_kernel    (last / mean) probability received by each CANDIDATE key, summed over the
+//                       query rows that see it (recomputing the logits tile by tile), per head.
+//   4. scores_kernel    candidate score: mean over heads (divided by the valid rows for mean), or the
+//                       seeded hash for random.
+//   5. rank_kernel      rank of every candidate (how many candidates rank before it: higher score, or
+//                       equal score at a lower position); kept iff rank < keep(M). Marks positions.
+//   6. compact_kernel   block-wide prefix sum over the marks: kept positions in ascending order.
+//   7. gather_kernel    rows of hidden states and position ids (all L planes) at the kept positions.
+// All per-element arithmetic lives in fastv/token_select_math.h (tested on the CPU); sums over rows,
+// key tiles and heads run in a fixed order, so results are deterministic.
+#include "fastv/token_select_kernels.h"
+#include "fastv/token_select_math.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace fastv
+{
+namespace ts
+{
+namespace
+{
+
+constexpr int kTile = 32;     // query rows and keys per logits tile
+constexpr int kChunk = 32;    // head_dim elements per shared-memory chunk
+constexpr int kThreads = 256; // threads of the tiled kernels (8 warps)
+constexpr int kRowsPerWarp = kTile / (kThreads / 32);
+constexpr int kScanThreads = 512;
+constexpr int kGatherThreads = 128;
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v)
+{
+    return v;
+}
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v)
+{
+    return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v)
+{
+    return __bfloat162float(v);
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+    }
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    }
+    return v;
+}
+
+struct TileSmem
+{
+    float q[kTile][kChunk + 1];
+    float k[kTile][kChunk + 1];
+    float logits[kTile][kTile + 1];
+    int64_t key_index[kTile]; // key j of each column, -1 = none
+};
+
+// logits[r][c] = scale * q[row0 + r] . k[key_index[c]] (zero where the row or the key does not exist).
+// q_base points at query[b, h, 0, 0], k_base at key[b, hkv, 0, 0]; rows of the query are < row_end.
+// Ends with a barrier: logits are visible to the whole block.
+template <typename T>
+__device__ void logits_tile(
+    T const* q_base, int64_t row0, int64_t row_end, T const* k_base, int64_t d, float scale, TileSmem& sm)
+{
+    int const tid = threadIdx.x;
+    int const r = tid / 8;
+    int const c0 = tid % 8;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t k0 = 0; k0 < d; k0 += kChunk)
+    {
+        for (int e = tid; e < kTile * kChunk; e += kThreads)
+        {
+            int const rr = e / kChunk;
+            int const cc = e % kChunk;
+            int64_t const dd = k0 + cc;
+            int64_t const qrow = row0 + rr;
+            sm.q[rr][cc] = (qrow < row_end && dd < d) ? to_f32(q_base[qrow * d + dd]) : 0.0f;
+            int64_t const kj = sm.key_index[rr];
+            sm.k[rr][cc] = (kj >= 0 && dd < d) ? to_f32(k_base[kj * d + dd]) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int cc = 0; cc < kChunk; ++cc)
+        {
+            float const qv = sm.q[r][cc];
+#pragma unroll
+            for (int t = 0; t < 4; ++t)
+            {
+                acc[t] = fmaf(qv, sm.k[c0 + 8 * t][cc], acc[t]);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+    {
+        sm.logits[r][c0 + 8 * t] = acc[t] * scale;
+    }
+    __syncthreads();
+}
+
+struct AttnArgs
+{
+    int64_t batch, heads, kv_heads, nq, s, n, d, m;
+    int64_t row_base; // first query row used (Nq - 1 for last, 0 for mean)
+    int64_t rows;     // query rows used (1 for last, Nq for mean)
+    bool rows_masked; // mean: a row whose own token is padding adds nothing
+    float scale;
+};
+
+// grid (ceil(rows / 32), H, B): lse[b, h, r] of every query row used.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_lse_kernel(
+    T const* __restrict__ query, T const* __restrict__ key, int64_t const* __restrict__ mask, float* __restrict__ lse,
+    AttnArgs a)
+{
+    __shared__ TileSmem sm;
+    __shared__ float row_m[kTile];
+    __shared__ float row_l[kTile];
+    int64_t const b = blockIdx.z;
+    int64_t const h = blockIdx.y;
+    int64_t const hkv = kv_head_of(h, a.heads, a.kv_heads);
+    int64_t const row0 = a.row_base + int64_t{blockIdx.x} * kTile;
+    int64_t const row_end = a.row_base + a.rows;
+    T const* q_base = query + (b * a.heads + h) * a.nq * a.d;
+    T const* k_base = key + (b * a.kv_heads + hkv) * a.s * a.d;
+    int64_t const* mask_b = mask + b * a.s;
+    int const tid = threadIdx.x;
+    int const warp = tid / 32;
+    int const lane = tid % 32;
+    if (tid < kTile)
+    {
+        softmax_init(row_m[tid], row_l[tid]);
+    }
+    int64_t const last_row = (row0 + kTile < row_end ? row0 + kTile : row_end) - 1;
+    int64_t const key_limit = row_position(a.s, a.nq, last_row) + 1; // causal bound of the tile
+    for (int64_t j0 = 0; j0 < key_limit; j0 += kTile)
+    {
+        if (tid < kTile)
+        {
+            sm.key_index[tid] = j0 + tid < key_limit ? j0 + tid : -1;
+        }
+        __syncthreads();
+        logits_tile(q_base, row0, row_end, k_base, a.d, a.scale, sm);
+        int64_t const j = j0 + lane;
+        bool const key_real = j < a.s && mask_b[j] != 0;
+        for (int rr = 0; rr < kRowsPerWarp; ++rr)
+        {
+            int const r = warp * kRowsPerWarp + rr;
+            int64_t const qrow = row0 + r;
+            if (qrow >= row_end)
+            {
+                break; // uniform across the warp
+            }
+            bool const vis = key_visible(j, row_position(a.s, a.nq, qrow), key_real);
+            float const x = vis ? sm.logits[r][lane] : -INFINITY;
+            float const tile_max = warp_max(x);
+            float const e = (vis && tile_max != -INFINITY) ? expf(x - tile_max) : 0.0f;
+            float const tile_sum = warp_sum(e);
+            if (lane == 0)
+            {
+                softmax_merge(row_m[r], row_l[r], tile_max, tile_sum);
+            }
+        }
+        __syncthreads();
+    }
+    if (tid < kTile && row0 + tid < row_end)
+    {
+        lse[(b * a.heads + h) * a.rows + (row0 - a.row_base) + tid] = softmax_lse(row_m[tid], row_l[tid]);
+    }
+}
+
+// grid (B): number of query rows whose own token is real (mean's divisor before max(1, .)).
+__global__ void valid_rows_kernel(int64_t const* __restrict__ mask, int32_t* __restrict__ valid_rows, int64_t s,
+    int64_t nq)
+{
+    __shared__ int32_t partial[kThreads / 32];
+    int64_t const b = blockIdx.x;
+    int32_t count = 0;
+    for (int64_t r = threadIdx.x; r < nq; r += blockDim.x)
+    {
+        count += mask[b * s + row_position(s, nq, r)] != 0 ? 1 : 0;
+    }
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        count += __shfl_xor_sync(0xFFFFFFFFu, count, o);
+    }
+    if (threadIdx.x % 32 == 0)
+    {
+        partial[threadIdx.x / 32] = count;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+    {
+        int32_t total = 0;
+        for (int w = 0; w < kThreads / 32; ++w)
+        {
+            total += partial[w];
+        }
+        valid_rows[b] = total;
+    }
+}
+
+// grid (ceil(M / 32), H, B): colsum[b, h, i] = sum over the query rows r that see candidate i's key of
+// p[b, h, r, key(i)] (rows whose own token is padding skipped for mean).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) colsum_kernel(T const* __restrict__ query, T const* __restrict__ key,
+    int64_t const* __restrict__ mask, int64_t const* __restrict__ cand, float const* __restrict__ lse,
+    float* __restrict__ colsum, AttnArgs a)
+{
+    __shared__ TileSmem sm;
+    __shared__ float partial[kThreads / kTile][kTile];
+    __shared__ int64_t first_row;
+    int64_t const b = blockIdx.z;
+    int64_t const h = blockIdx.y;
+    int64_t const hkv = kv_head_of(h, a.heads, a.kv_heads);
+    int64_t const i0 = int64_t{blockIdx.x} * kTile;
+    int64_t const past = a.s - a.n;
+    int64_t const row_end = a.row_base + a.rows;
+    T const* q_base = query + (b * a.heads + h) * a.nq * a.d;
+    T const* k_base = key + (b * a.kv_heads + hkv) * a.s * a.d;
+    int64_t const* mask_b = mask + b * a.s;
+    float const* lse_bh = lse + (b * a.heads + h) * a.rows;
+    int const tid = threadIdx.x;
+    int const group = tid / kTile; // rows group*4 .. group*4+3 of each tile
+    int const col = tid % kTile;
+    if (tid < kTile)
+    {
+        int64_t const i = i0 + tid;
+        int64_t j = -1;
+        if (i < a.m)
+        {
+            int64_t const c = cand[b * a.m + i];
+            j = (c >= 0 && c < a.n) ? past + c : -1; // malformed positions: no key (the row is poisoned later)
+        }
+        sm.key_index[tid] = j;
+    }
+    __syncthreads();
+    if (tid == 0)
+    {
+        // the first query row that can see any key of this tile (causal: row position >= j)
+        int64_t jmin = a.s;
+        for (int c = 0; c < kTile; ++c)
+        {
+            if (sm.key_index[c] >= 0 && sm.key_index[c] < jmin)
+            {
+                jmin = sm.key_index[c];
+            }
+        }
+        int64_t const r = jmin - (a.s - a.nq);
+        first_row = r > a.row_base ? r : a.row_base;
+    }
+    __syncthreads();
+    int64_t const j = sm.key_index[col];
+    bool const key_real = j >= 0 && mask_b[j] != 0;
+    float acc = 0.0f;
+    for (int64_t row0 = first_row; row0 < row_end; row0 += kTile)
+    {
+        logits_tile(q_base, row0, row_end, k_base, a.d, a.scale, sm);
+        for (int rr = 0; rr < kTile / (kThreads / kTile); ++rr)
+        {
+            int const r = group * (kTile / (kThreads / kTile)) + rr;
+            int64_t const qrow = row0 + r;
+            if (qrow >= row_end || !key_real)
+            {
+                continue;
+            }
+            int64_t const pos = row_position(a.s, a.nq, qrow);
+            bool const row_ok = !a.rows_masked || mask_b[pos] != 0;
+            if (row_ok && key_visible(j, pos, key_real))
+            {
+                acc += prob_from_lse(sm.logits[r][col], lse_bh[qrow - a.row_base]);
+            }
+        }
+    }
+    partial[group][col] = acc;
+    __syncthreads();
+    if (tid < kTile && i0 + tid < a.m)
+    {
+        float total = 0.0f;
+        for (int g = 0; g < kThreads / kTile; ++g)
+        {
+            total += partial[g][tid];
+        }
+        colsum[(b * a.heads + h) * a.m + i0 + tid] = total;
+    }
+}
+
+struct SelectArgs
+{
+    int64_t batch, n, m, heads, keep_m, seed, n_kept;
+    int32_t ranking;
+};
+
+// grid (ceil(M / 256), B): candidate scores [B, M].
+__global__ void scores_kernel(int64_t const* __restrict__ cand, float const* __restrict__ colsum,
+    int32_t const* __restrict__ valid_rows, float* __restrict__ scores, SelectArgs a)
+{
+    int64_t const b = blockIdx.y;
+    int64_t const i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+    if (i >= a.m)
+    {
+        return;
+    }
+    float score;
+    if (a.ranking == kRankRandom)
+    {
+        score = random_score(cand[b * a.m + i], a.seed);
+    }
+    else
+    {
+        float sum = 0.0f;
+        for (int64_t h = 0; h < a.heads; ++h)
+        {
+            sum += colsum[(b * a.heads + h) * a.m + i];
+        }
+        float const divisor = a.ranking == kRankMean ? rows_divisor(valid_rows[b]) : 1.0f;
+        score = finalize_score(sum, a.heads, divisor);
+    }
+    scores[b * a.m + i] = score;
+}
+
+// grid (ceil(M / 256), B): rank of each candidate; marks kept / dropped candidate positions; flags
+// malformed candidate positions in status[b].
+__global__ void __launch_bounds__(kThreads) rank_kernel(int64_t const* __restrict__ cand,
+    float const* __restrict__ scores, uint8_t* __restrict__ mark, int32_t* __restrict__ status, SelectArgs a)
+{
+    __shared__ float tile_score[kThreads];
+    __shared__ int64_t tile_pos[kThreads];
+    int64_t const b = blockIdx.y;
+    int64_t const i = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+    bool const have = i < a.m;
+    float si = 0.0f;
+    int64_t ci = 0;
+    bool ok = false;
+    if (have)
+    {
+        si = scores[b * a.m + i];
+        ci = cand[b * a.m + i];
+        ok = candidate_ok(ci, i > 0 ? cand[b * a.m + i - 1] : 0, i > 0, a.n);
+        if (!ok)
+        {
+            atomicExch(&status[b], 1);
+        }
+    }
+    int64_t rank = 0;
+    for (int64_t j0 = 0; j0 < a.m; j0 += kThreads)
+    {
+        int64_t const j = j0 + threadIdx.x;
+        if (j < a.m)
+        {
+            tile_score[threadIdx.x] = scores[b * a.m + j];
+            tile_pos[threadIdx.x] = cand[b * a.m + j];
+        }
+        __syncthreads();
+        int64_t const count = a.m - j0 < kThreads ? a.m - j0 : kThreads;
+        if (have)
+        {
+            for (int64_t t = 0; t < count; ++t)
+            {
+                rank += ranks_before(tile_score[t], tile_pos[t], si, ci) ? 1 : 0;
+            }
+        }
+        __syncthreads();
+    }
+    if (have && ok)
+    {
+        mark[b * a.n + ci] = is_kept(rank, a.keep_m) ? 1 : 0;
+    }
+}
+
+// grid (B), kScanThreads threads: kept[b, :] = positions t with mark[b, t] = 1, ascending.
+__global__ void __launch_bounds__(kScanThreads) compact_kernel(
+    uint8_t const* __restrict__ mark, int64_t* __restrict__ kept, int32_t* __restrict__ status, SelectArgs a)
+{
+    __shared__ int64_t warp_total[kScanThreads / 32];
+    __shared__ int64_t chunk_total;
+    int64_t const b = blockIdx.x;
+    int const tid = threadIdx.x;
+    int const lane = tid % 32;
+    int const warp = tid / 32;
+    int64_t base = 0;
+    for (int64_t t0 = 0; t0 < a.n; t0 += kScanThreads)
+    {
+        int64_t const t = t0 + tid;
+        int64_t const f = (t < a.n && mark[b * a.n + t] != 0) ? 1 : 0;
+        int64_t incl = f; // inclusive scan within the warp
+        for (int o = 1; o < 32; o <<= 1)
+        {
+            int64_t const v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+            if (lane >= o)
+            {
+                incl += v;
+            }
+        }
+        if (lane == 31)
+        {
+            warp_total[warp] = incl;
+        }
+        __syncthreads();
+        if (tid == 0)
+        {
+            int64_t run = 0;
+            for (int w = 0; w < kScanThreads / 32; ++w)
+            {
+                int64_t const v = warp_total[w];
+                warp_total[w] = run; // exclusive prefix of the warps
+                run += v;
+            }
+            chunk_total = run;
+        }
+        __syncthreads();
+        int64_t const out = base + warp_total[warp] + incl - f;
+        if (f && out < a.n_kept)
+        {
+            kept[b * a.n_kept + out] = t;
+        }
+        base += chunk_total;
+        __syncthreads();
+    }
+    if (tid == 0 && base != a.n_kept)
+    {
+        status[b] = 1;
+    }
+}
+
+// grid (N', B): row o of the outputs of batch row b. Poisons rows flagged in status.
+template <typename E>
+__global__ void gather_kernel(E const* __restrict__ hidden, int64_t const* __restrict__ pos,
+    int32_t const* __restrict__ status, E* __restrict__ out_hidden, int64_t* __restrict__ out_pos,
+    int64_t* __restrict__ kept, int64_t n, int64_t width, int64_t planes, int64_t batch, int64_t n_kept, E nan_bits)
+{
+    int64_t const o = blockIdx.x;
+    int64_t const b = blockIdx.y;
+    bool const bad = status[b] != 0;
+    int64_t const k = bad ? -1 : kept[b * n_kept + o];
+    __syncthreads(); // every thread has read kept[] before thread 0 may overwrite it
+    E* dst = out_hidden + (b * n_kept + o) * width;
+    E const* src = hidden + (b * n + (bad ? 0 : k)) * width;
+    for (int64_t e = threadIdx.x; e < width; e += blockDim.x)
+    {
+        dst[e] = bad ? nan_bits : src[e];
+    }
+    for (int64_t l = threadIdx.x; l < planes; l += blockDim.x)
+    {
+        out_pos[(l * batch + b) * n_kept + o] = bad ? -1 : pos[(l * batch + b) * n + k];
+    }
+    if (bad && threadIdx.x == 0)
+    {
+        kept[b * n_kept + o] = -1;
+    }
+}
+
+int64_t ceil_div(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+template <typename T>
+void launch_attention(Attributes const& at, Shapes const& s, Buffers const& io, float* lse, float* colsum,
+    int32_t* valid_rows, cudaStream_t stream)
+{
+    AttnArgs a{};
+    a.batch = s.batch;
+    a.heads = s.heads;
+    a.kv_heads = s.kv_heads;
+    a.nq = s.nq;
+    a.s = s.s;
+    a.n = s.n;
+    a.d = s.head_dim;
+    a.m = s.m;
+    a.scale = at.scale;
+    bool const mean = at.ranking == kRankMean;
+    a.row_base = mean ? 0 : s.nq - 1;
+    a.rows = mean ? s.nq : 1;
+    a.rows_masked = mean;
+    T const* q = static_cast<T const*>(io.query);
+    T const* k = static_cast<T const*>(io.key);
+    dim3 const lse_grid(static_cast<unsigned>(ceil_div(a.rows, kTile)), static_cast<unsigned>(s.heads),
+        static_cast<unsigned>(s.batch));
+    row_lse_kernel<T><<<lse_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, lse, a);
+    if (mean)
+    {
+        valid_rows_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(
+            io.attention_mask, valid_rows, s.s, s.nq);
+    }
+    dim3 const col_grid(static_cast<unsigned>(ceil_div(s.m, kTile)), static_cast<unsigned>(s.heads),
+        static_cast<unsigned>(s.batch));
+    colsum_kernel<T><<<col_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, io.candidate_positions, lse, colsum, a);
+}
+
+template <typename E>
+void launch_gather(Shapes const& s, Buffers const& io, int32_t const* status, int64_t n_kept, E nan_bits,
+    cudaStream_t stream)
+{
+    dim3 const grid(static_cast<unsigned>(n_kept), static_cast<unsigned>(s.batch));
+    gather_kernel<E><<<grid, kGatherThreads, 0, stream>>>(static_cast<E const*>(io.hidden_states), io.position_ids,
+        status, static_cast<E*>(io.selected_hidden_states), io.selected_position_ids, io.kept_indices, s.n, s.hidden,
+        s.planes, s.batch, n_kept, nan_bits);
+}
+
+} // namespace
+
+cudaError_t enqueue(Attributes const& at, Shapes const& s, ElementType type, Buffers const& io, void* workspace,
+    size_t workspace_bytes, cudaStream_t stream)
+{
+    int64_t const n_kept = kept_length(at, s);
+    if (s.batch == 0 || n_kept == 0)
+    {
+        return cudaSuccess; // empty outputs
+    }
+    WorkspaceLayout const w = workspace_layout(at, s);
+    if (workspace == nullptr || workspace_bytes < w.total)
+    {
+        return cudaErrorInvalidValue;
+    }
+    char* ws = static_cast<char*>(workspace);
+    float* lse = reinterpret_cast<float*>(ws + w.lse);
+    float* colsum = reinterpret_cast<float*>(ws + w.colsum);
+    float* scores = reinterpret_cast<float*>(ws + w.scores);
+    int32_t* valid_rows = reinterpret_cast<int32_t*>(ws + w.valid_rows);
+    int32_t* status = reinterpret_cast<int32_t*>(ws + w.status);
+    uint8_t* mark = reinterpret_cast<uint8_t*>(ws + w.mark);
+
+    cudaError_t err = cudaMemsetAsync(status, 0, static_cast<size_t>(s.batch) * sizeof(int32_t), stream);
+    if (err == cudaSuccess)
+    {
+        err = cudaMemsetAsync(mark, 1, static_cast<size_t>(s.batch * s.n), stream);
+    }
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+
+    SelectArgs sa{};
+    sa.batch = s.batch;
+    sa.n = s.n;
+    sa.m = s.m;
+    sa.heads = s.heads;
+    sa.keep_m = keep_count(s.m, at.ratio_num, at.ratio_den, at.keep);
+    sa.seed = at.seed;
+    sa.n_kept = n_kept;
+    sa.ranking = at.ranking;
+
+    if (s.m > 0) // M = 0: every position is kept (identity)
+    {
+        if (at.ranking != kRankRandom)
+        {
+            switch (type)
+            {
+            case kF32: launch_attention<float>(at, s, io, lse, colsum, valid_rows, stream); break;
+            case kF16: launch_attention<__half>(at, s, io, lse, colsum, valid_rows, stream); break;
+            case kBF16: launch_attention<__nv_bfloat16>(at, s, io, lse, colsum, valid_rows, stream); break;
+            default: return cudaErrorInvalidValue;
+            }
+        }
+        dim3 const grid(static_cast<unsigned>(ceil_div(s.m, kThreads)), static_cast<unsigned>(s.batch));
+        scores_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, colsum, valid_rows, scores, sa);
+        rank_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, scores, mark, status, sa);
+    }
+    compact_kernel<<<static_cast<unsigned>(s.batch), kScanThreads, 0, stream>>>(mark, io.kept_indices, status, sa);
+    switch (type)
+    {
+    case kF32: launch_gather<uint32_t>(s, io, status, n_kept, 0x7FC00000u, stream); break;
+    case kF16: launch_gather<uint16_t>(s, io, status, n_kept, uint16_t{0x7E00}, stream); break;
+    case kBF16: launch_gather<uint16_t>(s, io, status, n_kept, uint16_t{0x7FC0}, stream); break;
+    default: return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}
+
+} // namespace ts
+} // namespace fastv
