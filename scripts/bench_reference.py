@@ -47,7 +47,7 @@ def main() -> None:
     n = prompt.input_ids.shape[1]
     m = adapter.image_tokens_per_image()
     shape = DecoderShape.from_config(model.config)
-    print(f"bench-llava: {shape.num_layers} layers, hidden {shape.hidden_size}, prompt {n} tokens ({m} image), "
+    print(f"bench-llava: {shape.num_layers} layers, hidden {shape.hidden}, prompt {n} tokens ({m} image), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (median)")
     ratios = args.ratios.split(",")
     # interleave configurations so that machine noise hits them alike
