@@ -243,3 +243,33 @@ def test_dynamic_inputs_need_a_profile(loaded):
         trt_rtx.build_engine_aot(model("last"), compute_capabilities=TARGETS)
     with pytest.raises(FastVError, match="offers"):
         trt_rtx.build_engine_aot(model("last"), compute_capabilities=("SM87",), profiles=[dynamic_profile()])
+
+
+# ------------------------------------------------------------------ exported pre-K graphs of the presets
+@pytest.mark.parametrize("preset,ranking", [("tiny-llava", "last"), ("tiny-qwen2-vl", "mean")])
+def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ranking):
+    """The real pre_k.onnx of both presets (prefill shapes, empty past): one PLUGIN_V3 layer with the
+    library loaded, the function body without it, and ahead-of-time engines for SM86 + SM89."""
+    from fastv_export.adapters import get_adapter
+    from fastv_export.models import load_model
+    from tests.test_export_ort import bundle
+
+    path = bundle(preset, 2, "1/2", ranking)
+    adapter = get_adapter(load_model(preset))
+    info = adapter.decoder_info()
+    b, n, m = 1, 83 if preset == "tiny-llava" else 57, adapter.image_tokens_per_image()
+    shapes = {"inputs_embeds": (b, n, info.hidden_size), "attention_mask": (b, n),
+              "position_ids": (b, n) if adapter.position_rank == 2 else (3, b, n), "candidate_positions": (b, m)}
+    for i in range(2):
+        for t in ("key", "value"):
+            shapes[f"past_key_values.{i}.{t}"] = (b, info.num_kv_heads, 0, info.head_dim)
+    static = trt_rtx.with_static_inputs(onnx.load(str(path / "pre_k.onnx")), shapes)
+    body = trt_rtx.parse_onnx(static)
+    assert "PLUGIN_V3" not in body.layer_types
+    with trt_rtx.plugin_library(lib):
+        parsed = trt_rtx.parse_onnx(static)
+        assert parsed.layer_types.count("PLUGIN_V3") == 1
+        built = trt_rtx.build_engine_aot(static, compute_capabilities=TARGETS)
+    assert built.layer_types.count("PLUGIN_V3") == 1 and len(built.engine) > 10_000
+    keep = m - m // 2
+    assert parsed.output_shapes["hidden_states"] == (b, n - m + keep, info.hidden_size)

@@ -243,3 +243,23 @@ def test_unsupported_architecture_and_missing_dir(tmp_path):
     tiny.save_pretrained(tmp_path / "llama")
     with pytest.raises(FastVError, match="unsupported architecture"):
         load_model(tmp_path / "llama")
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastv_export.cli import main
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                 num_attention_heads=1, architectures=["LlamaForCausalLM"])).save_pretrained(llama)
+    capsys.readouterr()  # save_pretrained's progress bar
+    cases = [(["generate", "--k", "4"], "K=4 is out of range"),
+             (["generate", "--r", "1"], "R must lie in [0, 1)"),
+             (["generate", "--r", "-0.1"], "R must lie in [0, 1)"),
+             (["generate", "--keep", "65"], "keep=65 is more than the 64 image tokens"),
+             (["generate", "--model", str(tmp_path / "missing")], "neither a built-in preset"),
+             (["generate", "--model", str(llama)], "unsupported architecture 'LlamaForCausalLM'")]
+    for argv, message in cases:
+        assert main(argv + ["--max-new-tokens", "1", "--repeats", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
