@@ -9,12 +9,12 @@ outputs that graph surgery (graphs/surgery.py) wires into the TokenSelect node.
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 from torch import nn
 
 from .adapters import ModelAdapter
+from .reference import original_attention
 
 CAPTURE_IMPL = "fastv_export_capture"
 
@@ -100,11 +100,7 @@ class PreK(DecoderSlice):
         self.layers[k - 1] = copy.deepcopy(self.layers[k - 1])
         attn = self.layers[k - 1].self_attn
         attn.config = copy.copy(attn.config)
-        impl = attn.config._attn_implementation
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        original = (sys.modules[type(attn).__module__].eager_attention_forward if impl in (None, "eager")
-                    else ALL_ATTENTION_FUNCTIONS[impl])
+        original = original_attention(attn, attn.config._attn_implementation)
         attn.config._attn_implementation_internal = CAPTURE_IMPL
         attn._fastv_export = (self.holder, original)
 

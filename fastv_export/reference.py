@@ -124,7 +124,7 @@ def apply_fastv(model: nn.Module, config: FastVConfig) -> FastVHandle:
         private._attn_implementation_internal = CAPTURE_IMPL
         handle._restore.append((attn, "config", attn.config))
         attn.config = private
-        attn._fastv_capture = (state, _original_attention(attn, original_impl))
+        attn._fastv_capture = (state, original_attention(attn, original_impl))
         handle._restore.append((attn, "_fastv_capture", None))
     for i in range(k, len(layers)):
         handle._hooks.append(layers[i].register_forward_pre_hook(
@@ -163,7 +163,8 @@ def _start_forward(state: _State, adapter: ModelAdapter, args: tuple, kwargs: di
 
 
 # ---- layer K-1: scores from the post-rotary query and key -------------------------------------
-def _original_attention(attn: nn.Module, impl: str):
+def original_attention(attn: nn.Module, impl: str):
+    """The attention function a module's config names (the model's own eager one for "eager")."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if impl in (None, "eager"):

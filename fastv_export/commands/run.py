@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -64,11 +65,8 @@ def run(args: argparse.Namespace) -> int:
                          "(use the Python API OrtRuntime.generate with token ids)")
     config = build_preset_config(source)
 
-    class _Shell:  # the adapter needs only the config here, not the weights
-        pass
-    shell = _Shell()
-    shell.config = config
-    adapter = adapter_class_for(m["source_model"]["architecture"])(shell)
+    # the adapter needs only the config here (image tokens, preprocessing), not the weights
+    adapter = adapter_class_for(m["source_model"]["architecture"])(SimpleNamespace(config=config))
     images = _load_images(args.image, adapter)
     text = [BYTE_OFFSET + b % BYTE_RANGE for b in args.prompt.encode()]
     ids = [config.text_config.bos_token_id] + [t for _ in images for t in m["image_tokens"]["prompt_tokens_per_image"]]
