@@ -92,7 +92,7 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) 
                 "pre_k: inputs_embeds, attention_mask [B,n], position_ids, candidate_positions [B,M], "
                 "empty past -> hidden_states [B,n',D], selected_position_ids, kept_indices, present.{i<K}",
                 "post_k: hidden_states, attention_mask[:, kept_indices], selected_position_ids, empty past "
-                "-> logits [B,n',V] (next token: last row), present.{i>=K}",
+                "-> logits [B,1,V] (last position: the next token), present.{i>=K}",
             ],
             "decode": [
                 "embed: input_ids [B,1] + image_features [0,D] -> inputs_embeds",

@@ -114,7 +114,9 @@ class PreK(DecoderSlice):
 
 
 class PostK(DecoderSlice):
-    """Layers >= K, final norm and lm_head."""
+    """Layers >= K, final norm and lm_head on the last position only (logits [B, 1, V]): the next
+    token needs no other row, and the head over every prompt row would cost 2*n'*D*V FLOPs and a
+    [B, n', V] output for nothing (as TensorRT-LLM, which gathers context logits only on request)."""
 
     def __init__(self, adapter: ModelAdapter, k: int) -> None:
         super().__init__(adapter, k, adapter.decoder_info().num_layers)
@@ -123,7 +125,7 @@ class PostK(DecoderSlice):
 
     def forward(self, hidden_states, attention_mask, position_ids, *past):
         hidden, present = self.run(hidden_states, attention_mask, position_ids, list(past))
-        return (self.lm_head(self.norm(hidden)), *present)
+        return (self.lm_head(self.norm(hidden[:, -1:])), *present)
 
 
 class Embed(nn.Module):

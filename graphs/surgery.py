@@ -47,7 +47,7 @@ def insert_token_select(model: onnx.ModelProto, cfg: FastVConfig, *, scale: floa
     if not any(o.domain == ts.OP_DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(ts.OP_DOMAIN, ts.OP_VERSION))
     out.ir_version = model.ir_version
-    return name_dims(out)
+    return name_dims(out, {"hidden_states": ["batch", "kept_seq", None]})
 
 
 # dynamo names dynamic dims s0, s1, ...: give the graph's I/O readable, consistent names
@@ -55,7 +55,7 @@ _DIM_NAMES = {
     "inputs_embeds": ["batch", "seq", None], "hidden_states": ["batch", "seq", None],
     "attention_mask": ["batch", "total_seq"], "input_ids": ["batch", "seq"],
     "image_features": ["image_tokens", None], "candidate_positions": ["batch", "num_candidates"],
-    "logits": ["batch", "seq", None],
+    "logits": ["batch", None, None],
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,21 @@ def test_pre_k_holds_one_token_select_with_function_body():
     post = onnx.load(str(bundle("tiny-llava", 2, "1/2") / "post_k.onnx"))
     assert [i.name for i in post.graph.input][3] == "past_key_values.2.key"   # the model's own layer index
     assert post.graph.output[0].name == "logits"
+
+
+def test_manifest_names_every_dynamic_dim():
+    """Each graph's I/O reads in the manifest as batch / seq / kept_seq / past_seq / total_seq, with
+    no exporter symbols (s0, s1 + s2) left, and post-K returns the last position's logits only."""
+    m = json.loads((bundle("tiny-llava", 2, "1/2") / "manifest.json").read_text())
+    shapes = {(g, io["name"]): io["shape"] for g, d in m["graphs"].items() for io in d["inputs"] + d["outputs"]}
+    leftovers = {key: s for key, s in shapes.items() if any(re.search(r"\bs\d+", str(d)) for d in s)}
+    assert not leftovers, leftovers
+    vocab = m["source_model"]["vocab_size"]
+    assert shapes[("post_k", "logits")] == ["batch", 1, vocab]
+    assert shapes[("pre_k", "hidden_states")][:2] == ["batch", "kept_seq"]
+    assert shapes[("post_k", "hidden_states")][:2] == ["batch", "seq"]
+    assert shapes[("post_k", "present.3.value")][2] == "total_seq" == shapes[("post_k", "attention_mask")][1]
+    assert shapes[("embed", "inputs_embeds")][:2] == ["batch", "seq"]
 
 
 def test_r0_export_gives_the_unmodified_models_tokens():
