@@ -55,6 +55,13 @@ def config_hash(adapter: ModelAdapter) -> str:
     return hashlib.sha256(adapter.config.to_json_string(use_diff=False).encode()).hexdigest()
 
 
+def source_name(model: str | Path) -> str:
+    """A preset's name, or the checkpoint directory as an absolute path (validate and run reload it)."""
+    from .models import PRESETS
+
+    return str(model) if str(model) in PRESETS else str(Path(model).resolve())
+
+
 def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) -> dict:
     info = adapter.decoder_info()
     k = cfg.k
@@ -63,7 +70,7 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) 
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "producer": {"name": "fastv-export", "version": __version__},
-        "source_model": {"name": str(options.model), "architecture": type(adapter.model).__name__,
+        "source_model": {"name": source_name(options.model), "architecture": type(adapter.model).__name__,
                          "adapter": adapter.name, "config_sha256": config_hash(adapter),
                          "num_layers": info.num_layers, "hidden_size": info.hidden_size,
                          "vocab_size": info.vocab_size,

@@ -244,6 +244,7 @@ def test_manifest_alone_drives_generation():
 
 # ---- bad input: one clear line, non-zero exit, nothing written --------------------------------------
 def _run_cli(capsys, argv):
+    capsys.readouterr()   # drop what earlier steps (e.g. a bundle export's progress bar) printed
     rc = cli(argv)
     err = capsys.readouterr().err.strip()
     return rc, err
@@ -295,6 +296,7 @@ def test_bad_run_and_export_arguments(tmp_path, capsys):
         (["export", "--r", "1.5", "--out", str(tmp_path / "o2")], "R must lie in [0, 1)"),
         (["export", "--out", str(good)], "already exists; pass --force"),
         (["export", "--out", str(tmp_path / "no" / "such" / "dir")], "does not exist"),
+        (["export", "--out", "/proc/fastv-bundle"], "cannot write"),   # unwritable even for root
     ]
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -325,3 +327,50 @@ def test_image_of_the_wrong_size_is_rejected():
     rt = OrtRuntime(load_bundle(bundle("tiny-llava", 2, "1/2")))
     with pytest.raises(FastVError, match="this bundle's vision graph takes"):
         rt.image_features([np.zeros((1, 3, 40, 40), np.float32)])
+
+
+WORDS = {"<unk>": 0, "<s>": 1, "</s>": 2, "USER:": 10, "ASSISTANT:": 11, "what": 12, "is": 13, "it": 14, "?": 15,
+         "<image>": 500}
+
+
+def _checkpoint_with_tokenizer(root: Path) -> Path:
+    """tiny-llava saved as a local checkpoint with a word-level tokenizer built in code (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastv_export.models import load_model
+
+    path = root / "ckpt"
+    load_model("tiny-llava").save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(WORDS, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            additional_special_tokens=["<image>"]).save_pretrained(path)
+    return path
+
+
+def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_path, capsys):
+    from PIL import Image
+
+    from fastv_export.runtime_ort import OrtRuntime
+    ckpt = _checkpoint_with_tokenizer(tmp_path)
+    out = tmp_path / "bundle"
+    assert cli(["export", "--model", str(ckpt), "--k", "2", "--r", "1/2", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["source_model"]["name"] == str(ckpt.resolve())
+    png = tmp_path / "img.png"
+    Image.new("RGB", (50, 40), (30, 60, 200)).save(png)
+    capsys.readouterr()
+    rc = cli(["run", str(out), "--image", str(png), "--prompt", "USER: <image> what is it ? ASSISTANT:",
+              "--max-new-tokens", "6"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    # the prompt built by hand from the vocabulary: BOS, USER:, 64 image tokens, the words
+    ids = np.array([[1, 10] + [500] * 64 + [12, 13, 14, 15, 11]], dtype=np.int64)
+    from fastv_export.adapters import get_adapter
+    from fastv_export.models import load_model
+    pixels = get_adapter(load_model("tiny-llava")).preprocess_image(Image.open(png))
+    gen = OrtRuntime(load_bundle(out)).generate(ids, np.ones_like(ids), [pixels], 6, eos_token_id=2)
+    assert f"prompt: {ids.shape[1]} tokens" in printed
+    assert f"tokens: {gen.tokens[0].tolist()}" in printed
+    rc, err = _run_cli(capsys, ["run", str(out), "--image", str(png), "--prompt", "<image> and <image>"])
+    assert rc == 2 and "marks 2 <image> but 1 --image" in err

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 
@@ -16,14 +18,19 @@ HELP = "generate from PNG image(s) and a text prompt with a bundle's graphs (ONN
 DESCRIPTION = """\
 Drive the bundle exactly as a deployment runtime would: vision -> embed -> pre-K (TokenSelect)
 -> post-K, then decode steps over the two KV caches. CPU provider by default, CUDA when
-onnxruntime-gpu is installed. The built-in presets have no tokenizer: their prompt text is
-encoded byte by byte (id = 10 + byte mod 390) and decoded back the same way; a bundle exported
-from a checkpoint directory uses that checkpoint's tokenizer.
+onnxruntime-gpu is installed.
+
+Each `<image>` in the prompt becomes one image's tokens, in the order of --image; a prompt without
+`<image>` gets the images first. No chat template is applied: write the model's own format (e.g.
+LLaVA-1.5: "USER: <image>\nWhat is in the image? ASSISTANT:"). A bundle exported from a checkpoint
+directory uses that directory's tokenizer (it must still be there); the built-in presets have none,
+so their text is encoded byte by byte (id = 10 + byte mod 390) and decoded back the same way.
 
 examples:
   fastv-export run bundle --image cat.png --prompt "What is in the image?" --max-new-tokens 16
-  fastv-export -v run bundle --image a.png --image b.png --prompt "Compare them."
+  fastv-export -v run bundle --image a.png --image b.png --prompt "<image> and <image>: compare them."
 """
+IMAGE_MARK = "<image>"
 BYTE_OFFSET, BYTE_RANGE = 10, 390
 
 
@@ -49,9 +56,62 @@ def _load_images(paths: list[str], adapter) -> list[np.ndarray]:
     return out
 
 
+@dataclass
+class TextCodec:
+    """Prompt text <-> token ids for the bundle's source model."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    bos_token_id: int | None
+    config: object
+
+
+def _byte_codec(source: str) -> TextCodec:
+    from ..models import build_preset_config
+
+    config = build_preset_config(source)
+    return TextCodec(encode=lambda text: [BYTE_OFFSET + b % BYTE_RANGE for b in text.encode()],
+                     decode=lambda ids: bytes((t - BYTE_OFFSET) % 256 for t in ids
+                                              if BYTE_OFFSET <= t < BYTE_OFFSET + BYTE_RANGE).decode("utf-8", "replace"),
+                     bos_token_id=config.text_config.bos_token_id, config=config)
+
+
+def _checkpoint_codec(source: str) -> TextCodec:
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise FastVError(f"this bundle was exported from {source}, which is not a checkpoint directory here; `run` "
+                         "needs it for the tokenizer (or use the Python API OrtRuntime.generate with token ids)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise FastVError(f"{path} holds no usable tokenizer ({str(exc).splitlines()[0]}); add its tokenizer files "
+                         "or use the Python API OrtRuntime.generate with token ids") from None
+    return TextCodec(encode=lambda text: tok.encode(text, add_special_tokens=False),
+                     decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+                     bos_token_id=tok.bos_token_id, config=AutoConfig.from_pretrained(path, local_files_only=True))
+
+
+def prompt_ids(prompt: str, codec: TextCodec, image_tokens: list[int], num_images: int) -> list[int]:
+    """[BOS] + text with each <image> replaced by one image's tokens (images first if none is marked)."""
+    parts = prompt.split(IMAGE_MARK)
+    if len(parts) == 1:
+        parts = [""] * num_images + parts
+    elif len(parts) - 1 != num_images:
+        raise FastVError(f"the prompt marks {len(parts) - 1} {IMAGE_MARK} but {num_images} --image were given; "
+                         f"give one {IMAGE_MARK} per image (or none: the images then come first)")
+    ids = [] if codec.bos_token_id is None else [codec.bos_token_id]
+    for i, part in enumerate(parts):
+        if i:
+            ids += image_tokens
+        ids += codec.encode(part) if part else []
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     from ..adapters import adapter_class_for
-    from ..models import PRESETS, build_preset_config
+    from ..models import PRESETS
 
     if not args.prompt.strip():
         raise FastVError("--prompt is empty; give the instruction text")
@@ -60,26 +120,20 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
     source = m["source_model"]["name"]
-    if source not in PRESETS:
-        raise FastVError(f"`run` encodes text for the built-in presets only; {source} needs its own tokenizer "
-                         "(use the Python API OrtRuntime.generate with token ids)")
-    config = build_preset_config(source)
-
+    codec = _byte_codec(source) if source in PRESETS else _checkpoint_codec(source)
     # the adapter needs only the config here (image tokens, preprocessing), not the weights
-    adapter = adapter_class_for(m["source_model"]["architecture"])(SimpleNamespace(config=config))
+    adapter = adapter_class_for(m["source_model"]["architecture"])(SimpleNamespace(config=codec.config))
     images = _load_images(args.image, adapter)
-    text = [BYTE_OFFSET + b % BYTE_RANGE for b in args.prompt.encode()]
-    ids = [config.text_config.bos_token_id] + [t for _ in images for t in m["image_tokens"]["prompt_tokens_per_image"]]
-    ids = np.array([ids + text], dtype=np.int64)
+    ids = prompt_ids(args.prompt, codec, m["image_tokens"]["prompt_tokens_per_image"], len(images))
+    ids = np.array([ids], dtype=np.int64)
     runtime = OrtRuntime(bundle)
     gen = runtime.generate(ids, np.ones_like(ids), images, args.max_new_tokens,
                            eos_token_id=m["source_model"].get("eos_token_id"))
     tokens = gen.tokens[0].tolist()
-    decoded = bytes((t - BYTE_OFFSET) % 256 for t in tokens if BYTE_OFFSET <= t < BYTE_OFFSET + BYTE_RANGE)
     print(f"prompt: {ids.shape[1]} tokens ({len(images)} image(s)); kept {gen.kept_indices.shape[1]} after "
           f"TokenSelect (K={m['fastv']['k']}, R={m['fastv']['ratio']}, {m['fastv']['ranking']})")
     print(f"tokens: {tokens}")
-    print(f"text  : {decoded.decode('utf-8', errors='replace')!r}")
+    print(f"text  : {codec.decode(tokens)!r}")
     if logging.getLogger().isEnabledFor(logging.INFO):
         for stage, sec in gen.timings.items():
             print(f"  {stage:>16}: {sec * 1e3:8.2f} ms")
