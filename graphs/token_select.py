@@ -92,13 +92,14 @@ class _Body:
                     for k in range(outputs)]
         else:
             outs = list(outputs)
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        # named TokenSelect/<output> so that profilers attribute the inlined body's time to the op
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"TokenSelect/{outs[0]}", **attrs))
         return outs[0] if len(outs) == 1 else outs
 
     def const(self, value, dtype=np.int64, name: str = "const") -> str:
         arr = np.asarray(value, dtype=dtype)
         out = self._name(name)
-        self.nodes.append(helper.make_node("Constant", [], [out],
+        self.nodes.append(helper.make_node("Constant", [], [out], name=f"TokenSelect/{out}",
                                            value=onnx.numpy_helper.from_array(arr, out)))
         return out
 

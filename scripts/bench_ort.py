@@ -97,7 +97,7 @@ def profile_prefill(path: Path, prompt_args: tuple, threads: int | None, tmp: Pa
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and \
                     run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
                 op = e["args"].get("op_name", "?")
-                if "TokenSelect" in e["name"] or "token_select" in e["name"].lower():
+                if "TokenSelect" in e["name"]:   # the inlined function body's nodes are named TokenSelect/...
                     op = f"TokenSelect body: {op}"
                 times[(graph, op)] += e["dur"] / 1000
     return dict(times)
@@ -121,6 +121,8 @@ def print_profile(profiles: dict[str, dict]) -> None:
     for key in keys:
         if base.get(key, 0.0) >= 0.01 * total["0"]:
             print(line(key[0], key[1], lambda r: profiles[r].get(key, 0.0)))
+    print(line("pre_k", "TokenSelect (all ops)", lambda r: sum(v for (_, op), v in profiles[r].items()
+                                                            if op.startswith("TokenSelect body"))))
     for graph in ("embed", "pre_k", "post_k"):
         print(line(graph, "(all kernels)", lambda r: sum(v for (g, _), v in profiles[r].items() if g == graph)))
     print(line("total", "", lambda r: total[r]))
@@ -224,7 +226,7 @@ def main() -> None:
           f"deep-layer KV = layers >= {args.k} after {n} prompt + {args.decode_tokens} tokens (fp32); "
           f"vision tower (same in all bundles) took {base['vision'] / base['prefill']:.1%} of the decoder prefill")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine_threads": args.threads, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
     if args.plot:
         plot(rows, args.plot)
     if args.profile:
