@@ -50,14 +50,14 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
             torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                               dynamo=False, opset_version=opset)
         return
-    from .graphs.surgery import name_dims
+    from .graphs.surgery import name_ir_dims
 
     with torch.no_grad():
         program = torch.onnx.export(module, args, None, input_names=input_names, output_names=output_names,
                                     dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
                                     verbose=False)
+    name_ir_dims(program.model)   # readable dims (batch, seq, ...) for the manifest
     program.save(str(path))
-    onnx.save(name_dims(onnx.load(str(path))), str(path))   # readable dims (batch, seq, ...) for the manifest
 
 
 def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: int, n: int = 5, past: int = 3,

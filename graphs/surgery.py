@@ -3,7 +3,7 @@
 - ``insert_token_select``: the exported pre-K graph ends in layer K-1's hidden states plus that
   layer's post-rotary query and key; this wires them into ONE ``fastv::TokenSelect`` node (with its
   standard-ONNX local function) and makes the node's outputs the graph's outputs.
-- ``name_dims``: symbolic dimension names that users (and the manifest) can read.
+- ``name_dims`` / ``name_ir_dims``: symbolic dimension names that users (and the manifest) can read.
 """
 from __future__ import annotations
 
@@ -59,19 +59,34 @@ _DIM_NAMES = {
 }
 
 
+def dim_names(name: str, rank: int, overrides: dict[str, list] | None = None) -> list[str | None] | None:
+    """The readable names of the dims of graph input/output ``name`` (None: leave that dim alone)."""
+    if name.startswith(("past_key_values.", "present.")):
+        return ["batch", None, "past_seq" if name.startswith("past") else "total_seq", None]
+    if name in ("position_ids", "selected_position_ids"):
+        seq = "seq" if name == "position_ids" else "kept_seq"
+        return ["batch", seq] if rank == 2 else [None, "batch", seq]
+    return dict(_DIM_NAMES, **(overrides or {})).get(name)
+
+
 def name_dims(model: onnx.ModelProto, overrides: dict[str, list] | None = None) -> onnx.ModelProto:
-    names = dict(_DIM_NAMES, **(overrides or {}))
+    """Name the symbolic dims of an ONNX model's I/O in place (fixed dims stay)."""
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
-        wanted = names.get(value.name)
-        if value.name.startswith(("past_key_values.", "present.")):
-            wanted = ["batch", None, "past_seq" if value.name.startswith("past") else "total_seq", None]
-        elif value.name in ("position_ids", "selected_position_ids"):
-            seq = "seq" if value.name == "position_ids" else "kept_seq"
-            wanted = ["batch", seq] if len(dims) == 2 else [None, "batch", seq]
-        if not wanted:
-            continue
-        for dim, name in zip(dims, wanted):
+        for dim, name in zip(dims, dim_names(value.name, len(dims), overrides) or []):
             if name is not None and not dim.HasField("dim_value"):
                 dim.dim_param = name
     return model
+
+
+def name_ir_dims(model) -> None:
+    """The same on an ``onnx_ir`` model (torch.onnx's ONNXProgram.model) before it is saved, so that
+    large models are written once, with their external data, and never re-loaded."""
+    import onnx_ir as ir
+
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        if value.shape is None:
+            continue
+        for i, name in enumerate(dim_names(value.name, len(value.shape)) or []):
+            if name is not None and not isinstance(value.shape[i], int):
+                value.shape[i] = ir.SymbolicDim(name)

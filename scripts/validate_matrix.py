@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from fastv_export import FastVConfig
 from fastv_export.export import ExportOptions, export_bundle
-from fastv_export.models import load_model
+from fastv_export.models import build_preset_config
 from fastv_export.validate import validate_bundle
 
 
 def layer_counts(presets: list[str]) -> dict[str, int]:
-    return {p: load_model(p).config.get_text_config().num_hidden_layers for p in presets}
+    return {p: build_preset_config(p).get_text_config().num_hidden_layers for p in presets}
 
 
 def main() -> int:
