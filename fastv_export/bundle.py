@@ -13,10 +13,10 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__
-from .adapters import ModelAdapter
-from .config import FastVConfig
-from .errors import FastVError
+from fastv_export import __version__
+from fastv_export.adapters import ModelAdapter
+from fastv_export.config import FastVConfig
+from fastv_export.errors import FastVError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -57,13 +57,13 @@ def config_hash(adapter: ModelAdapter) -> str:
 
 def source_name(model: str | Path) -> str:
     """A preset's name, or the checkpoint directory as an absolute path (validate and run reload it)."""
-    from .models import PRESETS
+    from fastv_export.presets import PRESETS
 
     return str(model) if str(model) in PRESETS else str(Path(model).resolve())
 
 
 def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) -> dict:
-    info = adapter.decoder_info()
+    info = adapter.decoder_shape()
     k = cfg.k
     graphs = {name: describe_graph(out / f"{name}.onnx") for name in ("vision", "embed", "pre_k", "post_k")}
     mrope = adapter.position_rank == 3

@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from .errors import FastVError
+from fastv_export.errors import FastVError
 
 # subcommand name -> module (imported lazily so `--help` stays fast)
 SUBCOMMANDS: dict[str, str] = {
@@ -18,8 +18,8 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "fastv_export.commands.export",
     "validate": "fastv_export.commands.validate",
     "run": "fastv_export.commands.run",
-    "flops": "fastv_export.flops",
-    "analyze": "fastv_export.analysis",
+    "flops": "fastv_export.analysis.flops",
+    "analyze": "fastv_export.analysis.attention",
 }
 
 DESCRIPTION = """\

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
-from .errors import FastVError
+from fastv_export.errors import FastVError
 
 Ranking = Literal["last", "mean", "random"]
 RANKINGS: tuple[str, ...] = ("last", "mean", "random")

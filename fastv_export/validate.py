@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import get_adapter
-from .bundle import Bundle, config_hash, load_bundle
-from .config import FastVConfig
-from .errors import FastVError
-from .inputs import Prompt, make_prompt
-from .models import load_model
-from .reference import apply_fastv
-from .runtime_ort import OrtRuntime
+from fastv_export.adapters import get_adapter
+from fastv_export.bundle import Bundle, config_hash, load_bundle
+from fastv_export.config import FastVConfig
+from fastv_export.errors import FastVError
+from fastv_export.prompts import Prompt, make_prompt
+from fastv_export.presets import load_model
+from fastv_export.reference.fastv import apply_fastv
+from fastv_export.runtime.ort import OrtRuntime
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,9 @@ def _graph_checks(bundle: Bundle, adapter, cfg: FastVConfig, prompt: Prompt, run
     from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
-    from .export_modules import Embed, PostK, PreK
-    from .positions import prefill_positions
-    from .selection import select_kept
+    from fastv_export.export.modules import Embed, PostK, PreK
+    from fastv_export.runtime.positions import prefill_positions
+    from fastv_export.reference.selection import select_kept
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     manifest = bundle.manifest
@@ -138,7 +138,7 @@ def _graph_checks(bundle: Bundle, adapter, cfg: FastVConfig, prompt: Prompt, run
                                  *([z] * (2 * k)))
         cands = torch.from_numpy(runtime.candidates(ids))
         m = cands.shape[1]
-        from .selection import candidate_scores
+        from fastv_export.reference.selection import candidate_scores
         sc = candidate_scores(cfg.ranking, cands, seed=cfg.seed, query=q, key=key,
                               key_valid=prompt.attention_mask.bool(), scale=pre.layers[k - 1].self_attn.scaling)
         kept_t = select_kept(sc, cands, ids.shape[1], cfg.keep_count(m))

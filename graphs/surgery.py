@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..config import FastVConfig
-from . import token_select as ts
+from fastv_export.config import FastVConfig
+from fastv_export.graphs import token_select as ts
 
 PRE_K_OUTPUTS = ("hidden_states", "selected_position_ids", "kept_indices")
 

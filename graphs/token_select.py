@@ -63,7 +63,7 @@ OUTPUTS = ("selected_hidden_states", "selected_position_ids", "kept_indices")
 # every attribute the node carries; the body reads the first five through ref_attr_name
 ATTRIBUTES = ("ratio_num", "ratio_den", "keep", "scale", "seed", "ranking", "plugin_namespace", "plugin_version")
 
-# the seeded hash of docs/token_select.md (same constants as fastv_export.selection)
+# the seeded hash of docs/token_select.md (same constants as fastv_export.reference.selection)
 HASH_PRIME = 2147483647  # 2^31 - 1
 HASH_A, HASH_B, HASH_C, HASH_D = 48271, 69621, 12345, 1013904223
 SEED_LIMIT = 2**31

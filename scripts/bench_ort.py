@@ -37,11 +37,11 @@ from fastv_export import FastVConfig
 from fastv_export.adapters import get_adapter
 from fastv_export.bundle import load_bundle
 from fastv_export.errors import FastVError
-from fastv_export.export import ExportOptions, export_bundle
-from fastv_export.flops import DecoderShape, eq5_speedup, exact_speedup, kv_cache_layer_elems
-from fastv_export.inputs import make_prompt
-from fastv_export.models import load_model
-from fastv_export.runtime_ort import OrtRuntime, default_session_options
+from fastv_export.export.onnx_export import ExportOptions, export_bundle
+from fastv_export.analysis.flops import DecoderShape, eq5_speedup, exact_speedup, kv_cache_layer_elems
+from fastv_export.prompts import make_prompt
+from fastv_export.presets import load_model
+from fastv_export.runtime.ort import OrtRuntime, default_session_options
 
 PRESET = "bench-llava"
 FP32_BYTES = 4
@@ -77,8 +77,8 @@ def decode_read_bytes(shape: DecoderShape, k: int, n: int, n_kept: int, steps: i
     for t in range(steps):
         kv_base += L * kv_cache_layer_elems(shape, n + t)
         kv_fastv += k * kv_cache_layer_elems(shape, n + t) + (L - k) * kv_cache_layer_elems(shape, n_kept + t)
-    d, hd = shape.hidden, shape.head_dim
-    layer = 2 * d * shape.num_heads * hd + 2 * d * shape.num_kv_heads * hd + 3 * d * shape.intermediate
+    d, hd = shape.hidden_size, shape.head_dim
+    layer = 2 * d * shape.num_heads * hd + 2 * d * shape.num_kv_heads * hd + 3 * d * shape.intermediate_size
     weights = steps * (L * layer + d * shape.vocab_size)
     return kv_base * FP32_BYTES, kv_fastv * FP32_BYTES, weights * FP32_BYTES
 
@@ -179,7 +179,7 @@ def main() -> None:
     n, m = ids.shape[1], adapter.image_tokens_per_image()
     runtimes = {r: OrtRuntime(load_bundle(p), providers=["CPUExecutionProvider"],
                               session_options=session_options(args.threads)) for r, p in paths.items()}
-    print(f"{PRESET}: {shape.num_layers} layers, hidden {shape.hidden}, MLP {shape.intermediate}, prompt {n} "
+    print(f"{PRESET}: {shape.num_layers} layers, hidden {shape.hidden_size}, MLP {shape.intermediate_size}, prompt {n} "
           f"tokens ({m} image), fp32, onnxruntime {ort.__version__} CPUExecutionProvider, "
           f"{args.threads or 'default'} intra-op threads, {args.repeats} repeats (median), "
           f"{args.decode_tokens} decode tokens")

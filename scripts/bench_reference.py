@@ -15,9 +15,9 @@ import torch
 
 from fastv_export import FastVConfig, apply_fastv
 from fastv_export.adapters import get_adapter
-from fastv_export.flops import DecoderShape, eq5_speedup, exact_speedup
-from fastv_export.inputs import make_prompt
-from fastv_export.models import load_model
+from fastv_export.analysis.flops import DecoderShape, eq5_speedup, exact_speedup
+from fastv_export.prompts import make_prompt
+from fastv_export.presets import load_model
 
 
 def prefill_times(model, inputs, repeats: int) -> list[float]:
@@ -47,7 +47,7 @@ def main() -> None:
     n = prompt.input_ids.shape[1]
     m = adapter.image_tokens_per_image()
     shape = DecoderShape.from_config(model.config)
-    print(f"bench-llava: {shape.num_layers} layers, hidden {shape.hidden}, prompt {n} tokens ({m} image), "
+    print(f"bench-llava: {shape.num_layers} layers, hidden {shape.hidden_size}, prompt {n} tokens ({m} image), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (median)")
     ratios = args.ratios.split(",")
     # interleave configurations so that machine noise hits them alike

@@ -23,8 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fastv_export import FastVConfig
-from fastv_export.export import ExportOptions, export_bundle
-from fastv_export.models import build_preset_config
+from fastv_export.export.onnx_export import ExportOptions, export_bundle
+from fastv_export.presets import build_preset_config
 from fastv_export.validate import validate_bundle
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastv_export.adapters import get_adapter
-from fastv_export.models import load_model
+from fastv_export.presets import load_model
 
 PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl"]
 

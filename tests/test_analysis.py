@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fastv_export import cli
-from fastv_export.analysis import TYPES, analyze_attention, plot_attention_maps
+from fastv_export.analysis.attention import TYPES, analyze_attention, plot_attention_maps
 from fastv_export.errors import FastVError
-from fastv_export.inputs import make_prompt
+from fastv_export.prompts import make_prompt
 
 from .conftest import model_and_adapter
 

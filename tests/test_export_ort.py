@@ -19,8 +19,8 @@ import torch
 from fastv_export import FastVConfig
 from fastv_export.bundle import load_bundle, sha256
 from fastv_export.cli import main as cli
-from fastv_export.export import ExportOptions, export_bundle
-from fastv_export.inputs import make_prompt
+from fastv_export.export.onnx_export import ExportOptions, export_bundle
+from fastv_export.prompts import make_prompt
 from fastv_export.validate import validate_bundle
 
 from .conftest import model_and_adapter
@@ -93,7 +93,7 @@ def test_r0_export_gives_the_unmodified_models_tokens():
     path = bundle("tiny-qwen2-vl", 2, "0")
     model, adapter = model_and_adapter("tiny-qwen2-vl")
     prompt = make_prompt(adapter, [12], num_images=1, seed=1)
-    from fastv_export.runtime_ort import OrtRuntime
+    from fastv_export.runtime.ort import OrtRuntime
     rt = OrtRuntime(load_bundle(path))
     px = prompt.vision["pixel_values"].numpy()
     gen = rt.generate(prompt.input_ids.numpy(), prompt.attention_mask.numpy(), [px], 16)
@@ -145,7 +145,7 @@ def test_a_borderline_swap_is_reported_and_the_forced_selection_passes(tmp_path,
     attention); the graphs are made to keep a different tied candidate. Validation must report the
     swap as borderline and pass on the forced-selection rerun."""
     from fastv_export import runtime_ort
-    from fastv_export.models import build_preset
+    from fastv_export.presets import build_preset
 
     path = bundle("tiny-llava", 2, "1/2")
     model = build_preset("tiny-llava")
@@ -168,7 +168,7 @@ def test_a_borderline_swap_is_reported_and_the_forced_selection_passes(tmp_path,
 
     monkeypatch.setattr(runtime_ort.OrtRuntime, "generate", swapped)
     # the graphs were exported from the unmodified weights: re-export pre_k from this model
-    from fastv_export.export import export_graphs
+    from fastv_export.export.onnx_export import export_graphs
     from fastv_export.adapters import get_adapter
     tmp = _copy(path, tmp_path)
     eager = build_preset("tiny-llava", attn_implementation="eager")
@@ -323,7 +323,7 @@ def test_run_generates_from_a_png(tmp_path, capsys):
 
 def test_image_of_the_wrong_size_is_rejected():
     from fastv_export.errors import FastVError
-    from fastv_export.runtime_ort import OrtRuntime
+    from fastv_export.runtime.ort import OrtRuntime
     rt = OrtRuntime(load_bundle(bundle("tiny-llava", 2, "1/2")))
     with pytest.raises(FastVError, match="this bundle's vision graph takes"):
         rt.image_features([np.zeros((1, 3, 40, 40), np.float32)])
@@ -338,7 +338,7 @@ def _checkpoint_with_tokenizer(root: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from fastv_export.models import load_model
+    from fastv_export.presets import load_model
 
     path = root / "ckpt"
     load_model("tiny-llava").save_pretrained(path)
@@ -352,7 +352,7 @@ def _checkpoint_with_tokenizer(root: Path) -> Path:
 def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_path, capsys):
     from PIL import Image
 
-    from fastv_export.runtime_ort import OrtRuntime
+    from fastv_export.runtime.ort import OrtRuntime
     ckpt = _checkpoint_with_tokenizer(tmp_path)
     out = tmp_path / "bundle"
     assert cli(["export", "--model", str(ckpt), "--k", "2", "--r", "1/2", "--out", str(out)]) == 0
@@ -367,7 +367,7 @@ def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_pat
     # the prompt built by hand from the vocabulary: BOS, USER:, 64 image tokens, the words
     ids = np.array([[1, 10] + [500] * 64 + [12, 13, 14, 15, 11]], dtype=np.int64)
     from fastv_export.adapters import get_adapter
-    from fastv_export.models import load_model
+    from fastv_export.presets import load_model
     pixels = get_adapter(load_model("tiny-llava")).preprocess_image(Image.open(png))
     gen = OrtRuntime(load_bundle(out)).generate(ids, np.ones_like(ids), [pixels], 6, eos_token_id=2)
     assert f"prompt: {ids.shape[1]} tokens" in printed

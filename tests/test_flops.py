@@ -8,7 +8,7 @@ import pytest
 
 from fastv_export import cli
 from fastv_export.errors import FastVError
-from fastv_export.flops import PAPER_PRESETS, DecoderShape, eq5_speedup, estimate
+from fastv_export.analysis.flops import PAPER_PRESETS, DecoderShape, eq5_speedup, estimate, resolve_shape
 
 M, TXT = 576, 36  # LLaVA-1.5 image tokens (336 px, patch 14) and the text tokens behind Table 1
 
@@ -47,7 +47,7 @@ def test_table1_fastv_rows(model, rows, rel):
 
 def _brute_force_flops(shape: DecoderShape, n: int, n_hat: int, k: int) -> int:
     """Count multiply-adds token by token, head by head; 2 FLOPs each."""
-    d, hd, H, Hkv = shape.hidden, shape.head_dim, shape.num_heads, shape.num_kv_heads
+    d, hd, H, Hkv = shape.hidden_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
     macs = 0
     for layer in range(shape.num_layers):
         tokens = n if layer < k else n_hat
@@ -60,15 +60,15 @@ def _brute_force_flops(shape: DecoderShape, n: int, n_hat: int, k: int) -> int:
                 visible = t + 1               # causal: keys 0..t
                 macs += visible * hd          # scores q . k
                 macs += visible * hd          # weighted sum of values
-            macs += d * shape.intermediate    # gate
-            macs += d * shape.intermediate    # up
-            macs += shape.intermediate * d    # down
+            macs += d * shape.intermediate_size    # gate
+            macs += d * shape.intermediate_size    # up
+            macs += shape.intermediate_size * d    # down
     macs += d * shape.vocab_size              # lm_head, last prompt token only
     return 2 * macs
 
 
 def test_exact_count_matches_brute_force():
-    shape = DecoderShape(hidden=12, intermediate=20, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=5,
+    shape = DecoderShape(hidden_size=12, intermediate_size=20, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=5,
                          vocab_size=11)
     image, text, k = 7, 3, 1
     rep = estimate(shape, image, text, k=k, ratio="3/7")       # drops floor(7 * 3/7) = 3
@@ -116,24 +116,24 @@ def test_speedup_monotone():
 
 
 def test_shape_from_config_json_and_presets(tmp_path):
-    from fastv_export.models import build_preset_config
-    tiny = DecoderShape.resolve("tiny-llava")
+    from fastv_export.presets import build_preset_config
+    tiny = resolve_shape("tiny-llava")
     assert tiny == DecoderShape.from_config(build_preset_config("tiny-llava"))
     assert tiny.num_kv_heads == 2 and tiny.head_dim == 16 and tiny.num_layers == 4
-    qwen = DecoderShape.resolve("tiny-qwen2-vl")
+    qwen = resolve_shape("tiny-qwen2-vl")
     assert qwen.head_dim == 64 // 4                                  # no head_dim key: hidden / heads
 
     flat = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
             "num_attention_heads": 32, "vocab_size": 32064}
     (tmp_path / "flat.json").write_text(json.dumps(flat))
-    assert DecoderShape.resolve(tmp_path / "flat.json") == PAPER_PRESETS["llava-1.5-7b"]
+    assert resolve_shape(tmp_path / "flat.json") == PAPER_PRESETS["llava-1.5-7b"]
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": flat}))
-    assert DecoderShape.resolve(str(tmp_path / "ckpt")) == PAPER_PRESETS["llava-1.5-7b"]
+    assert resolve_shape(str(tmp_path / "ckpt")) == PAPER_PRESETS["llava-1.5-7b"]
     # like llava-hf's config.json: text_config lists only non-default keys, transformers fills the rest
     partial = {"model_type": "llava", "text_config": {"model_type": "llama", "vocab_size": 32064}}
     (tmp_path / "partial.json").write_text(json.dumps(partial))
-    assert DecoderShape.resolve(tmp_path / "partial.json") == PAPER_PRESETS["llava-1.5-7b"]
+    assert resolve_shape(tmp_path / "partial.json") == PAPER_PRESETS["llava-1.5-7b"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(k=40), dict(ratio=1), dict(ratio=-0.1), dict(keep=577),

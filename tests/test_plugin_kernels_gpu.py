@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from fastv_export import selection as ref
+from fastv_export.reference import selection as ref
 from fastv_export.graphs import token_select as ts
 from tests.test_plugin_build import ROOT, plugin_library
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastv_export import selection as ref
+from fastv_export.reference import selection as ref
 from fastv_export.graphs import token_select as ts
 
 ROOT = Path(__file__).resolve().parents[1]

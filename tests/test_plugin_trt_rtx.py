@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from fastv_export import trt_rtx
+from fastv_export.engines import trt_rtx
 from fastv_export.errors import FastVError
 from fastv_export.graphs import token_select as ts
 from tests.test_plugin_build import plugin_library
@@ -251,12 +251,12 @@ def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ra
     """The real pre_k.onnx of both presets (prefill shapes, empty past): one PLUGIN_V3 layer with the
     library loaded, the function body without it, and ahead-of-time engines for SM86 + SM89."""
     from fastv_export.adapters import get_adapter
-    from fastv_export.models import load_model
+    from fastv_export.presets import load_model
     from tests.test_export_ort import bundle
 
     path = bundle(preset, 2, "1/2", ranking)
     adapter = get_adapter(load_model(preset))
-    info = adapter.decoder_info()
+    info = adapter.decoder_shape()
     b, n, m = 1, 83 if preset == "tiny-llava" else 57, adapter.image_tokens_per_image()
     shapes = {"inputs_embeds": (b, n, info.hidden_size), "attention_mask": (b, n),
               "position_ids": (b, n) if adapter.position_rank == 2 else (3, b, n), "candidate_positions": (b, m)}

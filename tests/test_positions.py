@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from fastv_export.inputs import make_prompt
-from fastv_export.positions import decode_positions, prefill_positions
+from fastv_export.prompts import make_prompt
+from fastv_export.runtime.positions import decode_positions, prefill_positions
 
 from .conftest import model_and_adapter
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from fastv_export import FastVConfig, FastVError, apply_fastv
-from fastv_export.inputs import make_prompt
-from fastv_export.selection import random_scores
+from fastv_export.prompts import make_prompt
+from fastv_export.reference.selection import random_scores
 
 from .conftest import model_and_adapter
 from .independent import independent_pruned_logits, python_select
@@ -178,7 +178,7 @@ def test_k0_random_prunes_before_the_first_layer(preset):
 def test_ties_go_to_the_lower_position(preset):
     """Zero key projection in layer K-1: every key is equal, attention is uniform, all candidate
     scores tie exactly, so the lowest candidate positions must be kept."""
-    from fastv_export.models import load_model
+    from fastv_export.presets import load_model
     model = load_model(preset)
     from fastv_export.adapters import get_adapter
     adapter = get_adapter(model)
@@ -232,7 +232,7 @@ def test_batch_rows_with_different_image_counts():
 def test_unsupported_architecture_and_missing_dir(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastv_export.models import load_model
+    from fastv_export.presets import load_model
     tiny = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                         num_attention_heads=1))
     with pytest.raises(FastVError, match="unsupported architecture 'LlamaForCausalLM'.*LlavaForConditional"):

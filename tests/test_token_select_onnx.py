@@ -20,7 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from fastv_export import selection as ref
+from fastv_export.reference import selection as ref
 from fastv_export.graphs import token_select as ts
 
 SCALE = 0.25
@@ -103,7 +103,7 @@ def run(sess: ort.InferenceSession, inputs: dict):
 
 
 def reference(ranking: str, inputs: dict, keep_m: int, seed: int = 0):
-    """Reference candidate scores [B, M] (float32) and kept indices [B, N'] from fastv_export.selection."""
+    """Reference candidate scores [B, M] (float32) and kept indices [B, N'] from fastv_export.reference.selection."""
     cand = inputs["candidate_positions"]
     n = inputs["hidden_states"].shape[1]
     if ranking == "random":

@@ -5,24 +5,13 @@ through this interface only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import FastVError
-
-
-@dataclass(frozen=True)
-class DecoderInfo:
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
+from fastv_export.decoder_shape import DecoderShape
+from fastv_export.errors import FastVError
 
 
 class ModelAdapter:
@@ -55,13 +44,8 @@ class ModelAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
-    def decoder_info(self) -> DecoderInfo:
-        c = self.text_config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return DecoderInfo(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
-                           intermediate_size=c.intermediate_size, num_heads=c.num_attention_heads,
-                           num_kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
-                           vocab_size=c.vocab_size)
+    def decoder_shape(self) -> DecoderShape:
+        return DecoderShape.from_config(self.config)
 
     # --- image tokens ------------------------------------------------------------------------
     def image_token_ids(self) -> tuple[int, ...]:
@@ -128,7 +112,3 @@ def adapter_class_for(architecture: str) -> type[ModelAdapter]:
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for a loaded HF model (raises FastVError naming the supported ones)."""
     return adapter_class_for(type(model).__name__)(model)
-
-
-def vision_grid_error(what: str, expected, got) -> FastVError:
-    return FastVError(f"{what}: the model expects {expected}, got {got}")

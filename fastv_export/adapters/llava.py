@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelAdapter, register
+from fastv_export.adapters.base import ModelAdapter, register
 
 
 @register

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelAdapter, register
+from fastv_export.adapters.base import ModelAdapter, register
 
 # default image: a 12 x 12 patch grid (168 x 168 pixels at patch 14), one temporal patch
 DEFAULT_GRID = (1, 12, 12)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import RANKINGS, FastVConfig
-from ..models import DEFAULT_MODEL, PRESETS
+from fastv_export.config import RANKINGS, FastVConfig
+from fastv_export.presets import DEFAULT_MODEL, PRESETS
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import DTYPES, ExportOptions, export_bundle
-from .common import add_fastv_arguments, add_model_argument, fastv_config_from_args
+from fastv_export.export.onnx_export import DTYPES, ExportOptions, export_bundle
+from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
 
 HELP = "export a model with FastV as vision / embed / pre-K (+TokenSelect) / post-K ONNX graphs"
 DESCRIPTION = """\

@@ -7,11 +7,11 @@ import time
 
 import torch
 
-from ..adapters import get_adapter
-from ..inputs import make_prompt
-from ..models import load_model
-from ..reference import apply_fastv
-from .common import add_fastv_arguments, add_model_argument, fastv_config_from_args
+from fastv_export.adapters import get_adapter
+from fastv_export.prompts import make_prompt
+from fastv_export.presets import load_model
+from fastv_export.reference.fastv import apply_fastv
+from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
 
 HELP = "greedy generation with FastV beside the unpruned model (tokens, kept tokens, prefill time)"
 DESCRIPTION = """\
@@ -48,14 +48,14 @@ def _prefill_seconds(model, inputs, repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import FastVError
+    from fastv_export.errors import FastVError
 
     if args.batch < 1 or args.images < 0 or args.max_new_tokens < 1 or args.text_tokens < 1 or args.repeats < 1:
         raise FastVError("--batch, --text-tokens, --max-new-tokens and --repeats must be >= 1, --images >= 0")
     cfg = fastv_config_from_args(args)
     model = load_model(args.model)
     adapter = get_adapter(model)
-    cfg.check_layers(adapter.decoder_info().num_layers)
+    cfg.check_layers(adapter.decoder_shape().num_layers)
     lengths = [args.text_tokens + 3 * i for i in range(args.batch)]
     prompt = make_prompt(adapter, lengths, num_images=args.images, seed=args.seed)
     inputs = prompt.model_inputs()

@@ -10,9 +10,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import load_bundle
-from ..errors import FastVError
-from ..runtime_ort import OrtRuntime
+from fastv_export.bundle import load_bundle
+from fastv_export.errors import FastVError
+from fastv_export.runtime.ort import OrtRuntime
 
 HELP = "generate from PNG image(s) and a text prompt with a bundle's graphs (ONNX Runtime)"
 DESCRIPTION = """\
@@ -67,7 +67,7 @@ class TextCodec:
 
 
 def _byte_codec(source: str) -> TextCodec:
-    from ..models import build_preset_config
+    from fastv_export.presets import build_preset_config
 
     config = build_preset_config(source)
     return TextCodec(encode=lambda text: [BYTE_OFFSET + b % BYTE_RANGE for b in text.encode()],
@@ -110,8 +110,8 @@ def prompt_ids(prompt: str, codec: TextCodec, image_tokens: list[int], num_image
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapters import adapter_class_for
-    from ..models import PRESETS
+    from fastv_export.adapters import adapter_class_for
+    from fastv_export.presets import PRESETS
 
     if not args.prompt.strip():
         raise FastVError("--prompt is empty; give the instruction text")

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .errors import FastVError
+from fastv_export.errors import FastVError
 
 TYPES: tuple[str, ...] = ("sys", "img", "ins", "out")
 TYPE_NAMES = {"sys": "system prompt", "img": "image tokens", "ins": "user instruction", "out": "output tokens"}
@@ -79,7 +79,7 @@ examples:
 def type_labels(segments, length: int) -> np.ndarray:
     """Type index (0 sys, 1 img, 2 ins, 3 out) of positions ``0..length-1`` of one unpadded row.
 
-    ``segments`` is an :class:`fastv_export.inputs.Segments`; everything from the instruction's end
+    ``segments`` is an :class:`fastv_export.prompts.Segments`; everything from the instruction's end
     on is output. Raises FastVError when a position belongs to no type (Eq. 2 would not hold)."""
     labels = np.full(length, -1, dtype=np.int64)
     ranges = [(0, segments.system)] + [(1, r) for r in segments.images] + [(2, segments.instruction)]
@@ -94,7 +94,7 @@ def type_labels(segments, length: int) -> np.ndarray:
 
 
 def _shift(segments, offset: int):
-    from .inputs import Segments
+    from fastv_export.prompts import Segments
 
     s = segments
     return Segments((s.system[0] - offset, s.system[1] - offset), [(a - offset, b - offset) for a, b in s.images],
@@ -198,7 +198,7 @@ def _iter_rows(prompts, adapter):
     """(single-row Prompt without padding, its Segments) for every row of every prompt batch."""
     for prompt in prompts:
         if not prompt.segments:
-            raise FastVError("analyze_attention needs prompts with segments (from fastv_export.inputs.make_prompt)")
+            raise FastVError("analyze_attention needs prompts with segments (from fastv_export.prompts.make_prompt)")
         for i, seg in enumerate(prompt.segments):
             if prompt.input_ids.shape[0] == 1 and bool(prompt.attention_mask.all()):
                 yield prompt, seg
@@ -217,7 +217,7 @@ def analyze_attention(model, prompts: Sequence, max_new_tokens: int = 16, *, inc
     ``max_new_tokens`` or at the EOS token (which is then the last counted output token)."""
     from tqdm.auto import tqdm
 
-    from .adapters import get_adapter
+    from fastv_export.adapters import get_adapter
 
     if max_new_tokens < 1:
         raise FastVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -226,7 +226,7 @@ def analyze_attention(model, prompts: Sequence, max_new_tokens: int = 16, *, inc
                          "produces the second output token)")
     _check_eager(model)
     adapter = get_adapter(model)
-    num_layers = adapter.decoder_info().num_layers
+    num_layers = adapter.decoder_shape().num_layers
     if not 1 <= shallow_layers <= num_layers:
         raise FastVError(f"shallow_layers must be in 1..{num_layers} (the model has {num_layers} layers), "
                          f"got {shallow_layers}")
@@ -493,7 +493,7 @@ def plot_attention_maps(attn_per_layer, segments, path: str | os.PathLike, *, ti
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .commands.common import add_model_argument
+    from fastv_export.commands.common import add_model_argument
 
     add_model_argument(parser)
     parser.add_argument("--prompts", type=int, default=4, metavar="N",
@@ -550,9 +550,9 @@ def format_table(stats: AttentionStats) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .adapters import get_adapter
-    from .inputs import make_prompt
-    from .models import load_model
+    from fastv_export.adapters import get_adapter
+    from fastv_export.prompts import make_prompt
+    from fastv_export.presets import load_model
 
     if args.prompts < 1:
         raise FastVError(f"--prompts must be >= 1, got {args.prompts}")
@@ -572,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = get_adapter(model)
     if not adapter.image_token_ids() or adapter.image_tokens_per_image() < 1:
         raise FastVError(f"model {args.model!r} has no image tokens; the analysis needs a vision-language model")
-    num_layers = adapter.decoder_info().num_layers
+    num_layers = adapter.decoder_shape().num_layers
     if args.shallow_layers > num_layers:
         raise FastVError(f"--shallow-layers {args.shallow_layers} exceeds the model's {num_layers} layers")
     prompts = [make_prompt(adapter, args.text_tokens + (5 * i) % 13, num_images=args.images,

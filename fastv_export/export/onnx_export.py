@@ -12,11 +12,11 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from .adapters import ModelAdapter, get_adapter
-from .config import FastVConfig
-from .errors import FastVError
-from .export_modules import Embed, PostK, PreK, Vision
-from .models import load_model
+from fastv_export.adapters import ModelAdapter, get_adapter
+from fastv_export.config import FastVConfig
+from fastv_export.errors import FastVError
+from fastv_export.export.modules import Embed, PostK, PreK, Vision
+from fastv_export.presets import load_model
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
             torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                               dynamo=False, opset_version=opset)
         return
-    from .graphs.surgery import name_ir_dims
+    from fastv_export.graphs.surgery import name_ir_dims
 
     with torch.no_grad():
         program = torch.onnx.export(module, args, None, input_names=input_names, output_names=output_names,
@@ -62,7 +62,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
 
 def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: int, n: int = 5, past: int = 3,
                             batch: int = 2):
-    info = adapter.decoder_info()
+    info = adapter.decoder_shape()
     hidden = torch.randn(batch, n, info.hidden_size, dtype=dtype)
     mask = torch.ones(batch, past + n, dtype=torch.int64)
     pos = torch.arange(past, past + n).expand(batch, n)
@@ -76,15 +76,15 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     """Write the four graphs into ``out``; returns their I/O description for the manifest."""
     from torch.export import Dim
 
-    from .graphs.surgery import insert_token_select
+    from fastv_export.graphs.surgery import insert_token_select
 
-    info = adapter.decoder_info()
+    info = adapter.decoder_shape()
     k, num_layers = cfg.k, info.num_layers
     dyn = Dim.DYNAMIC
     steps = tqdm(total=4, desc="export", unit="graph", leave=False)
 
     # vision: one default-sized image -> [M, D]
-    from .inputs import make_prompt
+    from fastv_export.prompts import make_prompt
     pixel = {k_: v for k_, v in make_prompt(adapter, 1, num_images=1).vision.items() if k_ == "pixel_values"}
     vision = Vision(adapter).eval()
     _export(vision, (pixel["pixel_values"].to(dtype),), out / "vision.onnx", ["pixel_values"], ["image_features"],
@@ -132,7 +132,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
 
 def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions = ExportOptions()) -> Path:
     """Export ``options.model`` with FastV ``cfg`` into the bundle directory ``out_dir`` (atomic)."""
-    from .bundle import write_manifest
+    from fastv_export.bundle import write_manifest
 
     out = Path(out_dir)
     if options.dtype not in DTYPES:
@@ -153,7 +153,7 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         dtype = DTYPES[options.dtype]
         model = load_model(options.model, attn_implementation="eager", dtype=dtype)
         adapter = get_adapter(model)
-        cfg.check_layers(adapter.decoder_info().num_layers)
+        cfg.check_layers(adapter.decoder_shape().num_layers)
         export_graphs(adapter, cfg, dtype, tmp, options.opset)
         write_manifest(tmp, adapter, cfg, options)
         if out.exists():

@@ -32,102 +32,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import FastVConfig
-from .errors import FastVError
+from fastv_export.config import FastVConfig
+from fastv_export.decoder_shape import DecoderShape
+from fastv_export.errors import FastVError
 
 log = logging.getLogger(__name__)
 
 GIGA = 10**9
 DTYPE_BYTES: dict[str, int] = {"fp16": 2, "bf16": 2, "fp32": 4}
 DEFAULT_MODEL_CONFIG = "tiny-llava"
-
-
-@dataclass(frozen=True)
-class DecoderShape:
-    """The shapes of a decoder-only language model that matter for FLOPs and the KV cache."""
-
-    hidden: int
-    intermediate: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FastVError(f"decoder shape: {name} must be a positive integer, got {value!r}")
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], source: str = "config") -> "DecoderShape":
-        """From HF config keys; a nested ``text_config`` (LLaVA, Qwen2-VL, ...) takes precedence."""
-        text = raw.get("text_config")
-        keys = dict(text) if isinstance(text, Mapping) else {}
-        merged = {**{k: v for k, v in raw.items() if k != "text_config"}, **keys} if keys else dict(raw)
-        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        missing = [k for k in required if merged.get(k) is None]
-        if missing:
-            raise FastVError(f"{source}: missing {', '.join(missing)} (looked at the top level and under "
-                             f"'text_config')")
-        heads = merged["num_attention_heads"]
-        kv_heads = merged.get("num_key_value_heads") or heads
-        head_dim = merged.get("head_dim") or (merged["hidden_size"] // heads if heads else 0)
-        return cls(hidden=merged["hidden_size"], intermediate=merged["intermediate_size"],
-                   num_layers=merged["num_hidden_layers"], num_heads=heads, num_kv_heads=kv_heads,
-                   head_dim=head_dim, vocab_size=merged["vocab_size"])
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "DecoderShape":
-        """From a transformers config: its ``text_config`` if it has one, else the config itself."""
-        text = getattr(cfg, "text_config", None)
-        if text is None and not hasattr(cfg, "hidden_size") and hasattr(cfg, "get_text_config"):
-            text = cfg.get_text_config()
-        text = text if text is not None else cfg
-        names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "vocab_size")
-        return cls.from_mapping({k: getattr(text, k, None) for k in names}, source=type(cfg).__name__)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "DecoderShape":
-        """From a Hugging Face ``config.json`` (or a checkpoint directory holding one)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise FastVError(f"model config file {str(p)!r} not found")
-        try:
-            raw = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FastVError(f"cannot read {str(p)!r} as JSON: {exc}".replace("\n", " ")) from None
-        if not isinstance(raw, dict):
-            raise FastVError(f"{str(p)!r} does not hold a JSON object")
-        try:
-            return cls.from_mapping(raw, source=str(p))
-        except FastVError:
-            # e.g. LLaVA's config.json lists only the non-default text keys: let transformers fill them in
-            shape = _shape_via_transformers(raw)
-            if shape is None:
-                raise
-            return shape
-
-    @classmethod
-    def resolve(cls, spec: str | Path) -> "DecoderShape":
-        """A config.json path or checkpoint directory, a paper preset (:data:`PAPER_PRESETS`) or a
-        built-in model preset (``fastv_export.models.PRESETS``, e.g. ``tiny-llava``)."""
-        text = str(spec)
-        if Path(text).exists():
-            return cls.from_json(text)
-        if text in PAPER_PRESETS:
-            return PAPER_PRESETS[text]
-        model_presets = _model_presets()
-        if text in model_presets:
-            from .models import build_preset_config
-            return cls.from_config(build_preset_config(text))
-        if text.endswith(".json") or "/" in text or "\\" in text:
-            raise FastVError(f"model config file {text!r} not found")
-        known = ", ".join([*PAPER_PRESETS, *model_presets])
-        raise FastVError(f"unknown model config {text!r}: give a config.json path or one of the presets {known}")
 
 
 PAPER_PRESETS: dict[str, DecoderShape] = {
@@ -137,27 +50,22 @@ PAPER_PRESETS: dict[str, DecoderShape] = {
 }
 
 
-def _model_presets() -> tuple[str, ...]:
-    """Names of the built-in model presets; empty if ``fastv_export.models`` is not importable."""
-    try:
-        from .models import PRESETS
-    except ImportError as exc:  # pragma: no cover - only while models.py is being written
-        log.debug("fastv_export.models not importable: %s", exc)
-        return ()
-    return tuple(PRESETS)
+def resolve_shape(spec: str | Path) -> DecoderShape:
+    """A config.json path or checkpoint directory, a paper preset (:data:`PAPER_PRESETS`) or a
+    built-in model preset (``fastv_export.presets.PRESETS``, e.g. ``tiny-llava``)."""
+    from fastv_export.presets import PRESETS, build_preset_config
 
-
-def _shape_via_transformers(raw: dict[str, Any]) -> DecoderShape | None:
-    """Fill missing keys from transformers' defaults for ``raw['model_type']``; None if impossible."""
-    if "model_type" not in raw:
-        return None
-    try:
-        from transformers import AutoConfig
-        kwargs = {k: v for k, v in raw.items() if k != "model_type"}
-        return DecoderShape.from_config(AutoConfig.for_model(raw["model_type"], **kwargs))
-    except (FastVError, ValueError, KeyError, TypeError) as exc:
-        log.debug("transformers could not complete the config: %s", exc)
-        return None
+    text = str(spec)
+    if Path(text).exists():
+        return DecoderShape.from_json(text)
+    if text in PAPER_PRESETS:
+        return PAPER_PRESETS[text]
+    if text in PRESETS:
+        return DecoderShape.from_config(build_preset_config(text))
+    if text.endswith(".json") or "/" in text or "\\" in text:
+        raise FastVError(f"model config file {text!r} not found")
+    known = ", ".join([*PAPER_PRESETS, *PRESETS])
+    raise FastVError(f"unknown model config {text!r}: give a config.json path or one of the presets {known}")
 
 
 # --------------------------------------------------------------------------------------- formulas
@@ -169,11 +77,11 @@ def eq5_layer_flops(n: int, d: int, m: int) -> int:
 
 def exact_layer_flops(shape: DecoderShape, n: int) -> int:
     """Exact FLOPs of one decoder layer over ``n`` causal tokens (see the module docstring)."""
-    d, hd = shape.hidden, shape.head_dim
+    d, hd = shape.hidden_size, shape.head_dim
     q_width, kv_width = shape.num_heads * hd, shape.num_kv_heads * hd
     projections = 2 * n * d * q_width + 2 * (2 * n * d * kv_width) + 2 * n * q_width * d
     attention = 2 * (2 * hd * shape.num_heads * (n * (n + 1) // 2))   # Q K^T and P V, causal
-    mlp = 3 * 2 * n * d * shape.intermediate
+    mlp = 3 * 2 * n * d * shape.intermediate_size
     return projections + attention + mlp
 
 
@@ -285,7 +193,7 @@ def estimate(shape: DecoderShape, image_tokens: int = 576, text_tokens: int = 36
         raise FastVError("FastV would drop every prompt token (keep=0 and no text tokens)")
     r = cfg.r if keep is None else Fraction(image_tokens - kept, image_tokens or 1)
     L, K = shape.num_layers, cfg.k
-    d, m = shape.hidden, shape.intermediate
+    d, m = shape.hidden_size, shape.intermediate_size
     lm_head = 2 * d * shape.vocab_size
     elem = DTYPE_BYTES[dtype]
     report = FlopsReport(
@@ -370,7 +278,7 @@ def format_report(rep: FlopsReport) -> str:
         (f"KV cache MiB ({rep.dtype})", rep.kv_baseline_bytes / mb, rep.kv_fastv_bytes / mb, d["kv_cache_ratio"]),
     ]
     lines = [
-        f"model: {rep.model or '?'} ({s.num_layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
+        f"model: {rep.model or '?'} ({s.num_layers} layers, hidden {s.hidden_size}, intermediate {s.intermediate_size}, "
         f"heads {s.num_heads}/{s.num_kv_heads} kv, head_dim {s.head_dim}, vocab {s.vocab_size})",
         f"prompt: n={rep.n} ({rep.image_tokens} image + {rep.text_tokens} text); FastV K={rep.k} {what}: "
         f"keeps {rep.kept_image_tokens} image tokens, n_hat={rep.n_hat} in layers >= {rep.k}",
@@ -384,7 +292,7 @@ def format_report(rep: FlopsReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    shape = DecoderShape.resolve(args.model_config)
+    shape = resolve_shape(args.model_config)
     rep = estimate(shape, image_tokens=args.image_tokens, text_tokens=args.text_tokens, k=args.k,
                    ratio=args.r, keep=args.keep, dtype=args.dtype, model=str(args.model_config))
     print(json.dumps(rep.to_dict()) if args.json else format_report(rep))

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapters import adapter_class_for
-from .errors import FastVError
+from fastv_export.adapters import adapter_class_for
+from fastv_export.errors import FastVError
 
 log = logging.getLogger(__name__)
 

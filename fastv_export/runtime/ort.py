@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .bundle import Bundle
-from .errors import FastVError
-from .positions import decode_positions, prefill_positions
+from fastv_export.bundle import Bundle
+from fastv_export.errors import FastVError
+from fastv_export.runtime.positions import decode_positions, prefill_positions
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, get_adapter
-from .config import FastVConfig
-from .errors import FastVError
-from .selection import candidate_scores, random_scores, score_last, score_mean, select_kept
+from fastv_export.adapters import ModelAdapter, get_adapter
+from fastv_export.config import FastVConfig
+from fastv_export.errors import FastVError
+from fastv_export.reference.selection import candidate_scores, random_scores, score_last, score_mean, select_kept
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import ModelAdapter
+from fastv_export.adapters import ModelAdapter
 
 TEXT_TOKEN_RANGE = (10, 400)  # ids below the tiny presets' special tokens (>= 500)
 

@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter
-from .reference import original_attention
+from fastv_export.adapters import ModelAdapter
+from fastv_export.reference.fastv import original_attention
 
 CAPTURE_IMPL = "fastv_export_capture"
 
@@ -119,7 +119,7 @@ class PostK(DecoderSlice):
     [B, n', V] output for nothing (as TensorRT-LLM, which gathers context logits only on request)."""
 
     def __init__(self, adapter: ModelAdapter, k: int) -> None:
-        super().__init__(adapter, k, adapter.decoder_info().num_layers)
+        super().__init__(adapter, k, adapter.decoder_shape().num_layers)
         self.norm = adapter.text_model().norm
         self.lm_head = adapter.lm_head()
 
