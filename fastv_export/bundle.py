@@ -1,4 +1,4 @@
-"""The bundle: graphs + manifest.json, everything a C++ runtime needs (DESIGN §4).
+"""The bundle: graphs + manifest.json, everything a C++ runtime needs (docs/design.md §4).
 
 ``write_manifest`` describes a freshly exported directory; ``load_bundle`` verifies one (schema,
 fields, files, sizes, sha256, ONNX parse) and fails with a message naming the file and the field.
@@ -7,31 +7,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
 from fastv_export import __version__
-from fastv_export.adapters import ModelAdapter
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
+from fastv_export.files import atomic_write_json, sha256
+from fastv_export.graphs import op, spec
+
+if TYPE_CHECKING:
+    from fastv_export.adapters import ModelAdapter
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-PLUGIN = {"name": "TokenSelect", "version": "1", "namespace": "fastv", "onnx_domain": "fastv",
-          "library": "libfastv_plugins.so"}
 REQUIRED = ("schema_version", "source_model", "fastv", "precision", "image_tokens", "graphs", "pipeline",
             "kv_cache", "positions", "plugin", "engines", "files")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _io(values) -> list[dict]:
@@ -62,10 +57,12 @@ def source_name(model: str | Path) -> str:
     return str(model) if str(model) in PRESETS else str(Path(model).resolve())
 
 
-def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) -> dict:
+def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options,
+                   specs: dict[str, spec.GraphSpec]) -> dict:
+    """Describe the freshly exported graphs ``specs`` in ``out`` (their I/O read back from the files)."""
     info = adapter.decoder_shape()
     k = cfg.k
-    graphs = {name: describe_graph(out / f"{name}.onnx") for name in ("vision", "embed", "pre_k", "post_k")}
+    graphs = {name: describe_graph(out / g.file) for name, g in specs.items()}
     mrope = adapter.position_rank == 3
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -76,9 +73,7 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) 
                          "vocab_size": info.vocab_size,
                          "eos_token_id": adapter.text_config.eos_token_id,
                          "pad_token_id": adapter.text_config.pad_token_id},
-        "fastv": {"k": k, "ratio": f"{cfg.r.numerator}/{cfg.r.denominator}", "ratio_num": cfg.r.numerator,
-                  "ratio_den": cfg.r.denominator, "keep": cfg.keep, "ranking": cfg.ranking, "seed": cfg.seed,
-                  "keep_rule": "keep(M) = M - floor(M*ratio_num/ratio_den) if keep is null else min(keep, M)"},
+        "fastv": cfg.to_manifest(),
         "precision": options.dtype,
         "image_tokens": {
             "token_ids": list(adapter.image_token_ids()),
@@ -90,24 +85,7 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) 
             **({"grid_thw": list(adapter.image_grid)} if getattr(adapter, "image_grid", None) else {}),
         },
         "graphs": graphs,
-        "pipeline": {
-            "embedding": "own graph (embed.onnx): token embedding with image_features placed at the image "
-                         "tokens in order",
-            "prefill": [
-                "vision: each image's pixel_values -> image_features; concatenate in prompt order",
-                "embed: input_ids [B,n] + image_features -> inputs_embeds",
-                "pre_k: inputs_embeds, attention_mask [B,n], position_ids, candidate_positions [B,M], "
-                "empty past -> hidden_states [B,n',D], selected_position_ids, kept_indices, present.{i<K}",
-                "post_k: hidden_states, attention_mask[:, kept_indices], selected_position_ids, empty past "
-                "-> logits [B,1,V] (last position: the next token), present.{i>=K}",
-            ],
-            "decode": [
-                "embed: input_ids [B,1] + image_features [0,D] -> inputs_embeds",
-                "pre_k: candidate_positions [B,0] (TokenSelect is the identity), attention_mask over "
-                "n + t + 1 tokens, past = pre_k presents",
-                "post_k: attention_mask over n' + t + 1 tokens, past = post_k presents",
-            ],
-        },
+        "pipeline": spec.pipeline_description(),
         "kv_cache": {
             "layout": "[batch, num_kv_heads, seq, head_dim]", "num_kv_heads": info.num_kv_heads,
             "head_dim": info.head_dim, "dtype": graphs["pre_k"]["outputs"][-1]["dtype"],
@@ -116,39 +94,78 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options) 
                        for i in range(info.num_layers)],
         },
         "positions": {
-            "input": "position_ids", "rank": adapter.position_rank,
+            "input": spec.POSITION_IDS, "rank": adapter.position_rank,
             "kind": "mrope (t, h, w) triples, first axis" if mrope else "rope",
             "prefill": ("per row over real tokens: text tokens count up by 1; an image block of grid "
                         "(t, h/merge, w/merge) gets (offset + t_i, offset + h_i, offset + w_i) with offset = "
                         "previous max + 1; padding gets 0" if mrope else
                         "per row: cumsum(attention_mask) - 1, padding gets 1"),
-            "kept_tokens": "keep their ORIGINAL position ids (selected_position_ids)",
+            "kept_tokens": f"keep their ORIGINAL position ids ({spec.SELECTED_POSITION_IDS})",
             "decode": "step t (0-based) of a row uses max(prompt position ids of that row) + 1 + t "
                       "(continues from the original, unpruned prompt)",
             **({"mrope_section": adapter.text_config.rope_parameters.get("mrope_section"),
                 "spatial_merge_size": adapter.config.vision_config.spatial_merge_size} if mrope else {}),
         },
-        "plugin": dict(PLUGIN, used_by="pre_k.onnx node fastv_token_select (expands to its ONNX function "
-                                      "body when the library is not loaded)"),
+        "plugin": dict(op.PLUGIN_IDENTITY, used_by="pre_k.onnx node fastv_token_select (expands to its ONNX "
+                                                   "function body when the library is not loaded)"),
         "engines": None,
         "files": {},
     }
     for f in sorted(out.iterdir()):
         if f.is_file() and f.name != MANIFEST:
             manifest["files"][f.name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
 @dataclass
 class Bundle:
+    """A verified bundle directory and its manifest; the properties read the manifest's fields."""
+
     path: Path
     manifest: dict
 
     def file(self, graph: str) -> Path:
         return self.path / self.manifest["graphs"][graph]["file"]
+
+    @property
+    def k(self) -> int:
+        return self.manifest["fastv"]["k"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.manifest["source_model"]["num_layers"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest["source_model"]["hidden_size"]
+
+    @property
+    def float_dtype(self) -> np.dtype:
+        """numpy dtype of the graphs' float tensors (the bundle's precision)."""
+        return np.dtype(spec.PRECISIONS[self.manifest["precision"]])
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(num_kv_heads, head_dim) of every layer's cache."""
+        kv = self.manifest["kv_cache"]
+        return kv["num_kv_heads"], kv["head_dim"]
+
+    @property
+    def image_token_ids(self) -> list[int]:
+        return self.manifest["image_tokens"]["token_ids"]
+
+    @property
+    def vision_input_shape(self) -> list:
+        return self.manifest["image_tokens"]["vision_input"]["shape"]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.manifest["source_model"].get("eos_token_id")
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.manifest["source_model"].get("pad_token_id") or 0
 
 
 def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:

@@ -1,25 +1,32 @@
 """`fastv-export <subcommand>`: the command-line interface.
 
-Each subcommand lives in its own module exposing ``HELP`` (one line), ``add_arguments(parser)``
-and ``run(args) -> int``. Expected failures (FastVError) print one line and exit 2.
+Each subcommand lives in ``fastv_export/commands/<name>.py`` and exposes ``HELP`` (one line),
+``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``. Command modules import only
+light modules at module level (torch, transformers and ONNX are imported inside ``run``), so that
+``--help`` and ``flops`` start fast. Expected failures (FastVError) print one line and exit 2.
+Known third-party warnings and log lines are hidden unless ``-v`` is given.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
+import warnings
+from typing import Iterator
 
 from fastv_export.errors import FastVError
 
-# subcommand name -> module (imported lazily so `--help` stays fast)
+# subcommand name -> module
 SUBCOMMANDS: dict[str, str] = {
     "generate": "fastv_export.commands.generate",
     "export": "fastv_export.commands.export",
     "validate": "fastv_export.commands.validate",
     "run": "fastv_export.commands.run",
-    "flops": "fastv_export.analysis.flops",
-    "analyze": "fastv_export.analysis.attention",
+    "flops": "fastv_export.commands.flops",
+    "analyze": "fastv_export.commands.analyze",
 }
 
 DESCRIPTION = """\
@@ -36,15 +43,65 @@ examples:
   fastv-export analyze --out analysis/           # attention allocation per layer (paper Fig. 3)
 """
 
+# --- known third-party noise, hidden unless -v ----------------------------------------------------
+_THIRD_PARTY = r"(torch|transformers|onnxscript|onnx_ir)(\.|$)"
+# (category, message regex, module regex) of the warnings hidden
+WARNING_FILTERS: tuple[tuple[type[Warning], str, str], ...] = (
+    # torch.utils._pytree's "`isinstance(treespec, LeafSpec)` is deprecated" (raised from copyreg while exporting)
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", ""),
+    # future API changes announced by torch / transformers / onnxscript / onnx_ir to their callers
+    (FutureWarning, "", _THIRD_PARTY),
+    # deprecations inside torch / transformers / onnxscript / onnx_ir (e.g. of their own dependencies)
+    (DeprecationWarning, "", _THIRD_PARTY),
+    # tracing and export remarks of torch / transformers / onnxscript / onnx_ir (e.g. constant-folded tensors)
+    (UserWarning, "", _THIRD_PARTY),
+)
+# loggers set to ERROR
+QUIET_LOGGERS: tuple[str, ...] = (
+    # torch's ONNX exporter: W-prefixed lines such as "torchvision is not installed. Skipping torchvision::nms"
+    "torch.onnx",
+    # transformers: "`CLIPImageProcessor` requires torchvision (not installed); falling back to `...Pil`"
+    "transformers.utils.import_utils",
+)
+# torch resets its own loggers' levels when it is imported (by the command, after the levels above
+# are set): TORCH_LOGS passes the same setting to that moment ("-onnx": torch.onnx at ERROR)
+QUIET_TORCH_LOGS = "-onnx"
+
+
+@contextlib.contextmanager
+def third_party_noise_hidden() -> Iterator[None]:
+    """Hide :data:`WARNING_FILTERS` and the :data:`QUIET_LOGGERS` below ERROR inside the block (also
+    through TORCH_LOGS, unless the user set it); warning filters, logger levels and the environment
+    are restored after it."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    set_env = "TORCH_LOGS" not in os.environ
+    with warnings.catch_warnings():
+        for category, message, module in WARNING_FILTERS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        if set_env:
+            os.environ["TORCH_LOGS"] = QUIET_TORCH_LOGS
+        try:
+            yield
+        finally:
+            if set_env:
+                os.environ.pop("TORCH_LOGS", None)
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand (imports the command modules, which are light)."""
     parser = argparse.ArgumentParser(prog="fastv-export", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and timings")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress and timings, and show third-party warnings")
     sub = parser.add_subparsers(dest="command", metavar="<subcommand>")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -54,13 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # -v: this package's INFO lines (progress, timings); third-party loggers stay at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fastv_export").setLevel(logging.INFO if args.verbose else logging.WARNING)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    quiet = contextlib.nullcontext() if args.verbose else third_party_noise_hidden()
     try:
-        return int(args._run(args) or 0)
+        with quiet:
+            return int(args._run(args) or 0)
     except FastVError as exc:
         print(f"fastv-export {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -6,9 +6,10 @@ from fractions import Fraction
 from typing import Literal
 
 from fastv_export.errors import FastVError
+from fastv_export.graphs import op  # pure Python: the op's constants and integer rules
+from fastv_export.graphs.op import RANKINGS, SEED_LIMIT
 
 Ranking = Literal["last", "mean", "random"]
-RANKINGS: tuple[str, ...] = ("last", "mean", "random")
 
 
 def parse_ratio(value: float | int | str | Fraction) -> Fraction:
@@ -57,6 +58,9 @@ class FastVConfig:
             raise FastVError(f"K must be an integer >= 0 (the layer at which tokens are pruned), got {self.k!r}")
         if self.ranking not in RANKINGS:
             raise FastVError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise FastVError(f"seed must be an integer in [0, 2^31) (the seeded ranking's hash takes that range), "
+                             f"got {self.seed!r}")
         if self.keep is not None and self.ratio is not None:
             raise FastVError("give either ratio (R) or keep (an absolute image-token count), not both")
         if self.keep is not None:
@@ -65,6 +69,11 @@ class FastVConfig:
             r = Fraction(0)
         else:
             r = parse_ratio(0.5 if self.ratio is None else self.ratio)
+            if r.denominator > op.RATIO_DEN_LIMIT:
+                raise FastVError(
+                    f"R={self.ratio!r} is {r} as an exact fraction, whose denominator {r.denominator} exceeds "
+                    f"2^31, the largest the TokenSelect plugin accepts; give R with a smaller denominator, "
+                    f"e.g. {r.limit_denominator(op.RATIO_DEN_LIMIT)} (the nearest such fraction) or fewer decimals")
             object.__setattr__(self, "ratio", r)
         object.__setattr__(self, "r", r)
         if self.k == 0 and self.ranking != "random" and not self.is_identity:
@@ -77,13 +86,14 @@ class FastVConfig:
         return self.keep is None and self.r == 0
 
     def keep_count(self, m: int) -> int:
-        """Image tokens kept out of ``m`` candidates: m - floor(m*p/q), or the absolute keep count."""
+        """Image tokens kept out of ``m`` candidates: m - floor(m*p/q), or the absolute keep count
+        (the rule of ``fastv_export.graphs.op.keep_count``)."""
         if self.keep is not None:
             if self.keep > m:
                 raise FastVError(f"keep={self.keep} is more than the {m} image tokens of the prompt; "
                                  f"use keep <= {m} or a ratio")
-            return self.keep
-        return m - (m * self.r.numerator) // self.r.denominator
+            return op.keep_count(m, 0, 1, self.keep)
+        return op.keep_count(m, self.r.numerator, self.r.denominator)
 
     def check_layers(self, num_layers: int) -> None:
         if self.k >= num_layers:
@@ -93,3 +103,20 @@ class FastVConfig:
     def describe(self) -> str:
         what = f"keep={self.keep}" if self.keep is not None else f"R={self.r}"
         return f"K={self.k} {what} ranking={self.ranking}" + (f" seed={self.seed}" if self.ranking == "random" else "")
+
+    # ---- the manifest's "fastv" section ------------------------------------------------------
+    def to_manifest(self) -> dict:
+        """The manifest's ``fastv`` section (R as "p/q" and as its integers, the keep rule in words)."""
+        return {"k": self.k, "ratio": f"{self.r.numerator}/{self.r.denominator}", "ratio_num": self.r.numerator,
+                "ratio_den": self.r.denominator, "keep": self.keep, "ranking": self.ranking, "seed": self.seed,
+                "keep_rule": "keep(M) = M - floor(M*ratio_num/ratio_den) if keep is null else min(keep, M)"}
+
+    @classmethod
+    def from_manifest(cls, section: dict) -> "FastVConfig":
+        """The config a manifest's ``fastv`` section describes (inverse of :meth:`to_manifest`)."""
+        try:
+            keep = section["keep"]
+            return cls(k=section["k"], ratio=None if keep is not None else section["ratio"], keep=keep,
+                       ranking=section["ranking"], seed=section["seed"])
+        except KeyError as exc:
+            raise FastVError(f"manifest field 'fastv.{exc.args[0]}' is missing; re-export the bundle") from None

@@ -1,19 +1,21 @@
 """Built-in tiny models (real HF config classes, seeded random weights) and local checkpoints.
 
 No model hub is ever contacted: presets are built in code, checkpoints load from a directory.
+Importing this module is light (no torch, no transformers): the CLI reads :data:`PRESETS` and
+:data:`DEFAULT_MODEL` for its help; the functions import what they need.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
-
-from fastv_export.adapters import adapter_class_for
 from fastv_export.errors import FastVError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,10 @@ def build_preset_config(name: str):
     return PRESETS[name]()
 
 
-def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A deterministic tiny model: same weights on every machine (seeded CPU init)."""
+def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> nn.Module:
+    """A deterministic tiny model: same weights on every machine (seeded CPU init); ``dtype``
+    defaults to float32."""
+    import torch
     import transformers
 
     config = build_preset_config(name)
@@ -88,12 +92,13 @@ def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtyp
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PRESET_SEED)
         model = cls(config)
-    return model.to(dtype).eval()
+    return model.to(dtype or torch.float32).eval()
 
 
 def load_model(spec: str | Path = DEFAULT_MODEL, attn_implementation: str = "sdpa",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A preset name (``tiny-llava``, ``tiny-qwen2-vl``) or a local HF checkpoint directory."""
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """A preset name (``tiny-llava``, ``tiny-qwen2-vl``) or a local HF checkpoint directory;
+    ``dtype`` defaults to float32."""
     spec = str(spec)
     if spec in PRESETS:
         return build_preset(spec, attn_implementation, dtype)
@@ -110,10 +115,14 @@ def load_model(spec: str | Path = DEFAULT_MODEL, attn_implementation: str = "sdp
         raise FastVError(f"{cfg_file} is not valid JSON ({exc})") from None
     if not archs:
         raise FastVError(f"{cfg_file} names no 'architectures'; cannot pick a model class")
-    adapter_class_for(archs[0])  # unsupported architecture -> clear error before loading weights
+    import torch
     import transformers
 
+    from fastv_export.adapters import adapter_class_for
+
+    adapter_class_for(archs[0])  # unsupported architecture -> clear error before loading weights
     log.info("loading %s from %s", archs[0], path)
     cls = getattr(transformers, archs[0])
-    model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype)
+    model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation,
+                                dtype=dtype or torch.float32)
     return model.eval()

@@ -1,8 +1,11 @@
-"""Validate a bundle against the PyTorch reference on the same inputs (DESIGN §5).
+"""Validate a bundle against the PyTorch reference on the same inputs (docs/design.md §5).
 
-Per batch size: the reference FastV (apply_fastv on the source model) and the ONNX Runtime graphs
-generate greedily from the same synthetic prompts. Compared:
-- each graph's outputs on the prefill (Polygraphy comparator; RunResults saved beside the report);
+A comparator over the reference and any :class:`~fastv_export.runtime.runner.Runner` (ONNX Runtime
+by default). Per batch size, the reference FastV (apply_fastv on the source model) and the runner
+(through the one generation loop, fastv_export.runtime.generate) generate greedily from the same
+synthetic prompts. Compared:
+- each graph's outputs on the prefill: the graph's own prefill feeds (recorded by the loop) go
+  through the matching PyTorch module (Polygraphy comparator; RunResults saved beside the report);
 - the selection, tie-aware: kept sets must match except for candidates whose reference scores lie
   within ``score_tol`` of the cut-off; such swaps are reported and the generation is repeated with
   the reference's selection forced, so a borderline swap never hides a numeric bug;
@@ -10,9 +13,7 @@ generate greedily from the same synthetic prompts. Compared:
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,17 +21,20 @@ import numpy as np
 import torch
 
 from fastv_export.adapters import get_adapter
-from fastv_export.bundle import Bundle, config_hash, load_bundle
+from fastv_export.bundle import config_hash, load_bundle
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
-from fastv_export.prompts import Prompt, make_prompt
+from fastv_export.files import atomic_write_json
+from fastv_export.graphs import spec
 from fastv_export.presets import load_model
-from fastv_export.reference.fastv import apply_fastv
-from fastv_export.runtime.ort import OrtRuntime
+from fastv_export.prompts import Prompt, make_prompt
+from fastv_export.reference import apply_fastv
+from fastv_export.runtime.generate import Generation, PreKStep, generate
+from fastv_export.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
 
-# fp32: DESIGN §5. fp16: the graphs run in fp16 (ORT CPU), the reference in fp32. fp16 rounds to
+# fp32: docs/design.md §5. fp16: the graphs run in fp16 (ORT CPU), the reference in fp32. fp16 rounds to
 # ~4.9e-4 relative per op; over the 4 tiny layers the logits (|logit| ~ 5-10) drift ~1e-2 (measured
 # 4.7e-2 worst), and residual-stream hidden states (|h| up to ~27) carry errors that scale with
 # the tensor's magnitude, not the element's (measured 0.105 on an element of 0.59 in a tensor whose
@@ -72,7 +76,7 @@ def _reference(model, cfg: FastVConfig, prompt: Prompt, steps: int):
                                  return_dict_in_generate=True, output_logits=True)
     finally:
         gen_cfg.eos_token_id = eos
-    kept, scores, cands = h.kept_positions, h.candidate_scores, h.candidate_positions
+    kept, scores, cands = h.kept_positions, h.candidate_scores, h.candidates
     n = prompt.input_ids.shape[1]
     logits = torch.stack(out.logits, dim=1).float().numpy()       # [B, T, V]
     return out.sequences[:, n:].numpy(), logits, kept, scores, cands
@@ -106,73 +110,77 @@ def compare_selection(ref_kept: torch.Tensor, other: np.ndarray, cands: torch.Te
     return False, swaps, ""
 
 
-def _graph_checks(bundle: Bundle, adapter, cfg: FastVConfig, prompt: Prompt, runtime: OrtRuntime,
-                  tol: float, scaled: bool, out_dir: Path, tag: str) -> dict:
-    """Each graph against its PyTorch module on the prefill inputs (Polygraphy comparator)."""
+def forced_selection(kept: np.ndarray) -> PreKStep:
+    """A prefill pre_k step that keeps exactly ``kept`` [B, n'] instead of the graph's choice: the
+    graph runs with no candidates (TokenSelect is then the identity: all n hidden states, positions
+    and the caches of layers < K), and the kept rows are gathered here."""
+    kept = kept.astype(np.int64)
+
+    def step(runner: Runner, feeds) -> dict[str, np.ndarray]:
+        b = kept.shape[0]
+        out = runner.infer("pre_k", {**feeds, spec.CANDIDATE_POSITIONS: np.zeros((b, 0), dtype=np.int64)})
+        out[spec.HIDDEN_STATES] = np.take_along_axis(out[spec.HIDDEN_STATES], kept[:, :, None], axis=1)
+        pos = feeds[spec.POSITION_IDS]
+        out[spec.SELECTED_POSITION_IDS] = (np.take_along_axis(pos, kept, axis=1) if pos.ndim == 2 else
+                                           np.stack([np.take_along_axis(p, kept, axis=1) for p in pos]))
+        out[spec.KEPT_INDICES] = kept
+        return out
+    return step
+
+
+def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, images: list[np.ndarray],
+                  runner_name: str, tol: float, scaled: bool, out_dir: Path, tag: str) -> dict:
+    """Each graph against its PyTorch module on the feeds the runner's prefill gave it (Polygraphy
+    comparator). The reference modules run in fp32 whatever the graphs' precision."""
     from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
     from fastv_export.export.modules import Embed, PostK, PreK
-    from fastv_export.runtime.positions import prefill_positions
-    from fastv_export.reference.selection import select_kept
+    from fastv_export.reference.selection import candidate_scores, select_kept
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
-    manifest = bundle.manifest
-    dtype = torch.float32  # the reference modules run in fp32 whatever the graphs' precision
-    ids = prompt.input_ids.numpy()
-    mask = prompt.attention_mask.numpy()
-    images = _images(prompt, adapter, len(prompt.segments[0].images) * ids.shape[0])
-    pos = prefill_positions(manifest, ids, mask)
-    results = {}
     k = cfg.k
+    io = gen.prefill
+    pre_feeds, pre_out = io["pre_k"].feeds, io["pre_k"].outputs
+    post_feeds = io["post_k"].feeds
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        return x.float() if x.is_floating_point() else x
+
     with torch.no_grad():
-        # vision + embed
-        feats_t = torch.cat([adapter.image_features(torch.from_numpy(px).to(dtype)) for px in images])
-        feats_o = runtime.image_features(images)
+        feats_t = torch.cat([adapter.encode_image(torch.from_numpy(px).float()) for px in images])
         emb_t = Embed(adapter)(prompt.input_ids, feats_t)
-        emb_o = runtime.sessions["embed"].run(None, {"input_ids": ids, "image_features": feats_o})[0]
-        # pre-K: layers < K then the selection, in torch
+        # pre-K: layers < K on the graph's own inputs, then the selection, in torch
         pre = PreK(adapter, k, "all" if cfg.ranking == "mean" else "last")
-        z = torch.zeros(ids.shape[0], runtime.kv_shape[0], 0, runtime.kv_shape[1], dtype=dtype)
-        hidden, q, key, *_ = pre(torch.from_numpy(emb_o).float(), prompt.attention_mask, torch.from_numpy(pos),
-                                 *([z] * (2 * k)))
-        cands = torch.from_numpy(runtime.candidates(ids))
-        m = cands.shape[1]
-        from fastv_export.reference.selection import candidate_scores
-        sc = candidate_scores(cfg.ranking, cands, seed=cfg.seed, query=q, key=key,
-                              key_valid=prompt.attention_mask.bool(), scale=pre.layers[k - 1].self_attn.scaling)
-        kept_t = select_kept(sc, cands, ids.shape[1], cfg.keep_count(m))
-        pre_o = runtime.sessions["pre_k"]
-        names = [o.name for o in pre_o.get_outputs()]
-        feeds = {"inputs_embeds": emb_o, "attention_mask": mask, "position_ids": pos, "candidate_positions":
-                 cands.numpy(), **runtime._empty_past(ids.shape[0], range(k))}
-        outs = dict(zip(names, pre_o.run(None, feeds)))
-        same_sel = np.array_equal(outs["kept_indices"], kept_t.numpy())
-        kept = outs["kept_indices"]
+        past = [t(pre_feeds[n]) for n in spec.past_names(range(k))]
+        hidden, q, key, *_ = pre(t(pre_feeds[spec.INPUTS_EMBEDS]), t(pre_feeds[spec.ATTENTION_MASK]),
+                                 t(pre_feeds[spec.POSITION_IDS]), *past)
+        cands = t(pre_feeds[spec.CANDIDATE_POSITIONS])
+        scores = candidate_scores(cfg.ranking, cands, seed=cfg.seed, query=q, key=key,
+                                  key_valid=prompt.attention_mask.bool(), scale=pre.layers[k - 1].self_attn.scaling)
+        kept_t = select_kept(scores, cands, hidden.shape[1], cfg.keep_count(cands.shape[1]))
+        kept = pre_out[spec.KEPT_INDICES]
+        same_sel = np.array_equal(kept, kept_t.numpy())
         sel_t = torch.gather(hidden, 1, torch.from_numpy(kept)[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        # post-K on the graphs' own pre-K output
-        post = PostK(adapter, k)
-        post_mask = np.take_along_axis(mask, kept, axis=1)
-        zp = [z] * (2 * (runtime.num_layers - k))
-        logits_t = post(torch.from_numpy(outs["hidden_states"]).float(), torch.from_numpy(post_mask),
-                        torch.from_numpy(outs["selected_position_ids"]), *zp)[0]
-        post_o = runtime.sessions["post_k"].run(["logits"], {
-            "hidden_states": outs["hidden_states"], "attention_mask": post_mask,
-            "position_ids": outs["selected_position_ids"], **runtime._empty_past(ids.shape[0], range(k, runtime.num_layers))})[0]
-    pairs = {"vision": ({"image_features": feats_t}, {"image_features": feats_o}),
-             "embed": ({"inputs_embeds": emb_t}, {"inputs_embeds": emb_o}),
-             "pre_k": ({"hidden_states": sel_t}, {"hidden_states": outs["hidden_states"]}),
-             "post_k": ({"logits": logits_t}, {"logits": post_o})}
+        # post-K on the graph's own inputs
+        past = [t(post_feeds[n]) for n in spec.past_names(range(k, adapter.decoder_shape().num_layers))]
+        logits_t = PostK(adapter, k)(t(post_feeds[spec.HIDDEN_STATES]), t(post_feeds[spec.ATTENTION_MASK]),
+                                     t(post_feeds[spec.POSITION_IDS]), *past)[0]
+    pairs = {"vision": ({spec.IMAGE_FEATURES: feats_t}, io["vision"].outputs),
+             "embed": ({spec.INPUTS_EMBEDS: emb_t}, io["embed"].outputs),
+             "pre_k": ({spec.HIDDEN_STATES: sel_t}, {spec.HIDDEN_STATES: pre_out[spec.HIDDEN_STATES]}),
+             "post_k": ({spec.LOGITS: logits_t}, {spec.LOGITS: io["post_k"].outputs[spec.LOGITS]})}
+    results = {}
     for graph, (t_out, o_out) in pairs.items():
         rr = RunResults()
-        rr.append(("pytorch", [IterationResult({k_: v.float().numpy() for k_, v in t_out.items()},
+        rr.append(("pytorch", [IterationResult({n: v.float().numpy() for n, v in t_out.items()},
                                                 runner_name="pytorch")]))
-        rr.append(("onnxruntime", [IterationResult({k_: np.asarray(v, dtype=np.float32) for k_, v in o_out.items()},
-                                                   runner_name="onnxruntime")]))
+        rr.append((runner_name, [IterationResult({n: np.asarray(o_out[n], dtype=np.float32) for n in t_out},
+                                                 runner_name=runner_name)]))
         atol = tol * max([1.0] + [float(v.abs().max()) for v in t_out.values()]) if scaled else tol
         acc = Comparator.compare_accuracy(rr, compare_func=CompareFunc.simple(atol=atol, rtol=0.0))
-        err = max(float(np.abs(t_out[n_].float().numpy() - np.asarray(o_out[n_], np.float32)).max())
-                  for n_ in t_out)
+        err = max(float(np.abs(t_out[n].float().numpy() - np.asarray(o_out[n], np.float32)).max()) for n in t_out)
         path = out_dir / f"{tag}_{graph}.polygraphy.json"
         rr.save(str(path))
         results[graph] = {"max_abs_error": err, "passed": bool(acc), "tolerance": atol, "run_results": path.name}
@@ -181,13 +189,12 @@ def _graph_checks(bundle: Bundle, adapter, cfg: FastVConfig, prompt: Prompt, run
 
 
 def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 3),
-                    report_dir: str | Path | None = None, seed: int = 0,
-                    perturbed_runtime: OrtRuntime | None = None) -> dict:
+                    report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None) -> dict:
+    """Compare ``runner`` (default: ONNX Runtime on the bundle at ``path``) with the PyTorch reference;
+    writes validation.json (+ Polygraphy RunResults) and returns the report."""
     bundle = load_bundle(path)
     m = bundle.manifest
-    f = m["fastv"]
-    cfg = FastVConfig(k=f["k"], ratio=None if f["keep"] is not None else f["ratio"], keep=f["keep"],
-                      ranking=f["ranking"], seed=f["seed"])
+    cfg = FastVConfig.from_manifest(m["fastv"])
     precision = m["precision"]
     tol = TOLERANCES[precision]
     model = load_model(m["source_model"]["name"])
@@ -195,7 +202,9 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
     if config_hash(adapter) != m["source_model"]["config_sha256"]:
         raise FastVError(f"{bundle.path}/manifest.json field 'source_model.config_sha256' does not match the "
                          f"model {m['source_model']['name']!r}: the bundle is stale; re-export it")
-    runtime = perturbed_runtime or OrtRuntime(bundle, expose_layer_hidden=True)
+    if runner is None:
+        from fastv_export.runtime.ort import OrtRunner
+        runner = OrtRunner(bundle)
     out_dir = Path(report_dir) if report_dir else bundle.path / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = []
@@ -203,36 +212,35 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
         prompt = make_prompt(adapter, [12 + 5 * i for i in range(b)], num_images=1, seed=seed + b)
         ref_tokens, ref_logits, ref_kept, scores, cands = _reference(model, cfg, prompt, max_new_tokens)
         images = _images(prompt, adapter, b)
-        gen = runtime.generate(prompt.input_ids.numpy(), prompt.attention_mask.numpy(), images, max_new_tokens)
-        ort_logits = np.stack(gen.step_logits, axis=1)
+        ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
+        gen = generate(runner, ids, mask, images, max_new_tokens)
+        run_logits = np.stack(gen.step_logits, axis=1)
         keep = cfg.keep_count(cands.shape[1]) if cands is not None else 0
-        same, swaps, failure = compare_selection(ref_kept, gen.kept_indices, cands, scores, keep, tol["score"])
-        case = CaseReport(batch=b, prompt_tokens=int(prompt.input_ids.shape[1]),
+        same, swaps, failure = compare_selection(ref_kept, gen.kept, cands, scores, keep, tol["score"])
+        case = CaseReport(batch=b, prompt_tokens=int(ids.shape[1]),
                           image_tokens=0 if cands is None else int(cands.shape[1]),
-                          kept_tokens=int(gen.kept_indices.shape[1]),
-                          max_logits_error=float(np.abs(ort_logits - ref_logits).max()),
+                          kept_tokens=int(gen.kept.shape[1]),
+                          max_logits_error=float(np.abs(run_logits - ref_logits).max()),
                           tokens_identical=bool(np.array_equal(gen.tokens, ref_tokens)),
                           selection_identical=same, borderline_swaps=swaps)
         ok = same and case.tokens_identical and case.max_logits_error <= tol["logits"]
         if not same and not failure:
-            forced = runtime.generate(prompt.input_ids.numpy(), prompt.attention_mask.numpy(), images,
-                                      max_new_tokens, forced_kept=ref_kept.numpy())
+            forced = generate(runner, ids, mask, images, max_new_tokens,
+                              pre_k_step=forced_selection(ref_kept.numpy()))
             fl = np.stack(forced.step_logits, axis=1)
             case.forced_max_logits_error = float(np.abs(fl - ref_logits).max())
             case.forced_tokens_identical = bool(np.array_equal(forced.tokens, ref_tokens))
             ok = case.forced_tokens_identical and case.forced_max_logits_error <= tol["logits"]
-        case.graphs = _graph_checks(bundle, adapter, cfg, prompt, runtime, tol["graph"], tol["graph_scaled"], out_dir,
-                                    f"batch{b}")
+        case.graphs = _graph_checks(gen, adapter, cfg, prompt, images, runner.name, tol["graph"],
+                                    tol["graph_scaled"], out_dir, f"batch{b}")
         ok = ok and all(g["passed"] for g in case.graphs.values())
         case.failure = failure or ("" if ok else _why(case, tol))
         case.passed = ok and not failure
         cases.append(case)
-    report = {"bundle": str(bundle.path), "model": m["source_model"]["name"], "fastv": f, "precision": precision,
-              "tolerances": tol, "max_new_tokens": max_new_tokens, "cases": [asdict(c) for c in cases],
-              "passed": all(c.passed for c in cases)}
-    tmp = out_dir / "validation.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "validation.json")
+    report = {"bundle": str(bundle.path), "model": m["source_model"]["name"], "runner": runner.name,
+              "fastv": m["fastv"], "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
+              "cases": [asdict(c) for c in cases], "passed": all(c.passed for c in cases)}
+    atomic_write_json(out_dir / "validation.json", report)
     return report
 
 

@@ -3,10 +3,12 @@
 Everything that the PyTorch reference, the ONNX function body, the op schema, the manifest and
 the C++ plugin must agree on is defined here once; the plugin's copies in
 ``plugins/include/fastv/token_select_math.h`` and ``plugins/src/token_select_plugin.h`` are
-checked against this module by ``tests/graphs/test_op_constants.py``. The contract in words:
+checked against this module by ``tests/test_op_constants.py``. The contract in words:
 ``docs/token_select.md``.
 """
 from __future__ import annotations
+
+import numbers
 
 # ---- identity: ONNX node and TensorRT plugin -------------------------------------------------
 OP_DOMAIN = "fastv"
@@ -33,6 +35,8 @@ RANKINGS: tuple[str, ...] = ("last", "mean", "random")
 HASH_PRIME = 2147483647  # 2^31 - 1
 HASH_A, HASH_B, HASH_C, HASH_D = 48271, 69621, 12345, 1013904223
 HASH_SHIFT = 128
+#: score = random_score_int(position, seed) * RANDOM_SCORE_SCALE, a float32 in [0, 1)
+RANDOM_SCORE_SCALE = 2.0**-24
 SEED_LIMIT = 2**31
 
 # ---- the drop ratio R = ratio_num / ratio_den, an exact rational --------------------------------
@@ -62,6 +66,9 @@ def random_score_int(position: int, seed: int) -> int:
 
 def check_attributes(*, ranking: str, ratio_num: int, ratio_den: int, keep: int, seed: int) -> None:
     """Raise ValueError naming the first attribute outside what every implementation accepts."""
+    for label, v in (("ratio_num", ratio_num), ("ratio_den", ratio_den), ("keep", keep), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{label} must be an integer, got {v!r}")
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
     if not 0 < ratio_den <= RATIO_DEN_LIMIT:

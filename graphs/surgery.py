@@ -1,9 +1,11 @@
-"""Graph surgery on exported decoder slices (onnx-graphsurgeon).
+"""Graph surgery on exported decoder slices (onnx-graphsurgeon). Names and dims come from
+:mod:`fastv_export.graphs.spec`; FastV parameters come in as plain attributes.
 
 - ``insert_token_select``: the exported pre-K graph ends in layer K-1's hidden states plus that
   layer's post-rotary query and key; this wires them into ONE ``fastv::TokenSelect`` node (with its
   standard-ONNX local function) and makes the node's outputs the graph's outputs.
-- ``name_dims`` / ``name_ir_dims``: symbolic dimension names that users (and the manifest) can read.
+- ``name_dims`` / ``name_ir_dims``: the spec's dynamic dim names on a graph's inputs and outputs
+  (torch.onnx names them s0, s1, ...), so users and the manifest read ``batch``, ``seq``, ...
 """
 from __future__ import annotations
 
@@ -11,75 +13,67 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from fastv_export.config import FastVConfig
+from fastv_export.graphs import op, spec
 from fastv_export.graphs import token_select as ts
 
-PRE_K_OUTPUTS = ("hidden_states", "selected_position_ids", "kept_indices")
 
-
-def insert_token_select(model: onnx.ModelProto, cfg: FastVConfig, *, scale: float,
-                        position_rank: int) -> onnx.ModelProto:
+def insert_token_select(model: onnx.ModelProto, *, ranking: str, ratio_num: int, ratio_den: int, keep: int,
+                        seed: int, scale: float, position_rank: int) -> onnx.ModelProto:
+    """pre_k as exported (outputs :data:`spec.PRE_K_EXPORT_OUTPUTS` + presents) -> pre_k of the
+    bundle (:func:`spec.pre_k_graph`). ``keep`` is -1 to use the ratio."""
     graph = gs.import_onnx(model)
     outputs = {t.name: t for t in graph.outputs}
     inputs = {t.name: t for t in graph.inputs}
-    hidden, query, key = outputs["layer_hidden"], outputs["layer_query"], outputs["layer_key"]
-    mask, positions = inputs["attention_mask"], inputs["position_ids"]
-    candidates = gs.Variable("candidate_positions", dtype=np.int64, shape=["batch", "num_candidates"])
+    hidden, query, key = (outputs[n] for n in spec.PRE_K_EXPORT_OUTPUTS)
+    target = spec.pre_k_graph(1, position_rank)
+
+    def variable(name: str, dtype) -> gs.Variable:
+        dims = [d if not isinstance(d, str) or d in spec.DYNAMIC_DIMS else None for d in target.dims_of(name)]
+        if name == spec.HIDDEN_STATES:
+            dims[-1] = hidden.shape[-1]
+        return gs.Variable(name, dtype=dtype, shape=dims)
+
+    candidates = variable(spec.CANDIDATE_POSITIONS, np.int64)
     graph.inputs.append(candidates)
-    pos_shape = ["batch", "kept_seq"] if position_rank == 2 else [3, "batch", "kept_seq"]
-    selected = gs.Variable(PRE_K_OUTPUTS[0], dtype=hidden.dtype, shape=["batch", "kept_seq", hidden.shape[-1]])
-    sel_pos = gs.Variable(PRE_K_OUTPUTS[1], dtype=np.int64, shape=pos_shape)
-    kept = gs.Variable(PRE_K_OUTPUTS[2], dtype=np.int64, shape=["batch", "kept_seq"])
-    ratio_num, ratio_den = (cfg.r.numerator, cfg.r.denominator)
-    node = ts.make_token_select_node(
-        [hidden.name, query.name, key.name, mask.name, positions.name, candidates.name],
-        [selected.name, sel_pos.name, kept.name], ranking=cfg.ranking, ratio_num=ratio_num, ratio_den=ratio_den,
-        keep=-1 if cfg.keep is None else cfg.keep, scale=scale, seed=cfg.seed)
+    selected = variable(spec.HIDDEN_STATES, hidden.dtype)
+    sel_pos = variable(spec.SELECTED_POSITION_IDS, np.int64)
+    kept = variable(spec.KEPT_INDICES, np.int64)
+    node_inputs = [hidden, query, key, inputs[spec.ATTENTION_MASK], inputs[spec.POSITION_IDS], candidates]
+    node = ts.make_token_select_node([t.name for t in node_inputs], [selected.name, sel_pos.name, kept.name],
+                                     ranking=ranking, ratio_num=ratio_num, ratio_den=ratio_den, keep=keep,
+                                     scale=scale, seed=seed)
     graph.nodes.append(gs.Node(op=node.op_type, name=node.name, domain=node.domain,
                                attrs={a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
-                               inputs=[hidden, query, key, mask, positions, candidates],
-                               outputs=[selected, sel_pos, kept]))
-    presents = [t for t in graph.outputs if t.name.startswith("present.")]
+                               inputs=node_inputs, outputs=[selected, sel_pos, kept]))
+    presents = [t for t in graph.outputs if spec.is_present(t.name)]
     graph.outputs = [selected, sel_pos, kept] + presents
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
-    out.functions.append(ts.token_select_function(cfg.ranking, position_rank=position_rank))
-    if not any(o.domain == ts.OP_DOMAIN for o in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid(ts.OP_DOMAIN, ts.OP_VERSION))
+    out.functions.append(ts.token_select_function(ranking))
+    if not any(o.domain == op.OP_DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(op.OP_DOMAIN, op.OP_VERSION))
     out.ir_version = model.ir_version
-    return name_dims(out, {"hidden_states": ["batch", "kept_seq", None]})
+    return name_dims(out, target)
 
 
-# dynamo names dynamic dims s0, s1, ...: give the graph's I/O readable, consistent names
-_DIM_NAMES = {
-    "inputs_embeds": ["batch", "seq", None], "hidden_states": ["batch", "seq", None],
-    "attention_mask": ["batch", "total_seq"], "input_ids": ["batch", "seq"],
-    "image_features": ["image_tokens", None], "candidate_positions": ["batch", "num_candidates"],
-    "logits": ["batch", None, None],
-}
+def _dynamic_names(graph: spec.GraphSpec, name: str, rank: int) -> list[str | None]:
+    dims = graph.dims_of(name)
+    if dims is None or len(dims) != rank:
+        return []
+    return [d if d in spec.DYNAMIC_DIMS else None for d in dims]
 
 
-def dim_names(name: str, rank: int, overrides: dict[str, list] | None = None) -> list[str | None] | None:
-    """The readable names of the dims of graph input/output ``name`` (None: leave that dim alone)."""
-    if name.startswith(("past_key_values.", "present.")):
-        return ["batch", None, "past_seq" if name.startswith("past") else "total_seq", None]
-    if name in ("position_ids", "selected_position_ids"):
-        seq = "seq" if name == "position_ids" else "kept_seq"
-        return ["batch", seq] if rank == 2 else [None, "batch", seq]
-    return dict(_DIM_NAMES, **(overrides or {})).get(name)
-
-
-def name_dims(model: onnx.ModelProto, overrides: dict[str, list] | None = None) -> onnx.ModelProto:
-    """Name the symbolic dims of an ONNX model's I/O in place (fixed dims stay)."""
+def name_dims(model: onnx.ModelProto, graph: spec.GraphSpec) -> onnx.ModelProto:
+    """Name the dynamic dims of an ONNX model's I/O in place, as ``graph`` says (fixed dims stay)."""
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
-        for dim, name in zip(dims, dim_names(value.name, len(dims), overrides) or []):
+        for dim, name in zip(dims, _dynamic_names(graph, value.name, len(dims))):
             if name is not None and not dim.HasField("dim_value"):
                 dim.dim_param = name
     return model
 
 
-def name_ir_dims(model) -> None:
+def name_ir_dims(model, graph: spec.GraphSpec) -> None:
     """The same on an ``onnx_ir`` model (torch.onnx's ONNXProgram.model) before it is saved, so that
     large models are written once, with their external data, and never re-loaded."""
     import onnx_ir as ir
@@ -87,6 +81,6 @@ def name_ir_dims(model) -> None:
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         if value.shape is None:
             continue
-        for i, name in enumerate(dim_names(value.name, len(value.shape)) or []):
+        for i, name in enumerate(_dynamic_names(graph, value.name, len(value.shape))):
             if name is not None and not isinstance(value.shape[i], int):
                 value.shape[i] = ir.SymbolicDim(name)

@@ -1,5 +1,8 @@
 """``fastv::TokenSelect``: the ONNX side of the op whose contract is ``docs/token_select.md``.
 
+The op's identity, hash constants and integer rules (keep count, attribute limits) are defined once
+in ``fastv_export.graphs.op``; this module only builds the ONNX pieces from them.
+
 - ``token_select_function(ranking)``: the model-local ONNX function (domain ``fastv``, name
   ``TokenSelect``) whose body, made of standard opset-18 ops only, is the reference semantics that
   ONNX Runtime runs and that TensorRT's ONNX parser expands when the plugin library is not loaded.
@@ -19,7 +22,7 @@ dependency at export time and no translation layer between this file and the pro
 
 Body, in the order it runs (all scores in float32 whatever T is):
 
-1. keep count from SHAPES only: ``M = Shape(candidate_positions)[1]``,
+1. keep count from SHAPES only: ``M = Shape(candidates)[1]``,
    ``keep(M) = Where(keep < 0, M - (M*num)//den, Min(keep, M))``, ``N' = N - M + keep(M)``.
 2. scores ``[B, S]`` (``last``/``mean``): query reshaped to ``[B, Hkv, G*Nq, d]`` (G = H/Hkv, head
    h = hkv*G + g reads kv head hkv, i.e. h // G) and multiplied with key^T, so the key is never
@@ -30,7 +33,7 @@ Body, in the order it runs (all scores in float32 whatever T is):
    mean over heads. Candidate scores = GatherElements(scores, P + c), P = S - N.
    ``random``: the int64 hash of the candidate index c (x mod p written as x - (x/p)*p, exact for
    x >= 0), floor(h2/128) * 2^-24 in float32 (exact).
-3. selection: ``priority = ScatterElements(+inf [B, N], candidate_positions, candidate_scores)``,
+3. selection: ``priority = ScatterElements(+inf [B, N], candidates, candidate_scores)``,
    ``TopK(priority, N')`` (largest, sorted; ONNX TopK puts the lower index first among equal
    values, so ties go to the lower position and non-candidates, all +inf, are always kept), then
    the kept indices sorted ascending by a second TopK (smallest) on their float32 values (exact:
@@ -49,24 +52,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-OP_DOMAIN = "fastv"
-OP_TYPE = "TokenSelect"
-OP_VERSION = 1
-PLUGIN_NAMESPACE = "fastv"
-PLUGIN_VERSION = "1"
+# the op's identity, hash constants and integer rules live in graphs/op.py (pure Python)
+from fastv_export.graphs import spec
+from fastv_export.graphs.op import (HASH_A, HASH_B, HASH_C, HASH_D, HASH_PRIME, HASH_SHIFT, MIN_OPSET, OP_DOMAIN,
+                                    OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, RANDOM_SCORE_SCALE,
+                                    RANKINGS, check_attributes)
 
-RANKINGS = ("last", "mean", "random")
-MIN_OPSET = 18
-
-INPUTS = ("hidden_states", "query", "key", "attention_mask", "position_ids", "candidate_positions")
-OUTPUTS = ("selected_hidden_states", "selected_position_ids", "kept_indices")
+# the formal inputs and outputs, named in graphs/spec.py
+INPUTS = spec.TOKEN_SELECT_INPUTS
+OUTPUTS = spec.TOKEN_SELECT_OUTPUTS
+X_IN, Q_IN, K_IN, MASK_IN, POS_IN, CAND_IN = INPUTS
+X_OUT, POS_OUT, KEPT_OUT = OUTPUTS
 # every attribute the node carries; the body reads the first five through ref_attr_name
 ATTRIBUTES = ("ratio_num", "ratio_den", "keep", "scale", "seed", "ranking", "plugin_namespace", "plugin_version")
-
-# the seeded hash of docs/token_select.md (same constants as fastv_export.reference.selection)
-HASH_PRIME = 2147483647  # 2^31 - 1
-HASH_A, HASH_B, HASH_C, HASH_D = 48271, 69621, 12345, 1013904223
-SEED_LIMIT = 2**31
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 
@@ -116,18 +114,13 @@ class _Body:
         return out
 
 
-def _check_ranking(ranking: str) -> None:
-    if ranking not in RANKINGS:
-        raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-
-
 def _scores(b: _Body, ranking: str, dims: dict[str, str]) -> str:
     """Full attention scores [B, S] float32 for ``last`` / ``mean``."""
     zero, one = dims["0"], dims["1"]
-    q = b.op("Cast", "query", to=TensorProto.FLOAT, name="query_f32")
-    k = b.op("Cast", "key", to=TensorProto.FLOAT, name="key_f32")
-    q_shape = b.op("Shape", "query", name="query_shape")                       # [B, H, Nq, d]
-    k_shape = b.op("Shape", "key", name="key_shape")                           # [B, Hkv, S, d]
+    q = b.op("Cast", Q_IN, to=TensorProto.FLOAT, name="query_f32")
+    k = b.op("Cast", K_IN, to=TensorProto.FLOAT, name="key_f32")
+    q_shape = b.op("Shape", Q_IN, name="query_shape")                       # [B, H, Nq, d]
+    k_shape = b.op("Shape", K_IN, name="key_shape")                           # [B, Hkv, S, d]
     bq = b.op("Slice", q_shape, zero, one, name="dim_B")
     h = b.op("Slice", q_shape, one, dims["2"], name="dim_H")
     d = b.op("Slice", q_shape, dims["3"], dims["4"], name="dim_d")
@@ -148,7 +141,7 @@ def _scores(b: _Body, ranking: str, dims: dict[str, str]) -> str:
     logits = b.op("Reshape", logits, b.op("Concat", bq, h, nq, s_dim, axis=0, name="logits_shape"),
                   name="logits")                                              # [B, H, Nq, S]
     logits = b.op("Mul", logits, b.attr("scale", onnx.AttributeProto.FLOAT), name="logits_scaled")
-    key_valid = b.op("Cast", "attention_mask", to=TensorProto.BOOL, name="key_valid")      # [B, S]
+    key_valid = b.op("Cast", MASK_IN, to=TensorProto.BOOL, name="key_valid")      # [B, S]
     allowed = b.op("Unsqueeze", key_valid, b.const([1, 2]), name="allowed_keys")           # [B, 1, 1, S]
     if ranking == "mean":
         s_scalar = b.op("Squeeze", s_dim, zero, name="S")
@@ -187,7 +180,7 @@ def _random_scores(b: _Body) -> str:
         return b.op("Sub", x, b.op("Mul", b.op("Div", x, prime, name=f"{name}_quot"), prime,
                                    name=f"{name}_floor"), name=name)
 
-    c = "candidate_positions"
+    c = CAND_IN
     seed_term = b.op("Mul", b.attr("seed", onnx.AttributeProto.INT), b.const(HASH_B, name="hash_b"),
                      name="seed_term")
     x1 = b.op("Add", b.op("Add", b.op("Mul", c, b.const(HASH_A, name="hash_a"), name="c_term"), seed_term,
@@ -195,22 +188,20 @@ def _random_scores(b: _Body) -> str:
     h1 = mod_p(x1, "h1")
     x2 = b.op("Add", b.op("Mul", h1, h1, name="h1_sq"), b.const(HASH_D, name="hash_d"), name="h2_pre")
     h2 = mod_p(x2, "h2")
-    top = b.op("Div", h2, b.const(128, name="c128"), name="h2_top")
+    top = b.op("Div", h2, b.const(HASH_SHIFT, name="hash_shift"), name="h2_top")
     return b.op("Mul", b.op("Cast", top, to=TensorProto.FLOAT, name="h2_top_f"),
-                b.const(2.0**-24, dtype=np.float32, name="two_m24"), name="candidate_scores")
+                b.const(RANDOM_SCORE_SCALE, dtype=np.float32, name="two_m24"), name="candidate_scores")
 
 
-def token_select_function(ranking: str, opset: int = 18, *, position_rank: int | None = None) -> onnx.FunctionProto:
+def token_select_function(ranking: str, opset: int = MIN_OPSET) -> onnx.FunctionProto:
     """The ``fastv::TokenSelect`` local function for ``ranking`` (standard ops of opset ``opset``).
 
-    ``position_rank`` (2 or 3) is accepted for symmetry with the model builders; the body handles
-    ``position_ids`` of rank 2 and 3 alike, so it does not change the result.
+    One function serves ``position_ids`` of rank 2 (``[B, N]``) and 3 (``[3, B, N]``) alike.
     """
-    _check_ranking(ranking)
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
     if opset < MIN_OPSET:
         raise ValueError(f"TokenSelect's body needs opset >= {MIN_OPSET}, got {opset}")
-    if position_rank not in (None, 2, 3):
-        raise ValueError(f"position_rank must be 2 ([B, N]) or 3 ([3, B, N]), got {position_rank!r}")
     b = _Body()
     dims = {"0": b.const([0], name="i0"), "1": b.const([1], name="i1"), "2": b.const([2], name="i2"),
             "3": b.const([3], name="i3"), "4": b.const([4], name="i4"), "-1": b.const([-1], name="im1"),
@@ -218,11 +209,11 @@ def token_select_function(ranking: str, opset: int = 18, *, position_rank: int |
     zero, one = dims["0"], dims["1"]
 
     # 1. N' from shapes only
-    x_shape = b.op("Shape", "hidden_states", name="hidden_shape")              # [B, N, D]
+    x_shape = b.op("Shape", X_IN, name="hidden_shape")              # [B, N, D]
     bn = b.op("Slice", x_shape, zero, dims["2"], name="dim_BN")
     n = b.op("Slice", x_shape, one, dims["2"], name="dim_N")
     d_model = b.op("Slice", x_shape, dims["2"], dims["3"], name="dim_D")
-    m = b.op("Shape", "candidate_positions", start=1, end=2, name="dim_M")    # [1]
+    m = b.op("Shape", CAND_IN, start=1, end=2, name="dim_M")    # [1]
     num = b.attr("ratio_num", onnx.AttributeProto.INT)
     den = b.attr("ratio_den", onnx.AttributeProto.INT)
     keep = b.attr("keep", onnx.AttributeProto.INT)
@@ -238,35 +229,35 @@ def token_select_function(ranking: str, opset: int = 18, *, position_rank: int |
         cand = _random_scores(b)
     else:
         full = _scores(b, ranking, dims)                                      # [B, S]
-        s_dim = b.op("Shape", "key", start=2, end=3, name="dim_S_key")
+        s_dim = b.op("Shape", K_IN, start=2, end=3, name="dim_S_key")
         past = b.op("Sub", s_dim, n, name="past_len")                         # P = S - N
-        cand = b.op("GatherElements", full, b.op("Add", "candidate_positions", past, name="cand_key_index"),
+        cand = b.op("GatherElements", full, b.op("Add", CAND_IN, past, name="cand_key_index"),
                     axis=1, name="candidate_scores")
 
     # 3. selection
     inf = b.const([np.inf], dtype=np.float32, name="inf")
-    priority = b.op("ScatterElements", b.op("Expand", inf, bn, name="priority_init"), "candidate_positions",
+    priority = b.op("ScatterElements", b.op("Expand", inf, bn, name="priority_init"), CAND_IN,
                     cand, axis=1, name="priority")                           # [B, N]
     _, top_idx = b.op("TopK", priority, n_kept, axis=1, largest=1, sorted=1, outputs=2, name="top")
     idx_f = b.op("Cast", top_idx, to=TensorProto.FLOAT, name="top_index_f")
     ascending, _ = b.op("TopK", idx_f, n_kept, axis=1, largest=0, sorted=1, outputs=2, name="ascending")
-    b.op("Cast", ascending, to=TensorProto.INT64, outputs=["kept_indices"])    # [B, N']
+    b.op("Cast", ascending, to=TensorProto.INT64, outputs=[KEPT_OUT])    # [B, N']
 
-    bk = b.op("Shape", "kept_indices", name="kept_shape")                     # [B, N']
-    gather_x = b.op("Expand", b.op("Unsqueeze", "kept_indices", dims["2"], name="kept_3d"),
+    bk = b.op("Shape", KEPT_OUT, name="kept_shape")                     # [B, N']
+    gather_x = b.op("Expand", b.op("Unsqueeze", KEPT_OUT, dims["2"], name="kept_3d"),
                     b.op("Concat", bk, d_model, axis=0, name="gather_x_shape"), name="gather_x_index")
-    b.op("GatherElements", "hidden_states", gather_x, axis=1, outputs=["selected_hidden_states"])
+    b.op("GatherElements", X_IN, gather_x, axis=1, outputs=[X_OUT])
 
-    pos_shape = b.op("Shape", "position_ids", name="pos_shape")               # [B, N] or [3, B, N]
+    pos_shape = b.op("Shape", POS_IN, name="pos_shape")               # [B, N] or [3, B, N]
     pos_lead = b.op("Slice", pos_shape, zero, dims["-1"], name="pos_lead")    # [B] or [3, B]
-    pos3 = b.op("Reshape", "position_ids", b.op("Concat", dims["-1"], bn, axis=0, name="pos3_shape"),
+    pos3 = b.op("Reshape", POS_IN, b.op("Concat", dims["-1"], bn, axis=0, name="pos3_shape"),
                 name="pos3")                                                  # [L, B, N]
     l_dim = b.op("Shape", pos3, start=0, end=1, name="dim_L")
-    gather_p = b.op("Expand", b.op("Unsqueeze", "kept_indices", zero, name="kept_l"),
+    gather_p = b.op("Expand", b.op("Unsqueeze", KEPT_OUT, zero, name="kept_l"),
                     b.op("Concat", l_dim, bk, axis=0, name="gather_p_shape"), name="gather_p_index")
     sel_pos3 = b.op("GatherElements", pos3, gather_p, axis=2, name="selected_pos3")         # [L, B, N']
     b.op("Reshape", sel_pos3, b.op("Concat", pos_lead, n_kept, axis=0, name="selected_pos_shape"),
-         outputs=["selected_position_ids"])
+         outputs=[POS_OUT])
 
     return helper.make_function(
         OP_DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS), b.nodes,
@@ -275,16 +266,7 @@ def token_select_function(ranking: str, opset: int = 18, *, position_rank: int |
 
 
 def _check_params(ranking: str, ratio_num: int, ratio_den: int, keep: int, scale: float, seed: int) -> None:
-    _check_ranking(ranking)
-    for label, v in (("ratio_num", ratio_num), ("ratio_den", ratio_den), ("keep", keep), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"{label} must be an integer, got {v!r}")
-    if not (ratio_den > 0 and 0 <= ratio_num < ratio_den):
-        raise ValueError(f"need 0 <= ratio_num < ratio_den, got {ratio_num}/{ratio_den}")
-    if keep < -1:
-        raise ValueError(f"keep must be -1 (use the ratio) or >= 0, got {keep}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2^31), got {seed}")
+    check_attributes(ranking=ranking, ratio_num=ratio_num, ratio_den=ratio_den, keep=keep, seed=seed)
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
 
@@ -303,14 +285,9 @@ def make_token_select_node(inputs: list[str], outputs: list[str], *, ranking: st
         scale=float(scale), seed=int(seed), plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
 
 
-def keep_count(m: int, ratio_num: int, ratio_den: int, keep: int = -1) -> int:
-    """keep(M) of the contract, in Python integers."""
-    return m - (m * ratio_num) // ratio_den if keep < 0 else min(keep, m)
-
-
 def make_token_select_model(*, ranking: str, ratio_num: int, ratio_den: int, keep: int = -1, scale: float,
                             seed: int = 0, dtype: int = TensorProto.FLOAT, position_rank: int = 2,
-                            opset: int = 18) -> onnx.ModelProto:
+                            opset: int = MIN_OPSET) -> onnx.ModelProto:
     """A standalone model: the six inputs (symbolic dims B, N, D, H, Nq, d, Hkv, S, M), one
     TokenSelect node, its local function, and the three outputs (N' symbolic: ``N_kept``)."""
     if dtype not in _FLOAT_TYPES:
@@ -321,17 +298,17 @@ def make_token_select_model(*, ranking: str, ratio_num: int, ratio_den: int, kee
     pos_in = ["B", "N"] if position_rank == 2 else [3, "B", "N"]
     pos_out = ["B", "N_kept"] if position_rank == 2 else [3, "B", "N_kept"]
     vi = helper.make_tensor_value_info
-    graph_inputs = [vi("hidden_states", dtype, ["B", "N", "D"]), vi("query", dtype, ["B", "H", "Nq", "d"]),
-                    vi("key", dtype, ["B", "Hkv", "S", "d"]), vi("attention_mask", i64, ["B", "S"]),
-                    vi("position_ids", i64, pos_in), vi("candidate_positions", i64, ["B", "M"])]
-    graph_outputs = [vi("selected_hidden_states", dtype, ["B", "N_kept", "D"]),
-                     vi("selected_position_ids", i64, pos_out), vi("kept_indices", i64, ["B", "N_kept"])]
+    graph_inputs = [vi(X_IN, dtype, ["B", "N", "D"]), vi(Q_IN, dtype, ["B", "H", "Nq", "d"]),
+                    vi(K_IN, dtype, ["B", "Hkv", "S", "d"]), vi(MASK_IN, i64, ["B", "S"]),
+                    vi(POS_IN, i64, pos_in), vi(CAND_IN, i64, ["B", "M"])]
+    graph_outputs = [vi(X_OUT, dtype, ["B", "N_kept", "D"]),
+                     vi(POS_OUT, i64, pos_out), vi(KEPT_OUT, i64, ["B", "N_kept"])]
     node = make_token_select_node(list(INPUTS), list(OUTPUTS), ranking=ranking, ratio_num=ratio_num,
                                   ratio_den=ratio_den, keep=keep, scale=scale, seed=seed)
     graph = helper.make_graph([node], f"token_select_{ranking}", graph_inputs, graph_outputs)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_VERSION)],
-        functions=[token_select_function(ranking, opset, position_rank=position_rank)],
+        functions=[token_select_function(ranking, opset)],
         producer_name="fastv-export")
     # the lowest IR version that holds this opset (make_model writes the newest, which ORT may not read)
     model.ir_version = max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True))

@@ -38,13 +38,15 @@ from fastv_export.adapters import get_adapter
 from fastv_export.bundle import load_bundle
 from fastv_export.errors import FastVError
 from fastv_export.export.onnx_export import ExportOptions, export_bundle
-from fastv_export.analysis.flops import DecoderShape, eq5_speedup, exact_speedup, kv_cache_layer_elems
+from fastv_export.analysis.flops import DTYPE_BYTES, decode_read_bytes, eq5_speedup, exact_speedup, kv_cache_layer_elems
+from fastv_export.decoder_shape import DecoderShape
 from fastv_export.prompts import make_prompt
 from fastv_export.presets import load_model
-from fastv_export.runtime.ort import OrtRuntime, default_session_options
+from fastv_export.runtime.generate import generate
+from fastv_export.runtime.ort import OrtRunner, default_session_options
 
 PRESET = "bench-llava"
-FP32_BYTES = 4
+FP32_BYTES = DTYPE_BYTES["fp32"]
 
 
 def ensure_bundle(root: Path, k: int, ratio: str) -> Path:
@@ -69,26 +71,12 @@ def session_options(threads: int | None, profile_prefix: str | None = None) -> o
     return so
 
 
-def decode_read_bytes(shape: DecoderShape, k: int, n: int, n_kept: int, steps: int) -> tuple[int, int, int]:
-    """Bytes read over ``steps`` decode steps: (KV unpruned, KV FastV, weights). Step t attends over
-    n + t cached tokens in every layer (unpruned) or n + t below K and n' + t from K on (FastV)."""
-    L = shape.num_layers
-    kv_base = kv_fastv = 0
-    for t in range(steps):
-        kv_base += L * kv_cache_layer_elems(shape, n + t)
-        kv_fastv += k * kv_cache_layer_elems(shape, n + t) + (L - k) * kv_cache_layer_elems(shape, n_kept + t)
-    d, hd = shape.hidden_size, shape.head_dim
-    layer = 2 * d * shape.num_heads * hd + 2 * d * shape.num_kv_heads * hd + 3 * d * shape.intermediate_size
-    weights = steps * (L * layer + d * shape.vocab_size)
-    return kv_base * FP32_BYTES, kv_fastv * FP32_BYTES, weights * FP32_BYTES
-
-
 def profile_prefill(path: Path, prompt_args: tuple, threads: int | None, tmp: Path, tag: str) -> dict:
     """Per-operator time (ms) of the last of two prefills, by graph and op type, from ORT's profiler."""
-    rt = OrtRuntime(load_bundle(path), providers=["CPUExecutionProvider"],
-                    session_options=session_options(threads, str(tmp / tag)))
+    rt = OrtRunner(load_bundle(path), providers=["CPUExecutionProvider"],
+                   session_options=session_options(threads, str(tmp / tag)))
     for _ in range(2):
-        rt.generate(*prompt_args, max_new_tokens=1)
+        generate(rt, *prompt_args, max_new_tokens=1)
     times: dict[tuple[str, str], float] = defaultdict(float)
     for graph in ("embed", "pre_k", "post_k"):
         events = json.loads(Path(rt.sessions[graph].end_profiling()).read_text())
@@ -177,8 +165,8 @@ def main() -> None:
     ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
     images = [prompt.vision["pixel_values"].numpy()]
     n, m = ids.shape[1], adapter.image_tokens_per_image()
-    runtimes = {r: OrtRuntime(load_bundle(p), providers=["CPUExecutionProvider"],
-                              session_options=session_options(args.threads)) for r, p in paths.items()}
+    runners = {r: OrtRunner(load_bundle(p), providers=["CPUExecutionProvider"],
+                            session_options=session_options(args.threads)) for r, p in paths.items()}
     print(f"{PRESET}: {shape.num_layers} layers, hidden {shape.hidden_size}, MLP {shape.intermediate_size}, prompt {n} "
           f"tokens ({m} image), fp32, onnxruntime {ort.__version__} CPUExecutionProvider, "
           f"{args.threads or 'default'} intra-op threads, {args.repeats} repeats (median), "
@@ -186,12 +174,12 @@ def main() -> None:
 
     samples: dict[str, dict[str, list[float]]] = {r: defaultdict(list) for r in ratios}
     kept: dict[str, int] = {}
-    for r, rt in runtimes.items():   # warm-up
-        rt.generate(ids, mask, images, max_new_tokens=2)
+    for r, rt in runners.items():   # warm-up
+        generate(rt, ids, mask, images, max_new_tokens=2)
     for _ in tqdm(range(args.repeats), desc="repeats", unit="round"):
-        for r, rt in runtimes.items():
-            gen = rt.generate(ids, mask, images, max_new_tokens=args.decode_tokens)
-            kept[r] = int(gen.kept_indices.shape[1])
+        for r, rt in runners.items():
+            gen = generate(rt, ids, mask, images, max_new_tokens=args.decode_tokens)
+            kept[r] = int(gen.kept.shape[1])
             samples[r]["prefill"].append(gen.timings["pre_k"] + gen.timings["post_k"])
             samples[r]["vision"].append(gen.timings["vision"])
             samples[r]["decode"].append(gen.timings["decode_per_token"])
@@ -202,7 +190,7 @@ def main() -> None:
     base = med["0"]
     rows = []
     for r in ratios:
-        kv_b, kv_f, w = decode_read_bytes(shape, args.k, n, kept[r], steps)
+        kv_b, kv_f, w = decode_read_bytes(shape, args.k, n, kept[r], steps, "fp32")
         deep = (shape.num_layers - args.k) * kv_cache_layer_elems(shape, kept[r] + args.decode_tokens) * FP32_BYTES
         rows.append({
             "config": "R=0" if r == "0" else f"K={args.k} R={r}", "ratio": r, "kept_tokens": kept[r],
@@ -230,7 +218,7 @@ def main() -> None:
     if args.plot:
         plot(rows, args.plot)
     if args.profile:
-        del runtimes
+        del runners
         with tempfile.TemporaryDirectory() as tmp:
             profiles = {r: profile_prefill(paths[r], (ids, mask, images), args.threads, Path(tmp), f"r{i}")
                         for i, r in enumerate(ratios)}

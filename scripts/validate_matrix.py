@@ -2,7 +2,7 @@
 """Export and validate the full acceptance matrix of issue 4: every preset x ranking x K x R,
 fp32, greedy generation of --max-new-tokens tokens at batch sizes 1 and 3, each bundle exported
 with `export_bundle` and checked with `validate_bundle` (the same code as `fastv-export export`
-and `fastv-export validate`). CI runs a pairwise cover of this matrix (tests/test_export_ort.py);
+and `fastv-export validate`). CI runs a pairwise cover of this matrix (tests/test_validate.py);
 this script runs all of it (48 exports, about 10-20 s each on 2 CPU cores).
 
 Prints one row per combination and writes a JSON summary; exit status 0 only if every row passes.

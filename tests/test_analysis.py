@@ -11,10 +11,7 @@ from fastv_export.analysis.attention import TYPES, analyze_attention, plot_atten
 from fastv_export.errors import FastVError
 from fastv_export.prompts import make_prompt
 
-from .conftest import model_and_adapter
-
 MAX_NEW = 6
-_CACHE = {}
 
 
 def _prompts(adapter):
@@ -22,17 +19,23 @@ def _prompts(adapter):
     return [make_prompt(adapter, 8, num_images=1, seed=3), make_prompt(adapter, [5, 10], num_images=1, seed=4)]
 
 
-def _stats(name, include_first_token=True):
-    key = (name, include_first_token)
-    if key not in _CACHE:
-        model, adapter = model_and_adapter(name, "eager")
-        _CACHE[key] = analyze_attention(model, _prompts(adapter), MAX_NEW, include_first_token=include_first_token,
-                                        progress=False)
-    return _CACHE[key]
+@pytest.fixture(scope="module")
+def attention_stats(model_and_adapter):
+    """``attention_stats(name, include_first_token=True)``: analyze_attention of ``_prompts``, once per module."""
+    cache = {}
+
+    def get(name, include_first_token=True):
+        key = (name, include_first_token)
+        if key not in cache:
+            model, adapter = model_and_adapter(name, "eager")
+            cache[key] = analyze_attention(model, _prompts(adapter), MAX_NEW, include_first_token=include_first_token,
+                                           progress=False)
+        return cache[key]
+    return get
 
 
-def test_eq2_each_output_tokens_allocations_sum_to_one(preset):
-    stats = _stats(preset)
+def test_eq2_each_output_tokens_allocations_sum_to_one(preset, attention_stats):
+    stats = attention_stats(preset)
     assert len(stats.prompts) == 3
     for rec in stats.prompts:
         n = len(rec.output_tokens)
@@ -48,8 +51,8 @@ def test_eq2_each_output_tokens_allocations_sum_to_one(preset):
     np.testing.assert_allclose(stats.allocation_share.sum(-1), 1.0, atol=1e-5)
 
 
-def test_eq3_eq4_allocation_and_efficiency(preset):
-    stats = _stats(preset)
+def test_eq3_eq4_allocation_and_efficiency(preset, attention_stats, model_and_adapter):
+    stats = attention_stats(preset)
     lam = np.stack([r.alpha.sum(0) for r in stats.prompts])                      # Eq. 3 per response
     sizes = np.array([[r.type_sizes[t] for t in TYPES] for r in stats.prompts], dtype=float)
     n = sizes[:, 3]
@@ -69,10 +72,10 @@ def test_eq3_eq4_allocation_and_efficiency(preset):
 
 
 @pytest.mark.parametrize("step", [0, 1, MAX_NEW - 1])
-def test_independent_recomputation_from_an_uncached_forward(preset, step):
+def test_independent_recomputation_from_an_uncached_forward(preset, step, attention_stats, model_and_adapter):
     """One decode step recomputed from a plain eager forward of the full sequence (prompt + the
     tokens generated before that step, no cache): per-type sums of the last row, every layer."""
-    stats = _stats(preset)
+    stats = attention_stats(preset)
     model, adapter = model_and_adapter(preset, "eager")
     prompt = _prompts(adapter)[0]
     rec = stats.prompts[0]
@@ -96,16 +99,16 @@ def test_independent_recomputation_from_an_uncached_forward(preset, step):
     assert int(out.logits[0, -1].argmax()) == rec.output_tokens[step]
 
 
-def test_first_token_can_be_left_out():
-    full, decode_only = _stats("tiny-llava"), _stats("tiny-llava", include_first_token=False)
+def test_first_token_can_be_left_out(attention_stats):
+    full, decode_only = attention_stats("tiny-llava"), attention_stats("tiny-llava", include_first_token=False)
     for a, b in zip(full.prompts, decode_only.prompts):
         np.testing.assert_array_equal(b.alpha, a.alpha[1:])
         assert b.type_sizes["out"] == len(a.output_tokens) - 1
     assert decode_only.to_dict()["include_first_token"] is False
 
 
-def test_example_maps_agree_with_the_collected_rows():
-    stats = _stats("tiny-llava")
+def test_example_maps_agree_with_the_collected_rows(attention_stats):
+    stats = attention_stats("tiny-llava")
     rec, seg = stats.prompts[0], stats.example_segments
     P, n = rec.prompt_tokens, len(rec.output_tokens)
     maps = stats.example_maps
@@ -116,7 +119,7 @@ def test_example_maps_agree_with_the_collected_rows():
     assert row[:, seg.instruction[0]:seg.instruction[1]].sum(-1) == pytest.approx(rec.alpha[2, :, 2], abs=1e-5)
 
 
-def test_library_errors():
+def test_library_errors(model_and_adapter):
     model, adapter = model_and_adapter("tiny-llava", "sdpa")
     with pytest.raises(FastVError, match="eager"):
         analyze_attention(model, [make_prompt(adapter, 5)], 2, progress=False)
@@ -136,8 +139,8 @@ def test_library_errors():
 def run_cli(monkeypatch, capsys):
     """The real `fastv-export` main, with only the analyze subcommand registered (so that this test
     does not depend on the other subcommands' modules)."""
-    assert cli.SUBCOMMANDS["analyze"] == "fastv_export.analysis"
-    monkeypatch.setattr(cli, "SUBCOMMANDS", {"analyze": "fastv_export.analysis"})
+    assert cli.SUBCOMMANDS["analyze"] == "fastv_export.commands.analyze"
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"analyze": "fastv_export.commands.analyze"})
 
     def run(*argv):
         rc = cli.main(["analyze", *map(str, argv)])

@@ -1,4 +1,5 @@
-"""FLOPs model (fastv_export.flops): paper Table 1, an independent exact count, KV cache, CLI."""
+"""FLOPs model (fastv_export.analysis.flops): paper Table 1, an independent exact count, KV cache, and
+the `fastv-export flops` command (fastv_export.commands.flops)."""
 from __future__ import annotations
 
 import json
@@ -183,3 +184,18 @@ def test_cli_bad_inputs(capsys, argv, needle):
     err = captured.err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("fastv-export flops: error:") and needle in err
+
+
+def test_decode_read_bytes_counts_kv_and_weights_by_hand():
+    from fastv_export.analysis.flops import decode_read_bytes
+
+    shape = DecoderShape(hidden_size=8, intermediate_size=16, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=4,
+                         vocab_size=10)
+    # 2 steps, K=1, n=5 prompt tokens, n'=3 kept: step t reads keys+values of (n+t) or (n'+t) tokens
+    kv_token = 2 * 1 * 4                                             # K and V, 1 kv head, head_dim 4
+    base = sum(3 * kv_token * (5 + t) for t in range(2))
+    fast = sum(kv_token * (5 + t) + 2 * kv_token * (3 + t) for t in range(2))
+    per_layer = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16          # q, k, v, o, gate/up/down
+    weights = 2 * (3 * per_layer + 8 * 10)                           # + lm_head, per step
+    assert decode_read_bytes(shape, 1, 5, 3, 2, "fp32") == (4 * base, 4 * fast, 4 * weights)
+    assert decode_read_bytes(shape, 1, 5, 3, 2, "fp16")[0] == 2 * base

@@ -1,20 +1,18 @@
 """libfastv_plugins.so builds on a CPU machine (nvcc compiles, TensorRT 10.14 headers from PyPI, no
 TensorRT library linked) and exports the plugin-library entry points.
 
-The build (scripts/build_plugin.sh) is done once per test session by :func:`plugin_library` and shared
-with the other plugin test modules. CI builds only sm_86 and sm_89 to save time (FASTV_CUDA_ARCHS
-overrides that; users' builds default to the broad list, checked below by configuring only)."""
+The build (scripts/build_plugin.sh) is done once per test session by the ``plugin_library`` fixture
+(tests/conftest.py) and shared with the other plugin test modules. CI builds only sm_86 and sm_89 to
+save time (FASTV_CUDA_ARCHS overrides that; users' builds default to the broad list, checked below by
+configuring only)."""
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import functools
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,37 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "build_plugin.sh"
-CI_ARCHS = "86;89"
-BUILD_DIR = ROOT / "build" / "plugins-test"
 EXPORTED = {"getCreators", "setLoggerFinder", "fastv_ts_last_error", "fastv_ts_kept_length",
             "fastv_ts_workspace_size", "fastv_ts_run"}
-BUILD_SECONDS: dict[str, float] = {}
-
-
-@functools.lru_cache(maxsize=None)
-def plugin_library(archs: str | None = None, build_dir: str | None = None) -> Path:
-    """Build (incrementally) libfastv_plugins.so for ``archs`` (default: $FASTV_CUDA_ARCHS or the CI pair
-    86;89) in ``build_dir`` (default: $FASTV_PLUGIN_BUILD_DIR or build/plugins-test); returns its path.
-    Serialised with a file lock, so concurrent test sessions on one checkout do not race in the build folder."""
-    archs = archs or os.environ.get("FASTV_CUDA_ARCHS") or CI_ARCHS
-    build_dir = Path(build_dir or os.environ.get("FASTV_PLUGIN_BUILD_DIR") or BUILD_DIR)
-    build_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = build_dir.parent / f".{build_dir.name}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        start = time.perf_counter()
-        proc = subprocess.run(["bash", str(SCRIPT), "--build-dir", str(build_dir), "--archs", archs],
-                              capture_output=True, text=True, cwd=ROOT)
-        BUILD_SECONDS[str(build_dir)] = time.perf_counter() - start
-    assert proc.returncode == 0, f"build_plugin.sh failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    lib = Path(proc.stdout.strip().splitlines()[-1])
-    assert lib.is_file(), proc.stdout
-    return lib
-
-
-@pytest.fixture(scope="session")
-def plugin_lib() -> Path:
-    return plugin_library()
 
 
 def _tool(name: str) -> str:
@@ -61,14 +30,16 @@ def _tool(name: str) -> str:
     return path
 
 
-def test_build_script_builds_the_library(plugin_lib):
-    assert plugin_lib.name == "libfastv_plugins.so" and plugin_lib.stat().st_size > 100_000
-    seconds = BUILD_SECONDS.get(str(plugin_lib.parent), 0.0)
+@pytest.mark.slow
+def test_build_script_builds_the_library(plugin_library, plugin_build):
+    assert plugin_library.name == "libfastv_plugins.so" and plugin_library.stat().st_size > 100_000
+    seconds = plugin_build.seconds.get(str(plugin_library.parent), 0.0)
     print(f"\nlibfastv_plugins.so built (or found up to date) in {seconds:.1f} s")
 
 
-def test_headers_are_tensorrt_10_14_unless_the_user_points_elsewhere(plugin_lib):
-    cache = (plugin_lib.parent / "CMakeCache.txt").read_text()
+@pytest.mark.slow
+def test_headers_are_tensorrt_10_14_unless_the_user_points_elsewhere(plugin_library):
+    cache = (plugin_library.parent / "CMakeCache.txt").read_text()
     inc = Path(re.search(r"^TENSORRT_INCLUDE_DIR:\w+=(.*)$", cache, re.M).group(1))
     assert (inc / "NvInferRuntime.h").is_file()
     if not (os.environ.get("TENSORRT_INCLUDE_DIR") or os.environ.get("TensorRT_ROOT")):
@@ -80,24 +51,28 @@ def test_headers_are_tensorrt_10_14_unless_the_user_points_elsewhere(plugin_lib)
     assert not list((ROOT / "plugins").rglob("NvInfer*.h"))
 
 
-def test_links_no_tensorrt_and_no_shared_cudart(plugin_lib):
-    out = subprocess.run([_tool("readelf"), "-d", str(plugin_lib)], capture_output=True, text=True, check=True).stdout
+@pytest.mark.slow
+def test_links_no_tensorrt_and_no_shared_cudart(plugin_library):
+    out = subprocess.run([_tool("readelf"), "-d", str(plugin_library)], capture_output=True, text=True,
+                         check=True).stdout
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
     assert needed, out
     for lib in needed:
         assert not re.match(r"lib(nvinfer|tensorrt|nvonnxparser|cudart|cuda\.)", lib), f"links {lib}: {needed}"
 
 
-def test_exports_the_entry_points_and_nothing_else(plugin_lib):
-    out = subprocess.run([_tool("nm"), "-D", "--defined-only", str(plugin_lib)], capture_output=True, text=True,
+@pytest.mark.slow
+def test_exports_the_entry_points_and_nothing_else(plugin_library):
+    out = subprocess.run([_tool("nm"), "-D", "--defined-only", str(plugin_library)], capture_output=True, text=True,
                          check=True).stdout
     symbols = {line.split()[-1] for line in out.splitlines() if line.strip()}
     assert symbols == EXPORTED
 
 
-def test_entry_points_via_ctypes_without_a_gpu(plugin_lib):
+@pytest.mark.slow
+def test_entry_points_via_ctypes_without_a_gpu(plugin_library):
     """Loading needs no GPU and no TensorRT; the host-side checks of the kernel entry point work."""
-    so = ctypes.CDLL(str(plugin_lib))
+    so = ctypes.CDLL(str(plugin_library))
     i64 = ctypes.c_int64
     so.fastv_ts_kept_length.restype = i64
     so.fastv_ts_kept_length.argtypes = [i64, i64, ctypes.c_int32, i64, i64, i64]
@@ -127,12 +102,13 @@ def test_entry_points_via_ctypes_without_a_gpu(plugin_lib):
                            None) == 0
 
 
-def test_default_architectures_cover_data_center_rtx_and_jetson(tmp_path):
+@pytest.mark.slow
+def test_default_architectures_cover_data_center_rtx_and_jetson(tmp_path, plugin_library):
     """Configure only (no compile): the default list is every wanted target this nvcc supports."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     codes = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True).stdout
     supported = {int(x) for x in re.findall(r"sm_(\d+)\b", codes)}
-    inc = plugin_library().parent / "CMakeCache.txt"
+    inc = plugin_library.parent / "CMakeCache.txt"
     inc_dir = re.search(r"^TENSORRT_INCLUDE_DIR:\w+=(.*)$", inc.read_text(), re.M).group(1)
     env = {k: v for k, v in os.environ.items() if k != "FASTV_CUDA_ARCHS"}
     env.setdefault("CUDACXX", nvcc)
@@ -154,10 +130,11 @@ def test_missing_headers_fail_with_a_clear_message(tmp_path):
     assert proc.returncode == 2 and "NvInferRuntime.h" in proc.stderr and "TENSORRT_INCLUDE_DIR" in proc.stderr
 
 
-def test_autoload_shim_links_nothing_and_explains_itself(plugin_lib):
+@pytest.mark.slow
+def test_autoload_shim_links_nothing_and_explains_itself(plugin_library):
     """libfastv_plugins_autoload.so (for polygraphy --plugins, which only dlopens) exports nothing, links no
     TensorRT, and when no TensorRT 10 is in reach says what to do instead of crashing."""
-    shim = plugin_lib.with_name("libfastv_plugins_autoload.so")
+    shim = plugin_library.with_name("libfastv_plugins_autoload.so")
     assert shim.is_file()
     out = subprocess.run([_tool("readelf"), "-d", str(shim)], capture_output=True, text=True, check=True).stdout
     assert not re.search(r"\[lib(nvinfer|tensorrt|cudart)", out)

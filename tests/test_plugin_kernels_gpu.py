@@ -2,11 +2,11 @@
 (ctypes, torch CUDA buffers), against the ONNX function body run by ONNX Runtime (CPU) and the PyTorch
 reference. Skipped on machines without an NVIDIA GPU.
 
-The library is built for the GPU at hand (its compute capability), in its own build folder."""
+The library is built for the GPU at hand (its compute capability), in its own build folder (the
+``plugin_build`` fixture of tests/conftest.py)."""
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import numpy as np
 import pytest
@@ -14,8 +14,8 @@ import torch
 from onnx import TensorProto
 
 from fastv_export.reference import selection as ref
+from fastv_export.graphs import op
 from fastv_export.graphs import token_select as ts
-from tests.test_plugin_build import ROOT, plugin_library
 
 
 def _has_gpu() -> bool:
@@ -25,7 +25,7 @@ def _has_gpu() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")]
 
 RANK = {"last": 0, "mean": 1, "random": 2}
 DTYPE = {"fp32": (torch.float32, 0), "fp16": (torch.float16, 1), "bf16": (torch.bfloat16, 2)}
@@ -34,10 +34,11 @@ POISON_INT = -12345
 i64 = ctypes.c_int64
 
 
-@functools.lru_cache(maxsize=None)
-def kernels():
+@pytest.fixture(scope="module")
+def kernels(plugin_build):
+    """The library's entry points (ctypes), built for this GPU's compute capability."""
     major, minor = torch.cuda.get_device_capability()
-    lib = plugin_library(f"{major}{minor}", str(ROOT / "build" / f"plugins-gpu-sm{major}{minor}"))
+    lib = plugin_build(f"{major}{minor}")
     so = ctypes.CDLL(str(lib))
     so.fastv_ts_last_error.restype = ctypes.c_char_p
     so.fastv_ts_kept_length.restype = i64
@@ -72,10 +73,9 @@ def make_inputs(seed, *, ranking, dtype=torch.float32, b=2, n=64, m=30, d_model=
     return inputs
 
 
-def prepare(inputs, *, ranking, num, den, keep=-1, seed=0):
+def prepare(so, inputs, *, ranking, num, den, keep=-1, seed=0):
     """CUDA copies of ``inputs``, poisoned outputs and workspace, and a ``launch()`` that runs fastv_ts_run
-    on the current stream (asynchronously). Returns (launch, (out_x, out_pos, out_kept))."""
-    so = kernels()
+    (of the library ``so``) on the current stream (asynchronously). Returns (launch, (out_x, out_pos, out_kept))."""
     dev = {k: v.cuda().contiguous() for k, v in inputs.items()}
     x, q, k = dev["hidden_states"], dev["query"], dev["key"]
     b, n, d_model = x.shape
@@ -103,14 +103,13 @@ def prepare(inputs, *, ranking, num, den, keep=-1, seed=0):
     return launch, (out_x, out_pos, out_kept)
 
 
-def run_plugin(inputs, *, ranking, num, den, keep=-1, seed=0):
-    launch, outs = prepare(inputs, ranking=ranking, num=num, den=den, keep=keep, seed=seed)
+def run_plugin(so, inputs, *, ranking, num, den, keep=-1, seed=0):
+    launch, outs = prepare(so, inputs, ranking=ranking, num=num, den=den, keep=keep, seed=seed)
     launch()
     torch.cuda.synchronize()
     return tuple(t.cpu() for t in outs)
 
 
-@functools.lru_cache(maxsize=None)
 def ort_session(ranking, num, den, keep, seed, position_rank):
     import onnxruntime as ort
     model = ts.make_token_select_model(ranking=ranking, ratio_num=num, ratio_den=den, keep=keep, scale=SCALE,
@@ -164,64 +163,64 @@ def check(inputs, outs, kept_want, ranking, keep_m, seed=0, tol=2e-6):
 
 
 def keep_count(m, num, den, keep=-1):
-    return ts.keep_count(m, num, den, keep)
+    return op.keep_count(m, num, den, keep)
 
 
 # ---------------------------------------------------------------------------------------------- correctness
 @pytest.mark.parametrize("dtype", list(DTYPE))
 @pytest.mark.parametrize("ranking", ["last", "mean", "random"])
 @pytest.mark.parametrize("num,den,keep", [(1, 2, -1), (2, 3, -1), (3, 7, -1), (4, 9, -1), (1, 2, 5)])
-def test_small_cases_match_the_function_body(ranking, dtype, num, den, keep):
+def test_small_cases_match_the_function_body(kernels, ranking, dtype, num, den, keep):
     inputs = make_inputs(num * 10 + den, ranking=ranking, dtype=DTYPE[dtype][0], b=3, n=70, m=33, past=5,
                          pads=[0, 4, 9], position_rank=3 if ranking == "mean" else 2)
     keep_m = keep_count(33, num, den, keep)
-    outs = run_plugin(inputs, ranking=ranking, num=num, den=den, keep=keep, seed=7)
+    outs = run_plugin(kernels, inputs, ranking=ranking, num=num, den=den, keep=keep, seed=7)
     _, _, kept_ort = run_ort(inputs, ranking=ranking, num=num, den=den, keep=keep, seed=7)
     check(inputs, outs, kept_ort, ranking, keep_m, seed=7)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE))
 @pytest.mark.parametrize("ranking,n,m", [("last", 8192, 4096), ("random", 8192, 4096), ("mean", 2048, 1024)])
-def test_large_cases_match_the_function_body(ranking, n, m, dtype):
+def test_large_cases_match_the_function_body(kernels, ranking, n, m, dtype):
     inputs = make_inputs(n + m, ranking=ranking, dtype=DTYPE[dtype][0], b=1, n=n, m=m, h=4, hkv=1, head_dim=64)
     keep_m = keep_count(m, 3, 4)
-    outs = run_plugin(inputs, ranking=ranking, num=3, den=4)
+    outs = run_plugin(kernels, inputs, ranking=ranking, num=3, den=4)
     _, _, kept_ort = run_ort(inputs, ranking=ranking, num=3, den=4)
     check(inputs, outs, kept_ort, ranking, keep_m, tol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE))
-def test_mean_at_8192_matches_the_chunked_reference(dtype):
+def test_mean_at_8192_matches_the_chunked_reference(kernels, dtype):
     """n = 8192, M = 4096 for `mean`: the n x n function body is too large for ORT on the host, so the
     chunked PyTorch reference (O(chunk x S) memory, on the GPU in float32) gives the selection."""
     inputs = make_inputs(8192, ranking="mean", dtype=DTYPE[dtype][0], b=1, n=8192, m=4096, h=4, hkv=2, head_dim=64)
     keep_m = keep_count(4096, 1, 2)
-    outs = run_plugin(inputs, ranking="mean", num=1, den=2)
+    outs = run_plugin(kernels, inputs, ranking="mean", num=1, den=2)
     scores = ref_scores(inputs, "mean")
     kept_want = ref.select_kept(scores, inputs["candidate_positions"], 8192, keep_m)
     check(inputs, outs, kept_want.numpy(), "mean", keep_m, tol=1e-7)
 
 
 @pytest.mark.parametrize("ranking", ["last", "mean", "random"])
-def test_no_candidates_is_the_identity(ranking):
+def test_no_candidates_is_the_identity(kernels, ranking):
     inputs = make_inputs(3, ranking=ranking, m=0, position_rank=3)
-    out_x, out_pos, out_kept = run_plugin(inputs, ranking=ranking, num=1, den=2)
+    out_x, out_pos, out_kept = run_plugin(kernels, inputs, ranking=ranking, num=1, den=2)
     assert torch.equal(out_kept, torch.arange(64).repeat(2, 1))
     assert torch.equal(out_x, inputs["hidden_states"]) and torch.equal(out_pos, inputs["position_ids"])
 
 
-def test_exact_ties_keep_the_lowest_positions():
+def test_exact_ties_keep_the_lowest_positions(kernels):
     inputs = make_inputs(4, ranking="last", m=20)
     inputs["key"] = torch.zeros_like(inputs["key"])
-    _, _, kept = run_plugin(inputs, ranking="last", num=1, den=2)
+    _, _, kept = run_plugin(kernels, inputs, ranking="last", num=1, den=2)
     want = ref.select_kept(ref_scores(inputs, "last"), inputs["candidate_positions"], 64, 10)
     assert torch.equal(kept, want)
 
 
-def test_malformed_candidates_poison_only_their_row():
+def test_malformed_candidates_poison_only_their_row(kernels):
     inputs = make_inputs(5, ranking="random", m=10)
     inputs["candidate_positions"][1, 3] = inputs["candidate_positions"][1, 2]      # duplicate
-    out_x, out_pos, out_kept = run_plugin(inputs, ranking="random", num=1, den=2)
+    out_x, out_pos, out_kept = run_plugin(kernels, inputs, ranking="random", num=1, den=2)
     assert (out_kept[1] == -1).all() and (out_pos[1] == -1).all() and torch.isnan(out_x[1]).all()
     assert (out_kept[0] >= 0).all()
 
@@ -241,7 +240,7 @@ def _cuda_ms(fn, reps=5):
     return sorted(times)[len(times) // 2]
 
 
-def test_timing_table_vs_naive_torch_softmax(capsys):
+def test_timing_table_vs_naive_torch_softmax(kernels, capsys):
     """Median milliseconds of the whole op (mean ranking, fp16, H=32, Hkv=8, d=128) vs a naive PyTorch
     scoring that materialises the n x n softmax. Printed, not asserted (hardware dependent)."""
     rows = []
@@ -254,7 +253,7 @@ def test_timing_table_vs_naive_torch_softmax(capsys):
             logits = (q.float() @ k.float().transpose(-1, -2)) * SCALE
             return torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum(2).mean(1)
 
-        launch, _ = prepare(inputs, ranking="mean", num=1, den=2)
+        launch, _ = prepare(kernels, inputs, ranking="mean", num=1, den=2)
         plugin_ms = _cuda_ms(launch)
         naive_ms = _cuda_ms(naive)
         rows.append((n, plugin_ms, naive_ms))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastv_export.reference import selection as ref
-from fastv_export.graphs import token_select as ts
+from fastv_export.graphs import op
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
@@ -90,7 +90,7 @@ def test_keep_count_table(lib):
     for num, den in RATIOS:
         for m in ms:
             want = expected_keep(m, num, den)
-            assert lib.fastv_host_keep_count(m, num, den, -1) == want == ts.keep_count(m, num, den), (m, num, den)
+            assert lib.fastv_host_keep_count(m, num, den, -1) == want == op.keep_count(m, num, den), (m, num, den)
             assert lib.fastv_host_kept_length(m + 17, m, num, den, -1) == 17 + want
             checked += 1
     for keep in (0, 1, 5, 576, 10**6):
@@ -107,7 +107,7 @@ def test_m_zero_keeps_everything(lib, num, den):
 
 
 def test_keep_count_disagrees_with_float_ceil_where_the_design_says():
-    """DESIGN §2: M = 576, R = 2/3 is where a float formula goes wrong; the integer one must not."""
+    """docs/design.md §2: M = 576, R = 2/3 is where a float formula goes wrong; the integer one must not."""
     assert expected_keep(576, 2, 3) == 192
 
 
@@ -123,8 +123,8 @@ def test_random_scores_bit_exact(lib, seed):
     np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
     assert (out >= 0).all() and (out < 1).all()
     for ci in c[:50].tolist():                                   # the integer hash too
-        h1 = (ci * ref.HASH_A + seed * ref.HASH_B + ref.HASH_C) % ref.HASH_PRIME
-        assert lib.fastv_host_random_hash(ci, seed) == (h1 * h1 + ref.HASH_D) % ref.HASH_PRIME
+        h1 = (ci * op.HASH_A + seed * op.HASH_B + op.HASH_C) % op.HASH_PRIME
+        assert lib.fastv_host_random_hash(ci, seed) == (h1 * h1 + op.HASH_D) % op.HASH_PRIME
 
 
 # ------------------------------------------------------------------------------------------ order, softmax

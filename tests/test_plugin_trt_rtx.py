@@ -16,8 +16,8 @@ from onnx import TensorProto
 
 from fastv_export.engines import trt_rtx
 from fastv_export.errors import FastVError
+from fastv_export.graphs import op
 from fastv_export.graphs import token_select as ts
-from tests.test_plugin_build import plugin_library
 
 pytestmark = pytest.mark.tensorrt
 
@@ -32,8 +32,8 @@ def trt():
 
 
 @pytest.fixture(scope="module")
-def lib(trt):
-    return plugin_library()
+def lib(trt, plugin_library):
+    return plugin_library
 
 
 @pytest.fixture
@@ -115,6 +115,7 @@ def test_missing_bindings_raise_an_install_hint(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- registry, parser
+@pytest.mark.slow
 def test_library_registers_the_creator_and_unloads(lib):
     assert CREATOR not in trt_rtx.registered_plugins()
     with trt_rtx.plugin_library(lib):
@@ -123,7 +124,8 @@ def test_library_registers_the_creator_and_unloads(lib):
     assert CREATOR not in trt_rtx.registered_plugins()
 
 
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.slow
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 def test_parser_uses_the_plugin_when_loaded_and_the_body_otherwise(lib, ranking):
     m = trt_rtx.with_static_inputs(model(ranking, 2, 3), static_shapes(nq=1 if ranking == "last" else None))
     body = trt_rtx.parse_onnx(m)
@@ -136,9 +138,10 @@ def test_parser_uses_the_plugin_when_loaded_and_the_body_otherwise(lib, ranking)
         "selected_hidden_states": (2, want, 8), "selected_position_ids": (2, want), "kept_indices": (2, want)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16],
                          ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 def test_both_engines_build_ahead_of_time_for_sm86_and_sm89(lib, ranking, dtype):
     position_rank = 3 if ranking == "mean" else 2
     m = model(ranking, 3, 7, dtype=dtype, position_rank=position_rank)
@@ -159,6 +162,7 @@ SHAPE_NM = [(1, 0), (1, 1), (7, 0), (7, 3), (7, 7), (30, 2), (30, 9), (30, 13), 
 SHAPE_KEEP = [0, 1, 5, 576, 10_000]
 
 
+@pytest.mark.slow
 def test_plugin_output_shapes_equal_the_reference_keep_count(loaded):
     """One static-shape network per (N, M, R): TensorRT evaluates the plugin's IExprBuilder expressions
     to constants, read back from the parsed network's outputs."""
@@ -169,13 +173,14 @@ def test_plugin_output_shapes_equal_the_reference_keep_count(loaded):
         for n, m in SHAPE_NM:
             net = trt_rtx.parse_onnx(trt_rtx.with_static_inputs(base, static_shapes(b=3, n=n, m=m, nq=1)))
             want = n - m + expected_keep(m, num, den, keep)
-            assert want == n - m + ts.keep_count(m, num, den, keep)
+            assert want == op.kept_length(n, m, num, den, keep)
             assert net.output_shapes == {"selected_hidden_states": (3, want, 8), "selected_position_ids": (3, want),
                                          "kept_indices": (3, want)}, (n, m, num, den, keep)
             checked += 1
     assert checked == len(cases) * len(SHAPE_NM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num,den", [(1, 3), (3, 7), (4, 9)])
 def test_mrope_output_shapes(loaded, num, den):
     m = trt_rtx.with_static_inputs(model("last", num, den, position_rank=3),
@@ -211,6 +216,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_fails_the_build_with_a_plugin_message(loaded, case):
     edit, shape_change, needle = BAD[case]
@@ -230,6 +236,7 @@ def test_bad_input_fails_the_build_with_a_plugin_message(loaded, case):
     assert needle in str(info.value)                             # the exception's text names it too
 
 
+@pytest.mark.slow
 def test_inconsistent_profile_fails_at_configure_time(loaded):
     profile = dynamic_profile()
     lo, opt, hi = profile["candidate_positions"]
@@ -238,6 +245,7 @@ def test_inconsistent_profile_fails_at_configure_time(loaded):
         trt_rtx.build_engine_aot(model("last"), compute_capabilities=TARGETS, profiles=[profile])
 
 
+@pytest.mark.slow
 def test_dynamic_inputs_need_a_profile(loaded):
     with pytest.raises(FastVError, match="dynamic dimensions"):
         trt_rtx.build_engine_aot(model("last"), compute_capabilities=TARGETS)
@@ -246,16 +254,14 @@ def test_dynamic_inputs_need_a_profile(loaded):
 
 
 # ------------------------------------------------------------------ exported pre-K graphs of the presets
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,ranking", [("tiny-llava", "last"), ("tiny-qwen2-vl", "mean")])
-def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ranking):
+def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ranking, exported_bundle,
+                                                                  model_and_adapter):
     """The real pre_k.onnx of both presets (prefill shapes, empty past): one PLUGIN_V3 layer with the
     library loaded, the function body without it, and ahead-of-time engines for SM86 + SM89."""
-    from fastv_export.adapters import get_adapter
-    from fastv_export.presets import load_model
-    from tests.test_export_ort import bundle
-
-    path = bundle(preset, 2, "1/2", ranking)
-    adapter = get_adapter(load_model(preset))
+    path = exported_bundle(preset, 2, "1/2", ranking)
+    _, adapter = model_and_adapter(preset)
     info = adapter.decoder_shape()
     b, n, m = 1, 83 if preset == "tiny-llava" else 57, adapter.image_tokens_per_image()
     shapes = {"inputs_embeds": (b, n, info.hidden_size), "attention_mask": (b, n),

@@ -5,8 +5,6 @@ import torch
 from fastv_export.prompts import make_prompt
 from fastv_export.runtime.positions import decode_positions, prefill_positions
 
-from .conftest import model_and_adapter
-
 
 def _manifest(adapter):
     m = {"positions": {"rank": adapter.position_rank}, "image_tokens": {
@@ -17,7 +15,7 @@ def _manifest(adapter):
     return m
 
 
-def test_prefill_and_decode_positions_match_hf_generate(preset):
+def test_prefill_and_decode_positions_match_hf_generate(preset, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     prompt = make_prompt(adapter, [4, 9], num_images=2, seed=3)
     seen = []

@@ -6,8 +6,7 @@ from fastv_export import FastVConfig, FastVError, apply_fastv
 from fastv_export.prompts import make_prompt
 from fastv_export.reference.selection import random_scores
 
-from .conftest import model_and_adapter
-from .independent import independent_pruned_logits, python_select
+from tests.independent import independent_pruned_logits, python_select
 
 
 def _logits(model, inputs, **kw):
@@ -23,7 +22,7 @@ def _greedy(model, inputs, n=8):
 
 
 @pytest.mark.parametrize("ratio", [0, "0/7"])
-def test_r0_is_the_unmodified_model(preset, ratio):
+def test_r0_is_the_unmodified_model(preset, ratio, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     p = make_prompt(adapter, [7, 4], num_images=1, seed=1).model_inputs()
     base_logits = _logits(model, p)
@@ -34,7 +33,7 @@ def test_r0_is_the_unmodified_model(preset, ratio):
     assert torch.equal(seq, base_seq) and torch.equal(steps, base_steps)
 
 
-def test_prompt_without_image_tokens_is_unmodified(preset):
+def test_prompt_without_image_tokens_is_unmodified(preset, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     p = make_prompt(adapter, [9, 5], num_images=0, seed=2)
     inputs = {"input_ids": p.input_ids, "attention_mask": p.attention_mask, **p.extra}
@@ -60,7 +59,8 @@ CASES = [  # (k, ratio, ranking, batch text lengths, images)
 # sdpa: the unmodified model itself differs from eager by ~2e-5 on these logits (fp32).
 @pytest.mark.parametrize("attn,tol", [("eager", 1e-5), ("sdpa", 1e-4)])
 @pytest.mark.parametrize("k,ratio,ranking,lengths,images", CASES)
-def test_pruned_prefill_equals_independent_computation(preset, k, ratio, ranking, lengths, images, attn, tol):
+def test_pruned_prefill_equals_independent_computation(preset, k, ratio, ranking, lengths, images, attn, tol,
+                                                       model_and_adapter):
     model, adapter = model_and_adapter(preset, attn)
     eager, eager_adapter = model_and_adapter(preset, "eager")
     prompt = make_prompt(adapter, lengths, num_images=images, seed=3)
@@ -72,7 +72,7 @@ def test_pruned_prefill_equals_independent_computation(preset, k, ratio, ranking
     with apply_fastv(model, cfg) as h:
         logits = _logits(model, inputs)
         kept = h.kept_positions
-        m = h.candidate_positions.shape[1]
+        m = h.candidates.shape[1]
     assert m == images * adapter.image_tokens_per_image()
     assert torch.equal(kept, ref_kept)
     assert logits.shape == ref_logits.shape
@@ -82,7 +82,7 @@ def test_pruned_prefill_equals_independent_computation(preset, k, ratio, ranking
     assert err <= tol, err
 
 
-def test_layers_after_k_run_on_kept_tokens_and_cache_two_lengths(preset):
+def test_layers_after_k_run_on_kept_tokens_and_cache_two_lengths(preset, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     prompt = make_prompt(adapter, [10], num_images=1, seed=4)
     n = prompt.input_ids.shape[1]
@@ -118,7 +118,7 @@ def test_layers_after_k_run_on_kept_tokens_and_cache_two_lengths(preset):
 
 
 @pytest.mark.parametrize("ranking", ["last", "mean"])
-def test_kv_cache_generation_equals_recompute_without_cache(preset, ranking):
+def test_kv_cache_generation_equals_recompute_without_cache(preset, ranking, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     prompt = make_prompt(adapter, [6], num_images=1, seed=6)
     inputs = prompt.model_inputs()
@@ -137,7 +137,7 @@ def test_kv_cache_generation_equals_recompute_without_cache(preset, ranking):
             assert int(logits.argmax(-1)) == int(seq[0, n + t])
 
 
-def test_batch_with_left_padding_equals_each_prompt_alone(preset):
+def test_batch_with_left_padding_equals_each_prompt_alone(preset, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     prompt = make_prompt(adapter, [3, 12, 7], num_images=1, seed=7)
     cfg = FastVConfig(k=2, ratio="1/2", ranking="mean")
@@ -155,7 +155,7 @@ def test_batch_with_left_padding_equals_each_prompt_alone(preset):
             assert torch.equal(h.kept_positions[0], pruned_real)
 
 
-def test_random_ranking_is_seeded_and_reproducible(preset):
+def test_random_ranking_is_seeded_and_reproducible(preset, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     inputs = make_prompt(adapter, [5], num_images=1, seed=8).model_inputs()
     kept = {}
@@ -167,7 +167,7 @@ def test_random_ranking_is_seeded_and_reproducible(preset):
     assert not torch.equal(kept[0][0], kept[1][0])
 
 
-def test_k0_random_prunes_before_the_first_layer(preset):
+def test_k0_random_prunes_before_the_first_layer(preset, model_and_adapter):
     model, adapter = model_and_adapter(preset)
     inputs = make_prompt(adapter, [5], num_images=1, seed=9).model_inputs()
     with apply_fastv(model, FastVConfig(k=0, ratio="1/2", ranking="random")) as h, torch.no_grad():
@@ -192,7 +192,7 @@ def test_ties_go_to_the_lower_position(preset):
         cfg = FastVConfig(k=2, keep=5, ranking=ranking)
         with apply_fastv(model, cfg) as h:
             _logits(model, prompt.model_inputs())
-            cand = h.candidate_positions[0].tolist()
+            cand = h.candidates[0].tolist()
             if ranking == "last":
                 assert len(set(h.candidate_scores[0].tolist())) == 1
             kept = set(h.kept_positions[0].tolist())
@@ -204,7 +204,7 @@ def test_python_selection_helper_breaks_ties_low():
 
 
 # ---- bad input ---------------------------------------------------------------------------------
-def test_bad_k_ratio_keep():
+def test_bad_k_ratio_keep(model_and_adapter):
     model, adapter = model_and_adapter("tiny-llava")
     with pytest.raises(FastVError, match="K=4 is out of range"):
         apply_fastv(model, FastVConfig(k=4))
@@ -219,7 +219,7 @@ def test_bad_k_ratio_keep():
             _logits(model, inputs)
 
 
-def test_batch_rows_with_different_image_counts():
+def test_batch_rows_with_different_image_counts(model_and_adapter):
     model, adapter = model_and_adapter("tiny-llava")
     p = make_prompt(adapter, [5, 5], num_images=1)
     ids = p.input_ids.clone()

@@ -7,7 +7,6 @@ of the gathered hidden states / position ids (bit-exact) and of the candidate sc
 (read from the inlined body) is the check."""
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from fractions import Fraction
@@ -21,6 +20,7 @@ import torch
 from onnx import TensorProto
 
 from fastv_export.reference import selection as ref
+from fastv_export.graphs import op
 from fastv_export.graphs import token_select as ts
 
 SCALE = 0.25
@@ -31,7 +31,6 @@ TORCH_DTYPE = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.floa
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@functools.lru_cache(maxsize=None)
 def _model(ranking, num, den, keep, seed, dtype, position_rank, opset=18):
     return ts.make_token_select_model(ranking=ranking, ratio_num=num, ratio_den=den, keep=keep, scale=SCALE,
                                       seed=seed, dtype=dtype, position_rank=position_rank, opset=opset)
@@ -41,12 +40,10 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@functools.lru_cache(maxsize=None)
 def session(ranking, num=1, den=2, keep=-1, seed=0, dtype=TensorProto.FLOAT, position_rank=2, opset=18):
     return _session(_model(ranking, num, den, keep, seed, dtype, position_rank, opset))
 
 
-@functools.lru_cache(maxsize=None)
 def scores_session(ranking, seed=0):
     """The body inlined, with its internal ``candidate_scores`` [B, M] exposed as an extra output."""
     model = onnx.inliner.inline_local_functions(_model(ranking, 1, 2, -1, seed, TensorProto.FLOAT, 2))
@@ -166,7 +163,7 @@ def seed_for(*parts) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the model
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 @pytest.mark.parametrize("position_rank", [2, 3])
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16])
 def test_model_is_checker_valid_and_shape_inference_types_outputs(ranking, position_rank, dtype):
@@ -175,7 +172,7 @@ def test_model_is_checker_valid_and_shape_inference_types_outputs(ranking, posit
     onnx.checker.check_model(model, full_check=True)
     assert {(o.domain, o.version) for o in model.opset_import} == {("", 18), ("fastv", 1)}
     (node,) = model.graph.node
-    assert (node.domain, node.op_type) == (ts.OP_DOMAIN, ts.OP_TYPE) == ("fastv", "TokenSelect")
+    assert (node.domain, node.op_type) == (op.OP_DOMAIN, op.OP_TYPE) == ("fastv", "TokenSelect")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == {"ranking": ranking.encode(), "ratio_num": 2, "ratio_den": 3, "keep": -1,
                      "scale": pytest.approx(SCALE), "seed": 7, "plugin_namespace": b"fastv", "plugin_version": b"1"}
@@ -223,7 +220,7 @@ def test_node_builder_and_constants():
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["plugin_namespace"] == b"fastv" and attrs["plugin_version"] == b"1"
     assert (attrs["ratio_num"], attrs["ratio_den"], attrs["keep"], attrs["seed"]) == (3, 7, 5, 3)
-    assert (ts.OP_DOMAIN, ts.OP_TYPE, ts.OP_VERSION, ts.PLUGIN_NAMESPACE, ts.PLUGIN_VERSION) == \
+    assert (op.OP_DOMAIN, op.OP_TYPE, op.OP_VERSION, op.PLUGIN_NAMESPACE, op.PLUGIN_VERSION) == \
         ("fastv", "TokenSelect", 1, "fastv", "1")
     bad = [dict(ranking="top"), dict(ratio_num=2, ratio_den=2), dict(ratio_num=-1), dict(ratio_den=0),
            dict(keep=-2), dict(seed=2**31), dict(seed=-1), dict(scale=float("nan"))]
@@ -240,13 +237,14 @@ def test_node_builder_and_constants():
 
 
 def test_one_function_serves_both_position_ranks():
-    a = ts.token_select_function("last", position_rank=2)
-    b = ts.token_select_function("last", position_rank=3)
-    assert a.SerializeToString() == b.SerializeToString()
+    a, b = (ts.make_token_select_model(ranking="last", ratio_num=1, ratio_den=2, scale=SCALE, position_rank=r)
+            for r in (2, 3))
+    want = ts.token_select_function("last").SerializeToString()
+    assert a.functions[0].SerializeToString() == b.functions[0].SerializeToString() == want
 
 
 # ---------------------------------------------------------------------------------------------- vs reference
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 @pytest.mark.parametrize("num,den", RATIOS)
 def test_ratios_match_reference(ranking, num, den):
     inputs = make_inputs(seed_for("ratio", ranking, num, den), ranking=ranking, n=23, m=13)
@@ -256,7 +254,7 @@ def test_ratios_match_reference(ranking, num, den):
     check_outputs(outs, inputs, kept_ref, scores, keep_m)
 
 
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 @pytest.mark.parametrize("keep", [0, 1, 5, 13, 40])
 def test_keep_mode_matches_reference(ranking, keep):
     inputs = make_inputs(seed_for("keep", ranking, keep), ranking=ranking, n=23, m=13)
@@ -266,7 +264,7 @@ def test_keep_mode_matches_reference(ranking, keep):
     check_outputs(outs, inputs, kept_ref, scores, keep_m)
 
 
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 @pytest.mark.parametrize("num,den,keep", [(0, 1, -1), (1, 2, -1), (9, 10, -1), (4, 9, -1), (1, 2, 0), (1, 2, 3)])
 @pytest.mark.parametrize("position_rank", [2, 3])
 def test_no_candidates_is_the_identity(ranking, num, den, keep, position_rank):
@@ -288,7 +286,7 @@ def test_gqa_matches_reference(ranking, h, hkv):
     check_outputs(outs, inputs, kept_ref, scores, keep_m)
 
 
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 @pytest.mark.parametrize("past", [0, 5])
 def test_left_padding_matches_reference(ranking, past):
     pads = [0, 3 + past, 7 + past]                               # three rows, different pad lengths
@@ -310,7 +308,7 @@ def test_past_matches_reference(ranking, past):
     check_outputs(outs, inputs, kept_ref, scores, keep_m)
 
 
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 def test_mrope_position_ids(ranking):
     inputs = make_inputs(seed_for("mrope", ranking), ranking=ranking, n=21, m=12, position_rank=3)
     keep_m = expected_keep(12, 3, 7, -1)
@@ -384,7 +382,7 @@ def test_ties_between_equal_scores_only():
         check_outputs(outs, inputs, kept_ref, scores, keep)
 
 
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 @pytest.mark.parametrize("position_rank", [2, 3])
 def test_fp16_inputs(ranking, position_rank):
     """fp16 in, fp16 out; scores in float32 from the same fp16 values as the reference, so the
@@ -398,7 +396,7 @@ def test_fp16_inputs(ranking, position_rank):
     check_outputs(outs, inputs, kept_ref, scores, keep_m, tol=1e-5)
 
 
-@pytest.mark.parametrize("ranking", ts.RANKINGS)
+@pytest.mark.parametrize("ranking", op.RANKINGS)
 def test_bf16_inputs(ranking):
     """bf16 through OrtValues (numpy has no bfloat16); the hidden-state output is read back through an
     appended exact Cast to float32."""

@@ -64,7 +64,7 @@ class ModelAdapter:
         """Random pixel inputs for ``num_images`` default-sized images, as the model's forward takes them."""
         raise NotImplementedError
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Language-model features [M, D] of ONE default-sized image (what vision.onnx computes)."""
         raise NotImplementedError
 
@@ -76,7 +76,7 @@ class ModelAdapter:
         """Extra per-token inputs the model's forward needs beside input_ids (none by default)."""
         return {}
 
-    def candidate_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def find_candidates(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Positions [B, M] (ascending) of all image/video tokens of each prompt: one pool."""
         ids = torch.tensor(self.image_token_ids(), device=input_ids.device)
         is_image = torch.isin(input_ids, ids)

@@ -27,7 +27,7 @@ class LlavaAdapter(ModelAdapter):
         pixels = torch.randn(num_images, v.num_channels, v.image_size, v.image_size, generator=generator)
         return {"pixel_values": pixels}
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
         feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
         return feats.reshape(-1, feats.shape[-1])

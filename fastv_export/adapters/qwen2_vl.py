@@ -21,7 +21,7 @@ class Qwen2VLAdapter(ModelAdapter):
         return (int(self.config.image_token_id), int(self.config.video_token_id))
 
     def image_tokens_per_image(self) -> int:
-        t, h, w = DEFAULT_GRID
+        t, h, w = self.image_grid
         return t * h * w // self.config.vision_config.spatial_merge_size ** 2
 
     def image_prompt_tokens(self) -> list[int]:
@@ -31,10 +31,10 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def vision_inputs(self, num_images: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         v = self.config.vision_config
-        t, h, w = DEFAULT_GRID
+        t, h, w = self.image_grid
         patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
         pixels = torch.randn(num_images * t * h * w, patch_dim, generator=generator)
-        return {"pixel_values": pixels, "image_grid_thw": torch.tensor([DEFAULT_GRID] * num_images)}
+        return {"pixel_values": pixels, "image_grid_thw": torch.tensor([self.image_grid] * num_images)}
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
@@ -43,11 +43,11 @@ class Qwen2VLAdapter(ModelAdapter):
         types[input_ids == c.video_token_id] = 2
         return {"mm_token_type_ids": types}
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
         visual = self.model.model.visual
-        grid = torch.tensor([DEFAULT_GRID])
+        grid = torch.tensor([self.image_grid])
         # the grid is fixed: precompute what the tower derives from it, so that tracing for export
         # sees constants instead of data-dependent loops
         with torch.no_grad():
@@ -61,7 +61,7 @@ class Qwen2VLAdapter(ModelAdapter):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         v = self.config.vision_config
-        t, h, w = DEFAULT_GRID
+        t, h, w = self.image_grid
         side = h * v.patch_size
         proc = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=v.patch_size,
                                         merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)

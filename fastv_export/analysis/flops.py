@@ -20,17 +20,15 @@ that layers ``>= K`` see ``n_hat = n - dropped`` tokens:
   lookup, the vision tower and projector, and FastV's own ranking (a top-k over M scores).
 
 The KV cache holds ``2 Hkv hd n`` elements per layer: ``n`` for layers < K, ``n_hat`` for layers
->= K (pruning happens once, in prefill). Bytes per element come from ``--dtype``.
+>= K (pruning happens once, in prefill). Bytes per element come from ``dtype``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fastv_export.config import FastVConfig
 from fastv_export.decoder_shape import DecoderShape
@@ -88,6 +86,24 @@ def exact_layer_flops(shape: DecoderShape, n: int) -> int:
 def kv_cache_layer_elems(shape: DecoderShape, n: int) -> int:
     """Elements of one layer's KV cache (keys and values) over ``n`` tokens."""
     return 2 * shape.num_kv_heads * shape.head_dim * n
+
+
+def decode_read_bytes(shape: DecoderShape, k: int, n: int, n_kept: int, steps: int,
+                      dtype: str = "fp16") -> tuple[int, int, int]:
+    """Bytes read over ``steps`` decode steps: (KV unpruned, KV FastV, weights). Step t attends over
+    n + t cached tokens in every layer (unpruned) or n + t below K and n' + t from K on (FastV).
+    Weights: the q/k/v/o projections, the gated MLP and the lm_head, read once per step (batch 1);
+    elements of ``dtype`` (:data:`DTYPE_BYTES`)."""
+    L = shape.num_layers
+    kv_base = kv_fastv = 0
+    for t in range(steps):
+        kv_base += L * kv_cache_layer_elems(shape, n + t)
+        kv_fastv += k * kv_cache_layer_elems(shape, n + t) + (L - k) * kv_cache_layer_elems(shape, n_kept + t)
+    d, hd = shape.hidden_size, shape.head_dim
+    layer = 2 * d * shape.num_heads * hd + 2 * d * shape.num_kv_heads * hd + 3 * d * shape.intermediate_size
+    weights = steps * (L * layer + d * shape.vocab_size)
+    elem = DTYPE_BYTES[dtype]
+    return kv_base * elem, kv_fastv * elem, weights * elem
 
 
 def _fastv_config(k: int, ratio: Fraction | float | str | None, keep: int | None) -> FastVConfig:
@@ -223,48 +239,7 @@ def exact_speedup(shape: DecoderShape, image_tokens: int = 576, text_tokens: int
     return 1 / estimate(shape, image_tokens, text_tokens, k, ratio, keep).exact_ratio
 
 
-# ------------------------------------------------------------------------------------------- CLI
-
-HELP = "theoretical FLOPs (paper Eq. 5 and an exact count) and KV-cache size of a FastV prefill"
-DESCRIPTION = f"""\
-Estimate what FastV saves in prefill, without running a model.
-
-Eq. 5 of the paper prices one decoder layer over n tokens at 4nd^2 + 2n^2d + 2ndm (d hidden size,
-m FFN intermediate size). With n = image + text tokens and n_hat = n - floor(M*R) (M image tokens,
-R the dropped fraction, an exact rational), layers < K see n tokens and layers >= K see n_hat.
-The paper's Table 1 "Flops(B)" column is the per-layer average of this in units of 1e9, with
-576 image + 36 text tokens (LLaVA-1.5-13B baseline: 154.6; K=2 R=50%: 84.6).
-
-Beside it, an exact count for the whole prefill (multiply-add = 2 FLOPs): q/k/v/o projections
-with grouped-query attention, causal attention (query i sees i keys), the gated MLP and the
-lm_head on the last token; norms, softmax and rotary embeddings are ignored. The KV cache holds
-n tokens in layers < K and n_hat in layers >= K.
-
---model-config takes a config.json (or checkpoint directory), a paper preset
-({', '.join(PAPER_PRESETS)}) or a built-in model preset (default: {DEFAULT_MODEL_CONFIG}).
-
-examples:
-  fastv-export flops --model-config llava-1.5-13b --k 2 --r 50%
-  fastv-export flops --model-config llava-1.5-7b --k 3 --r 3/4 --json
-  fastv-export flops --model-config path/to/config.json --image-tokens 2304 --keep 576 --dtype bf16
-"""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG, metavar="CONFIG.json|PRESET",
-                        help=f"HF config.json, checkpoint directory or preset (default {DEFAULT_MODEL_CONFIG})")
-    parser.add_argument("--image-tokens", type=int, default=576, metavar="M", help="image tokens (default 576)")
-    parser.add_argument("--text-tokens", type=int, default=36, metavar="T", help="text tokens (default 36)")
-    parser.add_argument("--k", type=int, default=2, help="pruning layer K (default 2)")
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--r", default=None, metavar="R",
-                      help="fraction of image tokens dropped: 0.5, 1/2 or 50%% (default 1/2)")
-    what.add_argument("--keep", type=int, default=None, metavar="N",
-                      help="absolute number of image tokens kept instead of --r")
-    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="fp16",
-                        help="KV-cache element type (default fp16)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
+# ---------------------------------------------------------------------------------------- text
 
 def format_report(rep: FlopsReport) -> str:
     """A short human-readable table of baseline vs FastV."""
@@ -289,11 +264,3 @@ def format_report(rep: FlopsReport) -> str:
         speed = f"{1 / ratio:.2f}x" if ratio else "inf"
         lines.append(f"{name:24}{base:14.3f}{fast:14.3f}{ratio:9.3f}{speed:>9}")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    shape = resolve_shape(args.model_config)
-    rep = estimate(shape, image_tokens=args.image_tokens, text_tokens=args.text_tokens, k=args.k,
-                   ratio=args.r, keep=args.keep, dtype=args.dtype, model=str(args.model_config))
-    print(json.dumps(rep.to_dict()) if args.json else format_report(rep))
-    return 0

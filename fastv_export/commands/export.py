@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from fastv_export.export.onnx_export import DTYPES, ExportOptions, export_bundle
 from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
+from fastv_export.graphs import spec
 
 HELP = "export a model with FastV as vision / embed / pre-K (+TokenSelect) / post-K ONNX graphs"
 DESCRIPTION = """\
@@ -26,12 +26,14 @@ then: fastv-export validate bundle
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     add_fastv_arguments(parser)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="graph precision (default fp32)")
+    parser.add_argument("--dtype", choices=list(spec.PRECISIONS), default="fp32", help="graph precision (default fp32)")
     parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastv_export.export.onnx_export import ExportOptions, export_bundle
+
     cfg = fastv_config_from_args(args)
     out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
     print(f"wrote {out} ({cfg.describe()}, {args.dtype}); next: fastv-export validate {out}")

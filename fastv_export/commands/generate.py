@@ -5,13 +5,8 @@ import argparse
 import json
 import time
 
-import torch
-
-from fastv_export.adapters import get_adapter
-from fastv_export.prompts import make_prompt
-from fastv_export.presets import load_model
-from fastv_export.reference.fastv import apply_fastv
 from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
+from fastv_export.errors import FastVError
 
 HELP = "greedy generation with FastV beside the unpruned model (tokens, kept tokens, prefill time)"
 DESCRIPTION = """\
@@ -38,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prefill_seconds(model, inputs, repeats: int) -> float:
+    """Best of ``repeats`` wall times of one prefill (a forward over the whole prompt)."""
+    import torch
+
     best = float("inf")
     with torch.no_grad():
         for _ in range(repeats):
@@ -48,7 +46,12 @@ def _prefill_seconds(model, inputs, repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastv_export.errors import FastVError
+    import torch
+
+    from fastv_export.adapters import get_adapter
+    from fastv_export.presets import load_model
+    from fastv_export.prompts import make_prompt
+    from fastv_export.reference.fastv import apply_fastv
 
     if args.batch < 1 or args.images < 0 or args.max_new_tokens < 1 or args.text_tokens < 1 or args.repeats < 1:
         raise FastVError("--batch, --text-tokens, --max-new-tokens and --repeats must be >= 1, --images >= 0")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             fast = model.generate(**inputs, **gen)
         kept = handle.kept_positions
-        m = 0 if handle.candidate_positions is None else handle.candidate_positions.shape[1]
+        m = 0 if handle.candidates is None else handle.candidates.shape[1]
         fast_time = _prefill_seconds(model, inputs, args.repeats)
     n = prompt.input_ids.shape[1]
     new = slice(n, None)

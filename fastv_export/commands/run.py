@@ -6,13 +6,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-
-from fastv_export.bundle import load_bundle
 from fastv_export.errors import FastVError
-from fastv_export.runtime.ort import OrtRuntime
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HELP = "generate from PNG image(s) and a text prompt with a bundle's graphs (ONNX Runtime)"
 DESCRIPTION = """\
@@ -82,12 +81,12 @@ def _checkpoint_codec(source: str) -> TextCodec:
     path = Path(source)
     if not (path / "config.json").is_file():
         raise FastVError(f"this bundle was exported from {source}, which is not a checkpoint directory here; `run` "
-                         "needs it for the tokenizer (or use the Python API OrtRuntime.generate with token ids)")
+                         "needs it for the tokenizer (or use the Python API fastv_export.runtime.generate.generate with token ids)")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise FastVError(f"{path} holds no usable tokenizer ({str(exc).splitlines()[0]}); add its tokenizer files "
-                         "or use the Python API OrtRuntime.generate with token ids") from None
+                         "or use the Python API fastv_export.runtime.generate.generate with token ids") from None
     return TextCodec(encode=lambda text: tok.encode(text, add_special_tokens=False),
                      decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                      bos_token_id=tok.bos_token_id, config=AutoConfig.from_pretrained(path, local_files_only=True))
@@ -110,7 +109,10 @@ def prompt_ids(prompt: str, codec: TextCodec, image_tokens: list[int], num_image
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from fastv_export.adapters import adapter_class_for
+    from fastv_export.bundle import load_bundle
     from fastv_export.presets import PRESETS
 
     if not args.prompt.strip():
@@ -126,15 +128,17 @@ def run(args: argparse.Namespace) -> int:
     images = _load_images(args.image, adapter)
     ids = prompt_ids(args.prompt, codec, m["image_tokens"]["prompt_tokens_per_image"], len(images))
     ids = np.array([ids], dtype=np.int64)
-    runtime = OrtRuntime(bundle)
-    gen = runtime.generate(ids, np.ones_like(ids), images, args.max_new_tokens,
-                           eos_token_id=m["source_model"].get("eos_token_id"))
+    from fastv_export.runtime.generate import generate
+    from fastv_export.runtime.ort import OrtRunner
+
+    gen = generate(OrtRunner(bundle), ids, np.ones_like(ids), images, args.max_new_tokens,
+                   eos_token_id=bundle.eos_token_id)
     tokens = gen.tokens[0].tolist()
-    print(f"prompt: {ids.shape[1]} tokens ({len(images)} image(s)); kept {gen.kept_indices.shape[1]} after "
+    print(f"prompt: {ids.shape[1]} tokens ({len(images)} image(s)); kept {gen.kept.shape[1]} after "
           f"TokenSelect (K={m['fastv']['k']}, R={m['fastv']['ratio']}, {m['fastv']['ranking']})")
     print(f"tokens: {tokens}")
     print(f"text  : {codec.decode(tokens)!r}")
-    if logging.getLogger().isEnabledFor(logging.INFO):
+    if logging.getLogger(__name__).isEnabledFor(logging.INFO):   # -v
         for stage, sec in gen.timings.items():
             print(f"  {stage:>16}: {sec * 1e3:8.2f} ms")
     return 0

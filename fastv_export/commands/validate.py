@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastv_export.validate import format_report, validate_bundle
+from fastv_export.errors import FastVError
 
 HELP = "compare a bundle's ONNX graphs with the PyTorch reference FastV (exit 0 only if all pass)"
 DESCRIPTION = """\
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastv_export.errors import FastVError
+    from fastv_export.validate import format_report, validate_bundle
 
     try:
         sizes = tuple(int(x) for x in args.batch_sizes.split(","))

@@ -4,7 +4,7 @@ layers included) converts, which layers it becomes and which output shapes Tenso
 
 - :func:`import_trt` returns the ``tensorrt_rtx_bindings`` module, after making sure that the wheel's
   ``libtensorrt_rtx.so -> libtensorrt_rtx.so.1`` link exists (without it the ONNX parser aborts the process
-  when it creates a plugin; see ``../shared/TENSORRT-NOTES.md``).
+  when it creates a plugin; see ``docs/design.md`` §4).
 - :func:`load_plugin_library` / :func:`unload_plugin_library` / :func:`plugin_library` register a plugin
   library (e.g. ``libfastv_plugins.so``) in TensorRT's global plugin registry, once per process.
 - :func:`parse_onnx` parses a model into a network and reports its layer types and output shapes.

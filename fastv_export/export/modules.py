@@ -1,10 +1,11 @@
-"""torch modules that torch.onnx exports as the split graphs (embed, pre-K, post-K).
+"""torch modules that torch.onnx exports as the split graphs (vision, embed, pre-K, post-K).
 
 They call the model's own decoder layers, rotary embedding, norm and head (nothing re-implemented)
-with plain tensors in and out: the KV cache enters as ``past_key_values.{i}.key|value`` tensors and
-leaves as ``present.{i}.key|value``; the attention mask is the Optimum-style [B, past + n] 0/1 mask,
-turned into a causal additive mask here. Layer K-1's post-rotary query and key leave pre-K as extra
-outputs that graph surgery (graphs/surgery.py) wires into the TokenSelect node.
+with plain tensors in and out, in the order of the graph spec (fastv_export/graphs/spec.py): the
+KV cache enters as one past key and value tensor per layer and leaves as the present ones; the
+attention mask is the Optimum-style [B, past + n] 0/1 mask, turned into a causal additive mask
+here. Layer K-1's post-rotary query and key leave pre-K as extra outputs that graph surgery
+(graphs/surgery.py) wires into the TokenSelect node.
 """
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ class PreK(DecoderSlice):
         attn.config._attn_implementation_internal = CAPTURE_IMPL
         attn._fastv_export = (self.holder, original)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        hidden, present = self.run(inputs_embeds, attention_mask, position_ids, list(past))
+    def forward(self, embeds, mask, positions, *past):
+        hidden, present = self.run(embeds, mask, positions, list(past))
         q = self.holder.pop("query")
         k = self.holder.pop("key")
         if self.query_rows == "last":
@@ -123,29 +124,29 @@ class PostK(DecoderSlice):
         self.norm = adapter.text_model().norm
         self.lm_head = adapter.lm_head()
 
-    def forward(self, hidden_states, attention_mask, position_ids, *past):
-        hidden, present = self.run(hidden_states, attention_mask, position_ids, list(past))
+    def forward(self, hidden, mask, positions, *past):
+        hidden, present = self.run(hidden, mask, positions, list(past))
         return (self.lm_head(self.norm(hidden[:, -1:])), *present)
 
 
 class Embed(nn.Module):
     """Token embedding with image features placed at the image-token positions, in order:
-    input_ids [B, n], image_features [F, D] (F = image tokens of the whole batch) -> [B, n, D]."""
+    ids [B, n], features [F, D] (F = image tokens of the whole batch) -> [B, n, D]."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         super().__init__()
         self.embed_tokens = adapter.text_model().embed_tokens
         self.register_buffer("image_ids", torch.tensor(adapter.image_token_ids()), persistent=False)
 
-    def forward(self, input_ids, image_features):
-        emb = self.embed_tokens(input_ids)
-        is_image = (input_ids[..., None] == self.image_ids).any(-1)
+    def forward(self, ids, features):
+        emb = self.embed_tokens(ids)
+        is_image = (ids[..., None] == self.image_ids).any(-1)
         order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0) - 1
         # image-token ids beyond the features given (e.g. generated during decode, F = 0) keep their
         # token embedding, as in the HF model; one zero row keeps the gather in bounds when F = 0
-        is_image = is_image & (order < image_features.shape[0]).reshape(is_image.shape)
-        table = torch.cat([image_features.to(emb.dtype), emb.new_zeros(1, emb.shape[-1])], dim=0)
-        picked = table[order.clamp(min=0, max=image_features.shape[0])].reshape(emb.shape)
+        is_image = is_image & (order < features.shape[0]).reshape(is_image.shape)
+        table = torch.cat([features.to(emb.dtype), emb.new_zeros(1, emb.shape[-1])], dim=0)
+        picked = table[order.clamp(min=0, max=features.shape[0])].reshape(emb.shape)
         return torch.where(is_image[..., None], picked, emb)
 
 
@@ -158,5 +159,5 @@ class Vision(nn.Module):
         self.adapter = adapter
         self.model = adapter.model
 
-    def forward(self, pixel_values):
-        return self.adapter.image_features(pixel_values)
+    def forward(self, pixels):
+        return self.adapter.encode_image(pixels)

@@ -3,8 +3,6 @@ graphs and manifest.json, written atomically (temporary directory, then rename).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +13,15 @@ from tqdm import tqdm
 from fastv_export.adapters import ModelAdapter, get_adapter
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
+from fastv_export.files import atomic_directory
+from fastv_export.graphs import spec
 from fastv_export.export.modules import Embed, PostK, PreK, Vision
 from fastv_export.presets import load_model
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-GRAPH_FILES = ("vision.onnx", "embed.onnx", "pre_k.onnx", "post_k.onnx")
+DTYPES = {precision: getattr(torch, name) for precision, name in spec.PRECISIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -33,31 +32,43 @@ class ExportOptions:
     force: bool = False
 
 
-def kv_names(prefix: str, layers: range) -> list[str]:
-    return [f"{prefix}.{i}.{t}" for i in layers for t in ("key", "value")]
-
-
-def _position_dims(adapter: ModelAdapter, batch, seq) -> dict:
-    return {0: batch, 1: seq} if adapter.position_rank == 2 else {1: batch, 2: seq}
-
-
-def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_shapes, opset: int, tracer: str = "dynamo") -> None:
-    """torch.onnx export; ``tracer="jit"`` (TorchScript tracing, static shapes) serves vision towers whose
-    Python control flow on a fixed image grid torch.export cannot trace."""
+def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphSpec, opset: int,
+            tracer: str = "dynamo") -> None:
+    """torch.onnx export of ``module`` as ``graph`` (names and dynamic dims from the spec);
+    ``tracer="jit"`` (TorchScript tracing, static shapes) serves vision towers whose Python control
+    flow on a fixed image grid torch.export cannot trace."""
     if tracer == "jit":
         with torch.no_grad():
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamo=False, opset_version=opset)
+            torch.onnx.export(module, args, str(path), input_names=graph.input_names,
+                              output_names=graph.output_names, dynamo=False, opset_version=opset)
         return
     from fastv_export.graphs.surgery import name_ir_dims
 
     with torch.no_grad():
-        program = torch.onnx.export(module, args, None, input_names=input_names, output_names=output_names,
-                                    dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                    verbose=False)
-    name_ir_dims(program.model)   # readable dims (batch, seq, ...) for the manifest
+        program = torch.onnx.export(module, args, None, input_names=graph.input_names,
+                                    output_names=graph.output_names, dynamo=True,
+                                    dynamic_shapes=_dynamic_shapes(module, graph), opset_version=opset, verbose=False)
+    name_ir_dims(program.model, graph)   # readable dims (batch, seq, ...) for the manifest
     program.save(str(path))
+
+
+def _dynamic_shapes(module: torch.nn.Module, graph: spec.GraphSpec):
+    """torch.export's dynamic_shapes for ``module.forward``: the spec's dynamic axes of each input,
+    keyed by the forward's parameter names (``*past`` takes the KV-cache inputs); None if static."""
+    import inspect
+
+    from torch.export import Dim
+
+    axes = [{i: Dim.DYNAMIC for i in t.dynamic_axes()} or None for t in graph.inputs]
+    if not any(axes):
+        return None
+    params = inspect.signature(module.forward).parameters.values()
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    shapes: dict = dict(zip(named, axes))
+    rest = [p.name for p in params if p.kind == p.VAR_POSITIONAL]
+    if rest:
+        shapes[rest[0]] = tuple(axes[len(named):])
+    return shapes
 
 
 def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: int, n: int = 5, past: int = 3,
@@ -72,62 +83,54 @@ def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: i
     return hidden, mask, pos.contiguous(), kv
 
 
-def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, out: Path, opset: int) -> dict:
-    """Write the four graphs into ``out``; returns their I/O description for the manifest."""
-    from torch.export import Dim
-
+def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, out: Path,
+                  opset: int) -> dict[str, spec.GraphSpec]:
+    """Write the four graphs of :func:`spec.bundle_graphs` into ``out`` and return their specs."""
+    from fastv_export.graphs.schema import register_schema
     from fastv_export.graphs.surgery import insert_token_select
-
-    info = adapter.decoder_shape()
-    k, num_layers = cfg.k, info.num_layers
-    dyn = Dim.DYNAMIC
-    steps = tqdm(total=4, desc="export", unit="graph", leave=False)
-
-    # vision: one default-sized image -> [M, D]
     from fastv_export.prompts import make_prompt
-    pixel = {k_: v for k_, v in make_prompt(adapter, 1, num_images=1).vision.items() if k_ == "pixel_values"}
-    vision = Vision(adapter).eval()
-    _export(vision, (pixel["pixel_values"].to(dtype),), out / "vision.onnx", ["pixel_values"], ["image_features"],
-            None, opset, tracer="jit" if adapter.position_rank == 3 else "dynamo")
+
+    shape = adapter.decoder_shape()
+    k, num_layers, rank = cfg.k, shape.num_layers, adapter.position_rank
+    pixels = make_prompt(adapter, 1, num_images=1).vision[spec.PIXEL_VALUES].to(dtype)
+    graphs = spec.bundle_graphs(k, num_layers, rank, pixels.shape)
+    steps = tqdm(total=len(graphs), desc="export", unit="graph", leave=False)
+
+    # vision: one default-sized image -> [tokens_per_image, D]
+    _export(Vision(adapter).eval(), (pixels,), out / graphs["vision"].file, graphs["vision"], opset,
+            tracer="jit" if rank == 3 else "dynamo")
     steps.update()
 
     # embed: token embedding + image features at the image-token positions
     ids = torch.randint(10, 400, (2, 6))
     ids[0, 2], ids[1, 3] = adapter.image_token_ids()[0], adapter.image_token_ids()[0]
-    feats = torch.randn(2, info.hidden_size, dtype=dtype)
-    _export(Embed(adapter).eval(), (ids, feats), out / "embed.onnx", ["input_ids", "image_features"],
-            ["inputs_embeds"], {"input_ids": {0: dyn, 1: dyn}, "image_features": {0: dyn}}, opset)
+    feats = torch.randn(2, shape.hidden_size, dtype=dtype)
+    _export(Embed(adapter).eval(), (ids, feats), out / graphs["embed"].file, graphs["embed"], opset)
     steps.update()
 
     # pre-K: layers < K, then TokenSelect (graph surgery)
-    query_rows = "all" if cfg.ranking == "mean" else "last"
-    pre = PreK(adapter, k, query_rows).eval()
+    pre = PreK(adapter, k, "all" if cfg.ranking == "mean" else "last").eval()
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, k)
-    pre_in = ["inputs_embeds", "attention_mask", "position_ids"] + kv_names("past_key_values", range(k))
-    pre_out = ["layer_hidden", "layer_query", "layer_key"] + kv_names("present", range(k))
-    shapes = {"inputs_embeds": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn},
-              "position_ids": _position_dims(adapter, dyn, dyn), "past": tuple({0: dyn, 2: dyn} for _ in kv)}
     raw = out / "pre_k.raw.onnx"
-    _export(pre, (hidden, mask, pos, *kv), raw, pre_in, pre_out, shapes, opset)
-    scale = float(adapter.layers()[k - 1].self_attn.scaling)
-    model = insert_token_select(onnx.load(str(raw)), cfg, scale=scale, position_rank=adapter.position_rank)
-    onnx.save(model, str(out / "pre_k.onnx"))
+    _export(pre, (hidden, mask, pos, *kv), raw, spec.pre_k_export_graph(k, rank), opset)
+    model = insert_token_select(onnx.load(str(raw)), ranking=cfg.ranking, ratio_num=cfg.r.numerator,
+                                ratio_den=cfg.r.denominator, keep=-1 if cfg.keep is None else cfg.keep,
+                                seed=cfg.seed, scale=float(adapter.layers()[k - 1].self_attn.scaling),
+                                position_rank=rank)
+    onnx.save(model, str(out / graphs["pre_k"].file))
     raw.unlink()
     steps.update()
 
     # post-K: layers >= K, norm, lm_head
-    post = PostK(adapter, k).eval()
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, num_layers - k)
-    post_in = ["hidden_states", "attention_mask", "position_ids"] + kv_names("past_key_values", range(k, num_layers))
-    post_out = ["logits"] + kv_names("present", range(k, num_layers))
-    shapes = {"hidden_states": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn},
-              "position_ids": _position_dims(adapter, dyn, dyn), "past": tuple({0: dyn, 2: dyn} for _ in kv)}
-    _export(post, (hidden, mask, pos, *kv), out / "post_k.onnx", post_in, post_out, shapes, opset)
+    _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv), out / graphs["post_k"].file, graphs["post_k"],
+            opset)
     steps.update()
     steps.close()
-    for name in GRAPH_FILES:
-        onnx.checker.check_model(str(out / name), full_check=True)
-    return {}
+    register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
+    for g in graphs.values():
+        onnx.checker.check_model(str(out / g.file), full_check=True)
+    return graphs
 
 
 def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions = ExportOptions()) -> Path:
@@ -137,34 +140,15 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
     out = Path(out_dir)
     if options.dtype not in DTYPES:
         raise FastVError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    if out.exists() and not options.force:
-        raise FastVError(f"{out} already exists; pass --force to overwrite it")
     if cfg.k == 0:
         raise FastVError("export needs K >= 1 (K = 0 prunes before any decoder layer; use the PyTorch "
                          "reference for that ablation)")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise FastVError(f"the parent directory of {out} does not exist; create it first")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise FastVError(f"cannot write into {parent} ({exc.strerror}); choose a writable --out") from None
-    try:
+    with atomic_directory(out, force=options.force) as tmp:
         dtype = DTYPES[options.dtype]
         model = load_model(options.model, attn_implementation="eager", dtype=dtype)
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
-        export_graphs(adapter, cfg, dtype, tmp, options.opset)
-        write_manifest(tmp, adapter, cfg, options)
-        if out.exists():
-            old = parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        graphs = export_graphs(adapter, cfg, dtype, tmp, options.opset)
+        write_manifest(tmp, adapter, cfg, options, graphs)
     log.info("bundle written to %s", out)
     return out

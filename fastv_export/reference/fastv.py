@@ -25,7 +25,7 @@ from torch import nn
 from fastv_export.adapters import ModelAdapter, get_adapter
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
-from fastv_export.reference.selection import candidate_scores, random_scores, score_last, score_mean, select_kept
+from fastv_export.reference.selection import candidate_scores, select_kept
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class FastVHandle:
         return None if p is None else p.kept
 
     @property
-    def candidate_positions(self) -> torch.Tensor | None:
+    def candidates(self) -> torch.Tensor | None:
         p = self._state.prefill
         return None if p is None else p.candidates
 
@@ -148,7 +148,7 @@ def _start_forward(state: _State, adapter: ModelAdapter, args: tuple, kwargs: di
         if kwargs.get("inputs_embeds") is not None:
             raise FastVError("FastV needs input_ids to find the image tokens; call the model with input_ids")
         return
-    candidates = adapter.candidate_positions(input_ids)
+    candidates = adapter.find_candidates(input_ids)
     m = candidates.shape[1]
     keep = state.config.keep_count(m)
     if m == 0 or (keep == m and state.forced is None):
@@ -178,11 +178,8 @@ def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     pre = state.prefill
     if state.phase == "prefill" and state.forced is None and pre.scores is None:
         scale = kwargs.get("scaling") or module.scaling
-        if state.config.ranking == "last":
-            full = score_last(query, key, pre.key_valid, scale)
-        else:
-            full = score_mean(query, key, pre.key_valid, scale)
-        pre.scores = torch.gather(full, 1, pre.candidates.to(full.device))
+        pre.scores = candidate_scores(state.config.ranking, pre.candidates.to(query.device), query=query, key=key,
+                                      key_valid=pre.key_valid.to(query.device), scale=scale)
     return original(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -232,7 +229,7 @@ def _decide(state: _State, device: torch.device) -> torch.Tensor:
         kept = keep_mask.nonzero()[:, 1].view(b, n - pre.candidates.shape[1] + pre.keep)
     else:
         if pre.scores is None:  # K = 0 or ranking "random": no attention needed
-            pre.scores = random_scores(pre.candidates, state.config.seed)
+            pre.scores = candidate_scores("random", pre.candidates, seed=state.config.seed)
         kept = select_kept(pre.scores.to(device), pre.candidates.to(device), n, pre.keep)
     pre.kept = kept
     return kept

@@ -1,4 +1,4 @@
-"""FastV scoring and selection in PyTorch: the normative semantics of DESIGN §2.
+"""FastV scoring and selection in PyTorch: the normative semantics of docs/design.md §2.
 
 Everything here works from layer K-1's post-rotary query and key (never a materialised n x n
 attention map), in float32, so the same functions serve the plug-and-play reference, the
@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import torch
 
-# Seeded "random" ranking: an integer hash of (seed, position) that the ONNX function body and the
-# CUDA plugin compute bit-exactly too (int64 arithmetic, result < 2^24 so float32 holds it exactly).
-HASH_PRIME = 2147483647  # 2^31 - 1
-HASH_A, HASH_B, HASH_C, HASH_D = 48271, 69621, 12345, 1013904223
-SEED_LIMIT = 2**31
+from fastv_export.graphs import op
+
 MEAN_ROW_CHUNK = 256
 
 
 def random_scores(positions: torch.Tensor, seed: int) -> torch.Tensor:
-    """Seeded pseudo-random scores in [0, 1) for token positions (same shape, float32)."""
-    if not 0 <= seed < SEED_LIMIT:
+    """Seeded pseudo-random scores in [0, 1) for token positions (same shape, float32).
+
+    The integer hash of (seed, position) of ``fastv_export.graphs.op`` (``op.random_score_int``),
+    vectorised: the ONNX function body and the CUDA plugin compute it bit-exactly too (int64
+    arithmetic, result < 2^24 so float32 holds it exactly).
+    """
+    if not 0 <= seed < op.SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2^31), got {seed}")
     p = positions.to(torch.int64)
-    h1 = (p * HASH_A + seed * HASH_B + HASH_C) % HASH_PRIME
-    h2 = (h1 * h1 + HASH_D) % HASH_PRIME
-    return (h2 // 128).to(torch.float32) * (2.0**-24)
+    h1 = (p * op.HASH_A + seed * op.HASH_B + op.HASH_C) % op.HASH_PRIME
+    h2 = (h1 * h1 + op.HASH_D) % op.HASH_PRIME
+    return (h2 // op.HASH_SHIFT).to(torch.float32) * op.RANDOM_SCORE_SCALE
 
 
 def _expand_kv_heads(key: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -80,34 +82,34 @@ def score_mean(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, 
     return (total / n_rows[:, None, None]).mean(dim=1)
 
 
-def select_kept(candidate_scores: torch.Tensor, candidate_positions: torch.Tensor, seq_len: int,
+def select_kept(candidate_scores: torch.Tensor, candidates: torch.Tensor, seq_len: int,
                 keep: int) -> torch.Tensor:
     """Kept positions [B, seq_len - M + keep], ascending: every non-candidate position plus the
     ``keep`` best-scoring candidates (ties go to the lower position).
 
-    candidate_scores [B, M] float, candidate_positions [B, M] int64 ascending.
+    candidate_scores [B, M] float, candidates [B, M] int64 ascending.
     """
-    b, m = candidate_positions.shape
+    b, m = candidates.shape
     if not 0 <= keep <= m:
         raise ValueError(f"keep={keep} must be within [0, {m}]")
-    keep_mask = torch.ones(b, seq_len, dtype=torch.bool, device=candidate_positions.device)
+    keep_mask = torch.ones(b, seq_len, dtype=torch.bool, device=candidates.device)
     if m:
         # stable sort on descending score: equal scores keep ascending position order
         order = torch.sort(candidate_scores.float(), dim=1, descending=True, stable=True).indices
-        chosen = torch.gather(candidate_positions, 1, order[:, :keep])
-        keep_mask.scatter_(1, candidate_positions, False)
+        chosen = torch.gather(candidates, 1, order[:, :keep])
+        keep_mask.scatter_(1, candidates, False)
         keep_mask.scatter_(1, chosen, True)
     n_kept = seq_len - m + keep
     return keep_mask.nonzero()[:, 1].view(b, n_kept)
 
 
-def candidate_scores(ranking: str, candidate_positions: torch.Tensor, *, seed: int = 0,
+def candidate_scores(ranking: str, candidates: torch.Tensor, *, seed: int = 0,
                      query: torch.Tensor | None = None, key: torch.Tensor | None = None,
                      key_valid: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """Scores [B, M] of the candidates under ``ranking`` (query/key from layer K-1, no past)."""
     if ranking == "random":
-        return random_scores(candidate_positions, seed)
+        return random_scores(candidates, seed)
     if query is None or key is None or key_valid is None:
         raise ValueError(f"ranking {ranking!r} needs layer K-1's query, key and padding mask")
     full = score_last(query, key, key_valid, scale) if ranking == "last" else score_mean(query, key, key_valid, scale)
-    return torch.gather(full, 1, candidate_positions)
+    return torch.gather(full, 1, candidates)

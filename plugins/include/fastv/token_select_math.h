@@ -38,7 +38,7 @@ enum Ranking : int32_t
     kRankRandom = 2,
 };
 
-// the hash of docs/token_select.md (same constants as fastv_export/selection.py)
+// the hash of docs/token_select.md (the same constants as graphs/op.py, checked by tests/test_op_constants.py)
 constexpr int64_t kHashPrime = 2147483647; // 2^31 - 1
 constexpr int64_t kHashA = 48271;
 constexpr int64_t kHashB = 69621;

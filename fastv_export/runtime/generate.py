@@ -1,0 +1,149 @@
+"""Greedy generation over any :class:`~fastv_export.runtime.runner.Runner`, written once:
+vision -> embed -> pre_k (TokenSelect) -> post_k in prefill, then decode steps over the two KV
+caches (layers < K hold n prompt tokens, layers >= K the n' kept ones), exactly as the manifest's
+``pipeline`` section describes. The prefill's feeds and outputs of every graph are kept
+(:class:`StageIO`) so that validation can check each graph on the very inputs it saw.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from fastv_export.errors import FastVError
+from fastv_export.graphs import spec
+from fastv_export.runtime.positions import decode_positions, prefill_positions
+from fastv_export.runtime.runner import Runner
+
+#: how the prefill's pre_k call is made: (runner, feeds) -> outputs. The default runs the graph; a
+#: comparator may substitute a selection of its own (see fastv_export.validate.forced_selection).
+PreKStep = Callable[[Runner, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class StageIO:
+    """Feeds and outputs of one graph call, by name."""
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray                     # [B, T] generated token ids
+    step_logits: list[np.ndarray]          # T x [B, V] logits that chose each token
+    kept: np.ndarray                       # [B, n'] kept prompt positions
+    prefill: dict[str, StageIO] = field(default_factory=dict)   # graph -> its prefill call
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def find_candidates(input_ids: np.ndarray, image_token_ids) -> np.ndarray:
+    """Positions [B, M] (ascending) of the image tokens of each row; every row must hold M."""
+    is_image = np.isin(input_ids, np.asarray(image_token_ids))
+    counts = is_image.sum(axis=1)
+    if len(set(counts.tolist())) > 1:
+        raise FastVError(f"the prompts of this batch hold different numbers of image tokens ({counts.tolist()})")
+    return np.stack([np.nonzero(row)[0] for row in is_image]).astype(np.int64).reshape(len(input_ids), -1)
+
+
+def empty_past(runner: Runner, batch: int, layers: range) -> dict[str, np.ndarray]:
+    """Zero-length KV caches of ``layers`` (what a prefill feeds)."""
+    heads, head_dim = runner.bundle.kv_shape
+    z = np.zeros((batch, heads, 0, head_dim), dtype=runner.bundle.float_dtype)
+    return {name: z for name in spec.past_names(layers)}
+
+
+def _next_past(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {spec.present_to_past(n): v for n, v in outputs.items() if spec.is_present(n)}
+
+
+def encode_images(runner: Runner, images: list[np.ndarray]) -> np.ndarray:
+    """The vision graph on each image (pixel values of one image each), concatenated in order."""
+    bundle = runner.bundle
+    if not images:
+        return np.zeros((0, bundle.hidden_size), dtype=bundle.float_dtype)
+    want = bundle.vision_input_shape
+    feats = []
+    for i, px in enumerate(images):
+        if list(px.shape) != list(want):
+            raise FastVError(f"image {i} has pixel values of shape {list(px.shape)}; this bundle's vision graph "
+                             f"takes {want} (one image of the exported size)")
+        out = runner.infer("vision", {spec.PIXEL_VALUES: px.astype(bundle.float_dtype)})
+        feats.append(out[spec.IMAGE_FEATURES])
+    return np.concatenate(feats, axis=0)
+
+
+def _run_pre_k(runner: Runner, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return runner.infer("pre_k", feeds)
+
+
+def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, images: list[np.ndarray],
+             max_new_tokens: int, *, eos_token_id: int | None = None,
+             pre_k_step: PreKStep = _run_pre_k) -> Generation:
+    """Greedy generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``)."""
+    bundle = runner.bundle
+    k, num_layers = bundle.k, bundle.num_layers
+    timings: dict[str, float] = {}
+    record: dict[str, StageIO] = {}
+    t0 = time.perf_counter()
+    input_ids = input_ids.astype(np.int64)
+    attention_mask = attention_mask.astype(np.int64)
+    b = input_ids.shape[0]
+    feats = encode_images(runner, images)
+    record["vision"] = StageIO({}, {spec.IMAGE_FEATURES: feats})
+    timings["vision"] = time.perf_counter() - t0
+    positions = prefill_positions(bundle.manifest, input_ids, attention_mask)
+
+    t1 = time.perf_counter()
+    feeds = {spec.INPUT_IDS: input_ids, spec.IMAGE_FEATURES: feats}
+    embeds = runner.infer("embed", feeds)[spec.INPUTS_EMBEDS]
+    record["embed"] = StageIO(feeds, {spec.INPUTS_EMBEDS: embeds})
+    feeds = {spec.INPUTS_EMBEDS: embeds, spec.ATTENTION_MASK: attention_mask, spec.POSITION_IDS: positions,
+             **empty_past(runner, b, range(k)),
+             spec.CANDIDATE_POSITIONS: find_candidates(input_ids, bundle.image_token_ids)}
+    pre = pre_k_step(runner, feeds)
+    record["pre_k"] = StageIO(feeds, pre)
+    kept = pre[spec.KEPT_INDICES]
+    pre_past = _next_past(pre)
+    post_mask = np.take_along_axis(attention_mask, kept, axis=1)
+    timings["pre_k"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    feeds = {spec.HIDDEN_STATES: pre[spec.HIDDEN_STATES], spec.ATTENTION_MASK: post_mask,
+             spec.POSITION_IDS: pre[spec.SELECTED_POSITION_IDS], **empty_past(runner, b, range(k, num_layers))}
+    post = runner.infer("post_k", feeds)
+    record["post_k"] = StageIO(feeds, post)
+    post_past = _next_past(post)
+    logits = post[spec.LOGITS][:, -1].astype(np.float32)
+    timings["post_k"] = time.perf_counter() - t2
+    timings["prefill"] = time.perf_counter() - t0
+
+    tokens, step_logits = [], []
+    no_features = np.zeros((0, embeds.shape[-1]), dtype=bundle.float_dtype)
+    no_candidates = np.zeros((b, 0), dtype=np.int64)
+    ones = np.ones((b, 1), dtype=np.int64)
+    finished = np.zeros(b, dtype=bool)
+    t3 = time.perf_counter()
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1).astype(np.int64)
+        if eos_token_id is not None:
+            nxt = np.where(finished, bundle.pad_token_id, nxt)
+            finished |= nxt == eos_token_id
+        tokens.append(nxt)
+        step_logits.append(logits)
+        if step == max_new_tokens - 1 or finished.all():
+            break
+        emb = runner.infer("embed", {spec.INPUT_IDS: nxt[:, None], spec.IMAGE_FEATURES: no_features})
+        attention_mask = np.concatenate([attention_mask, ones], axis=1)
+        post_mask = np.concatenate([post_mask, ones], axis=1)
+        o = runner.infer("pre_k", {spec.INPUTS_EMBEDS: emb[spec.INPUTS_EMBEDS], spec.ATTENTION_MASK: attention_mask,
+                                   spec.POSITION_IDS: decode_positions(positions, step), **pre_past,
+                                   spec.CANDIDATE_POSITIONS: no_candidates})
+        pre_past = _next_past(o)
+        res = runner.infer("post_k", {spec.HIDDEN_STATES: o[spec.HIDDEN_STATES], spec.ATTENTION_MASK: post_mask,
+                                      spec.POSITION_IDS: o[spec.SELECTED_POSITION_IDS], **post_past})
+        post_past = _next_past(res)
+        logits = res[spec.LOGITS][:, -1].astype(np.float32)
+    timings["decode_per_token"] = (time.perf_counter() - t3) / max(1, len(tokens) - 1)
+    return Generation(np.stack(tokens, axis=1), step_logits, kept, record, timings)

@@ -1,0 +1,120 @@
+"""fastv_export.validate: export -> ONNX Runtime -> validation against the PyTorch reference (issue 4
+acceptance), an fp16 bundle within its stated tolerance, a perturbed weight caught, a borderline swap
+reported and passed on the forced-selection rerun.
+
+Exports take ~10-20 s each on 2 cores, so CI runs a pairwise cover of the acceptance matrix
+(every preset, ranking, K in {1, 2, last} and R in {0, 1/2, 3/4, 9/10} appear); the full matrix
+runs with scripts/validate_matrix.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from fastv_export import FastVConfig
+from fastv_export.bundle import load_bundle
+from fastv_export.cli import main as cli
+from fastv_export.validate import validate_bundle
+from tests.helpers import copy_bundle, rewrite_checksum
+
+pytestmark = pytest.mark.slow   # every test validates an exported bundle
+
+PAIRWISE = [  # (model, K, R, ranking)
+    ("tiny-llava", 2, "1/2", "last"),
+    ("tiny-llava", 1, "9/10", "mean"),
+    ("tiny-llava", 3, "3/4", "last"),
+    ("tiny-qwen2-vl", 2, "3/4", "mean"),
+    ("tiny-qwen2-vl", 1, "1/2", "last"),
+    ("tiny-qwen2-vl", 3, "9/10", "mean"),
+    ("tiny-qwen2-vl", 2, "0", "last"),
+]
+
+
+@pytest.mark.parametrize("model,k,ratio,ranking", PAIRWISE)
+def test_export_then_validate_passes(model, k, ratio, ranking, exported_bundle):
+    path = exported_bundle(model, k, ratio, ranking)
+    for name in ("vision.onnx", "embed.onnx", "pre_k.onnx", "post_k.onnx"):
+        onnx.checker.check_model(str(path / name), full_check=True)
+    report = validate_bundle(path, max_new_tokens=32, batch_sizes=(1, 3))
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+    for case in report["cases"]:
+        assert case["tokens_identical"] and case["max_logits_error"] <= 1e-4
+
+
+def test_fp16_export_validates_within_stated_tolerance(exported_bundle):
+    path = exported_bundle("tiny-llava", 2, "1/2", "last", "fp16")
+    report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1,))
+    assert report["precision"] == "fp16" and report["tolerances"]["logits"] == 1e-1
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+
+
+def test_a_perturbed_post_k_weight_fails_validation(exported_bundle, tmp_path):
+    path = copy_bundle(exported_bundle("tiny-llava", 2, "1/2"), tmp_path)
+    m = onnx.load(str(path / "post_k.onnx"))
+    init = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr.flat[0] += 0.05
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(m, str(path / "post_k.onnx"))
+    rewrite_checksum(path, "post_k.onnx")          # a consistent bundle with one wrong weight
+    report = validate_bundle(path, max_new_tokens=8, batch_sizes=(1,))
+    assert not report["passed"]
+    assert not report["cases"][0]["graphs"]["post_k"]["passed"]
+    assert cli(["validate", str(path), "--max-new-tokens", "4", "--batch-sizes", "1"]) == 1
+
+
+def test_a_borderline_swap_is_reported_and_the_forced_selection_passes(exported_bundle, tmp_path, monkeypatch):
+    """Ties constructed in the reference scores (zero key projection in layer K-1: uniform
+    attention); the graphs are made to keep a different tied candidate. Validation must report the
+    swap as borderline and pass on the forced-selection rerun."""
+    from fastv_export.presets import build_preset
+    from fastv_export.runtime.ort import OrtRunner
+    from fastv_export.runtime.runner import Runner
+    from fastv_export.validate import forced_selection
+
+    path = exported_bundle("tiny-llava", 2, "1/2")
+    model = build_preset("tiny-llava")
+    layer = model.model.language_model.layers[1].self_attn
+    with torch.no_grad():
+        layer.k_proj.weight.zero_()
+    monkeypatch.setattr("fastv_export.validate.load_model", lambda *a, **k: model)
+
+    class SwappingRunner(Runner):
+        """The ONNX Runtime graphs, except that a pruning pre_k keeps the (tied) candidate just
+        after the cut-off instead of the last one before it."""
+        name = "swapping"
+
+        def __init__(self, bundle):
+            super().__init__(bundle)
+            self.inner = OrtRunner(bundle)
+
+        def infer(self, graph, feeds):
+            cands = feeds.get("candidate_positions")
+            if graph != "pre_k" or cands is None or cands.shape[1] == 0:
+                return self.inner.infer(graph, feeds)
+            b, n = feeds["attention_mask"].shape
+            m = cands.shape[1]
+            keep = m - m // 2
+            kept = np.sort(np.concatenate([np.setdiff1d(np.arange(n), cands[0]),
+                                           cands[0, :keep - 1], cands[0, keep:keep + 1]]))[None]
+            return forced_selection(np.repeat(kept, b, axis=0))(self.inner, feeds)
+
+    # the graphs were exported from the unmodified weights: re-export pre_k from this model
+    from fastv_export.export.onnx_export import export_graphs
+    from fastv_export.adapters import get_adapter
+    tmp = copy_bundle(path, tmp_path)
+    eager = build_preset("tiny-llava", attn_implementation="eager")
+    with torch.no_grad():
+        eager.model.language_model.layers[1].self_attn.k_proj.weight.zero_()
+    export_graphs(get_adapter(eager), FastVConfig(k=2, ratio="1/2"), torch.float32, tmp, 18)
+    for f in ("vision.onnx", "embed.onnx", "pre_k.onnx", "post_k.onnx"):
+        rewrite_checksum(tmp, f)
+    report = validate_bundle(tmp, max_new_tokens=8, batch_sizes=(1,), runner=SwappingRunner(load_bundle(tmp)))
+    case = report["cases"][0]
+    assert not case["selection_identical"]
+    assert {s["kept_by"] for s in case["borderline_swaps"]} == {"reference", "graphs"}
+    assert case["forced_tokens_identical"] and case["forced_max_logits_error"] <= 1e-4
+    assert report["passed"]
