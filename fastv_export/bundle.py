@@ -210,4 +210,24 @@ def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:
                 onnx.load(str(f), load_external_data=False)
             except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
                 raise FastVError(f"{f} is not a readable ONNX file ({type(exc).__name__}); re-export") from None
+    _verify_engine_records(manifest, mpath)
     return Bundle(root, manifest)
+
+
+def _verify_engine_records(manifest: dict, mpath: Path) -> None:
+    """The ``engines`` section (when engines were built) must name files whose checksums are those
+    of ``files`` (which load_bundle has just verified against the files themselves)."""
+    section = manifest.get("engines")
+    if section is None:
+        return
+    if not isinstance(section, dict) or not isinstance(section.get("engines"), dict):
+        raise FastVError(f"{mpath}: field 'engines' must be null or an object with 'engines'; re-run fastv-export build")
+    files = manifest["files"]
+    for graph, e in section["engines"].items():
+        if files.get(e.get("file"), {}).get("sha256") != e.get("sha256"):
+            raise FastVError(f"{mpath}: field 'engines.engines.{graph}.sha256' does not match the file "
+                             f"{e.get('file')!r}: the engine is not the one built; rebuild with fastv-export build")
+    plugin = section.get("plugin")
+    if plugin is not None and files.get(op.PLUGIN_LIBRARY, {}).get("sha256") != plugin.get("sha256"):
+        raise FastVError(f"{mpath}: field 'engines.plugin.sha256' does not match {op.PLUGIN_LIBRARY}: the plugin "
+                         "library is not the one the engines were built with; rebuild with fastv-export build")

@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "fastv_export.commands.export",
     "validate": "fastv_export.commands.validate",
     "run": "fastv_export.commands.run",
+    "build": "fastv_export.commands.build",
+    "pipeline": "fastv_export.commands.pipeline",
     "flops": "fastv_export.commands.flops",
     "analyze": "fastv_export.commands.analyze",
 }
@@ -38,6 +40,7 @@ built-in tiny model by default (--model tiny-llava); pass --model DIR for a loca
 checkpoint.
 
 examples:
+  fastv-export pipeline --out bundle --force     # export, validate, build engines, summary
   fastv-export generate --k 2 --r 1/2            # FastV vs unpruned on the default model
   fastv-export flops --model-config llava-1.5-13b --image-tokens 576 --text-tokens 36 --k 2 --r 50%
   fastv-export analyze --out analysis/           # attention allocation per layer (paper Fig. 3)

@@ -62,6 +62,9 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as exc:
         raise FastVError(f"cannot write into {parent} ({exc.strerror}); choose a writable --out") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)                 # mkdtemp's 0700 -> what mkdir would have given
     try:
         yield tmp
         if out.exists():

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", default=[], metavar="PNG", help="an image (repeatable)")
     parser.add_argument("--prompt", required=True, help="the instruction text")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                        help="run the ONNX graphs (default) or the engines of `fastv-export build` (needs a GPU)")
 
 
 def _load_images(paths: list[str], adapter) -> list[np.ndarray]:
@@ -81,7 +83,8 @@ def _checkpoint_codec(source: str) -> TextCodec:
     path = Path(source)
     if not (path / "config.json").is_file():
         raise FastVError(f"this bundle was exported from {source}, which is not a checkpoint directory here; `run` "
-                         "needs it for the tokenizer (or use the Python API fastv_export.runtime.generate.generate with token ids)")
+                         "needs it for the tokenizer (or use the Python API fastv_export.runtime.generate.generate "
+                         "with token ids)")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
@@ -114,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from fastv_export.adapters import adapter_class_for
     from fastv_export.bundle import load_bundle
     from fastv_export.presets import PRESETS
+    from fastv_export.runtime.generate import generate
+    from fastv_export.runtime.runner import open_runner
 
     if not args.prompt.strip():
         raise FastVError("--prompt is empty; give the instruction text")
@@ -128,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
     images = _load_images(args.image, adapter)
     ids = prompt_ids(args.prompt, codec, m["image_tokens"]["prompt_tokens_per_image"], len(images))
     ids = np.array([ids], dtype=np.int64)
-    from fastv_export.runtime.generate import generate
-    from fastv_export.runtime.ort import OrtRunner
-
-    gen = generate(OrtRunner(bundle), ids, np.ones_like(ids), images, args.max_new_tokens,
+    gen = generate(open_runner(bundle, args.backend), ids, np.ones_like(ids), images, args.max_new_tokens,
                    eos_token_id=bundle.eos_token_id)
     tokens = gen.tokens[0].tolist()
     print(f"prompt: {ids.shape[1]} tokens ({len(images)} image(s)); kept {gen.kept.shape[1]} after "

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,3", help="comma-separated batch sizes (default 1,3)")
     parser.add_argument("--report-dir", default=None, help="where validation.json goes (default BUNDLE/validation)")
+    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                        help="run the ONNX graphs (default) or the engines of `fastv-export build` (needs a GPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
         raise FastVError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
     if args.max_new_tokens < 1 or any(s < 1 for s in sizes):
         raise FastVError("--max-new-tokens and every batch size must be >= 1")
-    report = validate_bundle(args.bundle, args.max_new_tokens, sizes, args.report_dir)
+    from fastv_export.bundle import load_bundle
+    from fastv_export.runtime.runner import open_runner
+
+    runner = open_runner(load_bundle(args.bundle), args.backend)
+    report = validate_bundle(args.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner)
     print(format_report(report))
     return 0 if report["passed"] else 1

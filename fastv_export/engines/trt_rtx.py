@@ -52,6 +52,7 @@ class AotBuild(NamedTuple):
     engine: bytes
     layer_types: list[str]
     messages: list[LogMessage]
+    timing_cache: bytes = b""      # the builder's timing cache after the build (when one was given)
 
 
 class TrtBuildError(FastVError):
@@ -347,13 +348,15 @@ def _compute_capability(trt, name: str):
 def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | None = None,
                      compute_capabilities: Sequence[str] = DEFAULT_TARGETS, profiles: Sequence[Profile] | None = None,
                      workspace_bytes: int | None = None, min_severity: str = "INFO",
-                     parsed: ParsedNetwork | None = None, capture_stderr: bool = True) -> AotBuild:
+                     parsed: ParsedNetwork | None = None, capture_stderr: bool = True,
+                     timing_cache: bytes | None = None) -> AotBuild:
     """Build a serialized TensorRT-RTX engine ahead of time for ``compute_capabilities`` (no GPU needed).
 
     ``profiles``: optimization profiles, each {input name: (min, opt, max)}; required when the model has
     dynamic input dimensions. Returns AotBuild(engine bytes, layer types, log messages); raises
     TrtBuildError (a FastVError) with TensorRT's messages when parsing or building fails. ``parsed``: a
-    network from :func:`parse_onnx` to build instead of parsing ``model`` again.
+    network from :func:`parse_onnx` to build instead of parsing ``model`` again. ``timing_cache``: a
+    serialized timing cache to start from (``b""`` for a new one); the result carries it updated.
     """
     trt = import_trt()
     if not compute_capabilities:
@@ -367,6 +370,8 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
         config.set_compute_capability(cc, i)
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if timing_cache is not None:
+        config.set_timing_cache(config.create_timing_cache(timing_cache), False)
     dynamic = [n for n, s in net.input_shapes.items() if any(d < 0 for d in s)]
     if dynamic and not profiles:
         raise FastVError(f"inputs {', '.join(dynamic)} have dynamic dimensions: pass profiles=[{{name: (min, opt, "
@@ -383,7 +388,8 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
     if serialized is None:
         raise TrtBuildError(f"TensorRT-RTX could not build the engine for {', '.join(compute_capabilities)}",
                             net.messages)
-    return AotBuild(bytes(serialized), net.layer_types, list(net.messages))
+    cache = b"" if timing_cache is None else bytes(config.get_timing_cache().serialize())
+    return AotBuild(bytes(serialized), net.layer_types, list(net.messages), cache)
 
 
 def with_static_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:

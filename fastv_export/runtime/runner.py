@@ -28,3 +28,20 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def infer(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run graph ``graph`` ("vision", "embed", "pre_k" or "post_k") once; all outputs by name."""
+
+
+#: the runners a command can name (``--backend``)
+RUNNERS = ("onnxruntime", "tensorrt")
+
+
+def open_runner(bundle: Bundle, backend: str = "onnxruntime") -> Runner:
+    """The runner ``backend`` for ``bundle``: ONNX Runtime on its ONNX graphs, or TensorRT on the
+    engines that ``fastv-export build`` recorded (a GPU is needed for those)."""
+    if backend == "onnxruntime":
+        from fastv_export.runtime.ort import OrtRunner
+        return OrtRunner(bundle)
+    if backend == "tensorrt":
+        from fastv_export.engines.runner import TrtRunner
+        return TrtRunner(bundle)
+    from fastv_export.errors import FastVError
+    raise FastVError(f"--backend must be one of {', '.join(RUNNERS)}, got {backend!r}")

@@ -1,0 +1,84 @@
+"""`fastv-export pipeline`: model -> bundle -> validation -> engines, in one command."""
+from __future__ import annotations
+
+import argparse
+
+from fastv_export.commands.build import add_build_arguments, build_options_from_args, build_with_progress
+from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
+from fastv_export.graphs import spec
+
+HELP = "export, validate with ONNX Runtime and build TensorRT engines in one go, then summarise"
+DESCRIPTION = """\
+The whole deployment path on one model: `export` (ONNX graphs + manifest), `validate` (the graphs in
+ONNX Runtime against the PyTorch reference), `build` (TensorRT engines, post-K for the pruned
+length), then a summary: the FLOPs saving (paper Eq. 5 and an exact count) and the deep-layer KV
+saving at the engines' limits, the validation result, the engines and their sizes, and what was
+verified on this machine and what was not (engines built ahead of time are not run without a GPU).
+Stops at the first failing step (validation failing: exit 1, no engines built).
+
+examples:
+  fastv-export pipeline --out bundle --force                      # tiny-llava, K=2, R=1/2, TensorRT-RTX
+  fastv-export pipeline --model tiny-qwen2-vl --r 3/4 --no-plugin --out qwen-bundle
+  fastv-export pipeline --model /ckpt/llava-1.5-7b-hf --dtype fp16 --max-prompt 1024 --out llava7b
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    add_fastv_arguments(parser)
+    parser.add_argument("--dtype", choices=list(spec.PRECISIONS), default="fp32", help="graph precision (default fp32)")
+    parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.add_argument("--validate-tokens", type=int, default=16, metavar="T",
+                        help="greedy tokens compared by the validation (default 16)")
+    add_build_arguments(parser)
+
+
+def _flops_lines(model: str, manifest: dict, section: dict) -> list[str]:
+    from fastv_export.analysis.flops import estimate, resolve_shape
+
+    n = section["lengths"]
+    f = manifest["fastv"]
+    rep = estimate(resolve_shape(model), image_tokens=n["image_tokens"], text_tokens=n["prompt"] - n["image_tokens"],
+                   k=f["k"], ratio=None if f["keep"] is not None else f["ratio"], keep=f["keep"],
+                   dtype=manifest["precision"]).to_dict()
+    return [f"FLOPs of a {n['prompt']}-token prefill ({n['image_tokens']} image tokens): Eq. 5 ratio "
+            f"{rep['eq5_ratio']:.3f} ({rep['eq5_speedup']:.2f}x), exact ratio {rep['exact_ratio']:.3f} "
+            f"({rep['exact_speedup']:.2f}x)",
+            f"KV cache of that prompt: {rep['kv_cache_baseline_bytes'] / 2**20:.2f} MiB unpruned -> "
+            f"{rep['kv_cache_bytes'] / 2**20:.2f} MiB with FastV (layers >= K hold n'={n['kept']} of "
+            f"{n['prompt']} tokens)"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastv_export.engines.build import _gpu_target, format_summary
+    from fastv_export.export.onnx_export import ExportOptions, export_bundle
+    from fastv_export.validate import format_report, validate_bundle
+
+    cfg = fastv_config_from_args(args)
+    options = build_options_from_args(args)
+    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
+    print(f"1/3 exported {out} ({cfg.describe()}, {args.dtype})")
+    report = validate_bundle(out, args.validate_tokens, (1, 3))
+    print(f"2/3 validation (ONNX Runtime vs the PyTorch reference): {'PASSED' if report['passed'] else 'FAILED'}")
+    if not report["passed"]:
+        print(format_report(report))
+        return 1
+    section = build_with_progress(str(out), options)
+    print("3/3 engines built")
+    from fastv_export.bundle import load_bundle
+
+    manifest = load_bundle(out).manifest
+    worst = max(c["max_logits_error"] for c in report["cases"])
+    gpu = _gpu_target()
+    lines = ["", f"summary of {out}", *(_flops_lines(args.model, manifest, section)),
+             f"validation: {len(report['cases'])} cases (batch 1 and 3, {args.validate_tokens} tokens), greedy tokens "
+             f"identical, worst logits error {worst:.2e} (tolerance {report['tolerances']['logits']})",
+             format_summary(section),
+             "verified on this machine: the graphs in ONNX Runtime against the PyTorch reference; the engines "
+             f"were built ({section['backend']} {section['backend_version']})",
+             "not verified here: " + ("running the engines (run `fastv-export validate " f"{out} --backend tensorrt`)"
+                                      if gpu else "running the engines (no GPU on this machine); on the target run "
+                                      f"`fastv-export validate {out} --backend tensorrt`")]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,352 @@
+"""Build a bundle's TensorRT engines and record them in its manifest (docs/design.md §4).
+
+``build_engines(bundle, options)`` builds ``vision``, ``embed``, ``pre_k`` and ``post_k`` engines
+with the profiles of :mod:`fastv_export.engines.profiles` (post-K over the pruned length n'),
+writes them, the plugin library, the timing cache and ``build_engines.sh`` (the same builds as
+``trtexec`` lines, for a device with its own TensorRT) into the bundle and records an ``engines``
+section in ``manifest.json``. The bundle is replaced atomically: a failed build leaves it as it was.
+
+Backends: ``tensorrt-rtx`` (TensorRT for RTX, ahead of time for the named compute capabilities,
+no GPU needed) and ``tensorrt`` (TensorRT 10, a build for the GPU of the machine). Networks are
+strongly typed: the engines' precision is the bundle's.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnx
+
+from fastv_export.bundle import MANIFEST, Bundle, load_bundle
+from fastv_export.engines.profiles import BuildLimits, engine_profiles, kv_cache_bytes, lengths, trtexec_shape_flags
+from fastv_export.errors import FastVError
+from fastv_export.files import atomic_directory, atomic_write_json, atomic_write_text, sha256
+from fastv_export.graphs import op, spec
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "tensorrt-rtx")
+ENGINE_SUFFIX = ".engine"
+TIMING_CACHE = "timing.cache"
+TRTEXEC_SCRIPT = "build_engines.sh"
+#: the layer type an IPluginV3 plugin becomes in a network
+PLUGIN_LAYER = "PLUGIN_V3"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    backend: str | None = None                       # None: tensorrt if it imports, else tensorrt-rtx
+    compute_capabilities: tuple[str, ...] = ("8.6", "8.9")   # tensorrt-rtx targets
+    plugin_library: str | None = None                 # None: the library built from plugins/
+    use_plugin: bool = True                           # False: TokenSelect's ONNX function body
+    limits: BuildLimits = field(default_factory=BuildLimits)
+
+
+def resolve_backend(name: str | None) -> str:
+    """The backend to build with: ``name``, or TensorRT 10 when it imports, else TensorRT-RTX."""
+    if name is not None and name not in BACKENDS:
+        raise FastVError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name is None:
+        name = "tensorrt" if importlib.util.find_spec("tensorrt") else "tensorrt-rtx"
+    if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        raise FastVError("TensorRT 10 (Python package `tensorrt`) is not installed on this machine; install it "
+                         "where the engines will run, or build ahead of time with --backend tensorrt-rtx")
+    return name
+
+
+def backend_version(backend: str) -> str:
+    if backend == "tensorrt-rtx":
+        from fastv_export.engines.trt_rtx import import_trt
+        return import_trt().__version__
+    import tensorrt
+    return tensorrt.__version__
+
+
+def target_names(compute_capabilities: Sequence[str]) -> list[str]:
+    """"8.6", "86", "sm86" or "SM86" -> "SM86" (validated against what TensorRT-RTX offers); "current":
+    the GPU of this machine."""
+    from fastv_export.engines.trt_rtx import import_trt
+
+    offered = [m for m in import_trt().ComputeCapability.__members__ if m.startswith("SM")]
+    out = []
+    for cc in compute_capabilities:
+        if str(cc).strip().lower() == "current":       # this machine's GPU (needs one)
+            out.append("CURRENT")
+            continue
+        key = "SM" + str(cc).upper().replace("SM", "").replace("_", "").replace(".", "").strip()
+        if key not in offered:
+            raise FastVError(f"compute capability {cc!r} is not one TensorRT-RTX builds for ahead of time; it offers "
+                             f"{', '.join(o[2:-1] + '.' + o[-1] for o in offered)} (Jetson Orin 8.7, H100 9.0 and "
+                             f"Thor 11.0 need TensorRT on the device: see --print-trtexec)")
+        out.append(key)
+    if not out:
+        raise FastVError("--compute-capability names no target; give e.g. 8.6,8.9")
+    return out
+
+
+def default_plugin_library(targets: Sequence[str] = ()) -> Path:
+    """The plugin library built from this checkout's plugins/ (scripts/build_plugin.sh), for the CUDA
+    architectures of ``targets`` (SM86 -> 86; none or CURRENT: the script's default list)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "scripts" / "build_plugin.sh"
+    if not script.is_file():
+        raise FastVError("no plugin library: pass --plugin-lib PATH (a libfastv_plugins.so built with "
+                         "scripts/build_plugin.sh from the fastv-export sources) or --no-plugin")
+    log.info("building the TokenSelect plugin with %s", script)
+    archs = [t[2:] for t in targets if t.startswith("SM")]
+    cmd = ["bash", str(script)] + (["--archs", ";".join(archs)] if archs and len(archs) == len(targets) else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FastVError(f"building the plugin library failed ({tail[0]}); build it with scripts/build_plugin.sh "
+                         "and pass --plugin-lib, or use --no-plugin")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def without_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose TokenSelect node carries no ``plugin_namespace``/``plugin_version``: TensorRT's
+    parser then expands the node's ONNX function body even when the plugin is registered."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.domain == op.OP_DOMAIN and node.op_type == op.OP_TYPE:
+            keep = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- trtexec
+def trtexec_lines(manifest: dict, limits: BuildLimits, use_plugin: bool = True) -> list[str]:
+    """``trtexec`` command lines that build the same engines with TensorRT 10 on the target device
+    (Jetson builds on the device: engines are not portable across GPUs or TensorRT versions)."""
+    profiles = engine_profiles(manifest, limits)
+    lines = []
+    for graph in spec.GRAPHS:
+        args = ["trtexec", f"--onnx={graph}.onnx", f"--saveEngine={graph}{ENGINE_SUFFIX}", "--stronglyTyped",
+                f"--timingCacheFile={TIMING_CACHE}"]
+        args += trtexec_shape_flags(profiles[graph])
+        if graph == "pre_k" and use_plugin:
+            args += [f"--dynamicPlugins={op.PLUGIN_LIBRARY}", f"--setPluginsToSerialize={op.PLUGIN_LIBRARY}"]
+        lines.append(" ".join(shlex.quote(a) for a in args))
+    return lines
+
+
+def trtexec_script(manifest: dict, limits: BuildLimits, use_plugin: bool = True) -> str:
+    head = ["#!/usr/bin/env bash",
+            "# Build this bundle's engines with TensorRT 10's trtexec on the device that will run them",
+            "# (Jetson Orin/Thor: build on the device; engines are not portable across GPUs or TensorRT versions).",
+            f"# Limits: {json.dumps(limits.to_dict())}; post_k is built for the pruned length.",
+            "set -euo pipefail", 'cd "$(dirname "$0")"']
+    if use_plugin:
+        head.append(f"# needs {op.PLUGIN_LIBRARY} here, built for this GPU (plugins/ of fastv-export)")
+    return "\n".join(head + trtexec_lines(manifest, limits, use_plugin)) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- build
+@dataclass
+class EngineResult:
+    graph: str
+    file: str
+    bytes: int
+    seconds: float
+    layers: int
+    plugin_layers: int
+
+
+def _build_rtx(onnx_path: Path, profiles: list[dict], targets: list[str], plugin: Path | None,
+               timing_cache: bytes) -> tuple[bytes, list[str], bytes]:
+    from fastv_export.engines import trt_rtx
+
+    model = onnx.load(str(onnx_path))
+    if plugin is None:
+        model = without_plugin_attributes(model)
+        built = trt_rtx.build_engine_aot(model, compute_capabilities=targets, profiles=profiles or None,
+                                         timing_cache=timing_cache, min_severity="WARNING")
+    else:   # registered for this build only (unless the caller had loaded it already)
+        with trt_rtx.plugin_library(plugin):
+            built = trt_rtx.build_engine_aot(model, compute_capabilities=targets, profiles=profiles or None,
+                                             timing_cache=timing_cache, min_severity="WARNING")
+    return built.engine, built.layer_types, built.timing_cache
+
+
+def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
+                 timing_cache: bytes) -> tuple[bytes, list[str], bytes]:   # pragma: no cover - needs a GPU
+    """TensorRT 10 on this machine's GPU (not run in CI: no GPU there)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if plugin is not None:
+        builder.get_plugin_registry().load_library(str(plugin))
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    model = onnx.load(str(onnx_path))
+    if plugin is None:
+        model = without_plugin_attributes(model)
+    if not parser.parse(model.SerializeToString()):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise FastVError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_timing_cache(config.create_timing_cache(timing_cache), False)
+    if plugin is not None:
+        config.plugins_to_serialize = [str(plugin)]
+    for prof in profiles:
+        p = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.items():
+            p.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(p)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise FastVError(f"TensorRT could not build {onnx_path.name}")
+    layers = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
+    return bytes(engine), layers, bytes(config.get_timing_cache().serialize())
+
+
+def _copy_bundle(src: Path, dst: Path) -> None:
+    """Everything of the bundle but its previous engines, hard-linked where possible."""
+    for f in src.iterdir():
+        if f.is_dir() or f.name.endswith(ENGINE_SUFFIX) or f.name in (op.PLUGIN_LIBRARY, TRTEXEC_SCRIPT):
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+    if (src / "validation").is_dir():
+        shutil.copytree(src / "validation", dst / "validation")
+
+
+def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Build the engines of the bundle at ``path``; returns the manifest's new ``engines`` section.
+    ``progress(graph)`` is called as each engine's build starts (after every input was checked)."""
+    bundle = load_bundle(path)
+    manifest = bundle.manifest
+    backend = resolve_backend(options.backend)
+    version = backend_version(backend)
+    targets = target_names(options.compute_capabilities) if backend == "tensorrt-rtx" else ["CURRENT"]
+    profiles = engine_profiles(manifest, options.limits)        # validates the limits first
+    plugin = None
+    if options.use_plugin:
+        plugin = Path(options.plugin_library) if options.plugin_library else default_plugin_library(targets)
+        if not plugin.is_file():
+            raise FastVError(f"plugin library {plugin} does not exist: build it with scripts/build_plugin.sh, "
+                             "or pass --no-plugin to build TokenSelect's ONNX function body")
+    cache_file = bundle.path / TIMING_CACHE
+    cache = cache_file.read_bytes() if cache_file.is_file() else b""
+    results: dict[str, EngineResult] = {}
+    engines: dict[str, dict] = {}
+    with atomic_directory(bundle.path, force=True) as tmp:
+        _copy_bundle(bundle.path, tmp)
+        for graph in spec.GRAPHS:
+            if progress:
+                progress(graph)
+            start = time.perf_counter()
+            graph_plugin = plugin if graph == "pre_k" else None
+            profs = list(profiles[graph].values())
+            if backend == "tensorrt-rtx":
+                data, layers, cache = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache)
+            else:
+                data, layers, cache = _build_trt10(bundle.file(graph), profs, graph_plugin, cache)
+            n_plugin = layers.count(PLUGIN_LAYER)
+            if graph == "pre_k" and n_plugin != (1 if plugin else 0):
+                raise FastVError(f"pre_k's engine has {n_plugin} {PLUGIN_LAYER} layers, expected "
+                                 f"{1 if plugin else 0}: " + ("the plugin library did not provide TokenSelect "
+                                                             f"({plugin})" if plugin else "the function body was "
+                                                             "not expanded"))
+            name = f"{graph}{ENGINE_SUFFIX}"
+            (tmp / name).write_bytes(data)
+            results[graph] = EngineResult(graph, name, len(data), time.perf_counter() - start, len(layers), n_plugin)
+            engines[graph] = {
+                "file": name, "sha256": sha256(tmp / name), "bytes": len(data),
+                "profiles": [{"name": p, "shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in s.items()}}
+                             for p, s in profiles[graph].items()],
+                "kv_cache_bytes_at_max": kv_cache_bytes(manifest, options.limits, graph),
+                "layers": len(layers), "plugin_layers": n_plugin, "build_seconds": round(results[graph].seconds, 3)}
+        (tmp / TIMING_CACHE).write_bytes(cache)
+        plugin_entry = None
+        if plugin is not None:
+            shutil.copy2(plugin, tmp / op.PLUGIN_LIBRARY)
+            plugin_entry = dict(op.PLUGIN_IDENTITY, sha256=sha256(tmp / op.PLUGIN_LIBRARY),
+                                serialized_in_engine=backend == "tensorrt", source=str(plugin.resolve()))
+        atomic_write_text(tmp / TRTEXEC_SCRIPT, trtexec_script(manifest, options.limits, plugin is not None))
+        n = lengths(manifest, options.limits)
+        section = {
+            "backend": backend, "backend_version": version, "targets": targets,
+            "precision": manifest["precision"], "strongly_typed": True,
+            "token_select": "plugin" if plugin is not None else "onnx_function_body",
+            "plugin": plugin_entry,
+            "limits": options.limits.to_dict(),
+            "lengths": {"prompt": n.prompt, "image_tokens": n.image_tokens, "kept": n.kept,
+                        "new_tokens": n.new_tokens},
+            "timing_cache": TIMING_CACHE, "trtexec_script": TRTEXEC_SCRIPT,
+            "engines": engines,
+        }
+        new = dict(manifest, engines=section)
+        new["files"] = {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
+                        for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MANIFEST}
+        atomic_write_json(tmp / MANIFEST, new)
+    log.info("engines written into %s", bundle.path)
+    return section
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_engines(bundle: Bundle) -> None:
+    """Refuse engines that this machine cannot use, with one line: a backend version other than the
+    installed one, or a GPU that is not among the targets. (Checksums of the engines and the plugin
+    library were verified by load_bundle.)"""
+    section = bundle.manifest.get("engines")
+    where = f"{bundle.path}/{MANIFEST}"
+    if not section:
+        raise FastVError(f"{where} records no engines: build them with `fastv-export build {bundle.path}`")
+    backend = section["backend"]
+    try:
+        installed = backend_version(backend)
+    except FastVError as exc:
+        raise FastVError(f"{where}: the engines were built with {backend} {section['backend_version']}, which "
+                         f"is not installed here ({exc})") from None
+    if installed != section["backend_version"]:
+        raise FastVError(f"{where}: the engines were built with {backend} {section['backend_version']}, this machine "
+                         f"has {installed}; rebuild them with `fastv-export build {bundle.path}`")
+    gpu = _gpu_target()
+    if gpu is not None and "CURRENT" not in section["targets"] and gpu not in section["targets"]:
+        raise FastVError(f"{where}: the engines target {', '.join(section['targets'])}, this GPU is {gpu}; rebuild "
+                         f"with --compute-capability {gpu[2:-1]}.{gpu[-1]}")
+
+
+def _gpu_target() -> str | None:
+    """SM<major><minor> of this machine's first GPU (None without one or without torch.cuda)."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"SM{major}{minor}"
+    except Exception:  # noqa: BLE001 - no usable CUDA: nothing to check
+        return None
+
+
+def format_summary(section: dict) -> str:
+    """A table of the engines: file size, profiles' seq/past maxima, KV bytes, build time."""
+    lines = [f"engines: {section['backend']} {section['backend_version']}, targets {', '.join(section['targets'])}, "
+             f"{section['precision']}, TokenSelect as {section['token_select'].replace('_', ' ')}",
+             f"lengths: prompt n={section['lengths']['prompt']} ({section['lengths']['image_tokens']} image tokens), "
+             f"post-K n'={section['lengths']['kept']}, new tokens {section['lengths']['new_tokens']}",
+             f"{'engine':>8} {'MiB':>8} {'layers':>7} {'plugin':>6} {'KV MiB at max':>14} {'build s':>8}"]
+    for graph, e in section["engines"].items():
+        lines.append(f"{graph:>8} {e['bytes'] / 2**20:>8.2f} {e['layers']:>7} {e['plugin_layers']:>6} "
+                     f"{e['kv_cache_bytes_at_max'] / 2**20:>14.3f} {e['build_seconds']:>8.2f}")
+    total = sum(e["bytes"] for e in section["engines"].values())
+    secs = sum(e["build_seconds"] for e in section["engines"].values())
+    lines.append(f"{'total':>8} {total / 2**20:>8.2f} {'':>7} {'':>6} {'':>14} {secs:>8.2f}")
+    return "\n".join(lines)
