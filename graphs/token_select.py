@@ -28,20 +28,25 @@ Body, in the order it runs (all scores in float32 whatever T is):
    h = hkv*G + g reads kv head hkv, i.e. h // G) and multiplied with key^T, so the key is never
    copied G times; logits * scale, invisible keys (padding; for ``mean`` also j > S-Nq+r) set to
    the lowest float32 (exp gives exactly 0, as with -inf, without NaN for rows that see nothing),
-   Softmax over keys, then ``last``: mean over heads of the last row; ``mean``: rows whose own token
+   Softmax over keys, then ``last``: mean over heads of the last row (0 where that row is padding); ``mean``: rows whose own token
    is padding zeroed (Where, so nothing leaks), summed over rows, divided by max(1, valid rows),
    mean over heads. Candidate scores = GatherElements(scores, P + c), P = S - N.
    ``random``: the int64 hash of the candidate index c (x mod p written as x - (x/p)*p, exact for
    x >= 0), floor(h2/128) * 2^-24 in float32 (exact).
-3. selection: ``priority = ScatterElements(+inf [B, N], candidates, candidate_scores)``,
-   ``TopK(priority, N')`` (largest, sorted; ONNX TopK puts the lower index first among equal
-   values, so ties go to the lower position and non-candidates, all +inf, are always kept), then
-   the kept indices sorted ascending by a second TopK (smallest) on their float32 values (exact:
-   indices < 2^24), then GatherElements for hidden states and position ids.
+3. selection, exact whatever the backend's TopK does with ties (TensorRT's promises nothing): NaN scores
+   become +inf (NaN ranks highest); ``TopK(scores ++ [-inf], max(keep(M), 1))`` gives only the VALUE t of
+   the keep(M)-th largest score (+inf when keep(M) = 0); a candidate is kept iff its score > t, or it
+   equals t and is among the first ``keep(M) - #(> t)`` such in candidate (= position) order (CumSum).
+   Kept positions are then put in ascending order without a sort: position p goes to slot
+   ``#kept before p`` if kept, else ``N' + #dropped before p`` (a permutation of [0, N), one
+   ScatterElements), and the first N' slots are the kept indices; GatherElements for hidden states and
+   position ids. The only TopK has K = max(keep(M), 1) (TensorRT 10: K <= 3840).
+   ``last``: a row whose last token is padding (right padding, all padding) gets every score 0.
 
 The body is independent of the rank of ``position_ids``: they are viewed as ``[L, B, N]`` (L = 1
 for ``[B, N]``, 3 for M-RoPE ``[3, B, N]``), gathered along the last axis and reshaped back to
-``Shape(position_ids)[:-1] + [N']``. M = 0 gives the identity (N' = N, kept = 0..N-1).
+``Shape(position_ids)[:-1] + [N']`` (Reshape with allowzero=1, so N' = 0 gives empty outputs). M = 0 gives
+the identity (N' = N, kept = 0..N-1).
 """
 from __future__ import annotations
 
@@ -157,7 +162,10 @@ def _scores(b: _Body, ranking: str, dims: dict[str, str]) -> str:
     masked = b.op("Where", allowed, logits, lowest, name="logits_masked")
     probs = b.op("Softmax", masked, axis=-1, name="probs")                    # [B, H, Nq, S]
     if ranking == "last":
-        return b.op("ReduceMean", probs, dims["1,2"], keepdims=0, name="scores")
+        # a row whose last token (the query row read) is padding: every score 0 (right padding, all padding)
+        last_ok = b.op("Slice", key_valid, dims["-1"], dims["max"], one, name="last_row_valid")    # [B, 1]
+        scores = b.op("ReduceMean", probs, dims["1,2"], keepdims=0, name="scores_last_row")
+        return b.op("Where", last_ok, scores, b.const(0.0, dtype=np.float32, name="zero_f"), name="scores")
     # mean: rows whose own token is padding add nothing; divide by max(1, valid rows)
     row_ok = b.op("Slice", key_valid, b.op("Sub", s_dim, nq, name="row_start_1d"), s_dim, one,
                   name="row_valid")                                           # [B, Nq]
@@ -234,14 +242,42 @@ def token_select_function(ranking: str, opset: int = MIN_OPSET) -> onnx.Function
         cand = b.op("GatherElements", full, b.op("Add", CAND_IN, past, name="cand_key_index"),
                     axis=1, name="candidate_scores")
 
-    # 3. selection
+    # 3. selection, exact and independent of TopK's tie order (TensorRT's TopK promises none): TopK only
+    #    finds the VALUE t of the keep(M)-th largest score; candidates above t are kept, and of those equal
+    #    to t the lowest positions (a running count in candidate order, which is ascending)
     inf = b.const([np.inf], dtype=np.float32, name="inf")
-    priority = b.op("ScatterElements", b.op("Expand", inf, bn, name="priority_init"), CAND_IN,
-                    cand, axis=1, name="priority")                           # [B, N]
-    _, top_idx = b.op("TopK", priority, n_kept, axis=1, largest=1, sorted=1, outputs=2, name="top")
-    idx_f = b.op("Cast", top_idx, to=TensorProto.FLOAT, name="top_index_f")
-    ascending, _ = b.op("TopK", idx_f, n_kept, axis=1, largest=0, sorted=1, outputs=2, name="ascending")
-    b.op("Cast", ascending, to=TensorProto.INT64, outputs=[KEPT_OUT])    # [B, N']
+    cand = b.op("Where", b.op("IsNaN", cand, name="score_is_nan"), inf, cand, name="scores_nan_high")  # NaN first
+    pad = b.op("Expand", b.const([[-np.inf]], dtype=np.float32, name="minus_inf"),
+               b.op("Concat", b.op("Slice", bn, zero, one, name="dim_B_sel"), one, axis=0, name="pad_shape"),
+               name="score_pad")                                                  # [B, 1]
+    padded = b.op("Concat", cand, pad, axis=1, name="scores_padded")             # [B, M+1]: K >= 1 always fits
+    k_top = b.op("Max", keep_m, one, name="k_top")
+    top_vals, _ = b.op("TopK", padded, k_top, axis=1, largest=1, sorted=1, outputs=2, name="top")
+    t_raw = b.op("ReduceMin", top_vals, one, keepdims=1, name="threshold_raw")    # [B, 1]
+    some_kept = b.op("Greater", keep_m, b.const([0], name="zero_1d"), name="some_kept")
+    t = b.op("Where", some_kept, t_raw, inf, name="threshold")                    # keep(M) = 0: nothing passes
+    above = b.op("Greater", cand, t, name="above_threshold")                     # [B, M]
+    at = b.op("Equal", cand, t, name="at_threshold")
+    n_above = b.op("ReduceSum", b.op("Cast", above, to=TensorProto.INT64, name="above_i"), one, keepdims=1,
+                   name="n_above")                                                # [B, 1]
+    need = b.op("Sub", keep_m, n_above, name="ties_needed")
+    axis1 = b.const(1, name="axis_1")
+    tie_rank = b.op("CumSum", b.op("Cast", at, to=TensorProto.INT64, name="at_i"), axis1, name="tie_rank")
+    chosen = b.op("Or", above, b.op("And", at, b.op("LessOrEqual", tie_rank, need, name="tie_in"),
+                                    name="tie_kept"), name="chosen")               # [B, M]
+    #    kept mask over [0, N) and the kept indices ascending without a sort: position p goes to slot
+    #    (kept before p) if kept, else N' + (dropped before p); the slots are a permutation of [0, N)
+    idx = b.op("Range", b.const(0, name="zero_s"), b.op("Squeeze", n, zero, name="N"), b.const(1, name="one_s"),
+               name="positions")                                                  # [N]
+    idx_bn = b.op("Expand", b.op("Unsqueeze", idx, zero, name="positions_row"), bn, name="positions_bn")
+    keep_i = b.op("ScatterElements", b.op("Expand", b.const([1], name="one_i"), bn, name="keep_init"), CAND_IN,
+                  b.op("Cast", chosen, to=TensorProto.INT64, name="chosen_i"), axis=1, name="keep_mask")   # [B, N]
+    kept_before = b.op("CumSum", keep_i, axis1, exclusive=1, name="kept_before")
+    dropped_before = b.op("Sub", idx_bn, kept_before, name="dropped_before")
+    slot = b.op("Where", b.op("Cast", keep_i, to=TensorProto.BOOL, name="keep_b"), kept_before,
+                b.op("Add", n_kept, dropped_before, name="dropped_slot"), name="slot")
+    order = b.op("ScatterElements", idx_bn, slot, idx_bn, axis=1, name="kept_then_dropped")
+    b.op("Slice", order, zero, n_kept, one, outputs=[KEPT_OUT])            # [B, N']
 
     bk = b.op("Shape", KEPT_OUT, name="kept_shape")                     # [B, N']
     gather_x = b.op("Expand", b.op("Unsqueeze", KEPT_OUT, dims["2"], name="kept_3d"),
@@ -256,8 +292,9 @@ def token_select_function(ranking: str, opset: int = MIN_OPSET) -> onnx.Function
     gather_p = b.op("Expand", b.op("Unsqueeze", KEPT_OUT, zero, name="kept_l"),
                     b.op("Concat", l_dim, bk, axis=0, name="gather_p_shape"), name="gather_p_index")
     sel_pos3 = b.op("GatherElements", pos3, gather_p, axis=2, name="selected_pos3")         # [L, B, N']
+    # allowzero=1: N' = 0 is a real 0, not "copy the input's dim" (opset >= 14; MIN_OPSET is 18)
     b.op("Reshape", sel_pos3, b.op("Concat", pos_lead, n_kept, axis=0, name="selected_pos_shape"),
-         outputs=[POS_OUT])
+         outputs=[POS_OUT], allowzero=1)
 
     return helper.make_function(
         OP_DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS), b.nodes,

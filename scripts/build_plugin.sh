@@ -34,43 +34,9 @@ while [ $# -gt 0 ]; do
 done
 
 # --------------------------------------------------------------------------------- the TensorRT headers
-KL_VERSION="2.0.1"
-KL_SHA256="07cc714e8b5e7f34b672f7c7fad93febe7c747be5837ba276b1527370134ffe0"
-if [ -z "$trt_include" ] && [ -n "${TensorRT_ROOT:-}" ]; then
-  trt_include="$TensorRT_ROOT/include"
-fi
-if [ -z "$trt_include" ]; then
-  trt_include="$root/.third_party/tensorrt-10.14/include"
-  if [ ! -f "$trt_include/NvInferRuntime.h" ]; then
-    py="python3"
-    [ -x "$root/.venv/bin/python" ] && py="$root/.venv/bin/python"
-    wheels="$root/.third_party/wheels"
-    mkdir -p "$wheels"
-    echo "build_plugin.sh: fetching the TensorRT 10.14 headers (PyPI wheel kernel-lens==$KL_VERSION)" >&2
-    "$py" -m pip download -q --no-deps --only-binary=:all: "kernel-lens==$KL_VERSION" -d "$wheels" >&2
-    "$py" - "$wheels/kernel_lens-$KL_VERSION-py3-none-any.whl" "$KL_SHA256" "$trt_include" <<'PY'
-import hashlib, pathlib, sys, zipfile
-wheel, want, dest = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
-got = hashlib.sha256(wheel.read_bytes()).hexdigest()
-if got != want:
-    sys.exit(f"build_plugin.sh: {wheel.name} has sha256 {got}, expected {want}; delete it and retry")
-prefix = "kernel_lens/include/tensorrt/"
-tmp = dest.with_name(dest.name + ".tmp")
-tmp.mkdir(parents=True, exist_ok=True)
-with zipfile.ZipFile(wheel) as z:
-    names = [n for n in z.namelist() if n.startswith(prefix) and n.endswith(".h")]
-    for n in names:
-        (tmp / n[len(prefix):]).write_bytes(z.read(n))
-if not (tmp / "NvInferRuntime.h").is_file():
-    sys.exit(f"build_plugin.sh: {wheel.name} holds no {prefix}NvInferRuntime.h")
-tmp.replace(dest)
-PY
-  fi
-fi
-if [ ! -f "$trt_include/NvInferRuntime.h" ]; then
-  echo "build_plugin.sh: no NvInferRuntime.h in '$trt_include': point TENSORRT_INCLUDE_DIR or TensorRT_ROOT at your TensorRT" >&2
-  exit 2
-fi
+# (scripts/fetch_trt_headers.sh: --tensorrt-include, $TensorRT_ROOT, else the fetched 10.14 headers)
+trt_include="$(FASTV_TRT_HEADERS_CALLER=build_plugin.sh bash scripts/fetch_trt_headers.sh \
+               ${trt_include:+--tensorrt-include "$trt_include"})"
 
 # --------------------------------------------------------------------------------------------- nvcc
 if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null 2>&1; then

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -104,9 +105,112 @@ def plugin_build(tmp_path_factory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
+def kernels_build(tmp_path_factory) -> Callable[..., Path]:
+    """``kernels_build(archs=None, build_dir=None)`` -> libfastv_ts_kernels.so: the kernels-only CMake build
+    (plugins/CMakeLists.txt, FASTV_KERNELS_ONLY=ON: kernels + host code + C API) with the TensorRT include
+    folder pointing nowhere, so it needs no TensorRT headers. Once per session per (archs, build_dir);
+    ``archs`` defaults to $FASTV_CUDA_ARCHS or 86; ``build_dir`` to a folder under pytest's temporary
+    directory. Serialised with a file lock like ``plugin_build``."""
+    cache: dict = {}
+
+    def build(archs: str | None = None, build_dir: str | os.PathLike | None = None) -> Path:
+        archs = archs or os.environ.get("FASTV_CUDA_ARCHS") or "86"
+        if build_dir is None:
+            build_dir = tmp_path_factory.getbasetemp() / f"kernels-{archs.replace(';', '-')}"
+        build_dir = Path(build_dir)
+        key = (archs, str(build_dir))
+        if key not in cache:
+            build_dir.parent.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ)
+            if not env.get("CUDACXX") and not shutil.which("nvcc"):
+                for c in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+                    if os.access(c, os.X_OK):
+                        env["CUDACXX"] = c
+                        break
+            with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                nowhere = build_dir.parent / "no-tensorrt-headers-here"
+                for cmd in (["cmake", "-S", str(ROOT / "plugins"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                             "-DFASTV_KERNELS_ONLY=ON", f"-DTENSORRT_INCLUDE_DIR={nowhere}", f"-DFASTV_CUDA_ARCHS={archs}"],
+                            ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2)]):
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+                    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            lib = build_dir / "libfastv_ts_kernels.so"
+            assert lib.is_file(), proc.stdout
+            cache[key] = lib
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def plugin_library(plugin_build) -> Path:
     """libfastv_plugins.so for the default arch list and build folder (see ``plugin_build``)."""
     return plugin_build()
+
+
+@pytest.fixture(scope="session")
+def runtime_build(tmp_path_factory) -> Path:
+    """fastv-run (the C++ runtime, runtime/) built once per session by scripts/build_runtime.sh, in
+    $FASTV_RUNTIME_BUILD_DIR (to reuse an incremental build across sessions) or under pytest's temporary
+    directory; serialised with a file lock like ``plugin_build``."""
+    build_dir = Path(os.environ.get("FASTV_RUNTIME_BUILD_DIR") or tmp_path_factory.getbasetemp() / "runtime")
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_runtime.sh"), "--build-dir", str(build_dir)],
+                              capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, f"build_runtime.sh failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    exe = Path(proc.stdout.strip().splitlines()[-1])
+    assert exe.is_file(), proc.stdout
+    return exe
+
+
+@pytest.fixture(scope="session")
+def host_math(tmp_path_factory):
+    """The plugin's host-side math (plugins/tests/math_host.cpp + token_select_host.cpp) built with g++
+    as a shared library, every entry point's ctypes signature declared (no CUDA, no TensorRT)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    i64, f32, u32 = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
+    P = ctypes.POINTER
+    plugins = Path(__file__).resolve().parents[1] / "plugins"
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx, "a C++ compiler (g++) is needed to build the host-side test library"
+    out = tmp_path_factory.mktemp("plugin-math") / "libfastv_math_host.so"
+    cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{plugins / 'include'}",
+           str(plugins / "tests" / "math_host.cpp"), str(plugins / "src" / "token_select_host.cpp"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+    so = ctypes.CDLL(str(out))
+    so.fastv_host_keep_count.restype = i64
+    so.fastv_host_keep_count.argtypes = [i64, i64, i64, i64]
+    so.fastv_host_kept_length.restype = i64
+    so.fastv_host_kept_length.argtypes = [i64, i64, i64, i64, i64]
+    so.fastv_host_random_hash.restype = i64
+    so.fastv_host_random_hash.argtypes = [i64, i64]
+    so.fastv_host_random_scores.restype = None
+    so.fastv_host_random_scores.argtypes = [P(i64), i64, i64, P(f32)]
+    so.fastv_host_order_key.restype = u32
+    so.fastv_host_order_key.argtypes = [f32]
+    so.fastv_host_ranks_before.restype = ctypes.c_int32
+    so.fastv_host_ranks_before.argtypes = [f32, i64, f32, i64]
+    so.fastv_host_lse.restype = f32
+    so.fastv_host_lse.argtypes = [P(f32), i64, i64]
+    so.fastv_host_scores.restype = None
+    so.fastv_host_scores.argtypes = [ctypes.c_int32, P(f32), P(f32), P(i64), P(i64), P(i64), f32, i64, P(f32)]
+    so.fastv_host_select.restype = i64
+    so.fastv_host_select.argtypes = [P(f32), P(i64), i64, i64, i64, i64, P(i64)]
+    so.fastv_host_validate.restype = ctypes.c_int32
+    so.fastv_host_validate.argtypes = [ctypes.c_int32, i64, i64, i64, f32, i64, P(ctypes.c_int32), P(i64),
+                                       ctypes.c_char_p, ctypes.c_int32]
+    so.fastv_host_ranking_from_name.restype = ctypes.c_int32
+    so.fastv_host_ranking_from_name.argtypes = [ctypes.c_char_p]
+    so.fastv_host_workspace_size.restype = ctypes.c_uint64
+    so.fastv_host_workspace_size.argtypes = [ctypes.c_int32, P(i64)]
+    return so
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,17 @@
-"""fastv_export.bundle: ``load_bundle`` verifies a bundle (schema, fields, files, sizes, sha256, ONNX
-parse) and every problem reads as one line naming the file and the field, with nothing written."""
+"""fastv_export.bundle: ``load_bundle`` verifies a bundle (JSON Schema, fields against each other and
+the graph spec, files, sizes, sha256, ONNX parse) and every problem reads as one line naming the file
+and the field, with nothing written. Seeded corruptions of a bundle with engines: test_manifest_fuzz.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from fastv_export.bundle import MANIFEST, REQUIRED, SCHEMA_VERSION, load_bundle
+from fastv_export.bundle import (MANIFEST, REQUIRED, SCHEMA_FILE, SCHEMA_VERSION, encode_runs, expand_runs,
+                                 load_bundle, manifest_schema)
 from fastv_export.errors import FastVError
+from fastv_export.graphs import op, spec
 from tests.helpers import copy_bundle, rewrite_checksum, run_cli
 
 
@@ -18,7 +22,11 @@ def test_what_is_not_a_bundle_is_named(tmp_path):
     with pytest.raises(FastVError, match="manifest.json is missing"):
         load_bundle(tmp_path)
     man = tmp_path / MANIFEST
-    man.write_text("{")
+    for text in ("{", '{"a": NaN}', '{"a": 1, "a": 2}'):
+        man.write_text(text)
+        with pytest.raises(FastVError, match="is not valid JSON"):
+            load_bundle(tmp_path)
+    man.write_bytes(b"\xff\xfe{}")
     with pytest.raises(FastVError, match="is not valid JSON"):
         load_bundle(tmp_path)
     man.write_text("[]")
@@ -27,16 +35,101 @@ def test_what_is_not_a_bundle_is_named(tmp_path):
     man.write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(FastVError, match="'schema_version' is 99"):
         load_bundle(tmp_path)
+    man.write_text(json.dumps({"schema_version": 1, "image_tokens": {"prompt_tokens_per_image": [500] * 64}}))
+    with pytest.raises(FastVError, match="'schema_version' is 1, this fastv-export reads 2; re-export"):
+        load_bundle(tmp_path)
     fields = {key: {} for key in REQUIRED}
     fields["schema_version"] = SCHEMA_VERSION
-    man.write_text(json.dumps({k: v for k, v in fields.items() if k != "files"}))
-    with pytest.raises(FastVError, match="required field 'files' is missing"):
+    man.write_text(json.dumps({k: v for k, v in fields.items() if k != "producer"}))
+    with pytest.raises(FastVError, match="required field 'producer' is missing"):
         load_bundle(tmp_path)
-    fields["graphs"] = {"vision": {"file": "vision.onnx"}}
     man.write_text(json.dumps(fields))
-    with pytest.raises(FastVError, match="'graphs.vision.file' names 'vision.onnx', which 'files' does not list"):
+    with pytest.raises(FastVError, match=r"field 'producer': required field|required field 'producer.name' is missing"):
         load_bundle(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]
+
+
+def test_schema_is_draft_2020_12_and_agrees_with_the_code():
+    """The shipped schema is a valid draft 2020-12 schema whose constants are the code's."""
+    import jsonschema
+
+    schema = manifest_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    props = schema["properties"]
+    assert props["schema_version"] == {"const": SCHEMA_VERSION}
+    assert set(props["precision"]["enum"]) == set(spec.PRECISIONS)
+    assert set(props["kv_cache"]["properties"]["dtype"]["enum"]) == set(spec.PRECISIONS.values())
+    assert tuple(props["fastv"]["properties"]["ranking"]["enum"]) == op.RANKINGS
+    assert props["fastv"]["properties"]["ratio_den"]["maximum"] == op.RATIO_DEN_LIMIT
+    assert props["fastv"]["properties"]["seed"]["maximum"] == op.SEED_LIMIT - 1
+    for section in (props["plugin"], props["engines"]["properties"]["plugin"]):
+        assert {k: v["const"] for k, v in section["properties"].items() if "const" in v} == op.PLUGIN_IDENTITY
+    assert set(props["graphs"]["required"]) == set(spec.GRAPHS)
+    assert set(props["engines"]["properties"]["engines"]["required"]) == set(spec.GRAPHS)
+    assert tuple(schema["required"]) == REQUIRED
+
+
+def test_schema_ships_with_the_package_and_docs_point_at_it():
+    """One source: fastv_export/manifest.schema.json is package data; docs/manifest.md links to it."""
+    tomllib = pytest.importorskip("tomllib")
+
+    root = Path(__file__).resolve().parents[1]
+    assert SCHEMA_FILE == root / "fastv_export" / "manifest.schema.json" and SCHEMA_FILE.is_file()
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "manifest.schema.json" in pyproject["tool"]["setuptools"]["package-data"]["fastv_export"]
+    assert any(d.startswith("jsonschema") for d in pyproject["project"]["dependencies"])
+    doc = (root / "docs" / "manifest.md").read_text()
+    assert "fastv_export/manifest.schema.json" in doc
+    assert not (root / "docs" / "manifest.schema.json").exists()       # no second copy to drift
+
+
+def test_run_length_encoding_of_prompt_tokens():
+    assert encode_runs([]) == []
+    assert encode_runs([500] * 64) == [[500, 64]]
+    assert encode_runs([502, 500, 500, 503]) == [[502, 1], [500, 2], [503, 1]]
+    assert encode_runs([7, 8, 7]) == [[7, 1], [8, 1], [7, 1]]
+    for tokens in ([1], [500] * 64, [502] + [500] * 36 + [503], [3, 3, 4, 4, 4, 3]):
+        assert expand_runs(encode_runs(tokens)) == tokens
+        assert json.loads(json.dumps(encode_runs(tokens))) == encode_runs(tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
+def test_exported_manifests_pass_the_schema_and_the_spec(model, exported_bundle, tmp_path):
+    good = exported_bundle(model, 2, "1/2")
+    bundle = load_bundle(good)
+    runs = bundle.manifest["image_tokens"]["prompt_tokens_per_image"]
+    assert all(a[0] != b[0] for a, b in zip(runs, runs[1:]))                   # compact
+    tokens = bundle.image_prompt_tokens()
+    assert sum(t in bundle.image_token_ids for t in tokens) == bundle.manifest["image_tokens"]["per_image"]
+    if model == "tiny-llava":
+        assert runs == [[500, 64]] and tokens == [500] * 64
+    # the examples of issue 12: a range error and a nested list, each one line naming file and field
+    b = copy_bundle(good, tmp_path)
+    cases = [
+        (("image_tokens", "per_image"), -3,
+         "manifest.json field 'image_tokens.per_image': -3 is less than the minimum of 1; re-export the bundle"),
+        (("image_tokens", "prompt_tokens_per_image", 0), [[500, 64]],
+         "manifest.json field 'image_tokens.prompt_tokens_per_image[0][0]': [500, 64] is not an integer"),
+        (("graphs", "post_k", "outputs", 0, "shape"), ["batch", 2, 512],
+         "manifest.json field 'graphs.post_k.outputs[0].shape': [\"batch\", 2, 512] is not [\"batch\", 1, 512]"),
+        (("fastv", "k"), 4, "manifest.json field 'fastv.k': 4 is not below source_model.num_layers (4)"),
+        (("fastv", "ratio_num"), 2, "manifest.json field 'fastv.ratio_num': 2 is not below fastv.ratio_den (2)"),
+    ]
+    text = (good / MANIFEST).read_text()
+    for (*parent, key), value, message in cases:
+        man = json.loads(text)
+        target = man
+        for p in parent:
+            target = target[p]
+        target[key] = value
+        (b / MANIFEST).write_text(json.dumps(man))
+        with pytest.raises(FastVError) as exc:
+            load_bundle(b)
+        assert message in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+    (b / MANIFEST).write_text(text)
+    load_bundle(b)
 
 
 @pytest.mark.slow

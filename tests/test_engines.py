@@ -18,7 +18,7 @@ MANIFEST = {
     "fastv": {"k": 2, "ratio_num": 1, "ratio_den": 2, "keep": None},
     "source_model": {"num_layers": 4, "hidden_size": 64, "vocab_size": 512},
     "kv_cache": {"num_kv_heads": 2, "head_dim": 16},
-    "image_tokens": {"per_image": 64, "prompt_tokens_per_image": [500] * 64, "vision_input": {"shape": [1, 3, 56, 56]}},
+    "image_tokens": {"per_image": 64, "prompt_tokens_per_image": [[500, 64]], "vision_input": {"shape": [1, 3, 56, 56]}},
     "positions": {"rank": 2},
     "precision": "fp32",
 }
@@ -268,7 +268,7 @@ def test_tensorrt_engines_generate_the_reference_tokens(exported_bundle, plugin_
     runner = TrtRunner(bundle)
     report = validate_bundle(b, max_new_tokens=16, batch_sizes=(1, 3), runner=runner)
     assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
-    ids = np.array([[1] + [20] * 5 + bundle.manifest["image_tokens"]["prompt_tokens_per_image"] + [30] * 8])
+    ids = np.array([[1] + [20] * 5 + bundle.image_prompt_tokens() + [30] * 8])
     px = np.random.default_rng(0).standard_normal(bundle.vision_input_shape).astype(np.float32)
     trt_gen = generate(runner, ids, np.ones_like(ids), [px], 16)
     ort_gen = generate(OrtRunner(bundle), ids, np.ones_like(ids), [px], 16)

@@ -20,8 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "build_plugin.sh"
-EXPORTED = {"getCreators", "setLoggerFinder", "fastv_ts_last_error", "fastv_ts_kept_length",
-            "fastv_ts_workspace_size", "fastv_ts_run"}
+C_API = {"fastv_ts_last_error", "fastv_ts_kept_length", "fastv_ts_workspace_size", "fastv_ts_scores_offset",
+         "fastv_ts_run"}
+EXPORTED = {"getCreators", "setLoggerFinder"} | C_API
 
 
 def _tool(name: str) -> str:
@@ -96,6 +97,15 @@ def test_entry_points_via_ctypes_without_a_gpu(plugin_library):
     assert b"ranking" in so.fastv_ts_last_error()
     assert so.fastv_ts_run(1, 1, 2, -1, 0.1, 0, 5, dims_p, *null, 0, None) == 1       # dtype 5
     assert b"dtype" in so.fastv_ts_last_error()
+    so.fastv_ts_workspace_size.restype = ctypes.c_uint64
+    so.fastv_ts_workspace_size.argtypes = [ctypes.c_int32, i64, i64, i64, ctypes.POINTER(i64)]
+    assert so.fastv_ts_kept_length(10, 4, 1, 1, 0, -1) == -1 and b"ratio" in so.fastv_ts_last_error()   # den 0
+    assert so.fastv_ts_workspace_size(1, 1, 0, -1, dims_p) == 0 and b"ratio" in so.fastv_ts_last_error()
+    no_heads = dims.copy()
+    no_heads[3] = 0                                                               # H = 0
+    assert so.fastv_ts_run(1, 1, 2, -1, 0.1, 0, 0, no_heads.ctypes.data_as(ctypes.POINTER(i64)), *null, 0,
+                           None) == 1
+    assert b"at least one head" in so.fastv_ts_last_error()
     zero_batch = dims.copy()
     zero_batch[0] = 0                                                             # empty: nothing to launch
     assert so.fastv_ts_run(1, 1, 2, -1, 0.1, 0, 0, zero_batch.ctypes.data_as(ctypes.POINTER(i64)), *null, 0,
@@ -146,3 +156,49 @@ def test_autoload_shim_links_nothing_and_explains_itself(plugin_library):
     listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout if os.path.exists(ldconfig) else ""
     if "libnvinfer.so.10" not in listing:
         assert "found no TensorRT library (libnvinfer.so.10)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_kernels_only_target_builds_without_tensorrt_headers(kernels_build):
+    """FASTV_KERNELS_ONLY=ON with TENSORRT_INCLUDE_DIR pointing nowhere (the ``kernels_build`` fixture):
+    libfastv_ts_kernels.so (kernels + host code + C API) builds, no compiled file depends on a TensorRT
+    header, it exports exactly the C API, links no TensorRT and no shared cudart, and its host-side checks
+    answer through ctypes without a GPU. This is what scripts/gpu_check.sh builds on a lent GPU machine."""
+    lib = kernels_build("86")
+    build = lib.parent
+    cache = (build / "CMakeCache.txt").read_text()
+    assert re.search(r"^FASTV_KERNELS_ONLY:BOOL=ON$", cache, re.M)
+    inc = re.search(r"^TENSORRT_INCLUDE_DIR:\w+=(.*)$", cache, re.M).group(1)
+    assert not Path(inc, "NvInferRuntime.h").exists()
+    assert not (build / "libfastv_plugins.so").exists()
+    deps = [p for p in build.rglob("*") if p.is_file() and p.suffix in (".d", ".make", ".txt", ".json")]
+    assert deps and not [p for p in deps if "NvInfer" in p.read_text(errors="replace")]
+    out = subprocess.run([_tool("nm"), "-D", "--defined-only", str(lib)], capture_output=True, text=True,
+                         check=True).stdout
+    assert {line.split()[-1] for line in out.splitlines() if line.strip()} == C_API
+    out = subprocess.run([_tool("readelf"), "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    for needed in re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out):
+        assert not re.match(r"lib(nvinfer|tensorrt|nvonnxparser|cudart|cuda\.)", needed), needed
+    proc = subprocess.run([sys.executable, "-c", (
+        "import ctypes\n"
+        f"so = ctypes.CDLL({str(lib)!r})\n"
+        "i64 = ctypes.c_int64\n"
+        "so.fastv_ts_kept_length.restype = i64\n"
+        "so.fastv_ts_kept_length.argtypes = [i64, i64, ctypes.c_int32, i64, i64, i64]\n"
+        "so.fastv_ts_last_error.restype = ctypes.c_char_p\n"
+        "assert so.fastv_ts_kept_length(612, 576, 1, 2, 3, -1) == 228\n"
+        "assert so.fastv_ts_kept_length(10, 4, 1, 1, 0, -1) == -1 and b'ratio' in so.fastv_ts_last_error()\n"
+        "print('ok')\n")], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_kernels_only_option_is_declared_and_keeps_tensorrt_out():
+    """Fast, no build: the kernels-only target lists exactly the kernels, the host code and the C API."""
+    text = (ROOT / "plugins" / "CMakeLists.txt").read_text()
+    assert 'option(FASTV_KERNELS_ONLY' in text
+    target = re.search(r"add_library\(fastv_ts_kernels SHARED ([^)]*)\)", text).group(1).split()
+    assert sorted(target) == ["src/c_api.cpp", "src/token_select_host.cpp", "src/token_select_kernels.cu"]
+    for src in target:
+        assert "NvInfer" not in (ROOT / "plugins" / src).read_text()
+    for header in (ROOT / "plugins" / "include" / "fastv").glob("*.h"):
+        assert "NvInfer" not in header.read_text(), header

@@ -1,5 +1,4 @@
 """The manifest's position rules (numpy) against the models' own position computation."""
-import numpy as np
 import torch
 
 from fastv_export.prompts import make_prompt

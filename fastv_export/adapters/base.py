@@ -68,7 +68,7 @@ class ModelAdapter:
         """Language-model features [M, D] of ONE default-sized image (what vision.onnx computes)."""
         raise NotImplementedError
 
-    def preprocess_image(self, image) -> "np.ndarray":
+    def preprocess_image(self, image):
         """A PIL image -> the pixel input of ONE default-sized image (what vision.onnx takes)."""
         raise NotImplementedError
 

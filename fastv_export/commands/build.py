@@ -8,7 +8,7 @@ from fastv_export.errors import FastVError
 
 HELP = "build the bundle's TensorRT engines (TensorRT 10 on this GPU, or TensorRT-RTX ahead of time)"
 _D = BuildLimits()
-DESCRIPTION = f"""\
+DESCRIPTION = """\
 Build vision, embed, pre_k and post_k engines into the bundle and record them in manifest.json
 (file, sha256, backend version, targets, precision, profiles, plugin checksum). Every LLM engine
 gets a prefill and a decode profile; post_k's are built for the PRUNED length

@@ -28,6 +28,7 @@ so their text is encoded byte by byte (id = 10 + byte mod 390) and decoded back 
 examples:
   fastv-export run bundle --image cat.png --prompt "What is in the image?" --max-new-tokens 16
   fastv-export -v run bundle --image a.png --image b.png --prompt "<image> and <image>: compare them."
+  fastv-export run bundle --image cat.png --prompt "Describe it." --dump-inputs in/   # + fastv-run --inputs in/
 """
 IMAGE_MARK = "<image>"
 BYTE_OFFSET, BYTE_RANGE = 10, 390
@@ -40,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                         help="run the ONNX graphs (default) or the engines of `fastv-export build` (needs a GPU)")
+    parser.add_argument("--dump-inputs", metavar="DIR", default=None,
+                        help="also write the inputs fed to the graphs (token ids, attention mask, pixel values per "
+                             "image, candidate positions) as inputs.json + raw .bin files for the C++ runtime's "
+                             "`fastv-run --inputs DIR` (format: runtime/README.md), then generate as usual")
 
 
 def _load_images(paths: list[str], adapter) -> list[np.ndarray]:
@@ -131,8 +136,13 @@ def run(args: argparse.Namespace) -> int:
     # the adapter needs only the config here (image tokens, preprocessing), not the weights
     adapter = adapter_class_for(m["source_model"]["architecture"])(SimpleNamespace(config=codec.config))
     images = _load_images(args.image, adapter)
-    ids = prompt_ids(args.prompt, codec, m["image_tokens"]["prompt_tokens_per_image"], len(images))
+    ids = prompt_ids(args.prompt, codec, bundle.image_prompt_tokens(), len(images))
     ids = np.array([ids], dtype=np.int64)
+    if args.dump_inputs:
+        from fastv_export.runtime.dump import dump_inputs
+        from fastv_export.runtime.generate import find_candidates
+
+        dump_inputs(args.dump_inputs, ids, np.ones_like(ids), images, find_candidates(ids, bundle.image_token_ids))
     gen = generate(open_runner(bundle, args.backend), ids, np.ones_like(ids), images, args.max_new_tokens,
                    eos_token_id=bundle.eos_token_id)
     tokens = gen.tokens[0].tolist()

@@ -72,7 +72,7 @@ class Lengths:
 def lengths(manifest: Mapping, limits: BuildLimits) -> Lengths:
     """n, M, n' and T of ``limits`` for the bundle described by ``manifest``."""
     m = limits.images * manifest["image_tokens"]["per_image"]
-    prompt_tokens = limits.images * len(manifest["image_tokens"]["prompt_tokens_per_image"])
+    prompt_tokens = limits.images * sum(count for _, count in manifest["image_tokens"]["prompt_tokens_per_image"])
     n = prompt_tokens + DEFAULT_TEXT_TOKENS if limits.max_prompt is None else limits.max_prompt
     if prompt_tokens >= n:
         raise FastVError(f"--max-prompt {n} leaves no room for text: {limits.images} image(s) take "

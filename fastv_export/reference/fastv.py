@@ -158,6 +158,11 @@ def _start_forward(state: _State, adapter: ModelAdapter, args: tuple, kwargs: di
         key_valid = mask.bool()
     else:
         key_valid = torch.ones_like(input_ids, dtype=torch.bool)
+    if state.config.ranking == "last" and state.forced is None and not bool(key_valid[:, -1].all()):
+        rows = (~key_valid[:, -1]).nonzero().flatten().tolist()
+        raise FastVError(f"ranking 'last' reads the last prompt token's attention row, but batch row(s) {rows} end in "
+                         "padding (right padding): left-pad the batch (tokenizer.padding_side = 'left') or use "
+                         "ranking 'mean'")
     state.prefill = _Prefill(seq_len=input_ids.shape[1], candidates=candidates, keep=keep, key_valid=key_valid)
     state.phase = "prefill"
 

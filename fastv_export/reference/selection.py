@@ -46,12 +46,18 @@ def score_last(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, 
 
     query [B, H, Nq, d] (post-rotary), key [B, Hkv, S, d] (post-rotary, past included),
     key_valid [B, S] bool (False = padding). Returns [B, S] float32.
+
+    A batch row whose last token (the query row read, at position S - 1) is padding (right padding, or a
+    row that is all padding) gets every score 0, as in the ONNX function body and the plugin; the selection
+    then keeps the lowest candidate positions. ``apply_fastv`` refuses such batches (FastVError).
     """
     q = query[:, :, -1:, :].float()
     k = _expand_kv_heads(key.float(), q.shape[1])
-    allowed = key_valid[:, None, None, :].bool()
+    valid = key_valid.bool()
+    allowed = valid[:, None, None, :]
     probs = torch.softmax(_masked_logits(q, k, scale, allowed), dim=-1)
-    return probs[:, :, 0, :].mean(dim=1)
+    scores = probs[:, :, 0, :].mean(dim=1)
+    return torch.where(valid[:, -1:], scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
 
 
 def score_mean(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scale: float,

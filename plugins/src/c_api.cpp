@@ -17,6 +17,11 @@ thread_local std::string gLastError;
 fastv::ts::Shapes shapes_from(int64_t const* dims)
 {
     fastv::ts::Shapes s;
+    if (dims == nullptr)
+    {
+        s.batch = -1; // refused by check()
+        return s;
+    }
     s.batch = dims[0];
     s.n = dims[1];
     s.hidden = dims[2];
@@ -79,22 +84,86 @@ FASTV_EXPORT char const* fastv_ts_last_error()
     return gLastError.c_str();
 }
 
+// N' = N - M + keep(M) for these attributes, or -1 with the problem in fastv_ts_last_error (invalid
+// attributes, e.g. ratio_den = 0, or not 0 <= M <= N).
 FASTV_EXPORT int64_t fastv_ts_kept_length(int64_t n, int64_t m, int32_t ranking, int64_t ratio_num, int64_t ratio_den,
     int64_t keep)
 {
-    fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
-    fastv::ts::Shapes s;
-    s.n = n;
-    s.m = m;
-    return fastv::ts::kept_length(a, s);
+    try
+    {
+        fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
+        std::string err = fastv::ts::validate_attributes(a);
+        if (err.empty() && (n < 0 || m < 0 || m > n))
+        {
+            err = "lengths must satisfy 0 <= M <= N, got N = " + std::to_string(n) + ", M = " + std::to_string(m);
+        }
+        if (!err.empty())
+        {
+            gLastError = err;
+            return -1;
+        }
+        fastv::ts::Shapes s;
+        s.n = n;
+        s.m = m;
+        gLastError.clear();
+        return fastv::ts::kept_length(a, s);
+    }
+    catch (...)
+    {
+        gLastError = "unexpected exception";
+        return -1;
+    }
 }
 
-// Bytes of workspace for fastv_ts_run with these attributes and dims (0 and an error when invalid).
+// Bytes of workspace for fastv_ts_run with these attributes and dims; 0 with the problem in
+// fastv_ts_last_error when they are invalid.
 FASTV_EXPORT uint64_t fastv_ts_workspace_size(int32_t ranking, int64_t ratio_num, int64_t ratio_den, int64_t keep,
     int64_t const* dims)
 {
-    fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
-    return fastv::ts::workspace_size(a, shapes_from(dims));
+    try
+    {
+        fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
+        fastv::ts::Shapes const s = shapes_from(dims);
+        std::string const err = check(a, s, fastv::ts::kF32);
+        if (!err.empty())
+        {
+            gLastError = err;
+            return 0;
+        }
+        gLastError.clear();
+        return fastv::ts::workspace_size(a, s);
+    }
+    catch (...)
+    {
+        gLastError = "unexpected exception";
+        return 0;
+    }
+}
+
+// Byte offset, within the workspace of fastv_ts_run (same attributes and dims), of the candidate scores
+// float32 [B, M] that the run leaves there (for tests: the scores themselves, not only the selection; not
+// written when N' = 0 or B = 0). UINT64_MAX with the problem in fastv_ts_last_error when invalid.
+FASTV_EXPORT uint64_t fastv_ts_scores_offset(int32_t ranking, int64_t ratio_num, int64_t ratio_den, int64_t keep,
+    int64_t const* dims)
+{
+    try
+    {
+        fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
+        fastv::ts::Shapes const s = shapes_from(dims);
+        std::string const err = check(a, s, fastv::ts::kF32);
+        if (!err.empty())
+        {
+            gLastError = err;
+            return UINT64_MAX;
+        }
+        gLastError.clear();
+        return fastv::ts::workspace_layout(a, s).scores;
+    }
+    catch (...)
+    {
+        gLastError = "unexpected exception";
+        return UINT64_MAX;
+    }
 }
 
 // Runs TokenSelect on device buffers. Returns 0, 1 (invalid arguments) or 2 (CUDA error); see

@@ -30,6 +30,15 @@ bool known(int64_t v)
     return v >= 0;
 }
 
+// the arguments streamed into one string (error paths only)
+template <typename... Args>
+std::string message(Args const&... args)
+{
+    std::ostringstream os;
+    (os << ... << args);
+    return os.str();
+}
+
 // "" if a and b agree or either is unknown, else a message
 std::string agree(int64_t a, char const* what_a, int64_t b, char const* what_b)
 {
@@ -72,35 +81,36 @@ char const* ranking_name(int32_t ranking)
     }
 }
 
+// Messages are built only once a problem is found: the checks allocate nothing for valid input (the plugin
+// may call them on a hot path).
 std::string validate_attributes(Attributes const& a)
 {
-    std::ostringstream os;
     if (a.ranking != kRankLast && a.ranking != kRankMean && a.ranking != kRankRandom)
     {
-        os << "attribute 'ranking' must be one of last, mean, random";
+        return "attribute 'ranking' must be one of last, mean, random";
     }
-    else if (a.ratio_den <= 0 || a.ratio_num < 0 || a.ratio_num >= a.ratio_den)
+    if (a.ratio_den <= 0 || a.ratio_num < 0 || a.ratio_num >= a.ratio_den)
     {
-        os << "attributes 'ratio_num'/'ratio_den' must satisfy 0 <= ratio_num < ratio_den, got " << a.ratio_num
-           << "/" << a.ratio_den;
+        return message("attributes 'ratio_num'/'ratio_den' must satisfy 0 <= ratio_num < ratio_den, got ",
+            a.ratio_num, "/", a.ratio_den);
     }
-    else if (a.ratio_den > (int64_t{1} << 31))
+    if (a.ratio_den > (int64_t{1} << 31))
     {
-        os << "attribute 'ratio_den' must be at most 2^31, got " << a.ratio_den;
+        return message("attribute 'ratio_den' must be at most 2^31, got ", a.ratio_den);
     }
-    else if (a.keep < -1)
+    if (a.keep < -1)
     {
-        os << "attribute 'keep' must be -1 (use the ratio) or >= 0, got " << a.keep;
+        return message("attribute 'keep' must be -1 (use the ratio) or >= 0, got ", a.keep);
     }
-    else if (a.seed < 0 || a.seed >= kSeedLimit)
+    if (a.seed < 0 || a.seed >= kSeedLimit)
     {
-        os << "attribute 'seed' must be in [0, 2^31), got " << a.seed;
+        return message("attribute 'seed' must be in [0, 2^31), got ", a.seed);
     }
-    else if (!std::isfinite(a.scale))
+    if (!std::isfinite(a.scale))
     {
-        os << "attribute 'scale' must be a finite float, got " << a.scale;
+        return message("attribute 'scale' must be a finite float, got ", a.scale);
     }
-    return os.str();
+    return std::string();
 }
 
 std::string collect_shapes(TensorDims const in[6], bool reads_attention, Shapes& out)
@@ -166,42 +176,45 @@ std::string collect_shapes(TensorDims const in[6], bool reads_attention, Shapes&
 
 std::string validate_shapes(Attributes const& a, Shapes const& s)
 {
-    std::ostringstream os;
     bool const attention = a.ranking == kRankLast || a.ranking == kRankMean;
     if (known(s.m) && known(s.n) && s.m > s.n)
     {
-        os << "candidate_positions has M = " << s.m << " entries but there are only N = " << s.n << " tokens";
+        return message("candidate_positions has M = ", s.m, " entries but there are only N = ", s.n, " tokens");
     }
-    else if (known(s.batch) && s.batch > 65535)
+    if (known(s.batch) && s.batch > 65535)
     {
-        os << "batch " << s.batch << " exceeds 65535";
+        return message("batch ", s.batch, " exceeds 65535");
     }
-    else if (attention && known(s.s) && known(s.n) && s.s < s.n)
+    if (attention && known(s.s) && known(s.n) && s.s < s.n)
     {
-        os << "key length S = " << s.s << " must be at least N = " << s.n << " (S = past + N)";
+        return message("key length S = ", s.s, " must be at least N = ", s.n, " (S = past + N)");
     }
-    else if (attention && known(s.kv_heads) && s.kv_heads < 1)
+    if (attention && known(s.kv_heads) && s.kv_heads < 1)
     {
-        os << "key must have at least one head";
+        return "key must have at least one head (Hkv >= 1)";
     }
-    else if (attention && known(s.heads) && known(s.kv_heads) && s.kv_heads > 0 && s.heads % s.kv_heads != 0)
+    if (attention && known(s.heads) && s.heads < 1)
     {
-        os << "query heads H = " << s.heads << " must be a multiple of key heads Hkv = " << s.kv_heads << " (GQA)";
+        return "query must have at least one head (H >= 1)";
     }
-    else if (attention && known(s.heads) && s.heads > 65535)
+    if (attention && known(s.heads) && known(s.kv_heads) && s.kv_heads > 0 && s.heads % s.kv_heads != 0)
     {
-        os << "query heads H = " << s.heads << " exceeds 65535";
+        return message("query heads H = ", s.heads, " must be a multiple of key heads Hkv = ", s.kv_heads, " (GQA)");
     }
-    else if (attention && known(s.nq) && (s.nq < 1 || (known(s.n) && s.nq > s.n)))
+    if (attention && known(s.heads) && s.heads > 65535)
     {
-        os << "query rows Nq = " << s.nq << " must satisfy 1 <= Nq <= N" << (known(s.n) ? " = " : "")
-           << (known(s.n) ? std::to_string(s.n) : std::string());
+        return message("query heads H = ", s.heads, " exceeds 65535");
     }
-    else if (attention && known(s.head_dim) && s.head_dim < 1)
+    if (attention && known(s.nq) && (s.nq < 1 || (known(s.n) && s.nq > s.n)))
     {
-        os << "query/key head_dim must be at least 1";
+        return known(s.n) ? message("query rows Nq = ", s.nq, " must satisfy 1 <= Nq <= N = ", s.n)
+                          : message("query rows Nq = ", s.nq, " must satisfy 1 <= Nq <= N");
     }
-    return os.str();
+    if (attention && known(s.head_dim) && s.head_dim < 1)
+    {
+        return "query/key head_dim must be at least 1";
+    }
+    return std::string();
 }
 
 int64_t kept_length(Attributes const& a, Shapes const& s)

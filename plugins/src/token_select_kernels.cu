@@ -6,13 +6,16 @@
 //                       attention map is never materialised.
 //   2. valid_rows_kernel (mean) number of query rows whose own token is real.
 //   3. colsum_kernel    (last / mean) probability received by each CANDIDATE key, summed over the
-//                       query rows that see it (recomputing the logits tile by tile), per head.
+//                       query rows that see it (recomputing the logits tile by tile), per head; a row
+//                       whose own token is padding adds nothing (for last: a padded last token gives
+//                       every score 0, as in the reference and the function body).
 //   4. scores_kernel    candidate score: mean over heads (divided by the valid rows for mean), or the
 //                       seeded hash for random.
 //   5. rank_kernel      rank of every candidate (how many candidates rank before it: higher score, or
 //                       equal score at a lower position); kept iff rank < keep(M). Marks positions.
 //   6. compact_kernel   block-wide prefix sum over the marks: kept positions in ascending order.
 //   7. gather_kernel    rows of hidden states and position ids (all L planes) at the kept positions.
+// Every launch is checked on its own (cudaGetLastError right after it).
 // All per-element arithmetic lives in fastv/token_select_math.h (tested on the CPU); sums over rows,
 // key tiles and heads run in a fixed order, so results are deterministic.
 #include "fastv/token_select_kernels.h"
@@ -128,7 +131,7 @@ struct AttnArgs
     int64_t batch, heads, kv_heads, nq, s, n, d, m;
     int64_t row_base; // first query row used (Nq - 1 for last, 0 for mean)
     int64_t rows;     // query rows used (1 for last, Nq for mean)
-    bool rows_masked; // mean: a row whose own token is padding adds nothing
+    bool rows_masked; // a row whose own token is padding adds nothing (mean: skipped; last: every score 0)
     float scale;
 };
 
@@ -480,8 +483,15 @@ int64_t ceil_div(int64_t a, int64_t b)
     return (a + b - 1) / b;
 }
 
+// The error of the launch just made (each launch is checked on its own, so an error is never blamed on a
+// later kernel).
+inline cudaError_t check_launch()
+{
+    return cudaGetLastError();
+}
+
 template <typename T>
-void launch_attention(Attributes const& at, Shapes const& s, Buffers const& io, float* lse, float* colsum,
+cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers const& io, float* lse, float* colsum,
     int32_t* valid_rows, cudaStream_t stream)
 {
     AttnArgs a{};
@@ -497,30 +507,43 @@ void launch_attention(Attributes const& at, Shapes const& s, Buffers const& io, 
     bool const mean = at.ranking == kRankMean;
     a.row_base = mean ? 0 : s.nq - 1;
     a.rows = mean ? s.nq : 1;
-    a.rows_masked = mean;
+    // a query row whose own token is padding adds nothing: for mean that skips padded rows, for last (one
+    // row, at S - 1) it gives every score 0 when the last token is padding (right padding, all-padding rows)
+    a.rows_masked = true;
     T const* q = static_cast<T const*>(io.query);
     T const* k = static_cast<T const*>(io.key);
     dim3 const lse_grid(static_cast<unsigned>(ceil_div(a.rows, kTile)), static_cast<unsigned>(s.heads),
         static_cast<unsigned>(s.batch));
+    cudaError_t err = cudaSuccess;
     row_lse_kernel<T><<<lse_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, lse, a);
+    if ((err = check_launch()) != cudaSuccess)
+    {
+        return err;
+    }
     if (mean)
     {
         valid_rows_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(
             io.attention_mask, valid_rows, s.s, s.nq);
+        if ((err = check_launch()) != cudaSuccess)
+        {
+            return err;
+        }
     }
     dim3 const col_grid(static_cast<unsigned>(ceil_div(s.m, kTile)), static_cast<unsigned>(s.heads),
         static_cast<unsigned>(s.batch));
     colsum_kernel<T><<<col_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, io.candidate_positions, lse, colsum, a);
+    return check_launch();
 }
 
 template <typename E>
-void launch_gather(Shapes const& s, Buffers const& io, int32_t const* status, int64_t n_kept, E nan_bits,
+cudaError_t launch_gather(Shapes const& s, Buffers const& io, int32_t const* status, int64_t n_kept, E nan_bits,
     cudaStream_t stream)
 {
     dim3 const grid(static_cast<unsigned>(n_kept), static_cast<unsigned>(s.batch));
     gather_kernel<E><<<grid, kGatherThreads, 0, stream>>>(static_cast<E const*>(io.hidden_states), io.position_ids,
         status, static_cast<E*>(io.selected_hidden_states), io.selected_position_ids, io.kept_indices, s.n, s.hidden,
         s.planes, s.batch, n_kept, nan_bits);
+    return check_launch();
 }
 
 } // namespace
@@ -572,25 +595,40 @@ cudaError_t enqueue(Attributes const& at, Shapes const& s, ElementType type, Buf
         {
             switch (type)
             {
-            case kF32: launch_attention<float>(at, s, io, lse, colsum, valid_rows, stream); break;
-            case kF16: launch_attention<__half>(at, s, io, lse, colsum, valid_rows, stream); break;
-            case kBF16: launch_attention<__nv_bfloat16>(at, s, io, lse, colsum, valid_rows, stream); break;
+            case kF32: err = launch_attention<float>(at, s, io, lse, colsum, valid_rows, stream); break;
+            case kF16: err = launch_attention<__half>(at, s, io, lse, colsum, valid_rows, stream); break;
+            case kBF16: err = launch_attention<__nv_bfloat16>(at, s, io, lse, colsum, valid_rows, stream); break;
             default: return cudaErrorInvalidValue;
+            }
+            if (err != cudaSuccess)
+            {
+                return err;
             }
         }
         dim3 const grid(static_cast<unsigned>(ceil_div(s.m, kThreads)), static_cast<unsigned>(s.batch));
         scores_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, colsum, valid_rows, scores, sa);
+        if ((err = check_launch()) != cudaSuccess)
+        {
+            return err;
+        }
         rank_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, scores, mark, status, sa);
+        if ((err = check_launch()) != cudaSuccess)
+        {
+            return err;
+        }
     }
     compact_kernel<<<static_cast<unsigned>(s.batch), kScanThreads, 0, stream>>>(mark, io.kept_indices, status, sa);
+    if ((err = check_launch()) != cudaSuccess)
+    {
+        return err;
+    }
     switch (type)
     {
-    case kF32: launch_gather<uint32_t>(s, io, status, n_kept, 0x7FC00000u, stream); break;
-    case kF16: launch_gather<uint16_t>(s, io, status, n_kept, uint16_t{0x7E00}, stream); break;
-    case kBF16: launch_gather<uint16_t>(s, io, status, n_kept, uint16_t{0x7FC0}, stream); break;
+    case kF32: return launch_gather<uint32_t>(s, io, status, n_kept, 0x7FC00000u, stream);
+    case kF16: return launch_gather<uint16_t>(s, io, status, n_kept, uint16_t{0x7E00}, stream);
+    case kBF16: return launch_gather<uint16_t>(s, io, status, n_kept, uint16_t{0x7FC0}, stream);
     default: return cudaErrorInvalidValue;
     }
-    return cudaGetLastError();
 }
 
 } // namespace ts

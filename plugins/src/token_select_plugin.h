@@ -70,8 +70,17 @@ public:
 private:
     // "" or the problem with these runtime (all known) or build-time (-1 = dynamic) dims
     std::string check_dims(nvinfer1::Dims const* dims, int32_t nbInputs, ts::Shapes& shapes) const;
+    // validates the dims of `in` and caches them and their shapes for enqueue; false (logged) when invalid
+    bool check_and_cache(nvinfer1::PluginTensorDesc const* in) noexcept;
+    // true when `in` has exactly the dims cached by the last successful check_and_cache
+    bool cached_dims_match(nvinfer1::PluginTensorDesc const* in) const noexcept;
 
     ts::Attributes mAttr;
+    // the input dims validated by onShapeChange (or enqueue's slow path) and their shapes: enqueue, on the hot
+    // path, only compares dims and reuses these (no validation, no allocation)
+    nvinfer1::Dims mCachedDims[6]{};
+    ts::Shapes mCachedShapes{};
+    bool mCached{false};
     std::string mRanking;
     std::string mMetadata;
     std::vector<nvinfer1::PluginField> mFields;

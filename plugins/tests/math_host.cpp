@@ -175,7 +175,7 @@ void fastv_host_scores(int32_t ranking, float const* q, float const* k, int64_t 
                     {
                         int64_t const qrow = row_base + r;
                         int64_t const pos = row_position(S, Nq, qrow);
-                        bool const row_ok = !mean || mask_b[pos] != 0;
+                        bool const row_ok = mask_b[pos] != 0; // padded rows add nothing (last: score 0)
                         if (row_ok && key_visible(j, pos, key_real))
                         {
                             acc += prob_from_lse(

@@ -1,0 +1,65 @@
+"""The raw inputs of one generation, as the C++ runtime's ``fastv-run --inputs DIR`` reads them
+(format: runtime/README.md). ``fastv-export run BUNDLE ... --dump-inputs DIR`` writes them.
+
+``DIR/inputs.json`` lists the tensors by the names of the graph inputs they feed
+(fastv_export/graphs/spec.py): the token ids [B, n] and attention mask [B, n] (int64), the candidate
+positions [B, M] (int64) and one pixel-values tensor per image, named ``<pixel values>.<i>``
+(float32 or float16)::
+
+    {"format": "fastv-inputs", "version": 1, "num_images": N,
+     "tensors": {NAME: {"file": "NAME.bin", "dtype": "int64", "shape": [B, n]}, ...}}
+
+Every ``.bin`` file holds the tensor's elements, row-major (C order), little-endian, nothing else.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fastv_export.errors import FastVError
+from fastv_export.files import atomic_write_json
+from fastv_export.graphs import spec
+
+FORMAT, VERSION, INPUTS_JSON = "fastv-inputs", 1, "inputs.json"
+_DTYPES = {"int64": "<i8", "float32": "<f4", "float16": "<f2"}
+
+
+def _write(out: Path, name: str, array: np.ndarray) -> dict:
+    dtype = np.dtype(array.dtype).name
+    if dtype not in _DTYPES:
+        raise FastVError(f"--dump-inputs: tensor {name!r} has dtype {dtype}; the format holds {', '.join(_DTYPES)}")
+    file = f"{name}.bin"
+    (out / file).write_bytes(np.ascontiguousarray(array, dtype=_DTYPES[dtype]).tobytes())
+    return {"file": file, "dtype": dtype, "shape": [int(d) for d in array.shape]}
+
+
+def dump_inputs(out: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray, images: Sequence[np.ndarray],
+                candidates: np.ndarray | None = None) -> Path:
+    """Write the inputs of one generation into ``out`` (created); returns ``out/inputs.json``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FastVError(f"--dump-inputs {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {spec.INPUT_IDS: _write(out, spec.INPUT_IDS, np.asarray(input_ids, dtype=np.int64)),
+               spec.ATTENTION_MASK: _write(out, spec.ATTENTION_MASK, np.asarray(attention_mask, dtype=np.int64))}
+    if candidates is not None:
+        tensors[spec.CANDIDATE_POSITIONS] = _write(out, spec.CANDIDATE_POSITIONS,
+                                                   np.asarray(candidates, dtype=np.int64))
+    for i, px in enumerate(images):
+        px = np.asarray(px)
+        name = f"{spec.PIXEL_VALUES}.{i}"
+        tensors[name] = _write(out, name, px if px.dtype == np.float16 else px.astype(np.float32))
+    manifest = {"format": FORMAT, "version": VERSION, "num_images": len(images), "tensors": tensors}
+    atomic_write_json(out / INPUTS_JSON, manifest)
+    return out / INPUTS_JSON
+
+
+def load_inputs(path: str | Path) -> dict[str, np.ndarray]:
+    """The tensors of a dumped inputs folder by name (for checks and tests)."""
+    path = Path(path)
+    meta = json.loads((path / INPUTS_JSON).read_text())
+    return {name: np.fromfile(path / t["file"], dtype=_DTYPES[t["dtype"]]).reshape(t["shape"])
+            for name, t in meta["tensors"].items()}

@@ -1,0 +1,124 @@
+// fastv_runtime: the C++ runtime of a fastv-export bundle (runtime/README.md).
+//
+// load_bundle() verifies manifest.json (schema, fields, every file's size and sha256);
+// read_inputs() reads the raw inputs written by `fastv-export run --dump-inputs`;
+// generate() runs vision -> embed -> pre_k (TokenSelect in the graph) -> post_k and greedy
+// decoding over the two KV caches through any Executor (TensorRT, or ONNX Runtime on the CPU).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fastv {
+
+/// Every user error: one line naming the file and field.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class DType { F32, F16, I64 };
+std::string dtype_name(DType d);   // "float32", "float16", "int64" (numpy names, as in the manifest)
+DType dtype_from_name(const std::string& name, const std::string& where);
+size_t dtype_size(DType d);
+
+/// A host tensor: row-major, owning its bytes.
+struct Tensor {
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> data;
+
+  static Tensor zeros(DType dtype, std::vector<int64_t> shape);
+  static Tensor from_i64(std::vector<int64_t> shape, const std::vector<int64_t>& values);
+  size_t numel() const;
+  size_t nbytes() const { return numel() * dtype_size(dtype); }
+  template <class T> T* as() { return reinterpret_cast<T*>(data.data()); }
+  template <class T> const T* as() const { return reinterpret_cast<const T*>(data.data()); }
+  float float_at(size_t i) const;   // F32 or F16 element as float
+};
+std::string shape_str(const std::vector<int64_t>& shape);
+
+using TensorMap = std::map<std::string, Tensor>;
+using Feeds = std::map<std::string, const Tensor*>;
+
+/// The graphs of a bundle and what the pipeline reads from manifest.json.
+struct Bundle {
+  std::filesystem::path dir;
+  nlohmann::json manifest;
+  int k = 0, num_layers = 0, hidden_size = 0, num_kv_heads = 0, head_dim = 0;
+  DType float_dtype = DType::F32;
+  std::vector<int64_t> image_token_ids;
+  int64_t tokens_per_image = 0;
+  std::vector<int64_t> vision_input_shape;
+  std::optional<int64_t> eos_token_id;
+  int64_t pad_token_id = 0;
+  int position_rank = 2;
+  int64_t spatial_merge_size = 1;
+  std::vector<int64_t> grid_thw;           // M-RoPE: one image's (t, h, w) before merging
+  std::filesystem::path graph_file(const std::string& graph) const;
+  bool has_engines() const { return manifest.contains("engines") && !manifest["engines"].is_null(); }
+};
+
+inline constexpr int kSchemaVersion = 2;   // fastv_export.bundle.SCHEMA_VERSION (tests check they agree)
+inline constexpr const char* kManifest = "manifest.json";
+inline constexpr const char* kPluginLibrary = "libfastv_plugins.so";
+inline const char* const kGraphs[] = {"vision", "embed", "pre_k", "post_k"};
+
+/// Verify a bundle directory (schema_version, required fields, every file of 'files': present, size,
+/// sha256; the engines section's checksums) and read it. Throws Error naming the file and field.
+Bundle load_bundle(const std::filesystem::path& dir);
+std::string sha256_file(const std::filesystem::path& path);
+
+/// Inputs of one generation (runtime/README.md: the --dump-inputs format).
+struct Inputs {
+  Tensor input_ids;                        // int64 [B, n], left-padded
+  Tensor attention_mask;                   // int64 [B, n]
+  std::vector<Tensor> images;              // pixel values of one image each, in prompt order
+  std::optional<Tensor> candidate_positions;   // int64 [B, M] as Python computed it (cross-checked)
+};
+Inputs read_inputs(const std::filesystem::path& dir, const Bundle& bundle);
+
+// ---- positions (the manifest's 'positions' rules; fastv_export/runtime/positions.py) ----------
+Tensor prefill_positions(const Bundle& b, const Tensor& input_ids, const Tensor& attention_mask);
+Tensor decode_positions(const Tensor& prompt_positions, int64_t step);
+/// [B, M] ascending positions of the tokens whose id is in image_tokens.token_ids.
+Tensor find_candidates(const Bundle& b, const Tensor& input_ids);
+
+// ---- execution ----------------------------------------------------------------------------------
+/// Runs one graph of the bundle by name with named inputs; returns every output by name.
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  virtual std::string name() const = 0;
+  virtual TensorMap run(const std::string& graph, const Feeds& inputs) = 0;
+};
+
+/// TensorRT 10 engines of the bundle (built with FASTV_WITH_TENSORRT). Checks that need no GPU
+/// (engines recorded, plugin library present, backend) run first and throw Error.
+void check_tensorrt_bundle(const Bundle& b);
+std::unique_ptr<Executor> make_tensorrt_executor(const Bundle& b);
+bool tensorrt_available();
+
+/// The real exported ONNX graphs in ONNX Runtime (CPUExecutionProvider), through the onnxruntime
+/// Python package embedded in this process (built with FASTV_WITH_ORT_PYTHON).
+std::unique_ptr<Executor> make_cpu_executor(const Bundle& b);
+bool cpu_executor_available();
+
+struct Generation {
+  std::vector<std::vector<int64_t>> tokens;   // per row, generated ids (a finished row holds pad after EOS)
+  Tensor kept;                                 // int64 [B, n'] kept prompt positions
+  std::map<std::string, double> timings_ms;    // vision, embed, pre_k, post_k, prefill, decode_per_token
+  int steps = 0;
+};
+
+/// Greedy generation of up to max_new_tokens tokens; a row stops at source_model.eos_token_id.
+Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new_tokens);
+
+}  // namespace fastv

@@ -1,0 +1,301 @@
+// Tensors, the raw inputs format (--dump-inputs), position ids and candidate positions.
+#include "fastv/runtime.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+#include <set>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace fastv {
+
+std::string dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::I64: return "int64";
+  }
+  return "?";
+}
+
+DType dtype_from_name(const std::string& name, const std::string& where) {
+  if (name == "float32") return DType::F32;
+  if (name == "float16") return DType::F16;
+  if (name == "int64") return DType::I64;
+  throw Error(where + ": dtype '" + name + "' is not one of float32, float16, int64");
+}
+
+size_t dtype_size(DType d) { return d == DType::F16 ? 2 : d == DType::F32 ? 4 : 8; }
+
+size_t Tensor::numel() const {
+  size_t n = 1;
+  for (auto d : shape) n *= static_cast<size_t>(d);
+  return n;
+}
+
+Tensor Tensor::zeros(DType dtype, std::vector<int64_t> shape) {
+  Tensor t;
+  t.dtype = dtype;
+  t.shape = std::move(shape);
+  t.data.assign(t.nbytes(), 0);
+  return t;
+}
+
+Tensor Tensor::from_i64(std::vector<int64_t> shape, const std::vector<int64_t>& values) {
+  Tensor t = zeros(DType::I64, std::move(shape));
+  if (values.size() != t.numel()) throw std::logic_error("from_i64: size mismatch");
+  std::memcpy(t.data.data(), values.data(), t.nbytes());
+  return t;
+}
+
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {   // subnormal
+      int e = -1;
+      uint32_t m = mant;
+      do { ++e; m <<= 1; } while ((m & 0x400u) == 0);
+      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+static uint16_t float_to_half(float f) {   // round to nearest even
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  int32_t exp = static_cast<int32_t>((x >> 23) & 0xff) - 127 + 15;
+  uint32_t mant = x & 0x7fffffu;
+  if (((x >> 23) & 0xff) == 0xff) return static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0));
+  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7c00u);
+  if (exp <= 0) {
+    if (exp < -10) return static_cast<uint16_t>(sign);
+    mant |= 0x800000u;
+    const uint32_t shift = static_cast<uint32_t>(14 - exp);
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = (static_cast<uint32_t>(exp) << 10) | (mant >> 13);
+  const uint32_t rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+float Tensor::float_at(size_t i) const {
+  if (dtype == DType::F32) return as<float>()[i];
+  if (dtype == DType::F16) return half_to_float(as<uint16_t>()[i]);
+  return static_cast<float>(as<int64_t>()[i]);
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// ------------------------------------------------------------------------------------------- inputs
+namespace {
+
+Tensor read_tensor(const fs::path& dir, const json& spec, const std::string& name, const std::string& where) {
+  if (!spec.is_object() || !spec.contains("file") || !spec.contains("dtype") || !spec.contains("shape"))
+    throw Error(where + ": tensor '" + name + "' needs 'file', 'dtype' and 'shape'");
+  Tensor t;
+  t.dtype = dtype_from_name(spec["dtype"].get<std::string>(), where + ": tensor '" + name + "'");
+  for (const auto& d : spec["shape"]) {
+    if (!d.is_number_integer() || d.get<int64_t>() < 0)
+      throw Error(where + ": tensor '" + name + "' field 'shape' must hold non-negative integers");
+    t.shape.push_back(d.get<int64_t>());
+  }
+  const fs::path f = dir / spec["file"].get<std::string>();
+  if (!fs::is_regular_file(f)) throw Error(f.string() + " is missing (tensor '" + name + "' of " + where + ")");
+  const auto size = fs::file_size(f);
+  if (size != t.nbytes())
+    throw Error(f.string() + " has " + std::to_string(size) + " bytes, but tensor '" + name + "' of " + where +
+                " is " + dtype_name(t.dtype) + " " + shape_str(t.shape) + " (" + std::to_string(t.nbytes()) +
+                " bytes)");
+  t.data.resize(t.nbytes());
+  std::ifstream in(f, std::ios::binary);
+  in.read(reinterpret_cast<char*>(t.data.data()), static_cast<std::streamsize>(t.data.size()));
+  return t;
+}
+
+}  // namespace
+
+Inputs read_inputs(const fs::path& dir, const Bundle& b) {
+  const fs::path ipath = dir / "inputs.json";
+  const std::string where = ipath.string();
+  if (!fs::is_regular_file(ipath))
+    throw Error(where + " is missing: write the inputs with `fastv-export run BUNDLE ... --dump-inputs " +
+                dir.string() + "`");
+  json j;
+  try {
+    std::ifstream f(ipath);
+    j = json::parse(f);
+  } catch (const json::parse_error& e) {
+    throw Error(where + " is not valid JSON (" + std::string(e.what()) + ")");
+  }
+  if (!j.is_object() || j.value("format", "") != "fastv-inputs" || j.value("version", 0) != 1)
+    throw Error(where + ": field 'format' must be \"fastv-inputs\" and 'version' 1");
+  if (!j.contains("tensors") || !j["tensors"].is_object()) throw Error(where + ": field 'tensors' is missing");
+  const json& ts = j["tensors"];
+  auto get = [&](const std::string& name) {
+    if (!ts.contains(name)) throw Error(where + ": tensor '" + name + "' is missing from field 'tensors'");
+    return read_tensor(dir, ts[name], name, where);
+  };
+  Inputs in;
+  in.input_ids = get("input_ids");
+  in.attention_mask = get("attention_mask");
+  if (in.input_ids.dtype != DType::I64 || in.input_ids.shape.size() != 2 || in.input_ids.shape[0] < 1 ||
+      in.input_ids.shape[1] < 1)
+    throw Error(where + ": tensor 'input_ids' must be int64 [batch, seq], got " + dtype_name(in.input_ids.dtype) +
+                " " + shape_str(in.input_ids.shape));
+  if (in.attention_mask.dtype != DType::I64 || in.attention_mask.shape != in.input_ids.shape)
+    throw Error(where + ": tensor 'attention_mask' must be int64 " + shape_str(in.input_ids.shape) +
+                " like 'input_ids', got " + dtype_name(in.attention_mask.dtype) + " " +
+                shape_str(in.attention_mask.shape));
+  const int64_t num_images = j.value("num_images", 0);
+  for (int64_t i = 0; i < num_images; ++i) {
+    const std::string name = "pixel_values." + std::to_string(i);
+    Tensor px = get(name);
+    if (px.shape != b.vision_input_shape)
+      throw Error(where + ": tensor '" + name + "' has shape " + shape_str(px.shape) + ", the bundle's vision graph " +
+                  "takes " + shape_str(b.vision_input_shape) + " (manifest field 'image_tokens.vision_input.shape')");
+    if (px.dtype == DType::I64) throw Error(where + ": tensor '" + name + "' must be float32 or float16");
+    if (px.dtype != b.float_dtype) {   // convert to the bundle's precision
+      Tensor c = Tensor::zeros(b.float_dtype, px.shape);
+      for (size_t e = 0; e < px.numel(); ++e) {
+        const float v = px.float_at(e);
+        if (c.dtype == DType::F32) c.as<float>()[e] = v;
+        else c.as<uint16_t>()[e] = float_to_half(v);
+      }
+      px = std::move(c);
+    }
+    in.images.push_back(std::move(px));
+  }
+  if (ts.contains("candidate_positions")) in.candidate_positions = get("candidate_positions");
+  // the images of the whole batch, in prompt order, give the image tokens of all rows
+  const int64_t rows = in.input_ids.shape[0], n = in.input_ids.shape[1];
+  const std::set<int64_t> image_ids(b.image_token_ids.begin(), b.image_token_ids.end());
+  int64_t count = 0;
+  for (int64_t i = 0; i < rows * n; ++i) count += image_ids.count(in.input_ids.as<int64_t>()[i]);
+  if (count != num_images * b.tokens_per_image)
+    throw Error(where + ": tensor 'input_ids' holds " + std::to_string(count) + " image tokens, but " +
+                std::to_string(num_images) + " image(s) of " + std::to_string(b.tokens_per_image) +
+                " tokens (manifest field 'image_tokens.per_image') were given");
+  return in;
+}
+
+// ---------------------------------------------------------------------------------------- positions
+Tensor find_candidates(const Bundle& b, const Tensor& input_ids) {
+  const int64_t rows = input_ids.shape[0], n = input_ids.shape[1];
+  const std::set<int64_t> image_ids(b.image_token_ids.begin(), b.image_token_ids.end());
+  std::vector<int64_t> out;
+  int64_t m = -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (image_ids.count(input_ids.as<int64_t>()[r * n + i])) {
+        out.push_back(i);
+        ++count;
+      }
+    if (m >= 0 && count != m)
+      throw Error("the prompts of this batch hold different numbers of image tokens (" + std::to_string(m) + " and " +
+                  std::to_string(count) + ")");
+    m = count;
+  }
+  return Tensor::from_i64({rows, m}, out);
+}
+
+Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask) {
+  const int64_t rows = ids.shape[0], n = ids.shape[1];
+  const int64_t* mk = mask.as<int64_t>();
+  if (b.position_rank == 2) {   // cumsum(mask) - 1, padding 1
+    Tensor out = Tensor::zeros(DType::I64, {rows, n});
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t c = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        c += mk[r * n + i];
+        out.as<int64_t>()[r * n + i] = mk[r * n + i] == 0 ? 1 : c - 1;
+      }
+    }
+    return out;
+  }
+  // M-RoPE: text tokens count up; an image block of grid (t, h/merge, w/merge) gets offset + (t_i, h_i, w_i),
+  // offset = previous max + 1; padding gets 0
+  const int64_t tg = b.grid_thw[0], hg = b.grid_thw[1] / b.spatial_merge_size, wg = b.grid_thw[2] / b.spatial_merge_size;
+  const std::set<int64_t> image_ids(b.image_token_ids.begin(), b.image_token_ids.end());
+  Tensor out = Tensor::zeros(DType::I64, {3, rows, n});
+  int64_t* p = out.as<int64_t>();
+  const int64_t plane = rows * n;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<int64_t> real;
+    for (int64_t i = 0; i < n; ++i)
+      if (mk[r * n + i]) real.push_back(i);
+    size_t i = 0;
+    int64_t nxt = 0;
+    while (i < real.size()) {
+      if (image_ids.count(ids.as<int64_t>()[r * n + real[i]])) {
+        if (i + static_cast<size_t>(b.tokens_per_image) > real.size())
+          throw Error("an image block at position " + std::to_string(real[i]) + " of row " + std::to_string(r) +
+                      " is cut short: the prompt must hold all " + std::to_string(b.tokens_per_image) +
+                      " tokens of each image");
+        size_t j = i;
+        for (int64_t t = 0; t < tg; ++t)
+          for (int64_t h = 0; h < hg; ++h)
+            for (int64_t w = 0; w < wg; ++w, ++j) {
+              const int64_t at = r * n + real[j];
+              p[at] = nxt + t;
+              p[plane + at] = nxt + h;
+              p[2 * plane + at] = nxt + w;
+            }
+        nxt += std::max({tg, hg, wg}) - 1 + 1;
+        i = j;
+      } else {
+        const int64_t at = r * n + real[i];
+        p[at] = p[plane + at] = p[2 * plane + at] = nxt++;
+        ++i;
+      }
+    }
+  }
+  return out;
+}
+
+Tensor decode_positions(const Tensor& pos, int64_t step) {
+  if (pos.shape.size() == 2) {
+    const int64_t rows = pos.shape[0], n = pos.shape[1];
+    Tensor out = Tensor::zeros(DType::I64, {rows, 1});
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t* row = pos.as<int64_t>() + r * n;
+      out.as<int64_t>()[r] = *std::max_element(row, row + n) + 1 + step;
+    }
+    return out;
+  }
+  const int64_t rows = pos.shape[1], n = pos.shape[2];
+  Tensor out = Tensor::zeros(DType::I64, {3, rows, 1});
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t top = INT64_MIN;
+    for (int64_t a = 0; a < 3; ++a) {
+      const int64_t* row = pos.as<int64_t>() + (a * rows + r) * n;
+      top = std::max(top, *std::max_element(row, row + n));
+    }
+    for (int64_t a = 0; a < 3; ++a) out.as<int64_t>()[a * rows + r] = top + 1 + step;
+  }
+  return out;
+}
+
+}  // namespace fastv

@@ -1,0 +1,184 @@
+// The generation loop (fastv_export/runtime/generate.py, in C++): prefill vision -> embed -> pre_k
+// (TokenSelect inside the graph) -> post_k, then greedy decode steps over the two KV caches
+// (layers < K hold the n prompt tokens, layers >= K the n' kept ones).
+#include "fastv/runtime.hpp"
+
+#include <chrono>
+#include <cstring>
+
+namespace fastv {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
+
+std::string past_name(int layer, const char* kind) {
+  return "past_key_values." + std::to_string(layer) + "." + kind;
+}
+
+// present.{i}.key -> past_key_values.{i}.key, moved out of a graph's outputs
+TensorMap next_past(TensorMap& outputs) {
+  TensorMap past;
+  for (auto& [name, t] : outputs)
+    if (name.rfind("present.", 0) == 0) past["past_key_values." + name.substr(8)] = std::move(t);
+  return past;
+}
+
+const Tensor& output(const TensorMap& m, const std::string& graph, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) throw Error("graph '" + graph + "' returned no output '" + name + "'");
+  return it->second;
+}
+
+// [rows, n] int64 with one column appended (ones)
+Tensor append_ones(const Tensor& mask) {
+  const int64_t rows = mask.shape[0], n = mask.shape[1];
+  Tensor out = Tensor::zeros(DType::I64, {rows, n + 1});
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(out.as<int64_t>() + r * (n + 1), mask.as<int64_t>() + r * n, n * sizeof(int64_t));
+    out.as<int64_t>()[r * (n + 1) + n] = 1;
+  }
+  return out;
+}
+
+// argmax over the last position's logits [rows, seq, vocab] -> rows ids (ties: lowest id, as numpy)
+std::vector<int64_t> argmax_last(const Tensor& logits) {
+  const int64_t rows = logits.shape[0], seq = logits.shape[1], vocab = logits.shape[2];
+  std::vector<int64_t> out(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const size_t base = static_cast<size_t>((r * seq + seq - 1) * vocab);
+    int64_t best = 0;
+    float bv = logits.float_at(base);
+    for (int64_t v = 1; v < vocab; ++v) {
+      const float x = logits.float_at(base + v);
+      if (x > bv) { bv = x; best = v; }
+    }
+    out[r] = best;
+  }
+  return out;
+}
+
+}  // namespace
+
+Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new_tokens) {
+  if (max_new_tokens < 1) throw Error("--max-new-tokens must be >= 1");
+  Generation g;
+  const auto t0 = Clock::now();
+  const int64_t rows = in.input_ids.shape[0];
+
+  // vision: one call per image, features concatenated in prompt order
+  std::vector<Tensor> feats;
+  for (const Tensor& px : in.images) {
+    TensorMap out = ex.run("vision", {{"pixel_values", &px}});
+    feats.push_back(std::move(out.at("image_features")));
+  }
+  Tensor features = Tensor::zeros(b.float_dtype, {0, b.hidden_size});
+  if (!feats.empty()) {
+    int64_t total = 0;
+    for (auto& f : feats) total += f.shape[0];
+    features = Tensor::zeros(b.float_dtype, {total, b.hidden_size});
+    size_t off = 0;
+    for (auto& f : feats) {
+      std::memcpy(features.data.data() + off, f.data.data(), f.nbytes());
+      off += f.nbytes();
+    }
+  }
+  g.timings_ms["vision"] = ms_since(t0);
+  const Tensor positions = prefill_positions(b, in.input_ids, in.attention_mask);
+  const Tensor candidates = find_candidates(b, in.input_ids);
+  if (in.candidate_positions && (in.candidate_positions->shape != candidates.shape ||
+                                 in.candidate_positions->data != candidates.data))
+    throw Error("inputs: tensor 'candidate_positions' " + shape_str(in.candidate_positions->shape) +
+                " is not the positions of the image tokens (manifest field 'image_tokens.token_ids') in 'input_ids' " +
+                shape_str(candidates.shape));
+
+  // embed -> pre_k (TokenSelect) over the n prompt tokens
+  auto t1 = Clock::now();
+  TensorMap emb = ex.run("embed", {{"input_ids", &in.input_ids}, {"image_features", &features}});
+  g.timings_ms["embed"] = ms_since(t1);
+  t1 = Clock::now();
+  const Tensor empty_kv = Tensor::zeros(b.float_dtype, {rows, b.num_kv_heads, 0, b.head_dim});
+  Feeds feeds{{"inputs_embeds", &output(emb, "embed", "inputs_embeds")},
+              {"attention_mask", &in.attention_mask},
+              {"position_ids", &positions},
+              {"candidate_positions", &candidates}};
+  for (int i = 0; i < b.k; ++i)
+    for (const char* kind : {"key", "value"}) feeds[past_name(i, kind)] = &empty_kv;
+  TensorMap pre = ex.run("pre_k", feeds);
+  g.kept = output(pre, "pre_k", "kept_indices");
+  TensorMap pre_past = next_past(pre);
+  // post-K attention mask: the prompt mask gathered at the kept positions
+  const int64_t n = in.attention_mask.shape[1], kept_n = g.kept.shape[1];
+  Tensor post_mask = Tensor::zeros(DType::I64, {rows, kept_n});
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < kept_n; ++j) {
+      const int64_t pos = g.kept.as<int64_t>()[r * kept_n + j];
+      if (pos < 0 || pos >= n) throw Error("pre_k returned kept index " + std::to_string(pos) + " outside the prompt");
+      post_mask.as<int64_t>()[r * kept_n + j] = in.attention_mask.as<int64_t>()[r * n + pos];
+    }
+  g.timings_ms["pre_k"] = ms_since(t1);
+
+  // post_k over the n' kept tokens, with their original position ids
+  const auto t2 = Clock::now();
+  feeds = {{"hidden_states", &output(pre, "pre_k", "hidden_states")},
+           {"attention_mask", &post_mask},
+           {"position_ids", &output(pre, "pre_k", "selected_position_ids")}};
+  for (int i = b.k; i < b.num_layers; ++i)
+    for (const char* kind : {"key", "value"}) feeds[past_name(i, kind)] = &empty_kv;
+  TensorMap post = ex.run("post_k", feeds);
+  std::vector<int64_t> next = argmax_last(output(post, "post_k", "logits"));
+  TensorMap post_past = next_past(post);
+  g.timings_ms["post_k"] = ms_since(t2);
+  g.timings_ms["prefill"] = ms_since(t0);
+
+  // greedy decode
+  g.tokens.assign(rows, {});
+  std::vector<bool> finished(rows, false);
+  Tensor mask = in.attention_mask;
+  const Tensor no_features = Tensor::zeros(b.float_dtype, {0, b.hidden_size});
+  const Tensor no_candidates = Tensor::zeros(DType::I64, {rows, 0});
+  const auto t3 = Clock::now();
+  for (int step = 0; step < max_new_tokens; ++step) {
+    bool all = true;
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t tok = next[r];
+      if (b.eos_token_id) {
+        if (finished[r]) tok = b.pad_token_id;
+        if (tok == *b.eos_token_id) finished[r] = true;
+      }
+      next[r] = tok;
+      g.tokens[r].push_back(tok);
+      all = all && finished[r];
+    }
+    g.steps = step + 1;
+    if (step == max_new_tokens - 1 || (b.eos_token_id && all)) break;
+    const Tensor ids = Tensor::from_i64({rows, 1}, next);
+    TensorMap e = ex.run("embed", {{"input_ids", &ids}, {"image_features", &no_features}});
+    mask = append_ones(mask);
+    post_mask = append_ones(post_mask);
+    const Tensor pos = decode_positions(positions, step);
+    Feeds f{{"inputs_embeds", &output(e, "embed", "inputs_embeds")},
+            {"attention_mask", &mask},
+            {"position_ids", &pos},
+            {"candidate_positions", &no_candidates}};
+    for (auto& [name, t] : pre_past) f[name] = &t;
+    TensorMap o = ex.run("pre_k", f);
+    TensorMap new_pre_past = next_past(o);
+    Feeds p{{"hidden_states", &output(o, "pre_k", "hidden_states")},
+            {"attention_mask", &post_mask},
+            {"position_ids", &output(o, "pre_k", "selected_position_ids")}};
+    for (auto& [name, t] : post_past) p[name] = &t;
+    TensorMap res = ex.run("post_k", p);
+    next = argmax_last(output(res, "post_k", "logits"));
+    pre_past = std::move(new_pre_past);
+    post_past = next_past(res);
+  }
+  g.timings_ms["decode_per_token"] = ms_since(t3) / std::max(1, g.steps - 1);
+  g.timings_ms["total"] = ms_since(t0);
+  return g;
+}
+
+}  // namespace fastv
