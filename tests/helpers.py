@@ -30,3 +30,11 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
     rc = cli(argv)
     err = capsys.readouterr().err.strip()
     return rc, err
+
+
+def c_pointer(a, ctype):
+    """A ctypes pointer to the data of the C-contiguous numpy array ``a``."""
+    import ctypes
+
+    assert a.flags["C_CONTIGUOUS"]
+    return a.ctypes.data_as(ctypes.POINTER(ctype))

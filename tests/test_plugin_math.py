@@ -19,6 +19,7 @@ import torch
 
 from fastv_export.reference import selection as ref
 from fastv_export.graphs import op
+from tests.helpers import c_pointer as ptr
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
@@ -38,9 +39,6 @@ def lib(host_math):
     return host_math
 
 
-def ptr(a: np.ndarray, ctype):
-    assert a.flags["C_CONTIGUOUS"]
-    return a.ctypes.data_as(P(ctype))
 
 
 def expected_keep(m: int, num: int, den: int, keep: int = -1) -> int:

@@ -37,6 +37,7 @@ from onnx import TensorProto
 from fastv_export.graphs import op
 from fastv_export.graphs import token_select as ts
 from fastv_export.reference import selection as ref
+from tests.helpers import c_pointer as _ptr
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
@@ -66,9 +67,6 @@ def host_lib(host_math):
     return host_math
 
 
-def _ptr(a: np.ndarray, ctype):
-    assert a.flags["C_CONTIGUOUS"]
-    return a.ctypes.data_as(P(ctype))
 
 
 @functools.lru_cache(maxsize=256)

@@ -24,6 +24,7 @@ then: fastv-export validate bundle
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, FastV parameters, precision and the bundle to write (shared with `fastv-export pipeline`)."""
     add_model_argument(parser)
     add_fastv_arguments(parser)
     parser.add_argument("--dtype", choices=list(spec.PRECISIONS), default="fp32", help="graph precision (default fp32)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from fastv_export.commands.build import add_build_arguments, build_options_from_args, build_with_progress
-from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
-from fastv_export.graphs import spec
+from fastv_export.commands.common import fastv_config_from_args
+from fastv_export.commands.export import add_arguments as add_export_arguments
 
 HELP = "export, validate with ONNX Runtime and build TensorRT engines in one go, then summarise"
 DESCRIPTION = """\
@@ -24,11 +24,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
-    add_fastv_arguments(parser)
-    parser.add_argument("--dtype", choices=list(spec.PRECISIONS), default="fp32", help="graph precision (default fp32)")
-    parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
-    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    add_export_arguments(parser)
     parser.add_argument("--validate-tokens", type=int, default=16, metavar="T",
                         help="greedy tokens compared by the validation (default 16)")
     add_build_arguments(parser)

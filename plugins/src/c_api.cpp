@@ -74,6 +74,32 @@ std::string check(fastv::ts::Attributes const& a, fastv::ts::Shapes const& s, in
     return err;
 }
 
+// f(attributes, shapes) when the attributes and dims are valid; else `fail`, with the problem in
+// fastv_ts_last_error (shared by the size and layout queries below).
+template <typename T, typename F>
+T with_checked_args(int32_t ranking, int64_t ratio_num, int64_t ratio_den, int64_t keep, int64_t const* dims,
+    T fail, F f)
+{
+    try
+    {
+        fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
+        fastv::ts::Shapes const s = shapes_from(dims);
+        std::string const err = check(a, s, fastv::ts::kF32);
+        if (!err.empty())
+        {
+            gLastError = err;
+            return fail;
+        }
+        gLastError.clear();
+        return f(a, s);
+    }
+    catch (...)
+    {
+        gLastError = "unexpected exception";
+        return fail;
+    }
+}
+
 } // namespace
 
 extern "C"
@@ -120,24 +146,8 @@ FASTV_EXPORT int64_t fastv_ts_kept_length(int64_t n, int64_t m, int32_t ranking,
 FASTV_EXPORT uint64_t fastv_ts_workspace_size(int32_t ranking, int64_t ratio_num, int64_t ratio_den, int64_t keep,
     int64_t const* dims)
 {
-    try
-    {
-        fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
-        fastv::ts::Shapes const s = shapes_from(dims);
-        std::string const err = check(a, s, fastv::ts::kF32);
-        if (!err.empty())
-        {
-            gLastError = err;
-            return 0;
-        }
-        gLastError.clear();
-        return fastv::ts::workspace_size(a, s);
-    }
-    catch (...)
-    {
-        gLastError = "unexpected exception";
-        return 0;
-    }
+    return with_checked_args<uint64_t>(ranking, ratio_num, ratio_den, keep, dims, 0,
+        [](fastv::ts::Attributes const& a, fastv::ts::Shapes const& s) { return fastv::ts::workspace_size(a, s); });
 }
 
 // Byte offset, within the workspace of fastv_ts_run (same attributes and dims), of the candidate scores
@@ -146,24 +156,9 @@ FASTV_EXPORT uint64_t fastv_ts_workspace_size(int32_t ranking, int64_t ratio_num
 FASTV_EXPORT uint64_t fastv_ts_scores_offset(int32_t ranking, int64_t ratio_num, int64_t ratio_den, int64_t keep,
     int64_t const* dims)
 {
-    try
-    {
-        fastv::ts::Attributes const a = attributes_from(ranking, ratio_num, ratio_den, keep, 1.0f, 0);
-        fastv::ts::Shapes const s = shapes_from(dims);
-        std::string const err = check(a, s, fastv::ts::kF32);
-        if (!err.empty())
-        {
-            gLastError = err;
-            return UINT64_MAX;
-        }
-        gLastError.clear();
-        return fastv::ts::workspace_layout(a, s).scores;
-    }
-    catch (...)
-    {
-        gLastError = "unexpected exception";
-        return UINT64_MAX;
-    }
+    return with_checked_args<uint64_t>(ranking, ratio_num, ratio_den, keep, dims, UINT64_MAX,
+        [](fastv::ts::Attributes const& a, fastv::ts::Shapes const& s)
+        { return static_cast<uint64_t>(fastv::ts::workspace_layout(a, s).scores); });
 }
 
 // Runs TokenSelect on device buffers. Returns 0, 1 (invalid arguments) or 2 (CUDA error); see
