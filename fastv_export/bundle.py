@@ -543,19 +543,17 @@ def _check_engines(m: dict, sizes: dict, specs: dict, fail) -> None:
 
 
 def _verify_engine_records(manifest: dict, mpath: Path) -> None:
-    """The ``engines`` section (when engines were built) must name files whose checksums are those
-    of ``files`` (which load_bundle has just verified against the files themselves)."""
-    section = manifest.get("engines")
+    """The ``engines`` section (when engines were built; its shape is the schema's) must name files whose
+    checksums are those of ``files`` (which load_bundle has just verified against the files themselves)."""
+    section = manifest["engines"]
     if section is None:
         return
-    if not isinstance(section, dict) or not isinstance(section.get("engines"), dict):
-        raise FastVError(f"{mpath}: field 'engines' must be null or an object with 'engines'; re-run fastv-export build")
     files = manifest["files"]
     for graph, e in section["engines"].items():
-        if files.get(e.get("file"), {}).get("sha256") != e.get("sha256"):
+        if files[e["file"]]["sha256"] != e["sha256"]:
             raise FastVError(f"{mpath}: field 'engines.engines.{graph}.sha256' does not match the file "
-                             f"{e.get('file')!r}: the engine is not the one built; rebuild with fastv-export build")
-    plugin = section.get("plugin")
-    if plugin is not None and files.get(op.PLUGIN_LIBRARY, {}).get("sha256") != plugin.get("sha256"):
+                             f"{e['file']!r}: the engine is not the one built; rebuild with fastv-export build")
+    plugin = section["plugin"]
+    if plugin is not None and files[op.PLUGIN_LIBRARY]["sha256"] != plugin["sha256"]:
         raise FastVError(f"{mpath}: field 'engines.plugin.sha256' does not match {op.PLUGIN_LIBRARY}: the plugin "
                          "library is not the one the engines were built with; rebuild with fastv-export build")

@@ -192,7 +192,7 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
                     report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None) -> dict:
     """Compare ``runner`` (default: ONNX Runtime on the bundle at ``path``) with the PyTorch reference;
     writes validation.json (+ Polygraphy RunResults) and returns the report."""
-    bundle = load_bundle(path)
+    bundle = runner.bundle if runner is not None else load_bundle(path)   # a runner holds a verified bundle
     m = bundle.manifest
     cfg = FastVConfig.from_manifest(m["fastv"])
     precision = m["precision"]

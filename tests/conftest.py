@@ -65,6 +65,18 @@ def exported_bundle(tmp_path_factory) -> Callable[..., Path]:
     return get
 
 
+def _build_once(cache: dict, build_dir: Path, archs: str, make: Callable[[Path, str], Path]) -> Path:
+    """``make(build_dir, archs)`` once per session per (archs, build_dir), under a file lock beside the
+    build folder, so concurrent sessions sharing a build folder do not race in it."""
+    key = (archs, str(build_dir))
+    if key not in cache:
+        build_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cache[key] = make(build_dir, archs)
+    return cache[key]
+
+
 @pytest.fixture(scope="session")
 def plugin_build(tmp_path_factory) -> Callable[..., Path]:
     """``plugin_build(archs=None, build_dir=None)`` -> libfastv_plugins.so built by scripts/build_plugin.sh,
@@ -78,27 +90,22 @@ def plugin_build(tmp_path_factory) -> Callable[..., Path]:
     cache: dict = {}
     seconds: dict[str, float] = {}
 
+    def make(build_dir: Path, archs: str) -> Path:
+        start = time.perf_counter()
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_plugin.sh"), "--build-dir", str(build_dir),
+                               "--archs", archs], capture_output=True, text=True, cwd=ROOT)
+        seconds[str(build_dir)] = time.perf_counter() - start
+        assert proc.returncode == 0, f"build_plugin.sh failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+        lib = Path(proc.stdout.strip().splitlines()[-1])
+        assert lib.is_file(), proc.stdout
+        return lib
+
     def build(archs: str | None = None, build_dir: str | os.PathLike | None = None) -> Path:
         if build_dir is None and archs is None:
             build_dir = os.environ.get("FASTV_PLUGIN_BUILD_DIR") or None
         archs = archs or os.environ.get("FASTV_CUDA_ARCHS") or PLUGIN_CI_ARCHS
-        if build_dir is None:
-            build_dir = tmp_path_factory.getbasetemp() / f"plugins-{archs.replace(';', '-')}"
-        build_dir = Path(build_dir)
-        key = (archs, str(build_dir))
-        if key not in cache:
-            build_dir.parent.mkdir(parents=True, exist_ok=True)
-            with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                start = time.perf_counter()
-                proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_plugin.sh"), "--build-dir",
-                                       str(build_dir), "--archs", archs], capture_output=True, text=True, cwd=ROOT)
-                seconds[str(build_dir)] = time.perf_counter() - start
-            assert proc.returncode == 0, f"build_plugin.sh failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-            lib = Path(proc.stdout.strip().splitlines()[-1])
-            assert lib.is_file(), proc.stdout
-            cache[key] = lib
-        return cache[key]
+        build_dir = build_dir or tmp_path_factory.getbasetemp() / f"plugins-{archs.replace(';', '-')}"
+        return _build_once(cache, Path(build_dir), archs, make)
 
     build.seconds = seconds
     return build
@@ -113,32 +120,27 @@ def kernels_build(tmp_path_factory) -> Callable[..., Path]:
     directory. Serialised with a file lock like ``plugin_build``."""
     cache: dict = {}
 
+    def make(build_dir: Path, archs: str) -> Path:
+        env = dict(os.environ)
+        if not env.get("CUDACXX") and not shutil.which("nvcc"):
+            for c in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+                if os.access(c, os.X_OK):
+                    env["CUDACXX"] = c
+                    break
+        nowhere = build_dir.parent / "no-tensorrt-headers-here"
+        for cmd in (["cmake", "-S", str(ROOT / "plugins"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     "-DFASTV_KERNELS_ONLY=ON", f"-DTENSORRT_INCLUDE_DIR={nowhere}", f"-DFASTV_CUDA_ARCHS={archs}"],
+                    ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        lib = build_dir / "libfastv_ts_kernels.so"
+        assert lib.is_file(), proc.stdout
+        return lib
+
     def build(archs: str | None = None, build_dir: str | os.PathLike | None = None) -> Path:
         archs = archs or os.environ.get("FASTV_CUDA_ARCHS") or "86"
-        if build_dir is None:
-            build_dir = tmp_path_factory.getbasetemp() / f"kernels-{archs.replace(';', '-')}"
-        build_dir = Path(build_dir)
-        key = (archs, str(build_dir))
-        if key not in cache:
-            build_dir.parent.mkdir(parents=True, exist_ok=True)
-            env = dict(os.environ)
-            if not env.get("CUDACXX") and not shutil.which("nvcc"):
-                for c in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
-                    if os.access(c, os.X_OK):
-                        env["CUDACXX"] = c
-                        break
-            with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                nowhere = build_dir.parent / "no-tensorrt-headers-here"
-                for cmd in (["cmake", "-S", str(ROOT / "plugins"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                             "-DFASTV_KERNELS_ONLY=ON", f"-DTENSORRT_INCLUDE_DIR={nowhere}", f"-DFASTV_CUDA_ARCHS={archs}"],
-                            ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2)]):
-                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-                    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-            lib = build_dir / "libfastv_ts_kernels.so"
-            assert lib.is_file(), proc.stdout
-            cache[key] = lib
-        return cache[key]
+        build_dir = build_dir or tmp_path_factory.getbasetemp() / f"kernels-{archs.replace(';', '-')}"
+        return _build_once(cache, Path(build_dir), archs, make)
 
     return build
 

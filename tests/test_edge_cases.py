@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 from fastv_export.graphs import op
 from fastv_export.graphs import token_select as ts
 from fastv_export.reference import selection as ref
+from tests.helpers import c_pointer as _ptr
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
@@ -58,16 +59,14 @@ def _compile(out: Path, sources: list[Path], extra: list[str] = ()) -> ctypes.CD
     return ctypes.CDLL(str(out))
 
 
-
-
 C_API_SOURCES = [PLUGINS / "src" / "c_api.cpp", PLUGINS / "src" / "token_select_host.cpp",
                  PLUGINS / "tests" / "c_api_host_stub.cpp"]
 
 
 @pytest.fixture(scope="module")
 def c_api_lib(tmp_path_factory) -> Path:
-    if CUDA_INCLUDE is None:
-        pytest.skip("the CUDA headers (cuda_runtime_api.h) are needed to compile the C API")
+    assert CUDA_INCLUDE is not None, ("the CUDA toolkit's headers (cuda_runtime_api.h) are needed to compile the "
+                                      "C API; install the CUDA toolkit (nvcc) or set CUDA_HOME")
     out = tmp_path_factory.mktemp("edge-capi") / "libcapi.so"
     _compile(out, C_API_SOURCES, [f"-I{CUDA_INCLUDE}"])
     return out
@@ -88,9 +87,6 @@ def _c_api_call(lib: Path, body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", prelude + body], capture_output=True, text=True, timeout=60)
 
 
-def _ptr(a: np.ndarray, ctype):
-    assert a.flags["C_CONTIGUOUS"]
-    return a.ctypes.data_as(P(ctype))
 
 
 def session(ranking, num=1, den=2, keep=-1, seed=0, model=None):

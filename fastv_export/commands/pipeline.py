@@ -30,14 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_build_arguments(parser)
 
 
-def _flops_lines(model: str, manifest: dict, section: dict) -> list[str]:
+def _flops_lines(model: str, report: dict, section: dict) -> list[str]:
+    """Eq. 5 / exact FLOPs and KV of the engines' longest prompt (``report``: validation's, which
+    carries the bundle's ``fastv`` section and precision)."""
     from fastv_export.analysis.flops import estimate, resolve_shape
 
     n = section["lengths"]
-    f = manifest["fastv"]
+    f = report["fastv"]
     rep = estimate(resolve_shape(model), image_tokens=n["image_tokens"], text_tokens=n["prompt"] - n["image_tokens"],
                    k=f["k"], ratio=None if f["keep"] is not None else f["ratio"], keep=f["keep"],
-                   dtype=manifest["precision"]).to_dict()
+                   dtype=report["precision"]).to_dict()
     return [f"FLOPs of a {n['prompt']}-token prefill ({n['image_tokens']} image tokens): Eq. 5 ratio "
             f"{rep['eq5_ratio']:.3f} ({rep['eq5_speedup']:.2f}x), exact ratio {rep['exact_ratio']:.3f} "
             f"({rep['exact_speedup']:.2f}x)",
@@ -47,7 +49,7 @@ def _flops_lines(model: str, manifest: dict, section: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastv_export.engines.build import _gpu_target, format_summary
+    from fastv_export.engines.build import gpu_target, format_summary
     from fastv_export.export.onnx_export import ExportOptions, export_bundle
     from fastv_export.validate import format_report, validate_bundle
 
@@ -62,12 +64,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     section = build_with_progress(str(out), options)
     print("3/3 engines built")
-    from fastv_export.bundle import load_bundle
-
-    manifest = load_bundle(out).manifest
     worst = max(c["max_logits_error"] for c in report["cases"])
-    gpu = _gpu_target()
-    lines = ["", f"summary of {out}", *(_flops_lines(args.model, manifest, section)),
+    gpu = gpu_target()
+    lines = ["", f"summary of {out}", *(_flops_lines(args.model, report, section)),
              f"validation: {len(report['cases'])} cases (batch 1 and 3, {args.validate_tokens} tokens), greedy tokens "
              f"identical, worst logits error {worst:.2e} (tolerance {report['tolerances']['logits']})",
              format_summary(section),

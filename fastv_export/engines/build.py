@@ -154,16 +154,6 @@ def trtexec_script(manifest: dict, limits: BuildLimits, use_plugin: bool = True)
 
 
 # ---------------------------------------------------------------------------------------------- build
-@dataclass
-class EngineResult:
-    graph: str
-    file: str
-    bytes: int
-    seconds: float
-    layers: int
-    plugin_layers: int
-
-
 def _build_rtx(onnx_path: Path, profiles: list[dict], targets: list[str], plugin: Path | None,
                timing_cache: bytes) -> tuple[bytes, list[str], bytes]:
     from fastv_export.engines import trt_rtx
@@ -244,7 +234,6 @@ def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
                              "or pass --no-plugin to build TokenSelect's ONNX function body")
     cache_file = bundle.path / TIMING_CACHE
     cache = cache_file.read_bytes() if cache_file.is_file() else b""
-    results: dict[str, EngineResult] = {}
     engines: dict[str, dict] = {}
     with atomic_directory(bundle.path, force=True) as tmp:
         _copy_bundle(bundle.path, tmp)
@@ -266,13 +255,13 @@ def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
                                                              "not expanded"))
             name = f"{graph}{ENGINE_SUFFIX}"
             (tmp / name).write_bytes(data)
-            results[graph] = EngineResult(graph, name, len(data), time.perf_counter() - start, len(layers), n_plugin)
+            seconds = time.perf_counter() - start
             engines[graph] = {
                 "file": name, "sha256": sha256(tmp / name), "bytes": len(data),
                 "profiles": [{"name": p, "shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in s.items()}}
                              for p, s in profiles[graph].items()],
                 "kv_cache_bytes_at_max": kv_cache_bytes(manifest, options.limits, graph),
-                "layers": len(layers), "plugin_layers": n_plugin, "build_seconds": round(results[graph].seconds, 3)}
+                "layers": len(layers), "plugin_layers": n_plugin, "build_seconds": round(seconds, 3)}
         (tmp / TIMING_CACHE).write_bytes(cache)
         plugin_entry = None
         if plugin is not None:
@@ -318,13 +307,13 @@ def check_engines(bundle: Bundle) -> None:
     if installed != section["backend_version"]:
         raise FastVError(f"{where}: the engines were built with {backend} {section['backend_version']}, this machine "
                          f"has {installed}; rebuild them with `fastv-export build {bundle.path}`")
-    gpu = _gpu_target()
+    gpu = gpu_target()
     if gpu is not None and "CURRENT" not in section["targets"] and gpu not in section["targets"]:
         raise FastVError(f"{where}: the engines target {', '.join(section['targets'])}, this GPU is {gpu}; rebuild "
                          f"with --compute-capability {gpu[2:-1]}.{gpu[-1]}")
 
 
-def _gpu_target() -> str | None:
+def gpu_target() -> str | None:
     """SM<major><minor> of this machine's first GPU (None without one or without torch.cuda)."""
     try:
         import torch
