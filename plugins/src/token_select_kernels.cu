@@ -1,18 +1,26 @@
 // fastv::TokenSelect: CUDA kernels and their launcher (docs/token_select.md).
 //
 // Pipeline for one call (everything on `stream`, scratch in the caller's workspace, nothing allocated):
-//   1. row_lse_kernel   (last / mean) log-sum-exp of every query row used, streaming over key tiles
-//                       (32 rows x 32 keys, head_dim in chunks of 32, through shared memory): the n x n
-//                       attention map is never materialised.
-//   2. valid_rows_kernel (mean) number of query rows whose own token is real.
-//   3. colsum_kernel    (last / mean) probability received by each CANDIDATE key, summed over the
-//                       query rows that see it (recomputing the logits tile by tile), per head; a row
-//                       whose own token is padding adds nothing (for last: a padded last token gives
-//                       every score 0, as in the reference and the function body).
+//   last (one query row, split over the keys):
+//   1. last_logits_kernel  blocks of kLastKeysPerBlock keys per (batch, head): one warp per key computes
+//                          the scaled logit of the last query row, kept in the workspace; each block
+//                          leaves the softmax state (max, sum) of its keys.
+//   2. last_colsum_kernel  merges the blocks' states into the row's log-sum-exp (fixed order) and gives
+//                          each CANDIDATE key its probability; a padded last token gives every score 0,
+//                          as in the reference and the function body.
+//   mean (every query row; 32 x 32 logits tiles, head_dim in chunks of 32 through shared memory, on
+//   tensor cores for fp16 / bf16 inputs (fp32 accumulation), on CUDA cores for fp32):
+//   1. row_lse_kernel   log-sum-exp of every query row, streaming over key tiles: the n x n attention map
+//                       is never materialised.
+//   2. valid_rows_kernel number of query rows whose own token is real.
+//   3. colsum_kernel    probability received by each CANDIDATE key, summed over the query rows that see it
+//                       (recomputing the logits tile by tile), per head; a row whose own token is padding
+//                       adds nothing.
 //   4. scores_kernel    candidate score: mean over heads (divided by the valid rows for mean), or the
 //                       seeded hash for random.
 //   5. rank_kernel      rank of every candidate (how many candidates rank before it: higher score, or
-//                       equal score at a lower position); kept iff rank < keep(M). Marks positions.
+//                       equal score at a lower position, one 64-bit key compare), counted over slices of
+//                       kRankSlice candidates in parallel; mark_kernel: kept iff rank < keep(M).
 //   6. compact_kernel   block-wide prefix sum over the marks: kept positions in ascending order.
 //   7. gather_kernel    rows of hidden states and position ids (all L planes) at the kept positions.
 // Every launch is checked on its own (cudaGetLastError right after it).
@@ -23,6 +31,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
+
+#include <type_traits>
 
 namespace fastv
 {
@@ -35,8 +46,10 @@ constexpr int kTile = 32;     // query rows and keys per logits tile
 constexpr int kChunk = 32;    // head_dim elements per shared-memory chunk
 constexpr int kThreads = 256; // threads of the tiled kernels (8 warps)
 constexpr int kRowsPerWarp = kTile / (kThreads / 32);
+constexpr int kLogitsLd = kTile + 4; // row stride of the logits tile (a multiple of 4 floats: wmma stores)
 constexpr int kScanThreads = 512;
 constexpr int kGatherThreads = 128;
+constexpr int kLastWarps = static_cast<int>(kLastKeysPerBlock / 32);
 
 template <typename T>
 __device__ __forceinline__ float to_f32(T v);
@@ -74,56 +87,141 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
+template <typename T>
+__device__ __forceinline__ T zero_of()
+{
+    return T(0.0f);
+}
+
+// Tensor cores for this element type on the architecture being compiled: fp16 from sm_70, bf16 from
+// sm_80 (16 x 16 x 16 fragments, fp32 accumulation). fp32 inputs always use CUDA cores (TF32 would round
+// the inputs).
+template <typename T>
+__device__ constexpr bool use_mma()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    return std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    return std::is_same<T, __half>::value;
+#else
+    return false;
+#endif
+}
+
+// Row stride of the staged q / k chunks: wmma loads need a multiple of 8 elements (16-bit types); fp32
+// rows get one float of padding against bank conflicts.
+template <typename T>
+struct StageLd
+{
+    static constexpr int value = kChunk + 8;
+};
+template <>
+struct StageLd<float>
+{
+    static constexpr int value = kChunk + 1;
+};
+
+template <typename T>
 struct TileSmem
 {
-    float q[kTile][kChunk + 1];
-    float k[kTile][kChunk + 1];
-    float logits[kTile][kTile + 1];
+    alignas(32) T q[kTile][StageLd<T>::value];
+    alignas(32) T k[kTile][StageLd<T>::value];
+    alignas(32) float logits[kTile][kLogitsLd];
     int64_t key_index[kTile]; // key j of each column, -1 = none
 };
 
-// logits[r][c] = scale * q[row0 + r] . k[key_index[c]] (zero where the row or the key does not exist).
-// q_base points at query[b, h, 0, 0], k_base at key[b, hkv, 0, 0]; rows of the query are < row_end.
-// Ends with a barrier: logits are visible to the whole block.
+// Stages q[row0 .. row0 + 31, k0 .. k0 + 31] and k[key_index[c], k0 .. k0 + 31] (zeros where the row, the
+// key or the element does not exist) and waits for the whole block.
 template <typename T>
-__device__ void logits_tile(
-    T const* q_base, int64_t row0, int64_t row_end, T const* k_base, int64_t d, float scale, TileSmem& sm)
+__device__ __forceinline__ void stage_chunk(
+    T const* q_base, int64_t row0, int64_t row_end, T const* k_base, int64_t d, int64_t k0, TileSmem<T>& sm)
 {
-    int const tid = threadIdx.x;
-    int const r = tid / 8;
-    int const c0 = tid % 8;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t k0 = 0; k0 < d; k0 += kChunk)
+    for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads)
     {
-        for (int e = tid; e < kTile * kChunk; e += kThreads)
-        {
-            int const rr = e / kChunk;
-            int const cc = e % kChunk;
-            int64_t const dd = k0 + cc;
-            int64_t const qrow = row0 + rr;
-            sm.q[rr][cc] = (qrow < row_end && dd < d) ? to_f32(q_base[qrow * d + dd]) : 0.0f;
-            int64_t const kj = sm.key_index[rr];
-            sm.k[rr][cc] = (kj >= 0 && dd < d) ? to_f32(k_base[kj * d + dd]) : 0.0f;
-        }
-        __syncthreads();
-#pragma unroll 8
-        for (int cc = 0; cc < kChunk; ++cc)
-        {
-            float const qv = sm.q[r][cc];
-#pragma unroll
-            for (int t = 0; t < 4; ++t)
-            {
-                acc[t] = fmaf(qv, sm.k[c0 + 8 * t][cc], acc[t]);
-            }
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int t = 0; t < 4; ++t)
-    {
-        sm.logits[r][c0 + 8 * t] = acc[t] * scale;
+        int const rr = e / kChunk;
+        int const cc = e % kChunk;
+        int64_t const dd = k0 + cc;
+        int64_t const qrow = row0 + rr;
+        sm.q[rr][cc] = (qrow < row_end && dd < d) ? q_base[qrow * d + dd] : zero_of<T>();
+        int64_t const kj = sm.key_index[rr];
+        sm.k[rr][cc] = (kj >= 0 && dd < d) ? k_base[kj * d + dd] : zero_of<T>();
     }
     __syncthreads();
+}
+
+// logits[r][c] = scale * q[row0 + r] . k[key_index[c]] (zero where the row or the key does not exist).
+// q_base points at query[b, h, 0, 0], k_base at key[b, hkv, 0, 0]; rows of the query are < row_end.
+// Products and sums in fp32 (tensor cores for fp16 / bf16, see use_mma). Ends with a barrier: logits are
+// visible to the whole block.
+template <typename T>
+__device__ void logits_tile(
+    T const* q_base, int64_t row0, int64_t row_end, T const* k_base, int64_t d, float scale, TileSmem<T>& sm)
+{
+    int const tid = threadIdx.x;
+    if constexpr (use_mma<T>())
+    {
+        namespace wmma = nvcuda::wmma;
+        int const warp = tid / 32;
+        int const wr = (warp >> 1) & 1; // warps 0-3 own one 16 x 16 quarter of the tile each
+        int const wc = warp & 1;
+        constexpr int ld = StageLd<T>::value;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int64_t k0 = 0; k0 < d; k0 += kChunk)
+        {
+            stage_chunk(q_base, row0, row_end, k_base, d, k0, sm);
+            if (warp < 4)
+            {
+#pragma unroll
+                for (int kk = 0; kk < kChunk; kk += 16)
+                {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                    wmma::load_matrix_sync(fa, &sm.q[wr * 16][kk], ld);
+                    wmma::load_matrix_sync(fb, &sm.k[wc * 16][kk], ld);
+                    wmma::mma_sync(acc, fa, fb, acc);
+                }
+            }
+            __syncthreads();
+        }
+        if (warp < 4)
+        {
+#pragma unroll
+            for (int t = 0; t < acc.num_elements; ++t)
+            {
+                acc.x[t] *= scale;
+            }
+            wmma::store_matrix_sync(&sm.logits[wr * 16][wc * 16], acc, kLogitsLd, wmma::mem_row_major);
+        }
+        __syncthreads();
+    }
+    else
+    {
+        int const r = tid / 8;
+        int const c0 = tid % 8;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t k0 = 0; k0 < d; k0 += kChunk)
+        {
+            stage_chunk(q_base, row0, row_end, k_base, d, k0, sm);
+#pragma unroll 8
+            for (int cc = 0; cc < kChunk; ++cc)
+            {
+                float const qv = to_f32(sm.q[r][cc]);
+#pragma unroll
+                for (int t = 0; t < 4; ++t)
+                {
+                    acc[t] = fmaf(qv, to_f32(sm.k[c0 + 8 * t][cc]), acc[t]);
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+        {
+            sm.logits[r][c0 + 8 * t] = acc[t] * scale;
+        }
+        __syncthreads();
+    }
 }
 
 struct AttnArgs
@@ -135,13 +233,132 @@ struct AttnArgs
     float scale;
 };
 
+// grid (P = ceil(S / kLastKeysPerBlock), H, B), kLastKeysPerBlock threads, d floats of dynamic shared
+// memory: logits[b, h, j] = scale * q[b, h, Nq - 1] . k[b, kv(h), j] for this block's keys (-inf where the
+// key is padding), and partials[b, h, p] = (max, sum of exp(x - max)) over them. One warp per key: the
+// lanes split head_dim, a butterfly sum; warps take the block's keys in turn.
+template <typename T>
+__global__ void __launch_bounds__(kLastKeysPerBlock) last_logits_kernel(T const* __restrict__ query,
+    T const* __restrict__ key, int64_t const* __restrict__ mask, float* __restrict__ logits,
+    float* __restrict__ partials, AttnArgs a)
+{
+    extern __shared__ float q_row[];
+    __shared__ float warp_m[kLastWarps];
+    __shared__ float warp_l[kLastWarps];
+    int64_t const b = blockIdx.z;
+    int64_t const h = blockIdx.y;
+    int64_t const hkv = kv_head_of(h, a.heads, a.kv_heads);
+    int64_t const j0 = int64_t{blockIdx.x} * kLastKeysPerBlock;
+    T const* q = query + ((b * a.heads + h) * a.nq + (a.nq - 1)) * a.d;
+    T const* k_base = key + (b * a.kv_heads + hkv) * a.s * a.d;
+    int64_t const* mask_b = mask + b * a.s;
+    float* logits_bh = logits + (b * a.heads + h) * a.s;
+    int const tid = threadIdx.x;
+    int const warp = tid / 32;
+    int const lane = tid % 32;
+    for (int64_t dd = tid; dd < a.d; dd += blockDim.x)
+    {
+        q_row[dd] = to_f32(q[dd]);
+    }
+    __syncthreads();
+    // warp w handles keys j0 + w*32 .. j0 + w*32 + 31; lane t keeps the logit of key t
+    float mine = -INFINITY;
+    bool mine_visible = false;
+    for (int t = 0; t < 32; ++t)
+    {
+        int64_t const j = j0 + warp * 32 + t;
+        if (j >= a.s)
+        {
+            break; // uniform across the warp
+        }
+        T const* kj = k_base + j * a.d;
+        float part = 0.0f;
+        for (int64_t dd = lane; dd < a.d; dd += 32)
+        {
+            part = fmaf(q_row[dd], to_f32(kj[dd]), part);
+        }
+        float const dot = warp_sum(part);
+        if (lane == t)
+        {
+            mine_visible = key_visible(j, a.s - 1, mask_b[j] != 0);
+            mine = mine_visible ? dot * a.scale : -INFINITY;
+        }
+    }
+    int64_t const j = j0 + warp * 32 + lane;
+    if (j < a.s)
+    {
+        logits_bh[j] = mine;
+    }
+    float const tile_max = warp_max(mine);
+    float const e = (mine_visible && tile_max != -INFINITY) ? expf(mine - tile_max) : 0.0f;
+    float const tile_sum = warp_sum(e);
+    if (lane == 0)
+    {
+        warp_m[warp] = tile_max;
+        warp_l[warp] = tile_sum;
+    }
+    __syncthreads();
+    if (tid == 0)
+    {
+        float m, l;
+        softmax_init(m, l);
+        for (int w = 0; w < kLastWarps; ++w) // fixed order: deterministic
+        {
+            softmax_merge(m, l, warp_m[w], warp_l[w]);
+        }
+        int64_t const p = (b * a.heads + h) * gridDim.x + blockIdx.x;
+        partials[2 * p] = m;
+        partials[2 * p + 1] = l;
+    }
+}
+
+// grid (ceil(M / 256), H, B): lse[b, h] from the blocks' partial states (merged in block order), and
+// colsum[b, h, i] = probability of candidate i's key in the last query row (0 when the last token is
+// padding, when the key is padding, or for a malformed position: its row is poisoned later).
+__global__ void __launch_bounds__(kThreads) last_colsum_kernel(int64_t const* __restrict__ mask,
+    int64_t const* __restrict__ cand, float const* __restrict__ logits, float const* __restrict__ partials,
+    int64_t blocks, float* __restrict__ lse, float* __restrict__ colsum, AttnArgs a)
+{
+    __shared__ float row_lse;
+    int64_t const b = blockIdx.z;
+    int64_t const h = blockIdx.y;
+    int64_t const bh = b * a.heads + h;
+    if (threadIdx.x == 0)
+    {
+        float m, l;
+        softmax_init(m, l);
+        for (int64_t p = 0; p < blocks; ++p)
+        {
+            softmax_merge(m, l, partials[2 * (bh * blocks + p)], partials[2 * (bh * blocks + p) + 1]);
+        }
+        row_lse = softmax_lse(m, l);
+        if (blockIdx.x == 0)
+        {
+            lse[bh] = row_lse;
+        }
+    }
+    __syncthreads();
+    int64_t const i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+    if (i >= a.m)
+    {
+        return;
+    }
+    int64_t const* mask_b = mask + b * a.s;
+    int64_t const c = cand[b * a.m + i];
+    int64_t const j = (c >= 0 && c < a.n) ? (a.s - a.n) + c : -1;
+    bool const row_ok = mask_b[a.s - 1] != 0;
+    bool const key_real = j >= 0 && mask_b[j] != 0;
+    colsum[bh * a.m + i] = (row_ok && key_visible(j, a.s - 1, key_real)) ? prob_from_lse(logits[bh * a.s + j], row_lse)
+                                                                          : 0.0f;
+}
+
 // grid (ceil(rows / 32), H, B): lse[b, h, r] of every query row used.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_lse_kernel(
     T const* __restrict__ query, T const* __restrict__ key, int64_t const* __restrict__ mask, float* __restrict__ lse,
     AttnArgs a)
 {
-    __shared__ TileSmem sm;
+    __shared__ TileSmem<T> sm;
     __shared__ float row_m[kTile];
     __shared__ float row_l[kTile];
     int64_t const b = blockIdx.z;
@@ -235,7 +452,7 @@ __global__ void __launch_bounds__(kThreads) colsum_kernel(T const* __restrict__ 
     int64_t const* __restrict__ mask, int64_t const* __restrict__ cand, float const* __restrict__ lse,
     float* __restrict__ colsum, AttnArgs a)
 {
-    __shared__ TileSmem sm;
+    __shared__ TileSmem<T> sm;
     __shared__ float partial[kThreads / kTile][kTile];
     __shared__ int64_t first_row;
     int64_t const b = blockIdx.z;
@@ -319,9 +536,9 @@ struct SelectArgs
     int32_t ranking;
 };
 
-// grid (ceil(M / 256), B): candidate scores [B, M].
+// grid (ceil(M / 256), B): candidate scores [B, M] and their order keys.
 __global__ void scores_kernel(int64_t const* __restrict__ cand, float const* __restrict__ colsum,
-    int32_t const* __restrict__ valid_rows, float* __restrict__ scores, SelectArgs a)
+    int32_t const* __restrict__ valid_rows, float* __restrict__ scores, uint64_t* __restrict__ order, SelectArgs a)
 {
     int64_t const b = blockIdx.y;
     int64_t const i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
@@ -345,55 +562,60 @@ __global__ void scores_kernel(int64_t const* __restrict__ cand, float const* __r
         score = finalize_score(sum, a.heads, divisor);
     }
     scores[b * a.m + i] = score;
+    order[b * a.m + i] = order_key64(score, cand[b * a.m + i]);
 }
 
-// grid (ceil(M / 256), B): rank of each candidate; marks kept / dropped candidate positions; flags
-// malformed candidate positions in status[b].
-__global__ void __launch_bounds__(kThreads) rank_kernel(int64_t const* __restrict__ cand,
-    float const* __restrict__ scores, uint8_t* __restrict__ mark, int32_t* __restrict__ status, SelectArgs a)
+// grid (ceil(M / 256), B, ceil(M / kRankSlice)): rank[b, i] += how many candidates of slice z rank before
+// candidate i (rank zeroed before). Integer atomics: the sum does not depend on the order.
+__global__ void __launch_bounds__(kThreads) rank_kernel(
+    uint64_t const* __restrict__ order, int32_t* __restrict__ rank, SelectArgs a)
 {
-    __shared__ float tile_score[kThreads];
-    __shared__ int64_t tile_pos[kThreads];
+    __shared__ uint64_t tile[kThreads];
     int64_t const b = blockIdx.y;
     int64_t const i = int64_t{blockIdx.x} * kThreads + threadIdx.x;
-    bool const have = i < a.m;
-    float si = 0.0f;
-    int64_t ci = 0;
-    bool ok = false;
-    if (have)
-    {
-        si = scores[b * a.m + i];
-        ci = cand[b * a.m + i];
-        ok = candidate_ok(ci, i > 0 ? cand[b * a.m + i - 1] : 0, i > 0, a.n);
-        if (!ok)
-        {
-            atomicExch(&status[b], 1);
-        }
-    }
-    int64_t rank = 0;
-    for (int64_t j0 = 0; j0 < a.m; j0 += kThreads)
+    int64_t const j_begin = int64_t{blockIdx.z} * kRankSlice;
+    int64_t const j_end = j_begin + kRankSlice < a.m ? j_begin + kRankSlice : a.m;
+    uint64_t const mine = i < a.m ? order[b * a.m + i] : 0;
+    int32_t count = 0;
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kThreads)
     {
         int64_t const j = j0 + threadIdx.x;
-        if (j < a.m)
+        if (j < j_end)
         {
-            tile_score[threadIdx.x] = scores[b * a.m + j];
-            tile_pos[threadIdx.x] = cand[b * a.m + j];
+            tile[threadIdx.x] = order[b * a.m + j];
         }
         __syncthreads();
-        int64_t const count = a.m - j0 < kThreads ? a.m - j0 : kThreads;
-        if (have)
+        int const n_tile = static_cast<int>(j_end - j0 < kThreads ? j_end - j0 : kThreads);
+        for (int t = 0; t < n_tile; ++t)
         {
-            for (int64_t t = 0; t < count; ++t)
-            {
-                rank += ranks_before(tile_score[t], tile_pos[t], si, ci) ? 1 : 0;
-            }
+            count += tile[t] > mine ? 1 : 0;
         }
         __syncthreads();
     }
-    if (have && ok)
+    if (i < a.m && count > 0)
     {
-        mark[b * a.n + ci] = is_kept(rank, a.keep_m) ? 1 : 0;
+        atomicAdd(&rank[b * a.m + i], count);
     }
+}
+
+// grid (ceil(M / 256), B): marks kept / dropped candidate positions from the ranks; flags malformed
+// candidate positions in status[b].
+__global__ void mark_kernel(int64_t const* __restrict__ cand, int32_t const* __restrict__ rank,
+    uint8_t* __restrict__ mark, int32_t* __restrict__ status, SelectArgs a)
+{
+    int64_t const b = blockIdx.y;
+    int64_t const i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+    if (i >= a.m)
+    {
+        return;
+    }
+    int64_t const ci = cand[b * a.m + i];
+    if (!candidate_ok(ci, i > 0 ? cand[b * a.m + i - 1] : 0, i > 0, a.n))
+    {
+        atomicExch(&status[b], 1);
+        return;
+    }
+    mark[b * a.n + ci] = is_kept(rank[b * a.m + i], a.keep_m) ? 1 : 0;
 }
 
 // grid (B), kScanThreads threads: kept[b, :] = positions t with mark[b, t] = 1, ascending.
@@ -490,9 +712,18 @@ inline cudaError_t check_launch()
     return cudaGetLastError();
 }
 
+struct AttnScratch
+{
+    float* lse;
+    float* colsum;
+    float* logits;   // last only
+    float* partials; // last only
+    int32_t* valid_rows;
+};
+
 template <typename T>
-cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers const& io, float* lse, float* colsum,
-    int32_t* valid_rows, cudaStream_t stream)
+cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers const& io, AttnScratch const& w,
+    cudaStream_t stream)
 {
     AttnArgs a{};
     a.batch = s.batch;
@@ -512,26 +743,42 @@ cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers cons
     a.rows_masked = true;
     T const* q = static_cast<T const*>(io.query);
     T const* k = static_cast<T const*>(io.key);
-    dim3 const lse_grid(static_cast<unsigned>(ceil_div(a.rows, kTile)), static_cast<unsigned>(s.heads),
-        static_cast<unsigned>(s.batch));
     cudaError_t err = cudaSuccess;
-    row_lse_kernel<T><<<lse_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, lse, a);
-    if ((err = check_launch()) != cudaSuccess)
+    if (!mean)
     {
-        return err;
-    }
-    if (mean)
-    {
-        valid_rows_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(
-            io.attention_mask, valid_rows, s.s, s.nq);
+        int64_t const blocks = ceil_div(s.s, kLastKeysPerBlock);
+        dim3 const key_grid(static_cast<unsigned>(blocks), static_cast<unsigned>(s.heads),
+            static_cast<unsigned>(s.batch));
+        size_t const q_bytes = static_cast<size_t>(s.head_dim) * sizeof(float);
+        last_logits_kernel<T><<<key_grid, kLastKeysPerBlock, q_bytes, stream>>>(
+            q, k, io.attention_mask, w.logits, w.partials, a);
         if ((err = check_launch()) != cudaSuccess)
         {
             return err;
         }
+        dim3 const cand_grid(static_cast<unsigned>(ceil_div(s.m, kThreads)), static_cast<unsigned>(s.heads),
+            static_cast<unsigned>(s.batch));
+        last_colsum_kernel<<<cand_grid, kThreads, 0, stream>>>(
+            io.attention_mask, io.candidate_positions, w.logits, w.partials, blocks, w.lse, w.colsum, a);
+        return check_launch();
+    }
+    dim3 const lse_grid(static_cast<unsigned>(ceil_div(a.rows, kTile)), static_cast<unsigned>(s.heads),
+        static_cast<unsigned>(s.batch));
+    row_lse_kernel<T><<<lse_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
+    if ((err = check_launch()) != cudaSuccess)
+    {
+        return err;
+    }
+    valid_rows_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(
+        io.attention_mask, w.valid_rows, s.s, s.nq);
+    if ((err = check_launch()) != cudaSuccess)
+    {
+        return err;
     }
     dim3 const col_grid(static_cast<unsigned>(ceil_div(s.m, kTile)), static_cast<unsigned>(s.heads),
         static_cast<unsigned>(s.batch));
-    colsum_kernel<T><<<col_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, io.candidate_positions, lse, colsum, a);
+    colsum_kernel<T><<<col_grid, kThreads, 0, stream>>>(
+        q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
     return check_launch();
 }
 
@@ -562,17 +809,25 @@ cudaError_t enqueue(Attributes const& at, Shapes const& s, ElementType type, Buf
         return cudaErrorInvalidValue;
     }
     char* ws = static_cast<char*>(workspace);
-    float* lse = reinterpret_cast<float*>(ws + w.lse);
-    float* colsum = reinterpret_cast<float*>(ws + w.colsum);
+    AttnScratch const scratch{reinterpret_cast<float*>(ws + w.lse), reinterpret_cast<float*>(ws + w.colsum),
+        reinterpret_cast<float*>(ws + w.logits), reinterpret_cast<float*>(ws + w.partials),
+        reinterpret_cast<int32_t*>(ws + w.valid_rows)};
+    float* colsum = scratch.colsum;
     float* scores = reinterpret_cast<float*>(ws + w.scores);
-    int32_t* valid_rows = reinterpret_cast<int32_t*>(ws + w.valid_rows);
+    int32_t* valid_rows = scratch.valid_rows;
     int32_t* status = reinterpret_cast<int32_t*>(ws + w.status);
     uint8_t* mark = reinterpret_cast<uint8_t*>(ws + w.mark);
+    uint64_t* order = reinterpret_cast<uint64_t*>(ws + w.order);
+    int32_t* rank = reinterpret_cast<int32_t*>(ws + w.rank);
 
     cudaError_t err = cudaMemsetAsync(status, 0, static_cast<size_t>(s.batch) * sizeof(int32_t), stream);
     if (err == cudaSuccess)
     {
         err = cudaMemsetAsync(mark, 1, static_cast<size_t>(s.batch * s.n), stream);
+    }
+    if (err == cudaSuccess && s.m > 0)
+    {
+        err = cudaMemsetAsync(rank, 0, static_cast<size_t>(s.batch * s.m) * sizeof(int32_t), stream);
     }
     if (err != cudaSuccess)
     {
@@ -595,9 +850,9 @@ cudaError_t enqueue(Attributes const& at, Shapes const& s, ElementType type, Buf
         {
             switch (type)
             {
-            case kF32: err = launch_attention<float>(at, s, io, lse, colsum, valid_rows, stream); break;
-            case kF16: err = launch_attention<__half>(at, s, io, lse, colsum, valid_rows, stream); break;
-            case kBF16: err = launch_attention<__nv_bfloat16>(at, s, io, lse, colsum, valid_rows, stream); break;
+            case kF32: err = launch_attention<float>(at, s, io, scratch, stream); break;
+            case kF16: err = launch_attention<__half>(at, s, io, scratch, stream); break;
+            case kBF16: err = launch_attention<__nv_bfloat16>(at, s, io, scratch, stream); break;
             default: return cudaErrorInvalidValue;
             }
             if (err != cudaSuccess)
@@ -606,12 +861,18 @@ cudaError_t enqueue(Attributes const& at, Shapes const& s, ElementType type, Buf
             }
         }
         dim3 const grid(static_cast<unsigned>(ceil_div(s.m, kThreads)), static_cast<unsigned>(s.batch));
-        scores_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, colsum, valid_rows, scores, sa);
+        scores_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, colsum, valid_rows, scores, order, sa);
         if ((err = check_launch()) != cudaSuccess)
         {
             return err;
         }
-        rank_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, scores, mark, status, sa);
+        dim3 const rank_grid(grid.x, grid.y, static_cast<unsigned>(ceil_div(s.m, kRankSlice)));
+        rank_kernel<<<rank_grid, kThreads, 0, stream>>>(order, rank, sa);
+        if ((err = check_launch()) != cudaSuccess)
+        {
+            return err;
+        }
+        mark_kernel<<<grid, kThreads, 0, stream>>>(io.candidate_positions, rank, mark, status, sa);
         if ((err = check_launch()) != cudaSuccess)
         {
             return err;

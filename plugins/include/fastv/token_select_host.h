@@ -76,11 +76,21 @@ struct TensorDims
 std::string collect_shapes(TensorDims const inputs[6], bool reads_attention, Shapes& out);
 
 // Where each scratch array lives in the workspace (byte offsets, 256-byte aligned), and the total.
+// `last` splits the keys of its one query row over blocks of this many keys (split-K); each block leaves
+// its logits and its softmax state (max, sum) in the workspace, merged by log-sum-exp afterwards.
+constexpr int64_t kLastKeysPerBlock = 256;
+// The ranks are counted over slices of this many candidates in parallel (summed with integer atomics).
+constexpr int64_t kRankSlice = 1024;
+
 struct WorkspaceLayout
 {
     size_t lse{0};        // float [B, H, R]: log-sum-exp per query row used (R = Nq for mean, 1 for last)
+    size_t logits{0};     // float [B, H, S]: last only, the scaled logits of the last query row
+    size_t partials{0};   // float [B, H, P, 2]: last only, (max, sum) of each block of kLastKeysPerBlock keys
     size_t colsum{0};     // float [B, H, M]: probability received by each candidate, per head
     size_t scores{0};     // float [B, M]: candidate scores
+    size_t order{0};      // uint64 [B, M]: order_key64 of each candidate
+    size_t rank{0};       // int32 [B, M]: candidates ranked before each candidate
     size_t valid_rows{0}; // int32 [B]: valid query rows (mean)
     size_t status{0};     // int32 [B]: 1 = malformed candidate positions in this row
     size_t mark{0};       // uint8 [B, N]: 1 = position kept

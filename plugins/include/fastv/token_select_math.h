@@ -5,7 +5,7 @@
 // Contents:
 //   keep_count / kept_length   keep(M) and N' = N - M + keep(M), integer arithmetic only
 //   random_score               the seeded int64 hash of a candidate index, as a float32 in [0, 1)
-//   score_order_key / ranks_before
+//   score_order_key / ranks_before / order_key64
 //                              the total order of candidates: higher score first, equal scores -> lower
 //                              position first (NaN ranks above everything, as in torch.sort)
 //   softmax_push / softmax_merge / softmax_lse / prob_from_lse
@@ -110,6 +110,14 @@ FASTV_HD bool ranks_before(float score_a, int64_t pos_a, float score_b, int64_t 
     uint32_t const ka = score_order_key(score_a);
     uint32_t const kb = score_order_key(score_b);
     return ka > kb || (ka == kb && pos_a < pos_b);
+}
+
+// One 64-bit key with the same order as ranks_before: a ranks before b iff order_key64(a) > order_key64(b).
+// The score's order key in the high half, the position (0 <= pos < 2^32) reversed in the low half.
+FASTV_HD uint64_t order_key64(float score, int64_t pos)
+{
+    uint32_t const p = static_cast<uint32_t>(pos < 0 ? 0 : (pos > 0xFFFFFFFFll ? 0xFFFFFFFFll : pos));
+    return (static_cast<uint64_t>(score_order_key(score)) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - p);
 }
 
 // A candidate is kept iff fewer than keep(M) candidates rank before it.
