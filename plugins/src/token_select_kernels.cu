@@ -50,6 +50,7 @@ constexpr int kLogitsLd = kTile + 4; // row stride of the logits tile (a multipl
 constexpr int kScanThreads = 512;
 constexpr int kGatherThreads = 128;
 constexpr int kLastWarps = static_cast<int>(kLastKeysPerBlock / 32);
+constexpr int64_t kDirectMaxHeadDim = 256; // the gathered key tile of colsum stays under 17 KB of shared memory
 
 template <typename T>
 __device__ __forceinline__ float to_f32(T v);
@@ -224,12 +225,53 @@ __device__ void logits_tile(
     }
 }
 
+// The same logits tile as logits_tile for a FULL tile on tensor cores, the fragments read straight from
+// memory: a = 32 query rows (row-major, lda elements apart), b = 32 keys (row-major [key][d], ldb apart).
+// Needs d % 16 == 0, lda and ldb multiples of 8 and 32-byte aligned rows (AttnArgs::direct). Starts with a
+// barrier (the previous tile's logits are read by then) and ends with one.
+template <typename T>
+__device__ void logits_tile_direct(T const* a_ptr, int64_t lda, T const* b_ptr, int64_t ldb, int64_t d, float scale,
+    TileSmem<T>& sm)
+{
+    __syncthreads();
+    if constexpr (use_mma<T>())
+    {
+        namespace wmma = nvcuda::wmma;
+        int const warp = threadIdx.x / 32;
+        if (warp < 4)
+        {
+            int const wr = (warp >> 1) & 1;
+            int const wc = warp & 1;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            T const* a_rows = a_ptr + wr * 16 * lda;
+            T const* b_rows = b_ptr + wc * 16 * ldb;
+            for (int64_t kk = 0; kk < d; kk += 16)
+            {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fa, a_rows + kk, static_cast<unsigned>(lda));
+                wmma::load_matrix_sync(fb, b_rows + kk, static_cast<unsigned>(ldb));
+                wmma::mma_sync(acc, fa, fb, acc);
+            }
+#pragma unroll
+            for (int t = 0; t < acc.num_elements; ++t)
+            {
+                acc.x[t] *= scale;
+            }
+            wmma::store_matrix_sync(&sm.logits[wr * 16][wc * 16], acc, kLogitsLd, wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+}
+
 struct AttnArgs
 {
     int64_t batch, heads, kv_heads, nq, s, n, d, m;
     int64_t row_base; // first query row used (Nq - 1 for last, 0 for mean)
     int64_t rows;     // query rows used (1 for last, Nq for mean)
     bool rows_masked; // a row whose own token is padding adds nothing (mean: skipped; last: every score 0)
+    bool direct;      // mean on tensor cores: full tiles read their fragments straight from memory (see below)
     float scale;
 };
 
@@ -385,7 +427,14 @@ __global__ void __launch_bounds__(kThreads) row_lse_kernel(
             sm.key_index[tid] = j0 + tid < key_limit ? j0 + tid : -1;
         }
         __syncthreads();
-        logits_tile(q_base, row0, row_end, k_base, a.d, a.scale, sm);
+        if (use_mma<T>() && a.direct && row0 + kTile <= row_end && j0 + kTile <= a.s)
+        {
+            logits_tile_direct(q_base + row0 * a.d, a.d, k_base + j0 * a.d, a.d, a.d, a.scale, sm);
+        }
+        else
+        {
+            logits_tile(q_base, row0, row_end, k_base, a.d, a.scale, sm);
+        }
         int64_t const j = j0 + lane;
         bool const key_real = j < a.s && mask_b[j] != 0;
         for (int rr = 0; rr < kRowsPerWarp; ++rr)
@@ -495,12 +544,34 @@ __global__ void __launch_bounds__(kThreads) colsum_kernel(T const* __restrict__ 
         first_row = r > a.row_base ? r : a.row_base;
     }
     __syncthreads();
+    // direct: the tile's candidate keys, gathered once into dynamic shared memory ([32][d + 8], zeros for
+    // missing keys), read as the b fragments of every full row tile
+    extern __shared__ __align__(32) unsigned char dynamic_smem[];
+    T* kfix = reinterpret_cast<T*>(dynamic_smem);
+    int64_t const ld_fix = a.d + 8;
+    if (use_mma<T>() && a.direct)
+    {
+        for (int64_t e = tid; e < kTile * a.d; e += kThreads)
+        {
+            int64_t const c = e / a.d;
+            int64_t const dd = e % a.d;
+            int64_t const kj = sm.key_index[c];
+            kfix[c * ld_fix + dd] = kj >= 0 ? k_base[kj * a.d + dd] : zero_of<T>();
+        }
+    }
     int64_t const j = sm.key_index[col];
     bool const key_real = j >= 0 && mask_b[j] != 0;
     float acc = 0.0f;
     for (int64_t row0 = first_row; row0 < row_end; row0 += kTile)
     {
-        logits_tile(q_base, row0, row_end, k_base, a.d, a.scale, sm);
+        if (use_mma<T>() && a.direct && row0 + kTile <= row_end)
+        {
+            logits_tile_direct(q_base + row0 * a.d, a.d, kfix, ld_fix, a.d, a.scale, sm);
+        }
+        else
+        {
+            logits_tile(q_base, row0, row_end, k_base, a.d, a.scale, sm);
+        }
         for (int rr = 0; rr < kTile / (kThreads / kTile); ++rr)
         {
             int const r = group * (kTile / (kThreads / kTile)) + rr;
@@ -762,6 +833,11 @@ cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers cons
             io.attention_mask, io.candidate_positions, w.logits, w.partials, blocks, w.lse, w.colsum, a);
         return check_launch();
     }
+    // mean on tensor cores reads full tiles' fragments straight from memory when the layout allows it
+    bool const sixteen_bit = !std::is_same<T, float>::value;
+    bool const aligned = reinterpret_cast<uintptr_t>(q) % 32 == 0 && reinterpret_cast<uintptr_t>(k) % 32 == 0;
+    a.direct = sixteen_bit && aligned && s.head_dim % 16 == 0 && s.head_dim <= kDirectMaxHeadDim;
+    size_t const kfix_bytes = a.direct ? static_cast<size_t>(kTile * (s.head_dim + 8)) * sizeof(T) : 0;
     dim3 const lse_grid(static_cast<unsigned>(ceil_div(a.rows, kTile)), static_cast<unsigned>(s.heads),
         static_cast<unsigned>(s.batch));
     row_lse_kernel<T><<<lse_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
@@ -777,7 +853,7 @@ cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers cons
     }
     dim3 const col_grid(static_cast<unsigned>(ceil_div(s.m, kTile)), static_cast<unsigned>(s.heads),
         static_cast<unsigned>(s.batch));
-    colsum_kernel<T><<<col_grid, kThreads, 0, stream>>>(
+    colsum_kernel<T><<<col_grid, kThreads, kfix_bytes, stream>>>(
         q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
     return check_launch();
 }
