@@ -280,3 +280,27 @@ def test_default_prompt_is_the_images_and_64_text_tokens():
 
     n = lengths(MANIFEST, BuildLimits(images=2))
     assert (n.prompt, n.image_tokens, n.kept) == (2 * 64 + 64, 128, 2 * 64 + 64 - 64)
+
+
+def test_device_buffers_are_reserved_once_and_grow_only_beyond_the_reservation():
+    """The TensorRT runner's buffer pool on the CPU: views of one reservation (same address) for every
+    smaller shape, a non-null address for empty tensors, growth (doubling) only past the reservation."""
+    import torch
+
+    from fastv_export.engines.runner import DeviceBuffers
+
+    sizes = []
+    pool = DeviceBuffers(lambda n: sizes.append(n) or torch.zeros(n, dtype=torch.uint8))
+    pool.reserve("pre_k/past.0.key", 4 * 2 * 3 * 5)
+    full = pool.view("pre_k/past.0.key", (2, 3, 5), torch.float32)
+    for step in range(1, 5):                                   # a growing past within the reservation
+        v = pool.view("pre_k/past.0.key", (2, 3, step), torch.float32)
+        assert v.shape == (2, 3, step) and v.dtype == torch.float32 and v.data_ptr() == full.data_ptr()
+    assert sizes == [120] and pool.allocations == 1
+    empty = pool.view("pre_k/candidate_positions", (2, 0), torch.int64)
+    assert empty.numel() == 0 and pool.address("pre_k/candidate_positions", empty) != 0 and pool.allocations == 2
+    assert pool.address("pre_k/past.0.key", full) == full.data_ptr()
+    grown = pool.view("pre_k/past.0.key", (2, 3, 6), torch.float32)   # 144 bytes > 120: grows to 240
+    assert grown.shape == (2, 3, 6) and sizes[-1] == 240 and pool.allocations == 3
+    pool.view("pre_k/past.0.key", (2, 3, 10), torch.float32)          # 240 bytes: fits, no allocation
+    assert pool.allocations == 3

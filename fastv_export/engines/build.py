@@ -154,8 +154,19 @@ def trtexec_script(manifest: dict, limits: BuildLimits, use_plugin: bool = True)
 
 
 # ---------------------------------------------------------------------------------------------- build
+@dataclass
+class BuiltEngine:
+    """One engine as a backend built it."""
+    data: bytes
+    layer_types: list[str]
+    timing_cache: bytes
+    #: device memory for activations (TensorRT's device_memory_size_v2) when the engine could be
+    #: deserialized here (a full TensorRT build, on its GPU); None for ahead-of-time builds without a GPU
+    activation_bytes: int | None = None
+
+
 def _build_rtx(onnx_path: Path, profiles: list[dict], targets: list[str], plugin: Path | None,
-               timing_cache: bytes) -> tuple[bytes, list[str], bytes]:
+               timing_cache: bytes) -> BuiltEngine:
     from fastv_export.engines import trt_rtx
 
     model = onnx.load(str(onnx_path))
@@ -167,11 +178,11 @@ def _build_rtx(onnx_path: Path, profiles: list[dict], targets: list[str], plugin
         with trt_rtx.plugin_library(plugin):
             built = trt_rtx.build_engine_aot(model, compute_capabilities=targets, profiles=profiles or None,
                                              timing_cache=timing_cache, min_severity="WARNING")
-    return built.engine, built.layer_types, built.timing_cache
+    return BuiltEngine(built.engine, built.layer_types, built.timing_cache)
 
 
 def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
-                 timing_cache: bytes) -> tuple[bytes, list[str], bytes]:   # pragma: no cover - needs a GPU
+                 timing_cache: bytes) -> BuiltEngine:   # pragma: no cover - needs a GPU
     """TensorRT 10 on this machine's GPU (not run in CI: no GPU there)."""
     import tensorrt as trt
 
@@ -200,7 +211,11 @@ def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
     if engine is None:
         raise FastVError(f"TensorRT could not build {onnx_path.name}")
     layers = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
-    return bytes(engine), layers, bytes(config.get_timing_cache().serialize())
+    loaded = trt.Runtime(logger).deserialize_cuda_engine(engine)     # on this GPU: the activation memory
+    activation = None
+    if loaded is not None:
+        activation = int(getattr(loaded, "device_memory_size_v2", None) or loaded.device_memory_size)
+    return BuiltEngine(bytes(engine), layers, bytes(config.get_timing_cache().serialize()), activation)
 
 
 def _copy_bundle(src: Path, dst: Path) -> None:
@@ -244,9 +259,10 @@ def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
             graph_plugin = plugin if graph == "pre_k" else None
             profs = list(profiles[graph].values())
             if backend == "tensorrt-rtx":
-                data, layers, cache = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache)
+                built = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache)
             else:
-                data, layers, cache = _build_trt10(bundle.file(graph), profs, graph_plugin, cache)
+                built = _build_trt10(bundle.file(graph), profs, graph_plugin, cache)
+            data, layers, cache = built.data, built.layer_types, built.timing_cache
             n_plugin = layers.count(PLUGIN_LAYER)
             if graph == "pre_k" and n_plugin != (1 if plugin else 0):
                 raise FastVError(f"pre_k's engine has {n_plugin} {PLUGIN_LAYER} layers, expected "
@@ -261,6 +277,7 @@ def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
                 "profiles": [{"name": p, "shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in s.items()}}
                              for p, s in profiles[graph].items()],
                 "kv_cache_bytes_at_max": kv_cache_bytes(manifest, options.limits, graph),
+                "activation_bytes": built.activation_bytes,
                 "layers": len(layers), "plugin_layers": n_plugin, "build_seconds": round(seconds, 3)}
         (tmp / TIMING_CACHE).write_bytes(cache)
         plugin_entry = None
@@ -326,16 +343,20 @@ def gpu_target() -> str | None:
 
 
 def format_summary(section: dict) -> str:
-    """A table of the engines: file size, profiles' seq/past maxima, KV bytes, build time."""
+    """A table of the engines: file size, KV and activation bytes at the maxima, build time."""
     lines = [f"engines: {section['backend']} {section['backend_version']}, targets {', '.join(section['targets'])}, "
              f"{section['precision']}, TokenSelect as {section['token_select'].replace('_', ' ')}",
              f"lengths: prompt n={section['lengths']['prompt']} ({section['lengths']['image_tokens']} image tokens), "
              f"post-K n'={section['lengths']['kept']}, new tokens {section['lengths']['new_tokens']}",
-             f"{'engine':>8} {'MiB':>8} {'layers':>7} {'plugin':>6} {'KV MiB at max':>14} {'build s':>8}"]
+             f"{'engine':>8} {'MiB':>8} {'layers':>7} {'plugin':>6} {'KV MiB at max':>14} {'act. MiB':>9} {'build s':>8}"]
     for graph, e in section["engines"].items():
+        act = e["activation_bytes"]
         lines.append(f"{graph:>8} {e['bytes'] / 2**20:>8.2f} {e['layers']:>7} {e['plugin_layers']:>6} "
-                     f"{e['kv_cache_bytes_at_max'] / 2**20:>14.3f} {e['build_seconds']:>8.2f}")
+                     f"{e['kv_cache_bytes_at_max'] / 2**20:>14.3f} "
+                     f"{'n/a' if act is None else f'{act / 2**20:.3f}':>9} {e['build_seconds']:>8.2f}")
     total = sum(e["bytes"] for e in section["engines"].values())
     secs = sum(e["build_seconds"] for e in section["engines"].values())
-    lines.append(f"{'total':>8} {total / 2**20:>8.2f} {'':>7} {'':>6} {'':>14} {secs:>8.2f}")
+    lines.append(f"{'total':>8} {total / 2**20:>8.2f} {'':>7} {'':>6} {'':>14} {'':>9} {secs:>8.2f}")
+    if any(e["activation_bytes"] is None for e in section["engines"].values()):
+        lines.append("act. MiB n/a: ahead-of-time builds cannot measure activation memory without the target GPU")
     return "\n".join(lines)

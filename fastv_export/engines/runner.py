@@ -4,8 +4,14 @@ interface, so the one generation loop and validation drive them as they drive ON
 Needs a GPU, torch with CUDA (device buffers) and the backend the engines were built with
 (``tensorrt`` 10 or ``tensorrt_rtx_bindings``). Each call picks the first optimization profile whose
 ranges hold the feeds' shapes (prefill or decode), binds torch tensors by the spec's names and runs
-``execute_async_v3`` on one CUDA stream. Correctness first: buffers are allocated per call (the C++
-runtime is where preallocated KV caches belong).
+``execute_async_v3`` on one CUDA stream.
+
+Device memory is allocated once, not per call: every input and output of every engine gets one buffer
+(:class:`DeviceBuffers`) sized for its largest shape over the engine's profiles (inputs: the profile
+maxima; outputs: TensorRT's output shapes with the inputs at those maxima), and each call binds views of
+them. A shape beyond that (an output the maxima do not bound) grows its buffer, doubling, and logs it.
+The interface is numpy (as every runner's), so feeds and outputs, KV caches included, cross to and from
+the host once per call: this runner is for validation; the C++ runtime keeps the caches on the device.
 """
 from __future__ import annotations
 
@@ -21,6 +27,44 @@ from fastv_export.graphs import op
 from fastv_export.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
+
+
+class DeviceBuffers:
+    """One reusable buffer per tensor name, handed out as views of the requested shape and dtype.
+
+    ``allocate(nbytes)`` returns a 1-D uint8 tensor (on the GPU in the runner; any device in tests).
+    ``reserve`` sizes a buffer up front; ``view`` never allocates unless the shape needs more bytes than
+    the buffer holds, then grows it to max(needed, 2 x capacity) and counts the growth."""
+
+    def __init__(self, allocate) -> None:
+        self._allocate = allocate
+        self._buffers: dict[str, object] = {}
+        self.allocations = 0        # buffers created or grown, ever (a test reads it)
+
+    def capacity(self, name: str) -> int:
+        buf = self._buffers.get(name)
+        return 0 if buf is None else int(buf.numel())
+
+    def address(self, name: str, view) -> int:
+        """The device address to bind for ``view`` of buffer ``name``: torch reports 0 for an empty
+        tensor, TensorRT wants a valid one, so an empty view binds its buffer's start."""
+        return view.data_ptr() if view.numel() else self._buffers[name].data_ptr()
+
+    def reserve(self, name: str, nbytes: int) -> None:
+        if nbytes > self.capacity(name) or name not in self._buffers:
+            self._buffers[name] = self._allocate(max(int(nbytes), 1))
+            self.allocations += 1
+
+    def view(self, name: str, shape: tuple[int, ...], dtype):
+        import torch
+
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        have = self.capacity(name)
+        if nbytes > have or name not in self._buffers:
+            if have:
+                log.info("TensorRT runner: %s needs %d bytes, more than the %d reserved; growing", name, nbytes, have)
+            self.reserve(name, max(nbytes, 2 * have))
+        return self._buffers[name][:nbytes].view(dtype).view(shape)
 
 
 def _backend_module(backend: str):
@@ -66,6 +110,32 @@ class TrtRunner(Runner):
             self.contexts[graph] = engine.create_execution_context()
             self.profiles[graph] = e["profiles"]
         self._active: dict[str, int] = {}
+        self.buffers = DeviceBuffers(lambda n: torch.empty(n, dtype=torch.uint8, device=self.device))
+        for graph in self.engines:
+            self._reserve(graph)
+
+    def _torch_dtype(self, engine, name: str):
+        return self.torch.from_numpy(np.empty(0, dtype=self.trt.nptype(engine.get_tensor_dtype(name)))).dtype
+
+    def _reserve(self, graph: str) -> None:
+        """Buffers for every tensor of ``graph`` at its largest shape over the engine's profiles."""
+        trt, engine, ctx = self.trt, self.engines[graph], self.contexts[graph]
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        for index in range(max(1, engine.num_optimization_profiles)):
+            if engine.num_optimization_profiles > 1:
+                ctx.set_optimization_profile_async(index, self.stream.cuda_stream)
+                self._active[graph] = index
+            for name in inputs:
+                shape = tuple(engine.get_tensor_profile_shape(name, index)[2]) if -1 in tuple(
+                    engine.get_tensor_shape(name)) else tuple(engine.get_tensor_shape(name))
+                ctx.set_input_shape(name, shape)
+            for name in names:
+                shape = tuple(ctx.get_tensor_shape(name))
+                if all(d >= 0 for d in shape):
+                    size = self.torch.empty((), dtype=self._torch_dtype(engine, name)).element_size()
+                    self.buffers.reserve(f"{graph}/{name}", int(np.prod(shape, dtype=np.int64)) * size)
+        self.stream.synchronize()
 
     def _profile_index(self, graph: str, feeds: Mapping[str, np.ndarray]) -> int:
         profiles = self.profiles[graph]
@@ -87,30 +157,25 @@ class TrtRunner(Runner):
         if self._active.get(graph) != index:
             ctx.set_optimization_profile_async(index, self.stream.cuda_stream)
             self._active[graph] = index
-        keep = []                                           # tensors alive until the stream is done
-        for name, arr in feeds.items():
-            t = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
-            keep.append(t)
-            ctx.set_input_shape(name, tuple(arr.shape))
-            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy())
-        outputs = {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-                continue
-            shape = tuple(ctx.get_tensor_shape(name))
-            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-            t = torch.empty(shape, dtype=dtype, device=self.device)
-            outputs[name] = t
-            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy())
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise FastVError(f"TensorRT failed to run the {graph} engine")
+        with torch.cuda.stream(self.stream):
+            for name, arr in feeds.items():
+                host = torch.from_numpy(np.ascontiguousarray(arr))
+                key = f"{graph}/{name}"
+                dev = self.buffers.view(key, tuple(arr.shape), host.dtype)
+                dev.copy_(host)
+                ctx.set_input_shape(name, tuple(arr.shape))
+                ctx.set_tensor_address(name, self.buffers.address(key, dev))
+            outputs = {}
+            for i in range(engine.num_io_tensors):
+                name = engine.get_tensor_name(i)
+                if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
+                    continue
+                key = f"{graph}/{name}"
+                t = self.buffers.view(key, tuple(ctx.get_tensor_shape(name)), self._torch_dtype(engine, name))
+                outputs[name] = t
+                ctx.set_tensor_address(name, self.buffers.address(key, t))
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise FastVError(f"TensorRT failed to run the {graph} engine")
+            result = {name: t.cpu().numpy() for name, t in outputs.items()}
         self.stream.synchronize()
-        del keep
-        return {name: t.cpu().numpy() for name, t in outputs.items()}
-
-    def _dummy(self) -> int:
-        """A valid device address for an empty tensor (TensorRT wants a non-null one)."""
-        if not hasattr(self, "_dummy_buffer"):
-            self._dummy_buffer = self.torch.empty(16, dtype=self.torch.uint8, device=self.device)
-        return self._dummy_buffer.data_ptr()
+        return result
