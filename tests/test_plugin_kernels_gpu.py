@@ -107,9 +107,15 @@ class Run:
     """CUDA copies of the inputs, poisoned outputs and workspace with canaries after each, and ``launch()``
     that calls fastv_ts_run on ``stream`` (default: the current stream) asynchronously."""
 
-    def __init__(self, so, inputs, *, ranking, num, den, keep=-1, seed=0):
+    def __init__(self, so, inputs, *, ranking, num, den, keep=-1, seed=0, misalign=False):
         self.so, self.ranking, self.num, self.den, self.keep, self.seed = so, ranking, num, den, keep, seed
         self.dev = {k: v.cuda().contiguous() for k, v in inputs.items()}
+        if misalign:            # query and key one element past a 256-byte boundary: no direct fragment loads
+            for name in ("query", "key"):
+                t = self.dev[name]
+                backing = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+                self.dev[name] = backing[1:].view(t.shape)
+                self.dev[name].copy_(t)
         x, q, k = self.dev["hidden_states"], self.dev["query"], self.dev["key"]
         b, n, d_model = x.shape
         planes = 3 if self.dev["position_ids"].dim() == 3 else 1
@@ -162,8 +168,8 @@ class Run:
             assert bool((tail == CANARY).all()), f"{label}: bytes written past the end"
 
 
-def run_plugin(so, inputs, *, ranking, num, den, keep=-1, seed=0, with_scores=False):
-    r = Run(so, inputs, ranking=ranking, num=num, den=den, keep=keep, seed=seed)
+def run_plugin(so, inputs, *, ranking, num, den, keep=-1, seed=0, with_scores=False, misalign=False):
+    r = Run(so, inputs, ranking=ranking, num=num, den=den, keep=keep, seed=seed, misalign=misalign)
     r.launch()
     torch.cuda.synchronize()
     r.assert_canaries()
@@ -263,6 +269,22 @@ def test_scores_match_the_reference(kernels, ranking, dtype, head_dim, h, hkv):
     check(inputs, outs, kept_want.numpy(), ranking, keep_m, seed=7)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+def test_every_mean_kernel_path_matches_the_reference(kernels, dtype, head_dim):
+    """mean with fp16 / bf16 takes one of three paths: the per-warp kernels (aligned, d <= 128), the
+    block-tiled kernels reading full tiles' fragments from memory (aligned, d = 256), or the block-tiled
+    kernels staging every tile (query and key 2 bytes off alignment). Each gives the reference's scores."""
+    inputs = make_inputs(head_dim, ranking="mean", dtype=DTYPE[dtype][0], b=2, n=70, m=33, h=4, hkv=2,
+                         head_dim=head_dim, past=5, pads=[0, 4], holes=2)
+    want = ref_scores(inputs, "mean")
+    keep_m = keep_count(33, 1, 2)
+    for misalign in (False, True):
+        outs, scores = run_plugin(kernels, inputs, ranking="mean", num=1, den=2, with_scores=True, misalign=misalign)
+        assert_scores(scores, want, "mean")
+        check(inputs, outs, ref.select_kept(want, inputs["candidate_positions"], 70, keep_m).numpy(), "mean", keep_m)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPE))
 @pytest.mark.parametrize("ranking", ["last", "mean"])
 def test_right_padding_and_all_padding_rows_score_zero(kernels, ranking, dtype):
@@ -285,11 +307,12 @@ def test_right_padding_and_all_padding_rows_score_zero(kernels, ranking, dtype):
     assert_kept(kept_ort, kept_want.numpy(), want.numpy(), cand, keep_m, 2e-6)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPE))
 @pytest.mark.parametrize("ranking", ["last", "mean"])
 @pytest.mark.parametrize("nq", [1, 5, 40])
-def test_fewer_query_rows_than_tokens(kernels, ranking, nq):
+def test_fewer_query_rows_than_tokens(kernels, ranking, nq, dtype):
     """Nq < N: the query holds the last Nq new tokens (last reads row Nq - 1; mean sums the Nq rows)."""
-    inputs = make_inputs(nq, ranking=ranking, b=2, n=64, m=30, past=3, pads=[0, 6], nq=nq)
+    inputs = make_inputs(nq, ranking=ranking, dtype=DTYPE[dtype][0], b=2, n=64, m=30, past=3, pads=[0, 6], nq=nq)
     outs, scores = run_plugin(kernels, inputs, ranking=ranking, num=2, den=3, with_scores=True)
     want = ref_scores(inputs, ranking)
     assert_scores(scores, want, ranking)
@@ -321,11 +344,12 @@ def test_nothing_kept_gives_empty_outputs(kernels, ranking):
     assert out_x.shape == (2, 0, 16) and out_kept.shape == (2, 0) and out_pos.shape == (2, 0)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPE))
 @pytest.mark.parametrize("ranking", ["last", "mean", "random"])
-def test_malformed_candidates_poison_only_their_row(kernels, ranking):
+def test_malformed_candidates_poison_only_their_row(kernels, ranking, dtype):
     """Duplicate, descending, negative and out-of-range candidate positions: that row gets -1 / NaN, the
     others are correct (their scores too), and nothing is written out of bounds."""
-    inputs = make_inputs(5, ranking=ranking, b=4, n=64, m=10)
+    inputs = make_inputs(5, ranking=ranking, dtype=DTYPE[dtype][0], b=4, n=64, m=10)
     cand = inputs["candidate_positions"]
     cand[0, 3] = cand[0, 2]                 # duplicate
     cand[1, 9] = 64                         # out of range (N)
@@ -338,10 +362,11 @@ def test_malformed_candidates_poison_only_their_row(kernels, ranking):
     assert_scores(scores, ref_scores(inputs, ranking), ranking, rows=[3])
 
 
+@pytest.mark.parametrize("dtype", list(DTYPE))
 @pytest.mark.parametrize("ranking", ["last", "mean", "random"])
-def test_padded_candidates_score_zero(kernels, ranking):
+def test_padded_candidates_score_zero(kernels, ranking, dtype):
     """Candidates at padding positions (left padding and holes) receive probability 0."""
-    inputs = make_inputs(8, ranking=ranking, b=2, n=40, m=40, pads=[0, 0])
+    inputs = make_inputs(8, ranking=ranking, dtype=DTYPE[dtype][0], b=2, n=40, m=40, pads=[0, 0])
     inputs["attention_mask"][0, :6] = 0
     inputs["attention_mask"][1, 10:13] = 0
     outs, scores = run_plugin(kernels, inputs, ranking=ranking, num=1, den=2, with_scores=True)
