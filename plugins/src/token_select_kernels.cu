@@ -641,6 +641,53 @@ __device__ __forceinline__ void flash_stage(T const* base, int64_t d, Index inde
     __syncwarp();
 }
 
+// One 16 x 16 step of the per-warp kernels: logits = scale * (query rows) . (keys), one operand held in
+// registers (`held`: the query rows' matrix_a fragments, or the keys' matrix_b fragments), the other walking:
+// rows row0 .. row0 + 15 of a [count, d] operand at `base`, read straight from memory when all 16 exist,
+// else staged through the warp's shared memory with zero rows past `count`. Ends with __syncwarp: the
+// logits are visible to the whole warp.
+template <bool HeldIsQuery, typename T, typename Held>
+__device__ __forceinline__ void flash_step(Held const (&held)[kFlashMaxFrags], int nf, T const* base, int64_t row0,
+    int64_t count, int64_t d, float scale, T (*stage)[kFlashStageLd], float (*logits)[kFlashLogitsLd])
+{
+    namespace wmma = nvcuda::wmma;
+    bool const full = row0 + 16 <= count;
+    if (!full)
+    {
+        flash_stage(base, d, [&](int r) { return row0 + r < count ? row0 + r : int64_t{-1}; }, stage);
+    }
+    unsigned const ld = full ? static_cast<unsigned>(d) : static_cast<unsigned>(kFlashStageLd);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int f = 0; f < kFlashMaxFrags; ++f)
+    {
+        if (f < nf)
+        {
+            T const* src = full ? base + row0 * d + f * 16 : &stage[0][f * 16];
+            if constexpr (HeldIsQuery)
+            {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
+                wmma::load_matrix_sync(kf, src, ld);
+                wmma::mma_sync(acc, held[f], kf, acc);
+            }
+            else
+            {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa;
+                wmma::load_matrix_sync(qa, src, ld);
+                wmma::mma_sync(acc, qa, held[f], acc);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < acc.num_elements; ++t)
+    {
+        acc.x[t] *= scale;
+    }
+    wmma::store_matrix_sync(&logits[0][0], acc, kFlashLogitsLd, wmma::mem_row_major);
+    __syncwarp();
+}
+
 // grid (ceil(Nq / 64), H, B), kFlashThreads threads: lse[b, h, r] of every query row (mean).
 template <typename T>
 __global__ void __launch_bounds__(kFlashThreads) row_lse_flash_kernel(
@@ -674,19 +721,14 @@ __global__ void __launch_bounds__(kFlashThreads) row_lse_flash_kernel(
         {
             flash_stage(q_base, a.d, [&](int r) { return r0 + r < a.nq ? r0 + r : int64_t{-1}; }, stage);
         }
+        T const* q_rows = rows_full ? q_base + r0 * a.d : &stage[0][0];
+        unsigned const ld = rows_full ? static_cast<unsigned>(a.d) : static_cast<unsigned>(kFlashStageLd);
 #pragma unroll
         for (int f = 0; f < kFlashMaxFrags; ++f)
         {
             if (f < nf)
             {
-                if (rows_full)
-                {
-                    wmma::load_matrix_sync(qf[f], q_base + r0 * a.d + f * 16, static_cast<unsigned>(a.d));
-                }
-                else
-                {
-                    wmma::load_matrix_sync(qf[f], &stage[0][f * 16], kFlashStageLd);
-                }
+                wmma::load_matrix_sync(qf[f], q_rows + f * 16, ld);
             }
         }
         __syncwarp();
@@ -702,37 +744,7 @@ __global__ void __launch_bounds__(kFlashThreads) row_lse_flash_kernel(
         int64_t const key_limit = row_position(a.s, a.nq, last) + 1;
         for (int64_t j0 = 0; j0 < key_limit; j0 += 16)
         {
-            bool const keys_full = j0 + 16 <= a.s;
-            if (!keys_full)
-            {
-                flash_stage(k_base, a.d, [&](int r) { return j0 + r < a.s ? j0 + r : int64_t{-1}; }, stage);
-            }
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int f = 0; f < kFlashMaxFrags; ++f)
-            {
-                if (f < nf)
-                {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
-                    if (keys_full)
-                    {
-                        wmma::load_matrix_sync(kf, k_base + j0 * a.d + f * 16, static_cast<unsigned>(a.d));
-                    }
-                    else
-                    {
-                        wmma::load_matrix_sync(kf, &stage[0][f * 16], kFlashStageLd);
-                    }
-                    wmma::mma_sync(acc, qf[f], kf, acc);
-                }
-            }
-#pragma unroll
-            for (int t = 0; t < acc.num_elements; ++t)
-            {
-                acc.x[t] *= a.scale;
-            }
-            wmma::store_matrix_sync(&logits[0][0], acc, kFlashLogitsLd, wmma::mem_row_major);
-            __syncwarp();
+            flash_step<true>(qf, nf, k_base, j0, a.s, a.d, a.scale, stage, logits);
 #pragma unroll
             for (int c = 0; c < 8; ++c)
             {
@@ -822,37 +834,7 @@ __global__ void __launch_bounds__(kFlashThreads) colsum_flash_kernel(T const* __
         float acc_col = 0.0f;
         for (int64_t row0 = first > 0 ? first : 0; row0 < a.nq; row0 += 16)
         {
-            bool const rows_full = row0 + 16 <= a.nq;
-            if (!rows_full)
-            {
-                flash_stage(q_base, a.d, [&](int r) { return row0 + r < a.nq ? row0 + r : int64_t{-1}; }, stage);
-            }
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int f = 0; f < kFlashMaxFrags; ++f)
-            {
-                if (f < nf)
-                {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa;
-                    if (rows_full)
-                    {
-                        wmma::load_matrix_sync(qa, q_base + row0 * a.d + f * 16, static_cast<unsigned>(a.d));
-                    }
-                    else
-                    {
-                        wmma::load_matrix_sync(qa, &stage[0][f * 16], kFlashStageLd);
-                    }
-                    wmma::mma_sync(acc, qa, kf[f], acc);
-                }
-            }
-#pragma unroll
-            for (int t = 0; t < acc.num_elements; ++t)
-            {
-                acc.x[t] *= a.scale;
-            }
-            wmma::store_matrix_sync(&logits[0][0], acc, kFlashLogitsLd, wmma::mem_row_major);
-            __syncwarp();
+            flash_step<false>(kf, nf, q_base, row0, a.nq, a.d, a.scale, stage, logits);
             if (key_real)
             {
 #pragma unroll
@@ -1134,30 +1116,18 @@ cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers cons
     bool const aligned = reinterpret_cast<uintptr_t>(q) % 32 == 0 && reinterpret_cast<uintptr_t>(k) % 32 == 0;
     a.direct = sixteen_bit && aligned && s.head_dim % 16 == 0 && s.head_dim <= kDirectMaxHeadDim;
     size_t const kfix_bytes = a.direct ? static_cast<size_t>(kTile * (s.head_dim + 8)) * sizeof(T) : 0;
-    if (flash_mean_ok<T>(a))
-    {
-        dim3 const row_grid(static_cast<unsigned>(ceil_div(a.rows, 16 * kFlashWarps)), static_cast<unsigned>(s.heads),
-            static_cast<unsigned>(s.batch));
-        row_lse_flash_kernel<T><<<row_grid, kFlashThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
-        if ((err = check_launch()) != cudaSuccess)
-        {
-            return err;
-        }
-        valid_rows_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(
-            io.attention_mask, w.valid_rows, s.s, s.nq);
-        if ((err = check_launch()) != cudaSuccess)
-        {
-            return err;
-        }
-        dim3 const cand_grid(static_cast<unsigned>(ceil_div(s.m, 16 * kFlashWarps)), static_cast<unsigned>(s.heads),
-            static_cast<unsigned>(s.batch));
-        colsum_flash_kernel<T><<<cand_grid, kFlashThreads, 0, stream>>>(
-            q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
-        return check_launch();
-    }
-    dim3 const lse_grid(static_cast<unsigned>(ceil_div(a.rows, kTile)), static_cast<unsigned>(s.heads),
+    bool const flash = flash_mean_ok<T>(a);
+    unsigned const rows_per_block = flash ? 16 * kFlashWarps : kTile;
+    dim3 const row_grid(static_cast<unsigned>(ceil_div(a.rows, rows_per_block)), static_cast<unsigned>(s.heads),
         static_cast<unsigned>(s.batch));
-    row_lse_kernel<T><<<lse_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
+    if (flash)
+    {
+        row_lse_flash_kernel<T><<<row_grid, kFlashThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
+    }
+    else
+    {
+        row_lse_kernel<T><<<row_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
+    }
     if ((err = check_launch()) != cudaSuccess)
     {
         return err;
@@ -1168,10 +1138,18 @@ cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers cons
     {
         return err;
     }
-    dim3 const col_grid(static_cast<unsigned>(ceil_div(s.m, kTile)), static_cast<unsigned>(s.heads),
+    dim3 const col_grid(static_cast<unsigned>(ceil_div(s.m, rows_per_block)), static_cast<unsigned>(s.heads),
         static_cast<unsigned>(s.batch));
-    colsum_kernel<T><<<col_grid, kThreads, kfix_bytes, stream>>>(
-        q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
+    if (flash)
+    {
+        colsum_flash_kernel<T><<<col_grid, kFlashThreads, 0, stream>>>(
+            q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
+    }
+    else
+    {
+        colsum_kernel<T><<<col_grid, kThreads, kfix_bytes, stream>>>(
+            q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
+    }
     return check_launch();
 }
 
