@@ -17,7 +17,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl"]
+PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 PLUGIN_CI_ARCHS = "86;89"   # CI builds only these two (FASTV_CUDA_ARCHS overrides)
 
 

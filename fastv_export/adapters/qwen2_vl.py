@@ -53,9 +53,16 @@ class Qwen2VLAdapter(ModelAdapter):
         with torch.no_grad():
             pos = get_vision_position_ids(grid, visual.spatial_merge_size)
             cu, max_len = get_vision_attention_seqlens(grid, visual.config)
-        out = visual(pixel_values, grid_thw=grid.to(pixel_values.device), position_ids=pos.to(pixel_values.device),
-                     cu_seqlens=cu.to(pixel_values.device), max_seqlen=max_len)
+            extra = self.vision_grid_kwargs(grid)
+        dev = pixel_values.device
+        extra = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        out = visual(pixel_values, grid_thw=grid.to(dev), position_ids=pos.to(dev), cu_seqlens=cu.to(dev),
+                     max_seqlen=max_len, **extra)
         return out.pooler_output
+
+    def vision_grid_kwargs(self, grid: torch.Tensor) -> dict:
+        """Further grid-derived inputs the vision tower takes precomputed (none for Qwen2-VL)."""
+        return {}
 
     def preprocess_image(self, image):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
