@@ -31,14 +31,18 @@ PAIRWISE = [  # (model, K, R, ranking)
     ("tiny-qwen2-vl", 3, "9/10", "mean"),
     ("tiny-qwen2-vl", 2, "0", "last"),
 ]
+# the families added later: a pairwise cover of K in {1, 2}, R in {1/2, 9/10} and both rankings, batch 1 and 2
+NEW_FAMILIES = ["tiny-qwen2.5-vl"]
+PAIRWISE_NEW = [(m, k, r, rk) for m in NEW_FAMILIES
+                for k, r, rk in ((1, "1/2", "last"), (1, "9/10", "mean"), (2, "1/2", "mean"), (2, "9/10", "last"))]
 
 
-@pytest.mark.parametrize("model,k,ratio,ranking", PAIRWISE)
+@pytest.mark.parametrize("model,k,ratio,ranking", PAIRWISE + PAIRWISE_NEW)
 def test_export_then_validate_passes(model, k, ratio, ranking, exported_bundle):
     path = exported_bundle(model, k, ratio, ranking)
     for name in ("vision.onnx", "embed.onnx", "pre_k.onnx", "post_k.onnx"):
         onnx.checker.check_model(str(path / name), full_check=True)
-    report = validate_bundle(path, max_new_tokens=32, batch_sizes=(1, 3))
+    report = validate_bundle(path, max_new_tokens=32, batch_sizes=(1, 2) if model in NEW_FAMILIES else (1, 3))
     assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
     for case in report["cases"]:
         assert case["tokens_identical"] and case["max_logits_error"] <= 1e-4

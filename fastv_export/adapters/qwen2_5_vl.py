@@ -12,6 +12,7 @@ from fastv_export.adapters.qwen2_vl import Qwen2VLAdapter
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     name = "qwen2_5_vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    timed_video_positions = True
 
     def vision_grid_kwargs(self, grid: torch.Tensor) -> dict:
         from transformers.utils.generic import get_max_seqlen
