@@ -42,7 +42,7 @@ def cpp_json(exe: Path, bundle: Path, inputs: Path, steps: int = STEPS, executor
 def dump_prompt(adapter, out: Path, text_lengths=12, num_images: int = 1):
     prompt = make_prompt(adapter, text_lengths=text_lengths, num_images=num_images)
     ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
-    images = _images(prompt, adapter, num_images * ids.shape[0]) if num_images else []
+    images = _images(prompt, adapter)
     dump_inputs(out, ids, mask, images, find_candidates(ids, adapter.image_token_ids()))
     return prompt, images
 

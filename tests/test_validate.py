@@ -17,6 +17,7 @@ import torch
 from fastv_export import FastVConfig
 from fastv_export.bundle import load_bundle
 from fastv_export.cli import main as cli
+from fastv_export.errors import FastVError
 from fastv_export.validate import validate_bundle
 from tests.helpers import copy_bundle, rewrite_checksum
 
@@ -122,3 +123,24 @@ def test_a_borderline_swap_is_reported_and_the_forced_selection_passes(exported_
     assert {s["kept_by"] for s in case["borderline_swaps"]} == {"reference", "graphs"}
     assert case["forced_tokens_identical"] and case["forced_max_logits_error"] <= 1e-4
     assert report["passed"]
+
+
+def test_video_prompt_validates_end_to_end(exported_bundle):
+    """Qwen2.5-VL, a video of 8 frames (4 temporal patches, time-scaled positions) with an image beside
+    it, batch 1 and 2: the vision graph runs once per temporal patch, the positions follow the manifest's
+    video rule, and tokens and logits equal the reference."""
+    from fastv_export.adapters import Media
+
+    path = exported_bundle("tiny-qwen2.5-vl", 2, "1/2", "last")
+    media = [Media("video", frames=8, fps=1.0), Media("image")]
+    report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1, 2), media=media)
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+    assert [c["image_tokens"] for c in report["cases"]] == [4 * 36 + 36] * 2
+
+
+def test_images_of_another_size_are_refused_by_a_bundle(exported_bundle):
+    from fastv_export.adapters import Media
+
+    path = exported_bundle("tiny-qwen2.5-vl", 2, "1/2", "last")
+    with pytest.raises(FastVError, match="exported vision graph takes images .* of the exported grid 12 x 12"):
+        validate_bundle(path, max_new_tokens=2, batch_sizes=(1,), media=[Media("image", (224, 168)), Media("image")])
