@@ -33,7 +33,7 @@ PAIRWISE = [  # (model, K, R, ranking)
     ("tiny-qwen2-vl", 2, "0", "last"),
 ]
 # the families added later: a pairwise cover of K in {1, 2}, R in {1/2, 9/10} and both rankings, batch 1 and 2
-NEW_FAMILIES = ["tiny-qwen2.5-vl"]
+NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava-onevision"]
 PAIRWISE_NEW = [(m, k, r, rk) for m in NEW_FAMILIES
                 for k, r, rk in ((1, "1/2", "last"), (1, "9/10", "mean"), (2, "1/2", "mean"), (2, "9/10", "last"))]
 

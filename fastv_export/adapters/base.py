@@ -41,6 +41,9 @@ class ModelAdapter:
     architectures: ClassVar[tuple[str, ...]] = ()
     #: rank of position ids inside the text model: 2 ([B, n]) or 3 ([3, B, n], M-RoPE)
     position_rank: ClassVar[int] = 2
+    #: how export traces the vision graph: "dynamo" (torch.export), or "jit" (TorchScript tracing, static
+    #: shapes) for towers whose Python control flow on the fixed image size torch.export cannot trace
+    vision_tracer: ClassVar[str] = "dynamo"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -16,6 +16,7 @@ class Qwen2VLAdapter(ModelAdapter):
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     position_rank = 3
+    vision_tracer = "jit"      # the tower loops over the grid in Python
     image_grid = DEFAULT_GRID
     #: whether video temporal positions are scaled by time (tokens_per_second x seconds per temporal patch)
     timed_video_positions: bool = False
