@@ -267,22 +267,30 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
 
 
 # ---- prompts with images of different sizes and videos: one candidate pool ---------------------------
-MEDIA_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]   # the families with dynamic resolution and video
-MEDIA = {
+MEDIA_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision"]   # dynamic resolution and video
+_QWEN_MEDIA = {
     "two-image-sizes": [Media("image", (224, 168)), Media("image", (112, 140))],
     "video": [Media("video", frames=8, fps=1.0)],
     "image-and-video": [Media("image", (112, 112)), Media("video", frames=6, fps=4.0)],
 }
+MEDIA = {"tiny-qwen2-vl": _QWEN_MEDIA, "tiny-qwen2.5-vl": _QWEN_MEDIA, "tiny-llava-onevision": {
+    "two-image-sizes": [Media("image", (28, 56)), Media("image", (50, 40))],    # 2 and 4 anyres tiles
+    "video": [Media("video", frames=6)],
+    "image-and-video": [Media("image"), Media("video", frames=4)],
+}}
+LAYOUTS = ["two-image-sizes", "video", "image-and-video"]
 
 
-@pytest.mark.parametrize("layout", list(MEDIA))
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("preset_name", MEDIA_PRESETS)
 def test_media_prompts_r0_identity_and_independent_computation(preset_name, layout, model_and_adapter):
     model, adapter = model_and_adapter(preset_name)
     eager, eager_adapter = model_and_adapter(preset_name, "eager")
-    prompt = make_prompt(adapter, [5, 9], media=MEDIA[layout], seed=11)
+    media = MEDIA[preset_name][layout]
+    prompt = make_prompt(adapter, [5, 9], media=media, seed=11)
     inputs = prompt.model_inputs()
-    tokens = sum(len(adapter.media_prompt_tokens(m)) - 2 for m in MEDIA[layout])   # minus start/end markers
+    ids = set(adapter.image_token_ids())
+    tokens = sum(t in ids for m in media for t in adapter.media_prompt_tokens(m))
     base = _logits(model, inputs)
     with apply_fastv(model, FastVConfig(k=1, ratio=0)):
         assert torch.equal(_logits(model, inputs), base)
@@ -303,7 +311,7 @@ def test_media_prompts_r0_identity_and_independent_computation(preset_name, layo
 @pytest.mark.parametrize("preset_name", MEDIA_PRESETS)
 def test_media_prompts_kv_cache_generation_equals_recompute(preset_name, layout, model_and_adapter):
     model, adapter = model_and_adapter(preset_name)
-    prompt = make_prompt(adapter, [6], media=MEDIA[layout], seed=12)
+    prompt = make_prompt(adapter, [6], media=MEDIA[preset_name][layout], seed=12)
     inputs = prompt.model_inputs()
     steps, n = 16, prompt.input_ids.shape[1]
     with apply_fastv(model, FastVConfig(k=2, ratio="1/2", ranking="mean")) as h:
@@ -337,3 +345,6 @@ def test_media_errors_are_clear(model_and_adapter):
         make_prompt(qwen, [5], media=[Media("video", frames=5)])
     with pytest.raises(FastVError, match="one frame"):
         Media("image", frames=3)
+    _, onevision = model_and_adapter("tiny-llava-onevision")
+    with pytest.raises(FastVError, match="same number of frames"):
+        make_prompt(onevision, [5], media=[Media("video", frames=4), Media("video", frames=6)])
