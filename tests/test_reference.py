@@ -281,6 +281,7 @@ MEDIA = {"tiny-qwen2-vl": _QWEN_MEDIA, "tiny-qwen2.5-vl": _QWEN_MEDIA, "tiny-lla
 LAYOUTS = ["two-image-sizes", "video", "image-and-video"]
 
 
+@pytest.mark.slow   # eager forward passes on every media layout of three families
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("preset_name", MEDIA_PRESETS)
 def test_media_prompts_r0_identity_and_independent_computation(preset_name, layout, model_and_adapter):
@@ -307,6 +308,7 @@ def test_media_prompts_r0_identity_and_independent_computation(preset_name, layo
         assert err <= 1e-5, (k, ratio, ranking, err)
 
 
+@pytest.mark.slow   # 16 recomputes per media layout of three families
 @pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
 @pytest.mark.parametrize("preset_name", MEDIA_PRESETS)
 def test_media_prompts_kv_cache_generation_equals_recompute(preset_name, layout, model_and_adapter):
@@ -348,3 +350,17 @@ def test_media_errors_are_clear(model_and_adapter):
     _, onevision = model_and_adapter("tiny-llava-onevision")
     with pytest.raises(FastVError, match="same number of frames"):
         make_prompt(onevision, [5], media=[Media("video", frames=4), Media("video", frames=6)])
+
+
+def test_preprocessed_image_is_one_vision_graph_input(preset, model_and_adapter):
+    """A real image through the adapter's preprocessing has the shape of one vision-graph call and
+    encodes to the image-token count of the prompt."""
+    from PIL import Image
+
+    _, adapter = model_and_adapter(preset)
+    px = adapter.preprocess_image(Image.new("RGB", (50, 40), (30, 60, 200)))
+    media = [Media()]
+    unit = adapter.vision_units(media, adapter.media_inputs(media, torch.Generator().manual_seed(0)))[0]
+    assert tuple(px.shape) == tuple(unit.shape)
+    with torch.no_grad():
+        assert adapter.encode_image(torch.from_numpy(px).float()).shape[0] == adapter.image_tokens_per_image()
