@@ -86,6 +86,21 @@ def _tiny_llava_onevision_config():
                                 initializer_range=TINY_INIT_RANGE, tie_word_embeddings=False)
 
 
+def _tiny_internvl_config():
+    """InternVL: 56 px tiles of 7 px patches (8 x 8), pixel shuffle 0.5 -> 16 tokens per tile; an image
+    is 1 to 6 tiles (+ a thumbnail), a video one tile per frame; Qwen2 text model."""
+    from transformers import InternVLConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[56, 56],
+                  patch_size=[7, 7], initializer_range=TINY_INIT_RANGE)
+    text = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                initializer_range=TINY_INIT_RANGE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                use_sliding_window=False, tie_word_embeddings=False)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=500, downsample_ratio=0.5,
+                          image_seq_length=16, initializer_range=TINY_INIT_RANGE, tie_word_embeddings=False)
+
+
 def _bench_llava_config():
     """LLaVA-1.5-shaped for CPU benchmarks: 576 image tokens (336 px, patch 14), 16 layers of hidden
     1024 with LLaVA-7B's MLP ratio; a one-layer vision tower so that the language model dominates."""
@@ -104,11 +119,13 @@ PRESETS: dict[str, Callable] = {
     "tiny-qwen2-vl": _tiny_qwen2_vl_config,
     "tiny-qwen2.5-vl": _tiny_qwen2_5_vl_config,
     "tiny-llava-onevision": _tiny_llava_onevision_config,
+    "tiny-internvl": _tiny_internvl_config,
     "bench-llava": _bench_llava_config,
 }
 _CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration",
             "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
             "tiny-llava-onevision": "LlavaOnevisionForConditionalGeneration",
+            "tiny-internvl": "InternVLForConditionalGeneration",
             "bench-llava": "LlavaForConditionalGeneration"}
 
 

@@ -33,7 +33,7 @@ PAIRWISE = [  # (model, K, R, ranking)
     ("tiny-qwen2-vl", 2, "0", "last"),
 ]
 # the families added later: a pairwise cover of K in {1, 2}, R in {1/2, 9/10} and both rankings, batch 1 and 2
-NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava-onevision"]
+NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-internvl"]
 PAIRWISE_NEW = [(m, k, r, rk) for m in NEW_FAMILIES
                 for k, r, rk in ((1, "1/2", "last"), (1, "9/10", "mean"), (2, "1/2", "mean"), (2, "9/10", "last"))]
 
@@ -138,9 +138,29 @@ def test_video_prompt_validates_end_to_end(exported_bundle):
     assert [c["image_tokens"] for c in report["cases"]] == [4 * 36 + 36] * 2
 
 
-def test_images_of_another_size_are_refused_by_a_bundle(exported_bundle):
+@pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
+def test_internvl_media_prompts_validate_end_to_end(exported_bundle, layout):
+    """InternVL's tower sees each tile alone, so a bundle's one-tile vision graph serves images of any
+    size (3 and 7 tiles here) and videos (one tile per frame), batch 1 and 2."""
     from fastv_export.adapters import Media
 
-    path = exported_bundle("tiny-qwen2.5-vl", 2, "1/2", "last")
-    with pytest.raises(FastVError, match="exported vision graph takes images .* of the exported grid 12 x 12"):
-        validate_bundle(path, max_new_tokens=2, batch_sizes=(1,), media=[Media("image", (224, 168)), Media("image")])
+    media = {"two-image-sizes": [Media("image", (56, 112)), Media("image", (100, 60))],
+             "video": [Media("video", frames=6), Media("image")]}[layout]
+    path = exported_bundle("tiny-internvl", 2, "1/2", "mean")
+    report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1, 2), media=media)
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+    assert [c["image_tokens"] for c in report["cases"]] == [16 * (10 if layout == "two-image-sizes" else 7)] * 2
+
+
+@pytest.mark.parametrize("model,media,message", [
+    ("tiny-qwen2.5-vl", [("image", (224, 168)), ("image", None)], "takes images .* of the exported grid 12 x 12"),
+    ("tiny-llava-onevision", [("image", (28, 56))], r"takes images of the exported size \(56, 56\) only"),
+    ("tiny-llava-onevision", [("video", None)], r"takes images of the exported size \(56, 56\) only"),
+], ids=["qwen2.5-other-size", "onevision-other-size", "onevision-video"])
+def test_media_the_vision_graph_cannot_take_are_refused_clearly(exported_bundle, model, media, message):
+    from fastv_export.adapters import Media
+
+    path = exported_bundle(model, 2, "1/2", "last")
+    media = [Media(kind, size, frames=4 if kind == "video" else 1) for kind, size in media]
+    with pytest.raises(FastVError, match=message):
+        validate_bundle(path, max_new_tokens=2, batch_sizes=(1,), media=media)
