@@ -256,7 +256,7 @@ def test_dynamic_inputs_need_a_profile(loaded):
 # ------------------------------------------------------------------ exported pre-K graphs of the presets
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,ranking", [("tiny-llava", "last"), ("tiny-qwen2-vl", "mean"), ("tiny-qwen2.5-vl", "last"),
-                                            ("tiny-llava-onevision", "mean"), ("tiny-internvl", "last")])
+                                            ("tiny-llava-onevision", "last"), ("tiny-internvl", "last")])
 def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ranking, exported_bundle,
                                                                   model_and_adapter):
     """The real pre_k.onnx of every family (prefill shapes, empty past): one PLUGIN_V3 layer with the
