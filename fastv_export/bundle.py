@@ -123,14 +123,21 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options,
             "input": spec.POSITION_IDS, "rank": adapter.position_rank,
             "kind": "mrope (t, h, w) triples, first axis" if mrope else "rope",
             "prefill": ("per row over real tokens: text tokens count up by 1; an image block of grid "
-                        "(t, h/merge, w/merge) gets (offset + t_i, offset + h_i, offset + w_i) with offset = "
-                        "previous max + 1; padding gets 0" if mrope else
+                        "(t, h/merge, w/merge) gets (offset + t_i, offset + h_i, offset + w_i), offset = the "
+                        "position after the previous token, and the token after the block gets offset + "
+                        "max(h/merge, w/merge); a run of video_token_id tokens is a video of t = run / (h/merge "
+                        "* w/merge) temporal patches whose t_i is floor(i * video_tokens_per_second * seconds "
+                        "per temporal patch of that video) (i when video_tokens_per_second is absent); "
+                        "padding gets 0" if mrope else
                         "per row: cumsum(attention_mask) - 1, padding gets 1"),
             "kept_tokens": f"keep their ORIGINAL position ids ({spec.SELECTED_POSITION_IDS})",
             "decode": "step t (0-based) of a row uses max(prompt position ids of that row) + 1 + t "
                       "(continues from the original, unpruned prompt)",
             **({"mrope_section": adapter.text_config.rope_parameters.get("mrope_section"),
-                "spatial_merge_size": adapter.config.vision_config.spatial_merge_size} if mrope else {}),
+                "spatial_merge_size": adapter.config.vision_config.spatial_merge_size,
+                "video_token_id": int(adapter.config.video_token_id)} if mrope else {}),
+            **({"video_tokens_per_second": adapter.config.vision_config.tokens_per_second}
+               if mrope and getattr(adapter, "timed_video_positions", False) else {}),
         },
         "plugin": dict(op.PLUGIN_IDENTITY, used_by="pre_k.onnx node fastv_token_select (expands to its ONNX "
                                                    "function body when the library is not loaded)"),
@@ -380,8 +387,8 @@ def _schema_error(error, mpath: Path) -> FastVError:
         bound = "at least" if kind == "minProperties" else "at most"
         return _field_error(mpath, parts, f"has {len(inst)} entries, expected {bound} {value}")
     if kind == "not" and parts == ["positions"]:
-        return _field_error(mpath, parts, "mrope_section and spatial_merge_size belong to rank-3 (M-RoPE) "
-                                          "positions only")
+        return _field_error(mpath, parts, "mrope_section, spatial_merge_size and the video_* fields "
+                                          "belong to rank-3 (M-RoPE) positions only")
     message = " ".join(str(error.message).split())
     return _field_error(mpath, parts, message if len(message) <= 160 else message[:157] + "...")
 

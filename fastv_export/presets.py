@@ -51,6 +51,56 @@ def _tiny_qwen2_vl_config():
                          vision_start_token_id=502, vision_end_token_id=503, initializer_range=TINY_INIT_RANGE)
 
 
+def _tiny_qwen2_5_vl_config():
+    """Qwen2.5-VL: window attention in the vision tower (56 px windows = 2 x 2 merged tokens on the
+    default 6 x 6 merged grid, so several windows; block 1 attends fully), out_hidden_size = the
+    text model's hidden size; 2 temporal units per second of video."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                  fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=TINY_INIT_RANGE)
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, initializer_range=TINY_INIT_RANGE,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, use_sliding_window=False)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=500, video_token_id=501,
+                            vision_start_token_id=502, vision_end_token_id=503, initializer_range=TINY_INIT_RANGE)
+
+
+def _tiny_llava_onevision_config():
+    """LLaVA-OneVision: SigLIP tiles of 28 px (4 x 4 = 16 features), anyres pinpoints up to 2 x 2
+    tiles (the default image, 56 x 56 px: base tile 16 + 8 rows of 8 + newline = 88 tokens), Qwen2
+    text model."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=7)
+    text = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       initializer_range=TINY_INIT_RANGE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       use_sliding_window=False, tie_word_embeddings=False)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=500, video_token_index=501,
+                                image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                initializer_range=TINY_INIT_RANGE, tie_word_embeddings=False)
+
+
+def _tiny_internvl_config():
+    """InternVL: 56 px tiles of 7 px patches (8 x 8), pixel shuffle 0.5 -> 16 tokens per tile; an image
+    is 1 to 6 tiles (+ a thumbnail), a video one tile per frame; Qwen2 text model."""
+    from transformers import InternVLConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[56, 56],
+                  patch_size=[7, 7], initializer_range=TINY_INIT_RANGE)
+    text = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                initializer_range=TINY_INIT_RANGE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                use_sliding_window=False, tie_word_embeddings=False)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=500, downsample_ratio=0.5,
+                          image_seq_length=16, initializer_range=TINY_INIT_RANGE, tie_word_embeddings=False)
+
+
 def _bench_llava_config():
     """LLaVA-1.5-shaped for CPU benchmarks: 576 image tokens (336 px, patch 14), 16 layers of hidden
     1024 with LLaVA-7B's MLP ratio; a one-layer vision tower so that the language model dominates."""
@@ -67,9 +117,15 @@ def _bench_llava_config():
 PRESETS: dict[str, Callable] = {
     "tiny-llava": _tiny_llava_config,
     "tiny-qwen2-vl": _tiny_qwen2_vl_config,
+    "tiny-qwen2.5-vl": _tiny_qwen2_5_vl_config,
+    "tiny-llava-onevision": _tiny_llava_onevision_config,
+    "tiny-internvl": _tiny_internvl_config,
     "bench-llava": _bench_llava_config,
 }
 _CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration",
+            "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+            "tiny-llava-onevision": "LlavaOnevisionForConditionalGeneration",
+            "tiny-internvl": "InternVLForConditionalGeneration",
             "bench-llava": "LlavaForConditionalGeneration"}
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastv_export.adapters import ModelAdapter
+from fastv_export.adapters import Media, ModelAdapter
 
 TEXT_TOKEN_RANGE = (10, 400)  # ids below the tiny presets' special tokens (>= 500)
 
@@ -30,42 +30,50 @@ class Prompt:
     vision: dict[str, torch.Tensor]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     segments: list[Segments] = field(default_factory=list)  # per row, positions in the padded row
+    media: list[Media] = field(default_factory=list)        # every row's media, rows in order
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision, **self.extra}
 
-    def row(self, i: int, adapter: ModelAdapter, num_images: int) -> "Prompt":
-        """Row ``i`` alone, padding stripped (for batch-vs-single comparisons)."""
+    def row(self, i: int, adapter: ModelAdapter, num_images: int | None = None) -> "Prompt":
+        """Row ``i`` alone, padding stripped (for batch-vs-single comparisons). Every row holds the same
+        media, so each vision input splits into equal per-row parts along its first axis."""
         keep = self.attention_mask[i].bool()
         ids = self.input_ids[i][keep][None]
-        vision = {k: v for k, v in self.vision.items()}
-        if "image_grid_thw" in vision:
-            per = int(vision["image_grid_thw"][:num_images].prod(-1).sum())
-            vision = {"pixel_values": vision["pixel_values"][i * per:(i + 1) * per],
-                      "image_grid_thw": vision["image_grid_thw"][i * num_images:(i + 1) * num_images]}
-        else:
-            vision = {"pixel_values": vision["pixel_values"][i * num_images:(i + 1) * num_images]}
-        return Prompt(ids, torch.ones_like(ids), vision, adapter.text_inputs(ids))
+        b = self.input_ids.shape[0]
+        vision = {k: v.chunk(b, dim=0)[i] for k, v in self.vision.items()}
+        per_row = len(self.media) // b
+        return Prompt(ids, torch.ones_like(ids), vision, adapter.text_inputs(ids),
+                      media=self.media[i * per_row:(i + 1) * per_row])
+
+    def vision_units(self, adapter: ModelAdapter) -> list[torch.Tensor]:
+        """The pixel input of each call of the bundle's vision graph, in prompt order (rows in order)."""
+        return adapter.vision_units(self.media, self.vision) if self.media else []
 
 
 def make_prompt(adapter: ModelAdapter, text_lengths: list[int] | int = 12, num_images: int = 1,
-                system_tokens: int = 6, seed: int = 0, bos: bool = True) -> Prompt:
-    """Prompts ``[bos] system image... instruction`` with instruction lengths ``text_lengths`` (one
-    per batch row), left-padded with the pad token. Pass num_images=0 for a text-only prompt."""
+                system_tokens: int = 6, seed: int = 0, bos: bool = True,
+                media: list[Media] | None = None) -> Prompt:
+    """Prompts ``[bos] system media... instruction`` with instruction lengths ``text_lengths`` (one
+    per batch row), left-padded with the pad token. ``media`` (the same in every row) lists images
+    of any size the family takes and videos, e.g. ``[Media("image", (224, 168)), Media("video",
+    frames=64)]``; without it, ``num_images`` default-sized images (0: a text-only prompt). All
+    media of a prompt form one candidate pool."""
     lengths = [text_lengths] if isinstance(text_lengths, int) else list(text_lengths)
+    media = [Media()] * num_images if media is None else list(media)
     g = torch.Generator().manual_seed(seed)
     lo, hi = TEXT_TOKEN_RANGE
     cfg = adapter.text_config
     rows, segs = [], []
-    image_tokens = adapter.image_prompt_tokens()
+    media_tokens = [adapter.media_prompt_tokens(m) for m in media]
     for length in lengths:
         ids = [int(cfg.bos_token_id)] if bos else []
         ids += torch.randint(lo, hi, (system_tokens,), generator=g).tolist()
         system = (0, len(ids))
         images = []
-        for _ in range(num_images):
-            images.append((len(ids), len(ids) + len(image_tokens)))
-            ids += image_tokens
+        for tokens in media_tokens:
+            images.append((len(ids), len(ids) + len(tokens)))
+            ids += tokens
         start = len(ids)
         ids += torch.randint(lo, hi, (length,), generator=g).tolist()
         rows.append(ids)
@@ -81,5 +89,6 @@ def make_prompt(adapter: ModelAdapter, text_lengths: list[int] | int = 12, num_i
         s = segs[i]
         segs[i] = Segments((s.system[0] + off, s.system[1] + off), [(a + off, b + off) for a, b in s.images],
                            (s.instruction[0] + off, s.instruction[1] + off))
-    vision = adapter.vision_inputs(num_images * len(rows), g) if num_images else {}
-    return Prompt(input_ids, mask, vision, adapter.text_inputs(input_ids), segs)
+    all_media = media * len(rows)
+    vision = adapter.media_inputs(all_media, g) if media else {}
+    return Prompt(input_ids, mask, vision, adapter.text_inputs(input_ids), segs, all_media)

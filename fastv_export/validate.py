@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastv_export.adapters import get_adapter
+from fastv_export.adapters import Media, get_adapter
 from fastv_export.bundle import config_hash, load_bundle
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
@@ -60,10 +60,13 @@ class CaseReport:
     failure: str = ""
 
 
-def _images(prompt: Prompt, adapter, count: int) -> list[np.ndarray]:
-    px = prompt.vision["pixel_values"].numpy()
-    per = len(px) // count
-    return [px[i * per:(i + 1) * per] for i in range(count)]
+def _images(prompt: Prompt, adapter) -> list[np.ndarray]:
+    return [u.numpy() for u in prompt.vision_units(adapter)]
+
+
+def _video_seconds(prompt: Prompt) -> list[float] | None:
+    s = prompt.vision.get("second_per_grid_ts")
+    return None if s is None else s.tolist()
 
 
 def _reference(model, cfg: FastVConfig, prompt: Prompt, steps: int):
@@ -189,9 +192,11 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, im
 
 
 def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 3),
-                    report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None) -> dict:
+                    report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None,
+                    media: list[Media] | None = None) -> dict:
     """Compare ``runner`` (default: ONNX Runtime on the bundle at ``path``) with the PyTorch reference;
-    writes validation.json (+ Polygraphy RunResults) and returns the report."""
+    writes validation.json (+ Polygraphy RunResults) and returns the report. ``media``: the images and
+    videos of every prompt (default: one image of the exported size)."""
     bundle = runner.bundle if runner is not None else load_bundle(path)   # a runner holds a verified bundle
     m = bundle.manifest
     cfg = FastVConfig.from_manifest(m["fastv"])
@@ -209,11 +214,11 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = []
     for b in batch_sizes:
-        prompt = make_prompt(adapter, [12 + 5 * i for i in range(b)], num_images=1, seed=seed + b)
+        prompt = make_prompt(adapter, [12 + 5 * i for i in range(b)], num_images=1, seed=seed + b, media=media)
         ref_tokens, ref_logits, ref_kept, scores, cands = _reference(model, cfg, prompt, max_new_tokens)
-        images = _images(prompt, adapter, b)
+        images, seconds = _images(prompt, adapter), _video_seconds(prompt)
         ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
-        gen = generate(runner, ids, mask, images, max_new_tokens)
+        gen = generate(runner, ids, mask, images, max_new_tokens, video_seconds=seconds)
         run_logits = np.stack(gen.step_logits, axis=1)
         keep = cfg.keep_count(cands.shape[1]) if cands is not None else 0
         same, swaps, failure = compare_selection(ref_kept, gen.kept, cands, scores, keep, tol["score"])
@@ -225,7 +230,7 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
                           selection_identical=same, borderline_swaps=swaps)
         ok = same and case.tokens_identical and case.max_logits_error <= tol["logits"]
         if not same and not failure:
-            forced = generate(runner, ids, mask, images, max_new_tokens,
+            forced = generate(runner, ids, mask, images, max_new_tokens, video_seconds=seconds,
                               pre_k_step=forced_selection(ref_kept.numpy()))
             fl = np.stack(forced.step_logits, axis=1)
             case.forced_max_logits_error = float(np.abs(fl - ref_logits).max())

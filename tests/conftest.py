@@ -16,8 +16,9 @@ from typing import Callable
 import pytest
 import torch
 
+from tests.helpers import PRESET_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl"]
 PLUGIN_CI_ARCHS = "86;89"   # CI builds only these two (FASTV_CUDA_ARCHS overrides)
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 from fastv_export.cli import main as cli
 from fastv_export.files import sha256
 
+#: the built-in tiny presets every per-family test runs on (the `preset` fixture and parametrisations)
+PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-internvl"]
+
 
 def copy_bundle(src: Path, parent: Path, name: str = "b") -> Path:
     """A writable copy of the bundle ``src`` as ``parent / name`` (the session's bundles are read-only)."""

@@ -12,7 +12,7 @@ from fastv_export.bundle import (MANIFEST, REQUIRED, SCHEMA_FILE, SCHEMA_VERSION
                                  load_bundle, manifest_schema)
 from fastv_export.errors import FastVError
 from fastv_export.graphs import op, spec
-from tests.helpers import copy_bundle, rewrite_checksum, run_cli
+from tests.helpers import PRESET_NAMES, copy_bundle, rewrite_checksum, run_cli
 
 
 def test_what_is_not_a_bundle_is_named(tmp_path):
@@ -95,7 +95,7 @@ def test_run_length_encoding_of_prompt_tokens():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("model", PRESET_NAMES)
 def test_exported_manifests_pass_the_schema_and_the_spec(model, exported_bundle, tmp_path):
     good = exported_bundle(model, 2, "1/2")
     bundle = load_bundle(good)

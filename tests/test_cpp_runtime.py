@@ -42,7 +42,7 @@ def cpp_json(exe: Path, bundle: Path, inputs: Path, steps: int = STEPS, executor
 def dump_prompt(adapter, out: Path, text_lengths=12, num_images: int = 1):
     prompt = make_prompt(adapter, text_lengths=text_lengths, num_images=num_images)
     ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
-    images = _images(prompt, adapter, num_images * ids.shape[0]) if num_images else []
+    images = _images(prompt, adapter)
     dump_inputs(out, ids, mask, images, find_candidates(ids, adapter.image_token_ids()))
     return prompt, images
 
@@ -261,3 +261,19 @@ def test_trt_on_a_bundle_without_engines(runtime_build, good):
     bundle, inputs = good
     line = fail_line(run_cpp(runtime_build, bundle, inputs, "--executor", "trt"))
     assert "records no engines" in line
+
+
+@pytest.mark.slow
+def test_video_prompts_are_refused_with_one_line(runtime_build, exported_bundle, model_and_adapter, tmp_path):
+    """fastv-run computes image positions only: a video prompt of a Qwen2.5-VL bundle (manifest
+    positions.video_token_id) is refused, not run with wrong positions."""
+    from fastv_export.adapters import Media
+
+    bundle = exported_bundle("tiny-qwen2.5-vl", 2, "1/2")
+    _, adapter = model_and_adapter("tiny-qwen2.5-vl")
+    prompt = make_prompt(adapter, [6], media=[Media("video", frames=4)])
+    ids = prompt.input_ids.numpy()
+    dump_inputs(tmp_path / "in", ids, prompt.attention_mask.numpy(), _images(prompt, adapter),
+                find_candidates(ids, adapter.image_token_ids()))
+    line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
+    assert "holds a video" in line and "does not compute video positions yet" in line

@@ -12,6 +12,7 @@ import pytest
 
 from fastv_export.engines.profiles import BuildLimits, engine_profiles, trtexec_shape_flags
 from fastv_export.errors import FastVError
+from tests.helpers import PRESET_NAMES
 
 # a manifest as much as the profiles read of it: tiny-llava-like, K=2 of 4 layers, R=1/2
 MANIFEST = {
@@ -133,7 +134,7 @@ def built(exported_bundle, plugin_library, tmp_path_factory):
     from fastv_export.engines.build import BuildOptions, build_engines
 
     out = {}
-    for preset in ("tiny-llava", "tiny-qwen2-vl"):
+    for preset in PRESET_NAMES:
         for use_plugin in (True, False):
             dst = tmp_path_factory.mktemp("engines") / f"{preset}-{'plugin' if use_plugin else 'body'}"
             shutil.copytree(exported_bundle(preset, 2, "1/2"), dst)
@@ -146,7 +147,7 @@ def built(exported_bundle, plugin_library, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 @pytest.mark.parametrize("use_plugin", [True, False], ids=["plugin", "function-body"])
 def test_build_records_engines_for_the_pruned_length(built, preset, use_plugin):
     from fastv_export.bundle import load_bundle
@@ -246,7 +247,7 @@ def _gpu() -> bool:
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not _gpu(), reason="needs an NVIDIA GPU (and TensorRT or TensorRT-RTX)")
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_tensorrt_engines_generate_the_reference_tokens(exported_bundle, plugin_build, tmp_path, preset):
     """Engines built for this GPU, run through the one generation loop: validation (reference vs the
     TensorRT runner) passes, and the tokens equal ONNX Runtime's."""

@@ -255,15 +255,17 @@ def test_dynamic_inputs_need_a_profile(loaded):
 
 # ------------------------------------------------------------------ exported pre-K graphs of the presets
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,ranking", [("tiny-llava", "last"), ("tiny-qwen2-vl", "mean")])
+@pytest.mark.parametrize("preset,ranking", [("tiny-llava", "last"), ("tiny-qwen2-vl", "mean"), ("tiny-qwen2.5-vl", "last"),
+                                            ("tiny-llava-onevision", "last"), ("tiny-internvl", "last")])
 def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ranking, exported_bundle,
                                                                   model_and_adapter):
-    """The real pre_k.onnx of both presets (prefill shapes, empty past): one PLUGIN_V3 layer with the
+    """The real pre_k.onnx of every family (prefill shapes, empty past): one PLUGIN_V3 layer with the
     library loaded, the function body without it, and ahead-of-time engines for SM86 + SM89."""
     path = exported_bundle(preset, 2, "1/2", ranking)
     _, adapter = model_and_adapter(preset)
     info = adapter.decoder_shape()
-    b, n, m = 1, 83 if preset == "tiny-llava" else 57, adapter.image_tokens_per_image()
+    m = adapter.image_tokens_per_image()
+    b, n = 1, m + (19 if preset == "tiny-llava" else 21)   # tiny-llava 83, the Qwen presets 57
     shapes = {"inputs_embeds": (b, n, info.hidden_size), "attention_mask": (b, n),
               "position_ids": (b, n) if adapter.position_rank == 2 else (3, b, n), "candidate_positions": (b, m)}
     for i in range(2):

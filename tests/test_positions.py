@@ -1,6 +1,8 @@
 """The manifest's position rules (numpy) against the models' own position computation."""
+import pytest
 import torch
 
+from fastv_export.adapters import Media
 from fastv_export.prompts import make_prompt
 from fastv_export.runtime.positions import decode_positions, prefill_positions
 
@@ -11,12 +13,28 @@ def _manifest(adapter):
     if adapter.position_rank == 3:
         m["positions"]["spatial_merge_size"] = adapter.config.vision_config.spatial_merge_size
         m["image_tokens"]["grid_thw"] = list(adapter.image_grid)
+        m["positions"]["video_token_id"] = adapter.config.video_token_id
+        if adapter.timed_video_positions:
+            m["positions"]["video_tokens_per_second"] = adapter.config.vision_config.tokens_per_second
     return m
 
 
 def test_prefill_and_decode_positions_match_hf_generate(preset, model_and_adapter):
+    _check_positions(model_and_adapter, preset, None)
+
+
+@pytest.mark.parametrize("media", [
+    [Media("video", frames=8, fps=1.0), Media("image")],                      # temporal index 0, 4, 8, 12 (2.5)
+    [Media("image"), Media("video", frames=16, fps=3.0), Media("video", frames=4, fps=0.5)],
+], ids=["video-then-image", "image-and-two-videos"])
+@pytest.mark.parametrize("preset_name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_video_positions_match_hf_generate(preset_name, media, model_and_adapter):
+    _check_positions(model_and_adapter, preset_name, media)
+
+
+def _check_positions(model_and_adapter, preset, media):
     model, adapter = model_and_adapter(preset)
-    prompt = make_prompt(adapter, [4, 9], num_images=2, seed=3)
+    prompt = make_prompt(adapter, [4, 9], num_images=2, seed=3, media=media)
     seen = []
     layer = adapter.layers()[0]
     h = layer.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_embeddings"][0]),
@@ -28,7 +46,8 @@ def test_prefill_and_decode_positions_match_hf_generate(preset, model_and_adapte
         h.remove()
     man = _manifest(adapter)
     ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
-    pos = prefill_positions(man, ids, mask)
+    seconds = prompt.vision.get("second_per_grid_ts")
+    pos = prefill_positions(man, ids, mask, None if seconds is None else seconds.tolist())
     rotary = adapter.text_model().rotary_emb
     x = torch.zeros(1, dtype=torch.float32)
     cos = rotary(x, torch.from_numpy(pos))[0]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastv_export import FastVConfig, FastVError, apply_fastv
+from fastv_export.adapters import Media
 from fastv_export.prompts import make_prompt
 from fastv_export.reference.selection import random_scores
 
@@ -263,3 +264,113 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
         assert main(argv + ["--max-new-tokens", "1", "--repeats", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (argv, err)
+
+
+# ---- prompts with images of different sizes and videos: one candidate pool ---------------------------
+MEDIA_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-internvl"]
+_QWEN_MEDIA = {
+    "two-image-sizes": [Media("image", (224, 168)), Media("image", (112, 140))],
+    "video": [Media("video", frames=8, fps=1.0)],
+    "image-and-video": [Media("image", (112, 112)), Media("video", frames=6, fps=4.0)],
+}
+MEDIA = {"tiny-qwen2-vl": _QWEN_MEDIA, "tiny-qwen2.5-vl": _QWEN_MEDIA, "tiny-llava-onevision": {
+    "two-image-sizes": [Media("image", (28, 56)), Media("image", (50, 40))],    # 2 and 4 anyres tiles
+    "video": [Media("video", frames=6)],
+    "image-and-video": [Media("image"), Media("video", frames=4)],
+}, "tiny-internvl": {
+    "two-image-sizes": [Media("image", (56, 112)), Media("image", (100, 60))],   # 3 and 7 tiles
+    "video": [Media("video", frames=5)],
+    "image-and-video": [Media("image"), Media("video", frames=3)],
+}}
+LAYOUTS = ["two-image-sizes", "video", "image-and-video"]
+
+
+@pytest.mark.slow   # eager forward passes on every media layout of four families
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("preset_name", MEDIA_PRESETS)
+def test_media_prompts_r0_identity_and_independent_computation(preset_name, layout, model_and_adapter):
+    model, adapter = model_and_adapter(preset_name)
+    eager, eager_adapter = model_and_adapter(preset_name, "eager")
+    media = MEDIA[preset_name][layout]
+    prompt = make_prompt(adapter, [5, 9], media=media, seed=11)
+    inputs = prompt.model_inputs()
+    ids = set(adapter.image_token_ids())
+    tokens = sum(t in ids for m in media for t in adapter.media_prompt_tokens(m))
+    base = _logits(model, inputs)
+    with apply_fastv(model, FastVConfig(k=1, ratio=0)):
+        assert torch.equal(_logits(model, inputs), base)
+    for k, ratio, ranking in ((2, "1/2", "last"), (1, "9/10", "mean")):
+        cfg = FastVConfig(k=k, ratio=ratio, ranking=ranking)
+        ref_logits, ref_kept = independent_pruned_logits(eager, eager_adapter, inputs, k, ranking, cfg.keep_count,
+                                                         set(adapter.image_token_ids()))
+        with apply_fastv(eager, cfg) as h:
+            logits = _logits(eager, inputs)
+            assert h.candidates.shape[1] == tokens
+        assert torch.equal(h.kept_positions, ref_kept)
+        valid = torch.stack([prompt.attention_mask[r, ref_kept[r]] for r in range(2)]).bool()
+        err = (logits - ref_logits).abs()[valid].max().item()
+        assert err <= 1e-5, (k, ratio, ranking, err)
+
+
+@pytest.mark.slow   # 16 recomputes per media layout of four families
+@pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
+@pytest.mark.parametrize("preset_name", MEDIA_PRESETS)
+def test_media_prompts_kv_cache_generation_equals_recompute(preset_name, layout, model_and_adapter):
+    model, adapter = model_and_adapter(preset_name)
+    prompt = make_prompt(adapter, [6], media=MEDIA[preset_name][layout], seed=12)
+    inputs = prompt.model_inputs()
+    steps, n = 16, prompt.input_ids.shape[1]
+    # a generated image-token id would count as a placeholder in the recompute (the model refuses a
+    # prompt with more placeholders than features): such ids are never generated here
+    image_ids = list(adapter.image_token_ids())
+    with apply_fastv(model, FastVConfig(k=2, ratio="1/2", ranking="mean")) as h, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True, suppress_tokens=image_ids)
+        seq, step_logits = out.sequences, torch.stack(out.logits, dim=1)      # raw logits, before suppression
+        h.force_selection(h.kept_positions.clone())
+        for t in range(steps):
+            ids = seq[:, :n + t]
+            full = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids), **adapter.text_inputs(ids))
+            logits = _logits(model, full)[:, -1]
+            assert (logits - step_logits[:, t]).abs().max().item() <= 1e-4, t
+            logits[:, image_ids] = float("-inf")
+            assert int(logits.argmax(-1)) == int(seq[0, n + t])
+
+
+def test_video_positions_follow_time_in_qwen2_5_vl(model_and_adapter):
+    """Qwen2.5-VL spaces a video's temporal positions by tokens_per_second x seconds per temporal
+    patch: the same video at another fps changes the model's output (so the prompts carry the fps)."""
+    model, adapter = model_and_adapter("tiny-qwen2.5-vl")
+    slow = make_prompt(adapter, [5], media=[Media("video", frames=8, fps=1.0)], seed=13).model_inputs()
+    fast = dict(slow, second_per_grid_ts=slow["second_per_grid_ts"] / 4)
+    assert not torch.allclose(_logits(model, slow), _logits(model, fast))
+
+
+def test_media_errors_are_clear(model_and_adapter):
+    _, llava = model_and_adapter("tiny-llava")
+    _, qwen = model_and_adapter("tiny-qwen2.5-vl")
+    with pytest.raises(FastVError, match="default-sized images only"):
+        make_prompt(llava, [5], media=[Media("video", frames=4)])
+    with pytest.raises(FastVError, match="multiples of 28 pixels"):
+        make_prompt(qwen, [5], media=[Media("image", (100, 112))])
+    with pytest.raises(FastVError, match="multiple of 2 frames"):
+        make_prompt(qwen, [5], media=[Media("video", frames=5)])
+    with pytest.raises(FastVError, match="one frame"):
+        Media("image", frames=3)
+    _, onevision = model_and_adapter("tiny-llava-onevision")
+    with pytest.raises(FastVError, match="same number of frames"):
+        make_prompt(onevision, [5], media=[Media("video", frames=4), Media("video", frames=6)])
+
+
+def test_preprocessed_image_is_one_vision_graph_input(preset, model_and_adapter):
+    """A real image through the adapter's preprocessing has the shape of one vision-graph call and
+    encodes to the image-token count of the prompt."""
+    from PIL import Image
+
+    _, adapter = model_and_adapter(preset)
+    px = adapter.preprocess_image(Image.new("RGB", (50, 40), (30, 60, 200)))
+    media = [Media()]
+    unit = adapter.vision_units(media, adapter.media_inputs(media, torch.Generator().manual_seed(0)))[0]
+    assert tuple(px.shape) == tuple(unit.shape)
+    with torch.no_grad():
+        assert adapter.encode_image(torch.from_numpy(px).float()).shape[0] == adapter.image_tokens_per_image()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastv_export.graphs import spec
+from tests.helpers import PRESET_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +52,7 @@ def _sizes(manifest: dict) -> dict[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_docstring_table_matches_an_exported_bundle(preset, exported_bundle):
     path = exported_bundle(preset, k=2, ratio="1/2")
     manifest = __import__("json").loads((path / "manifest.json").read_text())
@@ -74,7 +75,7 @@ def test_docstring_table_matches_an_exported_bundle(preset, exported_bundle):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_graph_specs_match_an_exported_bundle(preset, exported_bundle):
     path = exported_bundle(preset, k=2, ratio="1/2")
     manifest = __import__("json").loads((path / "manifest.json").read_text())

@@ -17,6 +17,7 @@ import torch
 from fastv_export import FastVConfig
 from fastv_export.bundle import load_bundle
 from fastv_export.cli import main as cli
+from fastv_export.errors import FastVError
 from fastv_export.validate import validate_bundle
 from tests.helpers import copy_bundle, rewrite_checksum
 
@@ -31,14 +32,19 @@ PAIRWISE = [  # (model, K, R, ranking)
     ("tiny-qwen2-vl", 3, "9/10", "mean"),
     ("tiny-qwen2-vl", 2, "0", "last"),
 ]
+# the families added later: a pairwise cover of K in {1, 2}, R in {1/2, 9/10} and both rankings, batch 1 and 2;
+# (2, 1/2, last) is the bundle the other per-family tests use, so it is exported once
+NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-internvl"]
+PAIRWISE_NEW = [(m, k, r, rk) for m in NEW_FAMILIES
+                for k, r, rk in ((1, "1/2", "mean"), (1, "9/10", "last"), (2, "1/2", "last"), (2, "9/10", "mean"))]
 
 
-@pytest.mark.parametrize("model,k,ratio,ranking", PAIRWISE)
+@pytest.mark.parametrize("model,k,ratio,ranking", PAIRWISE + PAIRWISE_NEW)
 def test_export_then_validate_passes(model, k, ratio, ranking, exported_bundle):
     path = exported_bundle(model, k, ratio, ranking)
     for name in ("vision.onnx", "embed.onnx", "pre_k.onnx", "post_k.onnx"):
         onnx.checker.check_model(str(path / name), full_check=True)
-    report = validate_bundle(path, max_new_tokens=32, batch_sizes=(1, 3))
+    report = validate_bundle(path, max_new_tokens=32, batch_sizes=(1, 2) if model in NEW_FAMILIES else (1, 3))
     assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
     for case in report["cases"]:
         assert case["tokens_identical"] and case["max_logits_error"] <= 1e-4
@@ -118,3 +124,44 @@ def test_a_borderline_swap_is_reported_and_the_forced_selection_passes(exported_
     assert {s["kept_by"] for s in case["borderline_swaps"]} == {"reference", "graphs"}
     assert case["forced_tokens_identical"] and case["forced_max_logits_error"] <= 1e-4
     assert report["passed"]
+
+
+def test_video_prompt_validates_end_to_end(exported_bundle):
+    """Qwen2.5-VL, a video of 8 frames (4 temporal patches, time-scaled positions) with an image beside
+    it, batch 1 and 2: the vision graph runs once per temporal patch, the positions follow the manifest's
+    video rule, and tokens and logits equal the reference."""
+    from fastv_export.adapters import Media
+
+    path = exported_bundle("tiny-qwen2.5-vl", 2, "1/2", "last")
+    media = [Media("video", frames=8, fps=1.0), Media("image")]
+    report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1, 2), media=media)
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+    assert [c["image_tokens"] for c in report["cases"]] == [4 * 36 + 36] * 2
+
+
+@pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
+def test_internvl_media_prompts_validate_end_to_end(exported_bundle, layout):
+    """InternVL's tower sees each tile alone, so a bundle's one-tile vision graph serves images of any
+    size (3 and 7 tiles here) and videos (one tile per frame), batch 1 and 2."""
+    from fastv_export.adapters import Media
+
+    media = {"two-image-sizes": [Media("image", (56, 112)), Media("image", (100, 60))],
+             "video": [Media("video", frames=6), Media("image")]}[layout]
+    path = exported_bundle("tiny-internvl", 2, "1/2", "last")
+    report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1, 2), media=media)
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+    assert [c["image_tokens"] for c in report["cases"]] == [16 * (10 if layout == "two-image-sizes" else 7)] * 2
+
+
+@pytest.mark.parametrize("model,media,message", [
+    ("tiny-qwen2.5-vl", [("image", (224, 168)), ("image", None)], "takes images .* of the exported grid 12 x 12"),
+    ("tiny-llava-onevision", [("image", (28, 56))], r"takes images of the exported size \(56, 56\) only"),
+    ("tiny-llava-onevision", [("video", None)], r"takes images of the exported size \(56, 56\) only"),
+], ids=["qwen2.5-other-size", "onevision-other-size", "onevision-video"])
+def test_media_the_vision_graph_cannot_take_are_refused_clearly(exported_bundle, model, media, message):
+    from fastv_export.adapters import Media
+
+    path = exported_bundle(model, 2, "1/2", "last")
+    media = [Media(kind, size, frames=4 if kind == "video" else 1) for kind, size in media]
+    with pytest.raises(FastVError, match=message):
+        validate_bundle(path, max_new_tokens=2, batch_sizes=(1,), media=media)

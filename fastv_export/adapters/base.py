@@ -5,6 +5,7 @@ through this interface only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -14,6 +15,25 @@ from fastv_export.decoder_shape import DecoderShape
 from fastv_export.errors import FastVError
 
 
+@dataclass(frozen=True)
+class Media:
+    """One image or video of a prompt. ``size`` (height, width) in pixels, None for the family's default
+    image size; ``frames`` for a video (a multiple of the family's temporal patch); ``fps`` sets the time
+    between frames (families whose temporal positions follow time: Qwen2.5-VL)."""
+    kind: str = "image"                  # "image" | "video"
+    size: tuple[int, int] | None = None
+    frames: int = 1
+    fps: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("image", "video"):
+            raise FastVError(f"media kind must be 'image' or 'video', got {self.kind!r}")
+        if self.kind == "image" and self.frames != 1:
+            raise FastVError(f"an image has one frame, got frames={self.frames}; use Media('video', frames=...)")
+        if self.frames < 1 or self.fps <= 0:
+            raise FastVError(f"media needs frames >= 1 and fps > 0, got frames={self.frames}, fps={self.fps}")
+
+
 class ModelAdapter:
     """Base adapter. Subclasses name the HF classes they serve and where things live."""
 
@@ -21,6 +41,9 @@ class ModelAdapter:
     architectures: ClassVar[tuple[str, ...]] = ()
     #: rank of position ids inside the text model: 2 ([B, n]) or 3 ([3, B, n], M-RoPE)
     position_rank: ClassVar[int] = 2
+    #: how export traces the vision graph: "dynamo" (torch.export), or "jit" (TorchScript tracing, static
+    #: shapes) for towers whose Python control flow on the fixed image size torch.export cannot trace
+    vision_tracer: ClassVar[str] = "dynamo"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -71,6 +94,30 @@ class ModelAdapter:
     def preprocess_image(self, image):
         """A PIL image -> the pixel input of ONE default-sized image (what vision.onnx takes)."""
         raise NotImplementedError
+
+    # --- media: images of other sizes and videos (families that support them override) ----------
+    def media_prompt_tokens(self, media: Media) -> list[int]:
+        """Token ids that stand for ``media`` inside a prompt; the default serves default-sized images."""
+        self._default_image_only(media)
+        return self.image_prompt_tokens()
+
+    def media_inputs(self, media: list[Media], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random pixel inputs for ``media`` (in prompt order, all batch rows), as the model's forward takes them."""
+        for m in media:
+            self._default_image_only(m)
+        return self.vision_inputs(len(media), generator)
+
+    def vision_units(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The pixel input of each call of the exported vision graph (one default-sized image each) that
+        ``inputs`` (from :meth:`media_inputs`) stand for, in prompt order; the default: one per image."""
+        px = inputs["pixel_values"]
+        per = len(px) // max(1, len(media))
+        return [px[i * per:(i + 1) * per] for i in range(len(media))]
+
+    def _default_image_only(self, media: Media) -> None:
+        if media.kind != "image" or media.size is not None:
+            raise FastVError(f"{type(self.model).__name__} prompts take default-sized images only, got {media}; "
+                             "use Media('image') or a family with dynamic resolution and video (Qwen2-VL, Qwen2.5-VL)")
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs the model's forward needs beside input_ids (none by default)."""

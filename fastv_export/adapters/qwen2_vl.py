@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastv_export.adapters.base import ModelAdapter, register
+from fastv_export.adapters.base import Media, ModelAdapter, register
+from fastv_export.errors import FastVError
 
 # default image: a 12 x 12 patch grid (168 x 168 pixels at patch 14), one temporal patch
 DEFAULT_GRID = (1, 12, 12)
@@ -15,7 +16,10 @@ class Qwen2VLAdapter(ModelAdapter):
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     position_rank = 3
+    vision_tracer = "jit"      # the tower loops over the grid in Python
     image_grid = DEFAULT_GRID
+    #: whether video temporal positions are scaled by time (tokens_per_second x seconds per temporal patch)
+    timed_video_positions: bool = False
 
     def image_token_ids(self) -> tuple[int, ...]:
         return (int(self.config.image_token_id), int(self.config.video_token_id))
@@ -36,6 +40,62 @@ class Qwen2VLAdapter(ModelAdapter):
         pixels = torch.randn(num_images * t * h * w, patch_dim, generator=generator)
         return {"pixel_values": pixels, "image_grid_thw": torch.tensor([self.image_grid] * num_images)}
 
+    # --- media: any size that the patch grid divides, videos of several temporal patches -----------
+    def media_grid(self, media: Media) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of ``media`` (``image_grid_thw`` / ``video_grid_thw`` of the model)."""
+        v = self.config.vision_config
+        unit = v.patch_size * v.spatial_merge_size
+        height, width = media.size or (self.image_grid[1] * v.patch_size, self.image_grid[2] * v.patch_size)
+        if height % unit or width % unit or height < unit or width < unit:
+            raise FastVError(f"{media}: height and width must be positive multiples of {unit} pixels "
+                             f"(patch {v.patch_size} x merge {v.spatial_merge_size}); resize the image")
+        if media.kind == "video" and media.frames % v.temporal_patch_size:
+            raise FastVError(f"{media}: a video needs a multiple of {v.temporal_patch_size} frames "
+                             "(the temporal patch); drop or repeat frames")
+        t = media.frames // v.temporal_patch_size if media.kind == "video" else 1
+        return t, height // v.patch_size, width // v.patch_size
+
+    def media_prompt_tokens(self, media: Media) -> list[int]:
+        c = self.config
+        t, h, w = self.media_grid(media)
+        token = c.video_token_id if media.kind == "video" else c.image_token_id
+        return [int(c.vision_start_token_id)] + [int(token)] * (t * h * w // c.vision_config.spatial_merge_size ** 2) + \
+            [int(c.vision_end_token_id)]
+
+    def media_inputs(self, media: list[Media], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        v = self.config.vision_config
+        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        out: dict[str, torch.Tensor] = {}
+        for kind, px_name, grid_name in (("image", "pixel_values", "image_grid_thw"),
+                                         ("video", "pixel_values_videos", "video_grid_thw")):
+            chosen = [m for m in media if m.kind == kind]
+            if not chosen:
+                continue
+            grids = [self.media_grid(m) for m in chosen]
+            out[px_name] = torch.randn(sum(t * h * w for t, h, w in grids), patch_dim, generator=generator)
+            out[grid_name] = torch.tensor(grids)
+            if kind == "video" and self.timed_video_positions:
+                out["second_per_grid_ts"] = torch.tensor([v.temporal_patch_size / m.fps for m in chosen])
+        return out
+
+    def vision_units(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One call of the exported vision graph per image and per temporal patch of a video: the tower
+        attends within one temporal patch of one medium (its cu_seqlens), so a video is its temporal
+        patches, each an image of the exported grid. Other sizes are not units of the exported graph."""
+        _, h, w = self.image_grid
+        taken = {"image": 0, "video": 0}
+        units = []
+        for m in media:
+            t, mh, mw = self.media_grid(m)
+            if (mh, mw) != (h, w):
+                raise FastVError(f"{m}: the exported vision graph takes images (and video frames) of the exported "
+                                 f"grid {h} x {w} patches ({h * self.config.vision_config.patch_size} px square)")
+            px = inputs["pixel_values_videos" if m.kind == "video" else "pixel_values"]
+            start = taken[m.kind]
+            units += [px[start + i * h * w:start + (i + 1) * h * w] for i in range(t)]
+            taken[m.kind] = start + t * h * w
+        return units
+
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
         types = torch.zeros_like(input_ids, dtype=torch.int32)
@@ -53,9 +113,16 @@ class Qwen2VLAdapter(ModelAdapter):
         with torch.no_grad():
             pos = get_vision_position_ids(grid, visual.spatial_merge_size)
             cu, max_len = get_vision_attention_seqlens(grid, visual.config)
-        out = visual(pixel_values, grid_thw=grid.to(pixel_values.device), position_ids=pos.to(pixel_values.device),
-                     cu_seqlens=cu.to(pixel_values.device), max_seqlen=max_len)
+            extra = self.vision_grid_kwargs(grid)
+        dev = pixel_values.device
+        extra = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        out = visual(pixel_values, grid_thw=grid.to(dev), position_ids=pos.to(dev), cu_seqlens=cu.to(dev),
+                     max_seqlen=max_len, **extra)
         return out.pooler_output
+
+    def vision_grid_kwargs(self, grid: torch.Tensor) -> dict:
+        """Further grid-derived inputs the vision tower takes precomputed (none for Qwen2-VL)."""
+        return {}
 
     def preprocess_image(self, image):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

@@ -98,7 +98,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
 
     # vision: one default-sized image -> [tokens_per_image, D]
     _export(Vision(adapter).eval(), (pixels,), out / graphs["vision"].file, graphs["vision"], opset,
-            tracer="jit" if rank == 3 else "dynamo")
+            tracer=adapter.vision_tracer)
     steps.update()
 
     # embed: token embedding + image features at the image-token positions

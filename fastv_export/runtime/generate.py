@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -80,8 +80,11 @@ def _run_pre_k(runner: Runner, feeds: Mapping[str, np.ndarray]) -> dict[str, np.
 
 def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, images: list[np.ndarray],
              max_new_tokens: int, *, eos_token_id: int | None = None,
-             pre_k_step: PreKStep = _run_pre_k) -> Generation:
-    """Greedy generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``)."""
+             pre_k_step: PreKStep = _run_pre_k, video_seconds: Sequence[float] | None = None) -> Generation:
+    """Greedy generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``).
+    ``images``: the vision graph's inputs in prompt order (rows in order), one per image and one per
+    temporal patch of a video; ``video_seconds``: seconds per temporal patch of each video of the batch
+    (families whose video positions follow time, see the manifest's ``positions``)."""
     bundle = runner.bundle
     k, num_layers = bundle.k, bundle.num_layers
     timings: dict[str, float] = {}
@@ -93,7 +96,7 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
     feats = encode_images(runner, images)
     record["vision"] = StageIO({}, {spec.IMAGE_FEATURES: feats})
     timings["vision"] = time.perf_counter() - t0
-    positions = prefill_positions(bundle.manifest, input_ids, attention_mask)
+    positions = prefill_positions(bundle.manifest, input_ids, attention_mask, video_seconds)
 
     t1 = time.perf_counter()
     feeds = {spec.INPUT_IDS: input_ids, spec.IMAGE_FEATURES: feats}

@@ -1,25 +1,37 @@
 """Position ids as the manifest's ``positions`` rules define them (numpy, no torch): what a runtime
-feeds the graphs. RoPE: [B, n]; M-RoPE (Qwen2-VL): [3, B, n] (t, h, w) triples."""
+feeds the graphs. RoPE: [B, n]; M-RoPE (Qwen2-VL, Qwen2.5-VL): [3, B, n] (t, h, w) triples."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
+from fastv_export.errors import FastVError
 
-def prefill_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+
+def prefill_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray,
+                      video_seconds: Sequence[float] | None = None) -> np.ndarray:
+    """``video_seconds``: seconds per temporal patch of each video of the batch, rows in order (the
+    model's ``second_per_grid_ts``); only families whose video positions follow time use it."""
     rules = manifest["positions"]
     if rules["rank"] == 2:
         pos = np.cumsum(attention_mask, axis=1) - 1
         return np.where(attention_mask == 0, 1, pos).astype(np.int64)
-    return _mrope_positions(manifest, input_ids, attention_mask)
+    return _mrope_positions(manifest, input_ids, attention_mask, list(video_seconds or []))
 
 
-def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     video_seconds: list[float]) -> np.ndarray:
+    rules = manifest["positions"]
     image_ids = set(manifest["image_tokens"]["token_ids"])
     per_image = manifest["image_tokens"]["per_image"]
-    merge = manifest["positions"]["spatial_merge_size"]
+    merge = rules["spatial_merge_size"]
+    video_id = rules.get("video_token_id")
+    per_second = rules.get("video_tokens_per_second")     # None: a video's temporal index is not scaled
     grid = manifest["image_tokens"].get("grid_thw")
     t_g, h_g, w_g = grid[0], grid[1] // merge, grid[2] // merge
     assert t_g * h_g * w_g == per_image
+    seconds = iter(video_seconds)
     b, n = input_ids.shape
     out = np.zeros((3, b, n), dtype=np.int64)
     for r in range(b):
@@ -28,16 +40,32 @@ def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.n
         pos = np.zeros((3, len(ids)), dtype=np.int64)
         i, nxt = 0, 0
         while i < len(ids):
-            if int(ids[i]) in image_ids:
-                t, h, w = np.meshgrid(np.arange(t_g), np.arange(h_g), np.arange(w_g), indexing="ij")
-                block = np.stack([t.ravel(), h.ravel(), w.ravel()]) + nxt
-                pos[:, i:i + per_image] = block
-                nxt = int(block.max()) + 1
-                i += per_image
-            else:
+            tok = int(ids[i])
+            if tok not in image_ids:
                 pos[:, i] = nxt
                 nxt += 1
                 i += 1
+                continue
+            if tok == video_id:   # a video: its whole run, t temporal patches of the exported grid
+                run = i
+                while run < len(ids) and int(ids[run]) == tok:
+                    run += 1
+                t, length = (run - i) // (h_g * w_g), run - i
+                interval = np.float32(1.0)
+                if per_second is not None:
+                    try:
+                        interval = np.float32(per_second) * np.float32(next(seconds))
+                    except StopIteration:
+                        raise FastVError("the prompt holds more videos than seconds per temporal patch were "
+                                         "given (video_seconds: one per video of the batch)") from None
+                temporal = (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
+            else:                  # an image of the exported grid
+                t, length = t_g, per_image
+                temporal = np.arange(t, dtype=np.int64)
+            tt, hh, ww = np.meshgrid(temporal, np.arange(h_g), np.arange(w_g), indexing="ij")
+            pos[:, i:i + length] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + nxt
+            nxt += max(h_g, w_g)   # as the model: the next token follows the larger spatial side
+            i += length
         out[:, r, real] = pos
     return out
 

@@ -168,6 +168,7 @@ Bundle load_bundle(const fs::path& dir) {
   if (b.position_rank == 3) {
     b.spatial_merge_size = int_field(m, "positions.spatial_merge_size", where);
     b.grid_thw = int_list(m, "image_tokens.grid_thw", where);
+    if (m["positions"].contains("video_token_id")) b.video_token_id = int_field(m, "positions.video_token_id", where);
     if (b.grid_thw.size() != 3 || b.spatial_merge_size < 1 ||
         b.grid_thw[0] * (b.grid_thw[1] / b.spatial_merge_size) * (b.grid_thw[2] / b.spatial_merge_size) !=
             b.tokens_per_image)

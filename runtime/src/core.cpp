@@ -249,6 +249,10 @@ Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask)
     size_t i = 0;
     int64_t nxt = 0;
     while (i < real.size()) {
+      if (b.video_token_id && ids.as<int64_t>()[r * n + real[i]] == *b.video_token_id)
+        throw Error("row " + std::to_string(r) + " holds a video (token id " + std::to_string(*b.video_token_id) +
+                    " at position " + std::to_string(real[i]) + "): fastv-run does not compute video positions yet; "
+                    "run video prompts with the Python runtime (fastv_export.runtime.generate)");
       if (image_ids.count(ids.as<int64_t>()[r * n + real[i]])) {
         if (i + static_cast<size_t>(b.tokens_per_image) > real.size())
           throw Error("an image block at position " + std::to_string(real[i]) + " of row " + std::to_string(r) +

@@ -62,6 +62,7 @@ struct Bundle {
   int position_rank = 2;
   int64_t spatial_merge_size = 1;
   std::vector<int64_t> grid_thw;           // M-RoPE: one image's (t, h, w) before merging
+  std::optional<int64_t> video_token_id;   // M-RoPE: positions.video_token_id (video prompts are refused)
   std::filesystem::path graph_file(const std::string& graph) const;
   bool has_engines() const { return manifest.contains("engines") && !manifest["engines"].is_null(); }
 };

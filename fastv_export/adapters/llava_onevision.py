@@ -1,0 +1,122 @@
+"""LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Qwen2 backbone, standard RoPE.
+
+Images are tiled "anyres": a base tile of the whole image plus the tiles of the best grid
+pinpoint, unpadded to the image's aspect ratio, with the learned ``image_newline`` feature after
+every row of the tiled part; the token count depends on the image size. A video is its frames,
+each pooled 2 x 2, followed by one newline. Candidates: every image and video placeholder, newline
+positions included (they hold image features at image-token positions; see docs/adding_a_model.md).
+Token counts come from the model's own feature code (run once per size on zeros), never re-derived.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastv_export.adapters.base import Media, ModelAdapter, register
+from fastv_export.errors import FastVError
+
+
+@register
+class LlavaOnevisionAdapter(ModelAdapter):
+    name = "llava_onevision"
+    architectures = ("LlavaOnevisionForConditionalGeneration",)
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._counts: dict[Media, int] = {}
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def tile(self) -> int:
+        return int(self.config.vision_config.image_size)
+
+    def default_size(self) -> tuple[int, int]:
+        """The exported image size: 2 x 2 tiles when the pinpoints offer it, else one tile."""
+        s = self.tile
+        return (2 * s, 2 * s) if [2 * s, 2 * s] in [list(p) for p in self.config.image_grid_pinpoints] else (s, s)
+
+    def _size(self, media: Media) -> tuple[int, int]:
+        return media.size or self.default_size()
+
+    def _num_tiles(self, size: tuple[int, int]) -> int:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        return int(image_size_to_num_patches(list(size), self.config.image_grid_pinpoints, self.tile))
+
+    def _count(self, media: Media) -> int:
+        """Language-model features of ``media``, from the model's own code on zero pixels."""
+        key = Media(media.kind, self._size(media), media.frames)
+        if key not in self._counts:
+            s, (h, w) = self.tile, key.size
+            with torch.no_grad():
+                if media.kind == "image":
+                    px = torch.zeros(1, self._num_tiles((h, w)), 3, s, s)
+                    feats = self.model.model.get_image_features(pixel_values=px, image_sizes=torch.tensor([[h, w]]))
+                    self._counts[key] = int(feats.pooler_output[0].shape[0])
+                else:
+                    px = torch.zeros(1, media.frames, 3, s, s)
+                    self._counts[key] = int(self.model.model.get_video_features(pixel_values_videos=px).pooler_output
+                                            .shape[1])
+        return self._counts[key]
+
+    # --- the interface ---------------------------------------------------------------------------
+    def image_token_ids(self) -> tuple[int, ...]:
+        return (int(self.config.image_token_id), int(self.config.video_token_id))
+
+    def image_tokens_per_image(self) -> int:
+        return self._count(Media())
+
+    def image_prompt_tokens(self) -> list[int]:
+        return self.media_prompt_tokens(Media())
+
+    def vision_inputs(self, num_images: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.media_inputs([Media()] * num_images, generator)
+
+    def media_prompt_tokens(self, media: Media) -> list[int]:
+        if media.kind == "video" and media.size not in (None, (self.tile, self.tile)):
+            raise FastVError(f"{media}: LLaVA-OneVision video frames are one tile, {self.tile} x {self.tile} pixels; "
+                             "leave size unset")
+        token = self.config.video_token_id if media.kind == "video" else self.config.image_token_id
+        return [int(token)] * self._count(media)
+
+    def media_inputs(self, media: list[Media], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        s = self.tile
+        out: dict[str, torch.Tensor] = {}
+        images = [m for m in media if m.kind == "image"]
+        if images:
+            sizes = [self._size(m) for m in images]
+            tiles = [self._num_tiles(sz) for sz in sizes]
+            px = torch.zeros(len(images), max(tiles), 3, s, s)   # padded to the most tiles, as the processor
+            for i, t in enumerate(tiles):
+                px[i, :t] = torch.randn(t, 3, s, s, generator=generator)
+            out["pixel_values"], out["image_sizes"] = px, torch.tensor(sizes)
+        videos = [m for m in media if m.kind == "video"]
+        if videos:
+            if len({m.frames for m in videos}) > 1:
+                raise FastVError(f"the videos of one batch must have the same number of frames, got "
+                                 f"{[m.frames for m in videos]}; sample them to one length")
+            out["pixel_values_videos"] = torch.randn(len(videos), videos[0].frames, 3, s, s, generator=generator)
+        return out
+
+    def vision_units(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        units = []
+        for i, m in enumerate(media):
+            if m.kind != "image" or self._size(m) != self.default_size():
+                raise FastVError(f"{m}: a LLaVA-OneVision bundle's vision graph takes images of the exported size "
+                                 f"{self.default_size()} only (videos and other sizes run in the PyTorch reference)")
+            units.append(inputs["pixel_values"][i:i + 1, :self._num_tiles(self.default_size())])
+        return units
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [1, tiles, 3, tile, tile] of one image of the default size -> [M, D]."""
+        sizes = [list(self.default_size())]   # Python ints: the tiling and unpadding shapes are export constants
+        feats = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
+        return feats[0]
+
+    def preprocess_image(self, image):
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
+
+        h, w = self.default_size()
+        proc = LlavaOnevisionImageProcessorPil(size={"height": self.tile, "width": self.tile},
+                                               image_grid_pinpoints=self.config.image_grid_pinpoints)
+        return proc(images=image.convert("RGB").resize((w, h)), return_tensors="np")["pixel_values"]
