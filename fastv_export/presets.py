@@ -114,6 +114,23 @@ def _bench_llava_config():
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576)
 
 
+def _bench_qwen2_5_vl_config():
+    """Qwen2.5-VL-shaped for long-prompt CPU benchmarks: 12 layers of hidden 768 (12 query / 4 KV heads,
+    head_dim 64), a two-block vision tower so that the language model dominates; a 16-frame 560 x 560 video
+    is 8 x 20 x 20 = 3,200 visual tokens."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=768, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+                  fullatt_block_indexes=[1], tokens_per_second=2)
+    text = dict(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, use_sliding_window=False)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=32000, video_token_id=32001,
+                            vision_start_token_id=32002, vision_end_token_id=32003)
+
+
 PRESETS: dict[str, Callable] = {
     "tiny-llava": _tiny_llava_config,
     "tiny-qwen2-vl": _tiny_qwen2_vl_config,
@@ -121,12 +138,13 @@ PRESETS: dict[str, Callable] = {
     "tiny-llava-onevision": _tiny_llava_onevision_config,
     "tiny-internvl": _tiny_internvl_config,
     "bench-llava": _bench_llava_config,
+    "bench-qwen2.5-vl": _bench_qwen2_5_vl_config,
 }
 _CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration",
             "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
             "tiny-llava-onevision": "LlavaOnevisionForConditionalGeneration",
             "tiny-internvl": "InternVLForConditionalGeneration",
-            "bench-llava": "LlavaForConditionalGeneration"}
+            "bench-llava": "LlavaForConditionalGeneration", "bench-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def build_preset_config(name: str):

@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """ONNX Runtime latency of FastV bundles against the unpruned (R = 0) bundle, measured side by side in
-one run on the LLaVA-shaped `bench-llava` preset (576 image tokens, hidden 1024, 16 layers, random
-weights; a 612-token prompt):
+one run. By default on the LLaVA-shaped `bench-llava` preset (576 image tokens, hidden 1024, 16 layers,
+random weights; a 612-token prompt); `--preset` and `--media` pick another bench-sized model and prompt,
+e.g. a long video prompt on `bench-qwen2.5-vl` (12 layers of hidden 768):
 
+    python scripts/bench_ort.py --preset bench-qwen2.5-vl --media video:178 --repeats 3 --decode-tokens 16
+    (178 frames of the exported 168 px size = 89 temporal patches x 36 = 3,204 visual tokens)
+
+Reported per configuration:
 - prefill: the decoder part of the prefill (embed -> pre_k with TokenSelect -> post_k), measured
   speedup beside the Eq. 5 and exact-count speedups (the vision tower is the same for every bundle
   and is reported apart);
@@ -15,8 +20,9 @@ medians are reported. Bundles are exported once into --bundles and reused (delet
 re-export). --profile adds ONNX Runtime's per-operator profile of one prefill for every configuration,
 to show where the time goes.
 
-usage: python scripts/bench_ort.py [--repeats 5] [--decode-tokens 32] [--k 2] [--ratios 1/2,3/4,9/10]
-                                   [--bundles .bench-bundles] [--threads N] [--profile] [--plot PNG]
+usage: python scripts/bench_ort.py [--preset bench-llava] [--media image] [--repeats 5] [--decode-tokens 32]
+                                   [--k 2] [--ratios 1/2,3/4,9/10] [--bundles .bench-bundles] [--threads N]
+                                   [--profile] [--plot PNG] [--json FILE]
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from fastv_export import FastVConfig
-from fastv_export.adapters import get_adapter
+from fastv_export.adapters import Media, get_adapter
 from fastv_export.bundle import load_bundle
 from fastv_export.errors import FastVError
 from fastv_export.export.onnx_export import ExportOptions, export_bundle
@@ -45,13 +51,26 @@ from fastv_export.presets import load_model
 from fastv_export.runtime.generate import generate
 from fastv_export.runtime.ort import OrtRunner, default_session_options
 
-PRESET = "bench-llava"
 FP32_BYTES = DTYPE_BYTES["fp32"]
 
 
-def ensure_bundle(root: Path, k: int, ratio: str) -> Path:
-    """The bench-llava bundle for (K, R), exported unless a valid one is already there."""
-    path = root / f"{PRESET}-k{k}-r{ratio.replace('/', '_')}"
+def parse_media(text: str) -> list[Media]:
+    """``image``, ``image@HxW``, ``video:FRAMES`` or ``video:FRAMES@HxW``, comma-separated, in prompt order."""
+    media = []
+    for item in text.split(","):
+        kind, _, size = item.strip().partition("@")
+        kind, _, frames = kind.partition(":")
+        try:
+            hw = tuple(int(x) for x in size.split("x")) if size else None
+            media.append(Media(kind, hw, frames=int(frames) if frames else 1))
+        except ValueError:
+            raise FastVError(f"--media {item!r}: expected image, image@HxW, video:FRAMES or video:FRAMES@HxW") from None
+    return media
+
+
+def ensure_bundle(root: Path, preset: str, k: int, ratio: str) -> Path:
+    """The preset's bundle for (K, R), exported unless a valid one is already there."""
+    path = root / f"{preset}-k{k}-r{ratio.replace('/', '_')}"
     if (path / "manifest.json").exists():
         try:
             f = load_bundle(path).manifest["fastv"]
@@ -60,7 +79,7 @@ def ensure_bundle(root: Path, k: int, ratio: str) -> Path:
         except FastVError as exc:
             logging.warning("re-exporting %s: %s", path, exc)
     root.mkdir(parents=True, exist_ok=True)
-    return export_bundle(path, FastVConfig(k=k, ratio=ratio), ExportOptions(model=PRESET, force=True))
+    return export_bundle(path, FastVConfig(k=k, ratio=ratio), ExportOptions(model=preset, force=True))
 
 
 def session_options(threads: int | None, profile_prefix: str | None = None) -> ort.SessionOptions:
@@ -71,12 +90,12 @@ def session_options(threads: int | None, profile_prefix: str | None = None) -> o
     return so
 
 
-def profile_prefill(path: Path, prompt_args: tuple, threads: int | None, tmp: Path, tag: str) -> dict:
+def profile_prefill(path: Path, prompt_args: tuple, seconds, threads: int | None, tmp: Path, tag: str) -> dict:
     """Per-operator time (ms) of the last of two prefills, by graph and op type, from ORT's profiler."""
     rt = OrtRunner(load_bundle(path), providers=["CPUExecutionProvider"],
                    session_options=session_options(threads, str(tmp / tag)))
     for _ in range(2):
-        generate(rt, *prompt_args, max_new_tokens=1)
+        generate(rt, *prompt_args, max_new_tokens=1, video_seconds=seconds)
     times: dict[tuple[str, str], float] = defaultdict(float)
     for graph in ("embed", "pre_k", "post_k"):
         events = json.loads(Path(rt.sessions[graph].end_profiling()).read_text())
@@ -142,6 +161,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench-llava", help="a bench-sized preset (bench-llava, bench-qwen2.5-vl)")
+    ap.add_argument("--media", default="image", help="the prompt's images and videos, e.g. image,image or video:178")
+    ap.add_argument("--text-tokens", type=int, default=30, help="instruction tokens after the media")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=2)
@@ -155,30 +177,32 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ratios = ["0"] + args.ratios.split(",")
     root = Path(args.bundles)
-    paths = {r: ensure_bundle(root, args.k, r) for r in tqdm(ratios, desc="bundles", unit="bundle")}
+    media = parse_media(args.media)
+    paths = {r: ensure_bundle(root, args.preset, args.k, r) for r in tqdm(ratios, desc="bundles", unit="bundle")}
 
-    model = load_model(PRESET)
+    model = load_model(args.preset)
     adapter = get_adapter(model)
     shape = DecoderShape.from_config(model.config)
-    prompt = make_prompt(adapter, 30, num_images=1, system_tokens=5, seed=0)   # 1 + 5 + 576 + 30 = 612 tokens
+    prompt = make_prompt(adapter, args.text_tokens, media=media, system_tokens=5, seed=0)
     del model
     ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
-    images = [prompt.vision["pixel_values"].numpy()]
-    n, m = ids.shape[1], adapter.image_tokens_per_image()
+    images = [u.numpy() for u in prompt.vision_units(adapter)]
+    seconds = prompt.vision["second_per_grid_ts"].tolist() if "second_per_grid_ts" in prompt.vision else None
+    n, m = ids.shape[1], int(np.isin(ids, adapter.image_token_ids()).sum())
     runners = {r: OrtRunner(load_bundle(p), providers=["CPUExecutionProvider"],
                             session_options=session_options(args.threads)) for r, p in paths.items()}
-    print(f"{PRESET}: {shape.num_layers} layers, hidden {shape.hidden_size}, MLP {shape.intermediate_size}, prompt {n} "
-          f"tokens ({m} image), fp32, onnxruntime {ort.__version__} CPUExecutionProvider, "
+    print(f"{args.preset}: {shape.num_layers} layers, hidden {shape.hidden_size}, MLP {shape.intermediate_size}, "
+          f"prompt {n} tokens ({m} visual: {args.media}), fp32, onnxruntime {ort.__version__} CPUExecutionProvider, "
           f"{args.threads or 'default'} intra-op threads, {args.repeats} repeats (median), "
           f"{args.decode_tokens} decode tokens")
 
     samples: dict[str, dict[str, list[float]]] = {r: defaultdict(list) for r in ratios}
     kept: dict[str, int] = {}
     for r, rt in runners.items():   # warm-up
-        generate(rt, ids, mask, images, max_new_tokens=2)
+        generate(rt, ids, mask, images, max_new_tokens=2, video_seconds=seconds)
     for _ in tqdm(range(args.repeats), desc="repeats", unit="round"):
         for r, rt in runners.items():
-            gen = generate(rt, ids, mask, images, max_new_tokens=args.decode_tokens)
+            gen = generate(rt, ids, mask, images, max_new_tokens=args.decode_tokens, video_seconds=seconds)
             kept[r] = int(gen.kept.shape[1])
             samples[r]["prefill"].append(gen.timings["pre_k"] + gen.timings["post_k"])
             samples[r]["vision"].append(gen.timings["vision"])
@@ -220,7 +244,7 @@ def main() -> None:
     if args.profile:
         del runners
         with tempfile.TemporaryDirectory() as tmp:
-            profiles = {r: profile_prefill(paths[r], (ids, mask, images), args.threads, Path(tmp), f"r{i}")
+            profiles = {r: profile_prefill(paths[r], (ids, mask, images), seconds, args.threads, Path(tmp), f"r{i}")
                         for i, r in enumerate(ratios)}
         print_profile(profiles)
 
