@@ -1123,12 +1123,14 @@ cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers cons
     if (flash)
     {
         row_lse_flash_kernel<T><<<row_grid, kFlashThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
+        err = check_launch();
     }
     else
     {
         row_lse_kernel<T><<<row_grid, kThreads, 0, stream>>>(q, k, io.attention_mask, w.lse, a);
+        err = check_launch();
     }
-    if ((err = check_launch()) != cudaSuccess)
+    if (err != cudaSuccess)
     {
         return err;
     }
@@ -1144,12 +1146,10 @@ cudaError_t launch_attention(Attributes const& at, Shapes const& s, Buffers cons
     {
         colsum_flash_kernel<T><<<col_grid, kFlashThreads, 0, stream>>>(
             q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
+        return check_launch();
     }
-    else
-    {
-        colsum_kernel<T><<<col_grid, kThreads, kfix_bytes, stream>>>(
-            q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
-    }
+    colsum_kernel<T><<<col_grid, kThreads, kfix_bytes, stream>>>(
+        q, k, io.attention_mask, io.candidate_positions, w.lse, w.colsum, a);
     return check_launch();
 }
 
