@@ -122,7 +122,7 @@ def collate(samples: list[shapes.Sample], with_answer: bool = True) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
 
 
-def greedy_answers(model: nn.Module, samples: list[shapes.Sample], max_new_tokens: int = 4,
+def greedy_answers(model: nn.Module, samples: list[shapes.Sample], max_new_tokens: int = shapes.MAX_ANSWER_TOKENS,
                    batch: int = 64) -> list[list[int]]:
     """Greedy answers (up to and including ``</s>``) of an unmodified model, batched."""
     import torch

@@ -28,6 +28,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.85, 0.1)}
 MIN_SHAPES, MAX_SHAPES = 3, 6
 KINDS = ("colour", "count", "where")
+MAX_ANSWER_TOKENS = 5             # row R col C </s>
 TEST_SEED_OFFSET = 10_000_000       # test samples use seeds >= this; training seeds stay below
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]

@@ -57,7 +57,7 @@ class SweepSpec:
     ks: tuple[int, ...] = (0, 1, 2, 3)
     ratios: tuple[Fraction, ...] = (Fraction(1, 2), Fraction(3, 4), Fraction(9, 10))
     rankings: tuple[str, ...] = ("last", "mean")
-    tokens: int = 4
+    tokens: int = 6
     semantics: tuple[str, ...] = ("prefill",)
     seed: int = 0
 
@@ -212,7 +212,8 @@ class Session:
         return candidate_scores(ranking, prefix.candidates, query=q, key=k, key_valid=valid, scale=scale)
 
     @torch.no_grad()
-    def run_config(self, prefix: Prefix, cfg: FastVConfig, scores: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    def run_config(self, prefix: Prefix, cfg: FastVConfig,
+                   scores: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """First-token logits [V], the configuration's KV cache and the kept positions [1, n']."""
         from transformers import DynamicCache
 
@@ -431,6 +432,10 @@ def run_sweep(model: nn.Module, items: list[CalibrationItem], spec: SweepSpec, r
 
     if not items:
         raise FastVError("the calibration set is empty: give at least one prompt")
+    longest = max((len(it.answer) for it in items if it.answer is not None), default=0)
+    if longest > spec.tokens:
+        raise FastVError(f"--tokens {spec.tokens} is shorter than the longest reference answer ({longest} tokens), "
+                         f"so no answer could be complete: pass --tokens {longest} or more")
     configs = spec.configs()
     session = Session(model, spec)
     head = {"spec": spec.to_dict(), "items": [it.name for it in items], **(header or {})}

@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model}: {len(items)} prompt(s) of {result['prompt_tokens']} tokens, {len(configs)} configurations "
-              f"(K {args.k} x R {args.r} x {args.ranking}), {args.threads} threads")
+        print(f"{args.model}: {len(items)} prompt(s) of {result['prompt_tokens']} tokens, "
+              f"{len(configs)} configurations (K {args.k} x R {args.r} x {args.ranking}), {args.threads} threads")
         print(f"prefix reuse : {t_reuse:8.2f} s")
         print(f"from scratch : {t_scratch:8.2f} s")
         print(f"speedup      : {t_scratch / t_reuse:8.2f}x   (max |logit difference| {diff:.2e})")

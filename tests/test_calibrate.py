@@ -278,10 +278,12 @@ def test_cli_bad_input_gives_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "prompts.jsonl").write_text("\n")
     assert "holds no prompts" in _cli_error(["calibrate", "--data", str(tmp_path / "empty"), "--out", out], capsys)
-    err = _cli_error(["calibrate", "--size", "2", "--k", "2", "--r", "9/10", "--ranking", "last", "--tokens", "1",
+    err = _cli_error(["calibrate", "--size", "2", "--k", "2", "--r", "9/10", "--ranking", "last", "--tokens", "5",
                       "--semantics", "prefill", "--min-agreement", "1.01", "--out", out, "--no-progress"], capsys)
     assert "no swept configuration meets" in err
     assert "K=5 is out of range" in _cli_error(["calibrate", "--k", "5", "--size", "1", "--out", out], capsys)
+    assert "shorter than the longest reference answer" in _cli_error(
+        ["calibrate", "--tokens", "2", "--size", "20", "--out", out, "--no-progress"], capsys)
 
 
 def test_cli_demo_sweep_writes_table_plot_and_recommendation(tmp_path, capsys):
@@ -298,3 +300,18 @@ def test_cli_demo_sweep_writes_table_plot_and_recommendation(tmp_path, capsys):
     assert (out / "calibration.csv").read_text().count("\n") == 5
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert Fraction(doc["rows"][0]["r"]) == Fraction(1, 2) and doc["rows"][0]["ranking"] == "random"
+
+
+@pytest.mark.slow
+def test_cli_exports_the_recommended_configuration(tmp_path, capsys):
+    from fastv_export.bundle import load_bundle
+
+    out, bundle = tmp_path / "calib", tmp_path / "bundle"
+    rc = cli.main(["calibrate", "--size", "4", "--k", "1,2", "--r", "1/2,3/4", "--ranking", "last", "--semantics",
+                   "prefill", "--metric", "top1", "--min-agreement", "0.5", "--export", str(bundle), "--out", str(out),
+                   "--no-progress"])
+    assert rc == 0
+    rec = json.loads((out / "calibration.json").read_text())["recommendation"]
+    fastv = load_bundle(bundle).manifest["fastv"]
+    assert (fastv["k"], fastv["ratio"], fastv["ranking"]) == (rec["k"], rec["r"], rec["ranking"])
+    assert rec["ort_prefill_ms"] > 0 and "ONNX Runtime prefill" in capsys.readouterr().out

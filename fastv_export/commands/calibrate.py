@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ranking", default="last,mean", metavar="NAME,...",
                    help="rankings for K >= 1: last, mean, random (default last,mean)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random ranking (default 0)")
-    g.add_argument("--tokens", type=int, default=4, help="greedy tokens compared per prompt (default 4)")
+    g.add_argument("--tokens", type=int, default=6,
+                   help="greedy tokens compared per prompt, at least the longest answer (default 6)")
     g.add_argument("--semantics", default="prefill,rerank", metavar="prefill[,rerank]",
                    help="decode semantics measured side by side (default prefill,rerank)")
     c = parser.add_argument_group("recommendation")
