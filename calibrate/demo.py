@@ -86,7 +86,7 @@ def build_trained(attn_implementation: str = "sdpa", dtype: torch.dtype | None =
 
 @dataclass
 class TrainSettings:
-    steps: int = 3000
+    steps: int = 6000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100

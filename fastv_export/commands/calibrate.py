@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from fastv_export.presets import load_model
 
     if args.size < 1:
-        raise FastVError(f"--size must be >= 1 (the calibration set would be empty), got {args.size}")
+        raise FastVError(f"the calibration set is empty (--size {args.size}): pass --size 1 or more")
     if args.export and args.max_flops_ratio is None and args.min_agreement is None:
         raise FastVError("--export exports the recommended configuration: give --max-flops-ratio or --min-agreement")
     spec = sweep.SweepSpec(ks=tuple(args.k), ratios=tuple(_split(args.r)), rankings=tuple(_split(args.ranking)),
