@@ -264,7 +264,7 @@ def plot(table: Table, metric: str, path: str | Path) -> None:
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{table.model}: {METRICS[metric]}\n({table.prompts} prompts of {table.data})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -54,8 +54,9 @@ def make_prompt(adapter: ModelAdapter, text_lengths: list[int] | int = 12, num_i
     per batch row), left-padded with the pad token. Pass num_images=0 for a text-only prompt."""
     lengths = [text_lengths] if isinstance(text_lengths, int) else list(text_lengths)
     g = torch.Generator().manual_seed(seed)
-    lo, hi = TEXT_TOKEN_RANGE
     cfg = adapter.text_config
+    lo, hi = TEXT_TOKEN_RANGE
+    hi = min(hi, int(cfg.vocab_size))     # a small vocabulary (tiny-llava-shapes: 32 ids, specials below 10)
     rows, segs = [], []
     image_tokens = adapter.image_prompt_tokens()
     for length in lengths:
