@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranking", default="last")
     p.add_argument("--prompts", type=int, default=1, help="synthetic prompts (default 1)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternating rounds of both (default 3); the median of each is reported")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -44,29 +47,39 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         model(**items[0].model_inputs())          # warm-up (allocations, lazy initialisation)
 
-    t = time.perf_counter()
-    reused = {}
-    for item in items:
-        prefix = session.prefix(item)
-        scores = {}
-        for cfg in configs:
-            key = (cfg.k, cfg.ranking)
-            scores[key] = scores[key] if key in scores else session.scores(prefix, cfg)
-            reused[(item.name, sweep.config_key(cfg))] = session.run_config(prefix, cfg, scores[key])[0]
-    t_reuse = time.perf_counter() - t
-
-    t = time.perf_counter()
+    reused: dict = {}
     diff = 0.0
-    for item in items:
-        with torch.no_grad():
-            model(**item.model_inputs())            # the unpruned logits the metrics compare with
-        for cfg in configs:
-            logits, _ = sweep.evaluate_from_scratch(model, item, cfg, tokens=1)
-            diff = max(diff, float((logits - reused[(item.name, sweep.config_key(cfg))]).abs().max()))
-    t_scratch = time.perf_counter() - t
+
+    def with_reuse() -> None:
+        for item in items:
+            prefix = session.prefix(item)
+            scores: dict = {}
+            for cfg in configs:
+                key = (cfg.k, cfg.ranking)
+                scores[key] = scores[key] if key in scores else session.scores(prefix, cfg)
+                reused[(item.name, sweep.config_key(cfg))] = session.run_config(prefix, cfg, scores[key])[0]
+
+    def from_scratch() -> None:
+        nonlocal diff
+        for item in items:
+            with torch.no_grad():
+                model(**item.model_inputs())            # the unpruned logits the metrics compare with
+            for cfg in configs:
+                logits, _ = sweep.evaluate_from_scratch(model, item, cfg, tokens=1)
+                diff = max(diff, float((logits - reused[(item.name, sweep.config_key(cfg))]).abs().max()))
+
+    times: dict[str, list[float]] = {"reuse": [], "scratch": []}
+    for _ in range(args.repeats):               # alternate, so that a busy machine slows both alike
+        for name, fn in (("reuse", with_reuse), ("scratch", from_scratch)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    t_reuse, t_scratch = statistics.median(times["reuse"]), statistics.median(times["scratch"])
 
     result = {"model": args.model, "prompts": len(items), "prompt_tokens": int(items[0].input_ids.shape[1]),
-              "configurations": len(configs), "threads": args.threads, "prefix_reuse_s": round(t_reuse, 2),
+              "configurations": len(configs), "threads": args.threads, "repeats": args.repeats,
+              "rounds_reuse_s": [round(t, 2) for t in times["reuse"]],
+              "rounds_scratch_s": [round(t, 2) for t in times["scratch"]], "prefix_reuse_s": round(t_reuse, 2),
               "from_scratch_s": round(t_scratch, 2), "speedup": round(t_scratch / t_reuse, 2),
               "max_abs_logit_diff": diff}
     if args.json:
@@ -74,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.model}: {len(items)} prompt(s) of {result['prompt_tokens']} tokens, "
               f"{len(configs)} configurations (K {args.k} x R {args.r} x {args.ranking}), {args.threads} threads")
-        print(f"prefix reuse : {t_reuse:8.2f} s")
-        print(f"from scratch : {t_scratch:8.2f} s")
+        print(f"prefix reuse : {t_reuse:8.2f} s  (median of {result['rounds_reuse_s']})")
+        print(f"from scratch : {t_scratch:8.2f} s  (median of {result['rounds_scratch_s']})")
         print(f"speedup      : {t_scratch / t_reuse:8.2f}x   (max |logit difference| {diff:.2e})")
     return 0
 
