@@ -103,6 +103,20 @@ def test_prefix_reuse_equals_from_scratch(tiny, items):
             assert torch.allclose(mine, logits, atol=1e-5, rtol=0), cfg
 
 
+def test_prefix_reuse_equals_from_scratch_with_mrope():
+    model = load_model("tiny-qwen2-vl")
+    item = dataset.synthetic_items(get_adapter(model), 1)[0]
+    spec = sweep.SweepSpec(ks=(0, 1, 3), ratios=("1/2", "9/10"), rankings=("last", "mean"), tokens=1)
+    session = sweep.Session(model, spec)
+    prefix = session.prefix(item)
+    for cfg in spec.configs():
+        mine, _, _ = session.run_config(prefix, cfg, session.scores(prefix, cfg))
+        logits, _ = sweep.evaluate_from_scratch(model, item, cfg, 1)
+        assert torch.allclose(mine, logits, atol=1e-5, rtol=0), cfg
+    with pytest.raises(FastVError, match="M-RoPE: pass --tokens 1"):
+        sweep.Session(model, sweep.SweepSpec(ks=(1,), tokens=2))
+
+
 def test_prefix_reuse_equals_independent_eager_computation(tiny, items):
     model, adapter = tiny
     eager = load_model("tiny-llava", attn_implementation="eager")
