@@ -66,6 +66,7 @@ def build_trained(attn_implementation: str = "sdpa", dtype: torch.dtype | None =
                   weights: Path | None = None) -> nn.Module:
     """The demo model with the trained weights of :data:`WEIGHTS` (or ``weights``)."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(weights or WEIGHTS)
@@ -73,12 +74,11 @@ def build_trained(attn_implementation: str = "sdpa", dtype: torch.dtype | None =
         raise FastVError(f"the trained weights of {PRESET} are missing ({path}); "
                          "train them with: python scripts/train_demo.py")
     model = build_untrained(attn_implementation)
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight" or "lm_head.weight" not in state]
-    if missing or unexpected:
-        raise FastVError(f"{path} does not match the {PRESET} architecture (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); retrain with: python scripts/train_demo.py")
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except (RuntimeError, OSError, SafetensorError) as exc:   # wrong keys or shapes, or not safetensors
+        raise FastVError(f"{path} does not hold the {PRESET} weights ({str(exc).splitlines()[0]}); "
+                         "retrain with: python scripts/train_demo.py") from None
     return model.to(dtype or torch.float32).eval()
 
 

@@ -112,8 +112,8 @@ def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtyp
 
 def load_model(spec: str | Path = DEFAULT_MODEL, attn_implementation: str = "sdpa",
                dtype: torch.dtype | None = None) -> nn.Module:
-    """A preset name (``tiny-llava``, ``tiny-qwen2-vl``, ``tiny-llava-shapes``, ...) or a local HF checkpoint directory;
-    ``dtype`` defaults to float32."""
+    """A preset name (``tiny-llava``, ``tiny-qwen2-vl``, ``tiny-llava-shapes``, ...) or a local HF
+    checkpoint directory; ``dtype`` defaults to float32."""
     spec = str(spec)
     if spec in PRESETS:
         return build_preset(spec, attn_implementation, dtype)

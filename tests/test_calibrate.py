@@ -83,6 +83,16 @@ def test_trained_demo_is_far_above_chance():
     assert acc > shapes.chance_accuracy(shapes.split("test", 600)) + 0.3, acc
 
 
+def test_demo_weights_missing_or_corrupt_give_one_clear_error(tmp_path):
+    from fastv_export.calibrate import demo
+
+    with pytest.raises(FastVError, match="missing .* train them with: python scripts/train_demo.py"):
+        demo.build_trained(weights=tmp_path / "none.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"junk" * 10)
+    with pytest.raises(FastVError, match="does not hold the tiny-llava-shapes weights"):
+        demo.build_trained(weights=tmp_path / "bad.safetensors")
+
+
 # ---- prefix reuse == from scratch == independent ------------------------------------------------------
 
 def test_prefix_reuse_equals_from_scratch(tiny, items):
