@@ -7,6 +7,7 @@ import logging
 
 from fastv_export.commands.common import add_model_argument
 from fastv_export.errors import FastVError
+from fastv_export.graphs import spec as graph_spec
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="resumable per-prompt results (default OUT/results.jsonl)")
     o.add_argument("--export", default=None, metavar="BUNDLE",
                    help="export the recommended configuration to this bundle and time its ONNX Runtime prefill")
-    o.add_argument("--dtype", default="fp32", help="precision of --export (default fp32)")
+    o.add_argument("--dtype", choices=list(graph_spec.PRECISIONS), default="fp32",
+                   help="precision of --export (default fp32)")
     o.add_argument("--force", action="store_true", help="replace an existing --export bundle")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--json", action="store_true", help="print the recommendation (or table) as JSON")
