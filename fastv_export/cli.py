@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "pipeline": "fastv_export.commands.pipeline",
     "flops": "fastv_export.commands.flops",
     "analyze": "fastv_export.commands.analyze",
+    "calibrate": "fastv_export.commands.calibrate",
 }
 
 DESCRIPTION = """\
@@ -44,6 +45,7 @@ examples:
   fastv-export generate --k 2 --r 1/2            # FastV vs unpruned on the default model
   fastv-export flops --model-config llava-1.5-13b --image-tokens 576 --text-tokens 36 --k 2 --r 50%
   fastv-export analyze --out analysis/           # attention allocation per layer (paper Fig. 3)
+  fastv-export calibrate --out calib --max-flops-ratio 0.5   # choose K and R on the trained demo
 """
 
 # --- known third-party noise, hidden unless -v ----------------------------------------------------

@@ -1,4 +1,5 @@
-"""Built-in tiny models (real HF config classes, seeded random weights) and local checkpoints.
+"""Built-in tiny models (real HF config classes, seeded random weights, or trained weights shipped
+with the package for ``tiny-llava-shapes``) and local checkpoints.
 
 No model hub is ever contacted: presets are built in code, checkpoints load from a directory.
 Importing this module is light (no torch, no transformers): the CLI reads :data:`PRESETS` and
@@ -131,6 +132,13 @@ def _bench_qwen2_5_vl_config():
                             vision_start_token_id=32002, vision_end_token_id=32003)
 
 
+def _shapes_llava_config():
+    """The trained demo (calibrate/demo.py): 64 image tokens, 4 Llama layers, trained on the shapes task."""
+    from fastv_export.calibrate.demo import demo_config
+
+    return demo_config()
+
+
 PRESETS: dict[str, Callable] = {
     "tiny-llava": _tiny_llava_config,
     "tiny-qwen2-vl": _tiny_qwen2_vl_config,
@@ -139,12 +147,16 @@ PRESETS: dict[str, Callable] = {
     "tiny-internvl": _tiny_internvl_config,
     "bench-llava": _bench_llava_config,
     "bench-qwen2.5-vl": _bench_qwen2_5_vl_config,
+    "tiny-llava-shapes": _shapes_llava_config,
 }
 _CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration",
             "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
             "tiny-llava-onevision": "LlavaOnevisionForConditionalGeneration",
             "tiny-internvl": "InternVLForConditionalGeneration",
-            "bench-llava": "LlavaForConditionalGeneration", "bench-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
+            "bench-llava": "LlavaForConditionalGeneration", "bench-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+            "tiny-llava-shapes": "LlavaForConditionalGeneration"}
+#: presets whose weights are trained (loaded from the package), not seeded random
+TRAINED_PRESETS = ("tiny-llava-shapes",)
 
 
 def build_preset_config(name: str):
@@ -155,11 +167,15 @@ def build_preset_config(name: str):
 
 
 def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> nn.Module:
-    """A deterministic tiny model: same weights on every machine (seeded CPU init); ``dtype``
-    defaults to float32."""
+    """A deterministic tiny model: same weights on every machine (seeded CPU init, or the trained
+    weights of :data:`TRAINED_PRESETS`); ``dtype`` defaults to float32."""
     import torch
     import transformers
 
+    if name in TRAINED_PRESETS:
+        from fastv_export.calibrate.demo import build_trained
+
+        return build_trained(attn_implementation, dtype)
     config = build_preset_config(name)
     config._attn_implementation = attn_implementation
     cls = getattr(transformers, _CLASSES[name])
@@ -171,8 +187,8 @@ def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtyp
 
 def load_model(spec: str | Path = DEFAULT_MODEL, attn_implementation: str = "sdpa",
                dtype: torch.dtype | None = None) -> nn.Module:
-    """A preset name (``tiny-llava``, ``tiny-qwen2-vl``) or a local HF checkpoint directory;
-    ``dtype`` defaults to float32."""
+    """A preset name (``tiny-llava``, ``tiny-qwen2-vl``, ``tiny-llava-shapes``, ...) or a local HF
+    checkpoint directory; ``dtype`` defaults to float32."""
     spec = str(spec)
     if spec in PRESETS:
         return build_preset(spec, attn_implementation, dtype)

@@ -62,8 +62,9 @@ def make_prompt(adapter: ModelAdapter, text_lengths: list[int] | int = 12, num_i
     lengths = [text_lengths] if isinstance(text_lengths, int) else list(text_lengths)
     media = [Media()] * num_images if media is None else list(media)
     g = torch.Generator().manual_seed(seed)
-    lo, hi = TEXT_TOKEN_RANGE
     cfg = adapter.text_config
+    lo, hi = TEXT_TOKEN_RANGE
+    hi = min(hi, int(cfg.vocab_size))     # a small vocabulary (tiny-llava-shapes: 32 ids, specials below 10)
     rows, segs = [], []
     media_tokens = [adapter.media_prompt_tokens(m) for m in media]
     for length in lengths:

@@ -23,7 +23,9 @@ Each `<image>` in the prompt becomes one image's tokens, in the order of --image
 `<image>` gets the images first. No chat template is applied: write the model's own format (e.g.
 LLaVA-1.5: "USER: <image>\nWhat is in the image? ASSISTANT:"). A bundle exported from a checkpoint
 directory uses that directory's tokenizer (it must still be there); the built-in presets have none,
-so their text is encoded byte by byte (id = 10 + byte mod 390) and decoded back the same way.
+so their text is encoded byte by byte (id = 10 + byte mod 390) and decoded back the same way,
+except the trained demo tiny-llava-shapes, whose words are its own vocabulary (e.g. "what colour
+at row 1 col 2 ?", "how many red ?", "where is blue ?").
 
 examples:
   fastv-export run bundle --image cat.png --prompt "What is in the image?" --max-new-tokens 16
@@ -82,6 +84,25 @@ def _byte_codec(source: str) -> TextCodec:
                      bos_token_id=config.text_config.bos_token_id, config=config)
 
 
+def _word_codec(source: str) -> TextCodec:
+    """The demo preset's word vocabulary (calibrate/shapes.py): one token per space-separated word."""
+    from fastv_export.calibrate import shapes
+    from fastv_export.presets import build_preset_config
+
+    def encode(text: str) -> list[int]:
+        unknown = [w for w in text.split() if w not in shapes.TOKEN_ID]
+        if unknown:
+            raise FastVError(f"{source} knows only the words {' '.join(shapes.VOCAB[4:])}; "
+                             f"{', '.join(map(repr, unknown))} is not among them")
+        return [shapes.TOKEN_ID[w] for w in text.split()]
+
+    config = build_preset_config(source)
+    def decode(ids: list[int]) -> str:
+        return " ".join(shapes.VOCAB[t] for t in ids if 0 <= t < len(shapes.VOCAB))
+
+    return TextCodec(encode=encode, decode=decode, bos_token_id=config.text_config.bos_token_id, config=config)
+
+
 def _checkpoint_codec(source: str) -> TextCodec:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -121,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fastv_export.adapters import adapter_class_for
     from fastv_export.bundle import load_bundle
-    from fastv_export.presets import PRESETS
+    from fastv_export.presets import PRESETS, TRAINED_PRESETS
     from fastv_export.runtime.generate import generate
     from fastv_export.runtime.runner import open_runner
 
@@ -132,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
     source = m["source_model"]["name"]
-    codec = _byte_codec(source) if source in PRESETS else _checkpoint_codec(source)
+    if source in TRAINED_PRESETS:
+        codec = _word_codec(source)
+    else:
+        codec = _byte_codec(source) if source in PRESETS else _checkpoint_codec(source)
     # the adapter needs only the config here (image tokens, preprocessing), not the weights
     adapter = adapter_class_for(m["source_model"]["architecture"])(SimpleNamespace(config=codec.config))
     images = _load_images(args.image, adapter)
