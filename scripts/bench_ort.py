@@ -90,12 +90,14 @@ def session_options(threads: int | None, profile_prefix: str | None = None) -> o
     return so
 
 
-def profile_prefill(path: Path, prompt_args: tuple, seconds, threads: int | None, tmp: Path, tag: str) -> dict:
-    """Per-operator time (ms) of the last of two prefills, by graph and op type, from ORT's profiler."""
+def profile_run(path: Path, prompt_args: tuple, seconds, threads: int | None, tmp: Path, tag: str,
+                decode: bool = False) -> dict:
+    """Per-operator time (ms) by graph and op type, from ORT's profiler: of the last of two prefills, or
+    (``decode``) of the last of three decode steps after the prompt."""
     rt = OrtRunner(load_bundle(path), providers=["CPUExecutionProvider"],
                    session_options=session_options(threads, str(tmp / tag)))
-    for _ in range(2):
-        generate(rt, *prompt_args, max_new_tokens=1, video_seconds=seconds)
+    for _ in range(1 if decode else 2):
+        generate(rt, *prompt_args, max_new_tokens=4 if decode else 1, video_seconds=seconds)
     times: dict[tuple[str, str], float] = defaultdict(float)
     for graph in ("embed", "pre_k", "post_k"):
         events = json.loads(Path(rt.sessions[graph].end_profiling()).read_text())
@@ -110,12 +112,12 @@ def profile_prefill(path: Path, prompt_args: tuple, seconds, threads: int | None
     return dict(times)
 
 
-def print_profile(profiles: dict[str, dict]) -> None:
+def print_profile(profiles: dict[str, dict], what: str) -> None:
     """Kernel time per (graph, op type) for every configuration, with its speedup over R = 0."""
     base = profiles["0"]
     keys = sorted(set().union(*profiles.values()), key=lambda key: -base.get(key, 0))
     total = {r: sum(p.values()) for r, p in profiles.items()}
-    print("\nONNX Runtime profile of one prefill: kernel time in ms (speedup over R=0), last of two runs")
+    print(f"\nONNX Runtime profile of {what}: kernel time in ms (speedup over R=0)")
     print(f"{'graph':>7} {'op type':>22} " + " ".join(f"{'R=' + r:>15}" for r in profiles))
 
     def line(graph: str, op: str, get) -> str:
@@ -244,9 +246,11 @@ def main() -> None:
     if args.profile:
         del runners
         with tempfile.TemporaryDirectory() as tmp:
-            profiles = {r: profile_prefill(paths[r], (ids, mask, images), seconds, args.threads, Path(tmp), f"r{i}")
-                        for i, r in enumerate(ratios)}
-        print_profile(profiles)
+            for decode, what in ((False, "one prefill (the last of two)"),
+                                 (True, "one decode step (the last of three)")):
+                profiles = {r: profile_run(paths[r], (ids, mask, images), seconds, args.threads, Path(tmp),
+                                           f"{'d' if decode else 'p'}{i}", decode) for i, r in enumerate(ratios)}
+                print_profile(profiles, what)
 
 
 if __name__ == "__main__":
