@@ -129,9 +129,10 @@ class ModelAdapter:
         positions after them (DeepStack, Qwen3-VL); 0 for families that do not."""
         return 0
 
-    def encode_image_deepstack(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """The DeepStack features of ONE default-sized image: one [M, D] set per DeepStack layer."""
-        return []
+    def encode_image_with_deepstack(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`encode_image` and the DeepStack features of the same image, one [M, D] set per DeepStack
+        layer, from one run of the tower (what the vision graph of a DeepStack family computes)."""
+        return self.encode_image(pixel_values), []
 
     def follow_kept_positions(self, kept_now: Callable[[], torch.Tensor | None]) -> Callable[[], None]:
         """Reference FastV: make per-position decoder inputs other than hidden states, mask and positions

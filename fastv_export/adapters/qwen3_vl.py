@@ -39,8 +39,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def deepstack_layers(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)
 
-    def encode_image_deepstack(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.run_vision_tower(pixel_values).deepstack_features)
+    def encode_image_with_deepstack(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = self.run_vision_tower(pixel_values)
+        return out.pooler_output, list(out.deepstack_features)
 
     def vision_grid_kwargs(self, grid: torch.Tensor) -> dict:
         from transformers.vision_utils import get_vision_interpolation_indices_and_weights
