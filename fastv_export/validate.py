@@ -154,7 +154,11 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, im
         return x.float() if x.is_floating_point() else x
 
     with torch.no_grad():
-        feats_t = torch.cat([adapter.encode_image(torch.from_numpy(px).float()) for px in images])
+        encoded = [adapter.encode_image_with_deepstack(torch.from_numpy(px).float()) for px in images]
+        feats_t = torch.cat([f for f, _ in encoded])
+        vision_t = {spec.IMAGE_FEATURES: feats_t,   # and the DeepStack levels (DeepStack families)
+                    **{spec.level_name(spec.DEEPSTACK_FEATURES, level): torch.cat([d[level] for _, d in encoded])
+                       for level in range(adapter.deepstack_layers())}}
         emb_t = Embed(adapter)(prompt.input_ids, feats_t)
         # pre-K: layers < K on the graph's own inputs, then the selection, in torch
         pre = PreK(adapter, k, "all" if cfg.ranking == "mean" else "last")
@@ -176,7 +180,7 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, im
                                                                    range(k, max(k, deepstack)))]
         logits_t = PostK(adapter, k)(t(post_feeds[spec.HIDDEN_STATES]), t(post_feeds[spec.ATTENTION_MASK]),
                                      t(post_feeds[spec.POSITION_IDS]), *past, *kept_levels)[0]
-    pairs = {"vision": ({spec.IMAGE_FEATURES: feats_t}, io["vision"].outputs),
+    pairs = {"vision": (vision_t, io["vision"].outputs),
              "embed": ({spec.INPUTS_EMBEDS: emb_t}, io["embed"].outputs),
              "pre_k": ({spec.HIDDEN_STATES: sel_t}, {spec.HIDDEN_STATES: pre_out[spec.HIDDEN_STATES]}),
              "post_k": ({spec.LOGITS: logits_t}, {spec.LOGITS: io["post_k"].outputs[spec.LOGITS]})}
