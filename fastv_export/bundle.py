@@ -98,7 +98,8 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options,
                          "num_layers": info.num_layers, "hidden_size": info.hidden_size,
                          "vocab_size": info.vocab_size,
                          "eos_token_id": adapter.text_config.eos_token_id,
-                         "pad_token_id": adapter.text_config.pad_token_id},
+                         "pad_token_id": adapter.text_config.pad_token_id,
+                         **({"deepstack_layers": adapter.deepstack_layers()} if adapter.deepstack_layers() else {})},
         "fastv": cfg.to_manifest(),
         "precision": options.dtype,
         "image_tokens": {
@@ -169,6 +170,11 @@ class Bundle:
     @property
     def num_layers(self) -> int:
         return self.manifest["source_model"]["num_layers"]
+
+    @property
+    def deepstack_layers(self) -> int:
+        """DeepStack levels L of the model (0: none): the graphs carry one tensor per level."""
+        return self.manifest["source_model"].get("deepstack_layers", 0)
 
     @property
     def hidden_size(self) -> int:

@@ -69,6 +69,24 @@ def _tiny_qwen2_5_vl_config():
                             vision_start_token_id=502, vision_end_token_id=503, initializer_range=TINY_INIT_RANGE)
 
 
+def _tiny_qwen3_vl_config():
+    """Qwen3-VL: DeepStack from vision blocks 0 and 1 into the hidden states after text layers 0 and 1
+    (of 4: K = 1 prunes inside the DeepStack layers, K = 2 after them), a learned 8 x 8 position
+    table resampled to the 12 x 12 patch grid, interleaved M-RoPE (mrope_section 4/2/2 of head_dim 16)."""
+    from transformers import Qwen3VLConfig
+
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1], initializer_range=TINY_INIT_RANGE)
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, initializer_range=TINY_INIT_RANGE,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=500, video_token_id=501,
+                         vision_start_token_id=502, vision_end_token_id=503, tie_word_embeddings=False)
+
+
 def _tiny_llava_onevision_config():
     """LLaVA-OneVision: SigLIP tiles of 28 px (4 x 4 = 16 features), anyres pinpoints up to 2 x 2
     tiles (the default image, 56 x 56 px: base tile 16 + 8 rows of 8 + newline = 88 tokens), Qwen2
@@ -143,6 +161,7 @@ PRESETS: dict[str, Callable] = {
     "tiny-llava": _tiny_llava_config,
     "tiny-qwen2-vl": _tiny_qwen2_vl_config,
     "tiny-qwen2.5-vl": _tiny_qwen2_5_vl_config,
+    "tiny-qwen3-vl": _tiny_qwen3_vl_config,
     "tiny-llava-onevision": _tiny_llava_onevision_config,
     "tiny-internvl": _tiny_internvl_config,
     "bench-llava": _bench_llava_config,
@@ -150,7 +169,7 @@ PRESETS: dict[str, Callable] = {
     "tiny-llava-shapes": _shapes_llava_config,
 }
 _CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration",
-            "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+            "tiny-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration", "tiny-qwen3-vl": "Qwen3VLForConditionalGeneration",
             "tiny-llava-onevision": "LlavaOnevisionForConditionalGeneration",
             "tiny-internvl": "InternVLForConditionalGeneration",
             "bench-llava": "LlavaForConditionalGeneration", "bench-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",

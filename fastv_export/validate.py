@@ -127,6 +127,8 @@ def forced_selection(kept: np.ndarray) -> PreKStep:
         out[spec.SELECTED_POSITION_IDS] = (np.take_along_axis(pos, kept, axis=1) if pos.ndim == 2 else
                                            np.stack([np.take_along_axis(p, kept, axis=1) for p in pos]))
         out[spec.KEPT_INDICES] = kept
+        for name in [n for n in out if n.startswith(spec.KEPT_DEEPSTACK_EMBEDS + ".")]:   # DeepStack levels >= K
+            out[name] = np.take_along_axis(out[name], kept[:, :, None], axis=1)
         return out
     return step
 
@@ -152,13 +154,19 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, im
         return x.float() if x.is_floating_point() else x
 
     with torch.no_grad():
-        feats_t = torch.cat([adapter.encode_image(torch.from_numpy(px).float()) for px in images])
+        encoded = [adapter.encode_image_with_deepstack(torch.from_numpy(px).float()) for px in images]
+        feats_t = torch.cat([f for f, _ in encoded])
+        vision_t = {spec.IMAGE_FEATURES: feats_t,   # and the DeepStack levels (DeepStack families)
+                    **{spec.level_name(spec.DEEPSTACK_FEATURES, level): torch.cat([d[level] for _, d in encoded])
+                       for level in range(adapter.deepstack_layers())}}
         emb_t = Embed(adapter)(prompt.input_ids, feats_t)
         # pre-K: layers < K on the graph's own inputs, then the selection, in torch
         pre = PreK(adapter, k, "all" if cfg.ranking == "mean" else "last")
         past = [t(pre_feeds[n]) for n in spec.past_names(range(k))]
+        deepstack = adapter.deepstack_layers()
+        levels = [t(pre_feeds[n]) for n in spec.level_names(spec.DEEPSTACK_EMBEDS, range(deepstack))]
         hidden, q, key, *_ = pre(t(pre_feeds[spec.INPUTS_EMBEDS]), t(pre_feeds[spec.ATTENTION_MASK]),
-                                 t(pre_feeds[spec.POSITION_IDS]), *past)
+                                 t(pre_feeds[spec.POSITION_IDS]), *past, *levels)
         cands = t(pre_feeds[spec.CANDIDATE_POSITIONS])
         scores = candidate_scores(cfg.ranking, cands, seed=cfg.seed, query=q, key=key,
                                   key_valid=prompt.attention_mask.bool(), scale=pre.layers[k - 1].self_attn.scaling)
@@ -168,9 +176,11 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, im
         sel_t = torch.gather(hidden, 1, torch.from_numpy(kept)[:, :, None].expand(-1, -1, hidden.shape[-1]))
         # post-K on the graph's own inputs
         past = [t(post_feeds[n]) for n in spec.past_names(range(k, adapter.decoder_shape().num_layers))]
+        kept_levels = [t(post_feeds[n]) for n in spec.level_names(spec.KEPT_DEEPSTACK_EMBEDS,
+                                                                   range(k, max(k, deepstack)))]
         logits_t = PostK(adapter, k)(t(post_feeds[spec.HIDDEN_STATES]), t(post_feeds[spec.ATTENTION_MASK]),
-                                     t(post_feeds[spec.POSITION_IDS]), *past)[0]
-    pairs = {"vision": ({spec.IMAGE_FEATURES: feats_t}, io["vision"].outputs),
+                                     t(post_feeds[spec.POSITION_IDS]), *past, *kept_levels)[0]
+    pairs = {"vision": (vision_t, io["vision"].outputs),
              "embed": ({spec.INPUTS_EMBEDS: emb_t}, io["embed"].outputs),
              "pre_k": ({spec.HIDDEN_STATES: sel_t}, {spec.HIDDEN_STATES: pre_out[spec.HIDDEN_STATES]}),
              "post_k": ({spec.LOGITS: logits_t}, {spec.LOGITS: io["post_k"].outputs[spec.LOGITS]})}

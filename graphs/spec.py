@@ -12,6 +12,13 @@ precision (fp32 or fp16); ``{i}`` is the model's own layer index (post_k's first
 - ``kept_seq``: TokenSelect's output length ``seq - num_candidates + keep(num_candidates)``;
 - ``image_tokens``: image features of the whole batch, in prompt order.
 
+DeepStack families (Qwen3-VL; the manifest's ``source_model.deepstack_layers`` = L > 0) add after each
+decoder layer l < L the features of one vision level at the visual positions. Their graphs carry one
+tensor per level ``{l}``: the vision graph returns them beside the main features, the embed graph places
+them at the image tokens (zeros elsewhere), pre_k adds levels l < K after its layer l and returns the
+levels l >= K gathered at the kept positions (TokenSelect's ``kept_indices``), which post_k adds after
+its layer l. Families without DeepStack have none of these tensors.
+
 Model constants (numbers in the exported graphs): ``hidden_size``, ``num_kv_heads``, ``head_dim``,
 ``vocab_size``, ``tokens_per_image`` (image tokens of one image); ``pixel_values`` has the fixed
 shape of one image as the model's vision tower takes it (the manifest records it).
@@ -21,22 +28,28 @@ graph   I/O  name                                 dtype  shape
 ======  ===  ===================================  =====  =================================================
 vision  in   pixel_values                         float  one image, model-specific (e.g. [1, 3, 336, 336])
 vision  out  image_features                       float  [tokens_per_image, hidden_size]
+vision  out  deepstack_features.{l}, l<L          float  [tokens_per_image, hidden_size]  (DeepStack)
 embed   in   input_ids                            int64  [batch, seq]
 embed   in   image_features                       float  [image_tokens, hidden_size]
+embed   in   deepstack_features.{l}, l<L          float  [image_tokens, hidden_size]  (DeepStack)
 embed   out  inputs_embeds                        float  [batch, seq, hidden_size]
+embed   out  deepstack_embeds.{l}, l<L            float  [batch, seq, hidden_size]  (DeepStack)
 pre_k   in   inputs_embeds                        float  [batch, seq, hidden_size]
 pre_k   in   attention_mask                       int64  [batch, total_seq]  (1 = token, 0 = padding)
 pre_k   in   position_ids                         int64  [batch, seq], M-RoPE: [3, batch, seq]
 pre_k   in   past_key_values.{i}.key|value, i<K   float  [batch, num_kv_heads, past_seq, head_dim]
+pre_k   in   deepstack_embeds.{l}, l<L            float  [batch, seq, hidden_size]  (DeepStack)
 pre_k   in   candidate_positions                  int64  [batch, num_candidates]  (ascending)
 pre_k   out  hidden_states                        float  [batch, kept_seq, hidden_size]
 pre_k   out  selected_position_ids                int64  [batch, kept_seq], M-RoPE: [3, batch, kept_seq]
 pre_k   out  kept_indices                         int64  [batch, kept_seq]  (kept prompt positions)
+pre_k   out  kept_deepstack_embeds.{l}, K<=l<L    float  [batch, kept_seq, hidden_size]  (DeepStack)
 pre_k   out  present.{i}.key|value, i<K           float  [batch, num_kv_heads, total_seq, head_dim]
 post_k  in   hidden_states                        float  [batch, seq, hidden_size]
 post_k  in   attention_mask                       int64  [batch, total_seq]  (over the kept tokens)
 post_k  in   position_ids                         int64  [batch, seq], M-RoPE: [3, batch, seq]
 post_k  in   past_key_values.{i}.key|value, i>=K  float  [batch, num_kv_heads, past_seq, head_dim]
+post_k  in   kept_deepstack_embeds.{l}, K<=l<L    float  [batch, seq, hidden_size]  (DeepStack)
 post_k  out  logits                               float  [batch, 1, vocab_size]  (last position only)
 post_k  out  present.{i}.key|value, i>=K          float  [batch, num_kv_heads, total_seq, head_dim]
 ======  ===  ===================================  =====  =================================================
@@ -75,6 +88,10 @@ SELECTED_POSITION_IDS = "selected_position_ids"
 KEPT_INDICES = "kept_indices"
 LOGITS = "logits"
 PAST_PREFIX = "past_key_values"
+#: DeepStack (one tensor per level l): the vision levels' features, placed at the image tokens, kept rows
+DEEPSTACK_FEATURES = "deepstack_features"
+DEEPSTACK_EMBEDS = "deepstack_embeds"
+KEPT_DEEPSTACK_EMBEDS = "kept_deepstack_embeds"
 PRESENT_PREFIX = "present"
 KV_KINDS = ("key", "value")
 
@@ -101,6 +118,15 @@ def past_names(layers: range) -> list[str]:
 
 def present_names(layers: range) -> list[str]:
     return [present_name(i, t) for i in layers for t in KV_KINDS]
+
+
+def level_name(prefix: str, level: int) -> str:
+    """``deepstack_features.{l}`` and the other DeepStack per-level names."""
+    return f"{prefix}.{level}"
+
+
+def level_names(prefix: str, levels: range) -> list[str]:
+    return [level_name(prefix, level) for level in levels]
 
 
 def is_present(name: str) -> bool:
@@ -172,22 +198,32 @@ def _kv(names: Sequence[str], seq: str) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(n, FLOAT, ("batch", "num_kv_heads", seq, "head_dim"), doc) for n in names)
 
 
-def vision_graph(pixel_dims: Sequence[int]) -> GraphSpec:
+def _levels(prefix: str, levels: range, dims: tuple[str, ...], doc: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(n, FLOAT, dims, doc) for n in level_names(prefix, levels))
+
+
+def vision_graph(pixel_dims: Sequence[int], deepstack: int = 0) -> GraphSpec:
     return GraphSpec("vision", (
         TensorSpec(PIXEL_VALUES, FLOAT, tuple(pixel_dims), "one preprocessed image"),
     ), (
         TensorSpec(IMAGE_FEATURES, FLOAT, ("tokens_per_image", "hidden_size"), "its language-model features"),
+        *_levels(DEEPSTACK_FEATURES, range(deepstack), ("tokens_per_image", "hidden_size"),
+                 "its DeepStack features of one level"),
     ))
 
 
-def embed_graph() -> GraphSpec:
+def embed_graph(deepstack: int = 0) -> GraphSpec:
     return GraphSpec("embed", (
         TensorSpec(INPUT_IDS, INT64, ("batch", "seq"), "token ids (image placeholders included)"),
         TensorSpec(IMAGE_FEATURES, FLOAT, ("image_tokens", "hidden_size"),
                    "every image's features in prompt order; [0, hidden_size] in decode"),
+        *_levels(DEEPSTACK_FEATURES, range(deepstack), ("image_tokens", "hidden_size"),
+                 "every image's DeepStack features of one level, in prompt order; [0, hidden_size] in decode"),
     ), (
         TensorSpec(INPUTS_EMBEDS, FLOAT, ("batch", "seq", "hidden_size"),
                    "token embeddings with the image features at the image tokens"),
+        *_levels(DEEPSTACK_EMBEDS, range(deepstack), ("batch", "seq", "hidden_size"),
+                 "one DeepStack level's features at the image tokens, zeros elsewhere"),
     ))
 
 
@@ -200,9 +236,15 @@ def _decoder_inputs(first: str, position_rank: int, layers: range) -> tuple[Tens
     )
 
 
-def pre_k_export_graph(k: int, position_rank: int) -> GraphSpec:
-    """pre_k as torch.onnx exports it, before graph surgery inserts TokenSelect."""
-    return GraphSpec("pre_k", _decoder_inputs(INPUTS_EMBEDS, position_rank, range(k)), (
+def _deepstack_inputs(deepstack: int) -> tuple[TensorSpec, ...]:
+    return _levels(DEEPSTACK_EMBEDS, range(deepstack), ("batch", "seq", "hidden_size"),
+                   "one DeepStack level at the image tokens (zeros elsewhere), added after layer l")
+
+
+def pre_k_export_graph(k: int, position_rank: int, deepstack: int = 0) -> GraphSpec:
+    """pre_k as torch.onnx exports it, before graph surgery inserts TokenSelect (and the DeepStack
+    levels l >= K, which surgery gathers at the kept positions)."""
+    return GraphSpec("pre_k", _decoder_inputs(INPUTS_EMBEDS, position_rank, range(k)) + _deepstack_inputs(deepstack), (
         TensorSpec(LAYER_HIDDEN, FLOAT, ("batch", "seq", "hidden_size"), "layer K-1's output"),
         TensorSpec(LAYER_QUERY, FLOAT, ("batch", "num_heads", "query_rows", "head_dim"),
                    "layer K-1's post-rotary query (last row, or all rows for ranking mean)"),
@@ -212,29 +254,37 @@ def pre_k_export_graph(k: int, position_rank: int) -> GraphSpec:
     ))
 
 
-def pre_k_graph(k: int, position_rank: int) -> GraphSpec:
-    return GraphSpec("pre_k", _decoder_inputs(INPUTS_EMBEDS, position_rank, range(k)) + (
-        TensorSpec(CANDIDATE_POSITIONS, INT64, ("batch", "num_candidates"),
-                   "positions of the image tokens, ascending; [batch, 0] in decode"),
-    ), (
+def _kept_deepstack(k: int, deepstack: int, seq: str) -> tuple[TensorSpec, ...]:
+    return _levels(KEPT_DEEPSTACK_EMBEDS, range(k, max(k, deepstack)), ("batch", seq, "hidden_size"),
+                   "one DeepStack level at the kept tokens (zeros at kept text tokens), added after layer l")
+
+
+def pre_k_graph(k: int, position_rank: int, deepstack: int = 0) -> GraphSpec:
+    return GraphSpec("pre_k", _decoder_inputs(INPUTS_EMBEDS, position_rank, range(k)) + _deepstack_inputs(deepstack)
+                     + (TensorSpec(CANDIDATE_POSITIONS, INT64, ("batch", "num_candidates"),
+                                   "positions of the image tokens, ascending; [batch, 0] in decode"),), (
         TensorSpec(HIDDEN_STATES, FLOAT, ("batch", "kept_seq", "hidden_size"), "kept tokens' hidden states"),
         _positions("kept_seq", position_rank, "kept tokens' ORIGINAL position ids"),
         TensorSpec(KEPT_INDICES, INT64, ("batch", "kept_seq"), "kept prompt positions, ascending"),
+        *_kept_deepstack(k, deepstack, "kept_seq"),
         *_kv(present_names(range(k)), "total_seq"),
     ))
 
 
-def post_k_graph(k: int, num_layers: int, position_rank: int) -> GraphSpec:
-    return GraphSpec("post_k", _decoder_inputs(HIDDEN_STATES, position_rank, range(k, num_layers)), (
+def post_k_graph(k: int, num_layers: int, position_rank: int, deepstack: int = 0) -> GraphSpec:
+    return GraphSpec("post_k", _decoder_inputs(HIDDEN_STATES, position_rank, range(k, num_layers))
+                     + _kept_deepstack(k, deepstack, "seq"), (
         TensorSpec(LOGITS, FLOAT, ("batch", 1, "vocab_size"), "next-token logits (last position only)"),
         *_kv(present_names(range(k, num_layers)), "total_seq"),
     ))
 
 
-def bundle_graphs(k: int, num_layers: int, position_rank: int, pixel_dims: Sequence[int]) -> dict[str, GraphSpec]:
-    """The four graphs of a bundle, in pipeline order."""
-    return {"vision": vision_graph(pixel_dims), "embed": embed_graph(), "pre_k": pre_k_graph(k, position_rank),
-            "post_k": post_k_graph(k, num_layers, position_rank)}
+def bundle_graphs(k: int, num_layers: int, position_rank: int, pixel_dims: Sequence[int],
+                  deepstack: int = 0) -> dict[str, GraphSpec]:
+    """The four graphs of a bundle, in pipeline order; ``deepstack``: the model's DeepStack levels L."""
+    return {"vision": vision_graph(pixel_dims, deepstack), "embed": embed_graph(deepstack),
+            "pre_k": pre_k_graph(k, position_rank, deepstack),
+            "post_k": post_k_graph(k, num_layers, position_rank, deepstack)}
 
 
 def pipeline_description() -> dict:

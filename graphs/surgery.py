@@ -3,7 +3,9 @@
 
 - ``insert_token_select``: the exported pre-K graph ends in layer K-1's hidden states plus that
   layer's post-rotary query and key; this wires them into ONE ``fastv::TokenSelect`` node (with its
-  standard-ONNX local function) and makes the node's outputs the graph's outputs.
+  standard-ONNX local function) and makes the node's outputs the graph's outputs. DeepStack levels
+  l >= K (pre_k inputs, :data:`spec.DEEPSTACK_EMBEDS`) leave gathered at the node's kept positions
+  (Unsqueeze, Expand, GatherElements: standard ops, no new op).
 - ``name_dims`` / ``name_ir_dims``: the spec's dynamic dim names on a graph's inputs and outputs
   (torch.onnx names them s0, s1, ...), so users and the manifest read ``batch``, ``seq``, ...
 """
@@ -18,18 +20,20 @@ from fastv_export.graphs import token_select as ts
 
 
 def insert_token_select(model: onnx.ModelProto, *, ranking: str, ratio_num: int, ratio_den: int, keep: int,
-                        seed: int, scale: float, position_rank: int) -> onnx.ModelProto:
+                        seed: int, scale: float, position_rank: int, k: int = 1, deepstack: int = 0
+                        ) -> onnx.ModelProto:
     """pre_k as exported (outputs :data:`spec.PRE_K_EXPORT_OUTPUTS` + presents) -> pre_k of the
-    bundle (:func:`spec.pre_k_graph`). ``keep`` is -1 to use the ratio."""
+    bundle (:func:`spec.pre_k_graph`). ``keep`` is -1 to use the ratio; ``deepstack``: the model's
+    DeepStack levels L (levels K <= l < L become outputs gathered at the kept positions)."""
     graph = gs.import_onnx(model)
     outputs = {t.name: t for t in graph.outputs}
     inputs = {t.name: t for t in graph.inputs}
     hidden, query, key = (outputs[n] for n in spec.PRE_K_EXPORT_OUTPUTS)
-    target = spec.pre_k_graph(1, position_rank)
+    target = spec.pre_k_graph(k, position_rank, deepstack)
 
     def variable(name: str, dtype) -> gs.Variable:
         dims = [d if not isinstance(d, str) or d in spec.DYNAMIC_DIMS else None for d in target.dims_of(name)]
-        if name == spec.HIDDEN_STATES:
+        if name == spec.HIDDEN_STATES or name.startswith(spec.KEPT_DEEPSTACK_EMBEDS + "."):
             dims[-1] = hidden.shape[-1]
         return gs.Variable(name, dtype=dtype, shape=dims)
 
@@ -45,8 +49,22 @@ def insert_token_select(model: onnx.ModelProto, *, ranking: str, ratio_num: int,
     graph.nodes.append(gs.Node(op=node.op_type, name=node.name, domain=node.domain,
                                attrs={a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
                                inputs=node_inputs, outputs=[selected, sel_pos, kept]))
+    gathered = []
+    for level in range(k, max(k, deepstack)):
+        dense = inputs[spec.level_name(spec.DEEPSTACK_EMBEDS, level)]
+        tag = f"deepstack_{level}"
+        axes = gs.Constant(f"{tag}_axes", np.array([2], dtype=np.int64))
+        width = gs.Constant(f"{tag}_width", np.array([1, 1, hidden.shape[-1]], dtype=np.int64))
+        idx = gs.Variable(f"{tag}_index", dtype=np.int64)
+        wide = gs.Variable(f"{tag}_wide_index", dtype=np.int64)
+        out = variable(spec.level_name(spec.KEPT_DEEPSTACK_EMBEDS, level), hidden.dtype)
+        graph.nodes += [gs.Node("Unsqueeze", f"{tag}_unsqueeze", inputs=[kept, axes], outputs=[idx]),
+                        gs.Node("Expand", f"{tag}_expand", inputs=[idx, width], outputs=[wide]),
+                        gs.Node("GatherElements", f"{tag}_gather", attrs={"axis": 1}, inputs=[dense, wide],
+                                outputs=[out])]
+        gathered.append(out)
     presents = [t for t in graph.outputs if spec.is_present(t.name)]
-    graph.outputs = [selected, sel_pos, kept] + presents
+    graph.outputs = [selected, sel_pos, kept] + gathered + presents
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.functions.append(ts.token_select_function(ranking))

@@ -10,7 +10,7 @@ from fastv_export.cli import main as cli
 from fastv_export.files import sha256
 
 #: the built-in tiny presets every per-family test runs on (the `preset` fixture and parametrisations)
-PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-internvl"]
+PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-internvl"]
 
 
 def copy_bundle(src: Path, parent: Path, name: str = "b") -> Path:

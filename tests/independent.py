@@ -14,13 +14,37 @@ def capture_layer_inputs(model, layer, inputs):
         seen.update(kwargs)
         seen["hidden_states"] = args[0] if args else kwargs["hidden_states"]
 
+    def text_hook(mod, args, kwargs):   # DeepStack (Qwen3-VL): the visual mask and rows the text model gets
+        seen["visual_pos_masks"] = kwargs.get("visual_pos_masks")
+        seen["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
+
     h = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    text = model.model.language_model if hasattr(model.model, "language_model") else None
+    h_text = text.register_forward_pre_hook(text_hook, with_kwargs=True) if text is not None else None
     try:
         with torch.no_grad():
             out = model(**inputs, output_attentions=True, output_hidden_states=True, use_cache=False)
     finally:
         h.remove()
+        if h_text is not None:
+            h_text.remove()
     return out, seen
+
+
+def _deepstack_rows_by_position(seen: dict) -> list[list[dict[int, torch.Tensor]]]:
+    """Per DeepStack layer, per batch row: {prompt position: row added there} (empty list without DeepStack).
+    The rows come in the order of the True entries of the visual mask (batch rows, then positions)."""
+    embeds, vmask = seen.get("deepstack_visual_embeds"), seen.get("visual_pos_masks")
+    if not embeds:
+        return []
+    where = [(r, p) for r in range(vmask.shape[0]) for p in range(vmask.shape[1]) if bool(vmask[r, p])]
+    out = []
+    for rows in embeds:
+        per_row: list[dict[int, torch.Tensor]] = [{} for _ in range(vmask.shape[0])]
+        for (r, p), row in zip(where, rows):
+            per_row[r][p] = row
+        out.append(per_row)
+    return out
 
 
 def python_select(scores: list[float], cand: list[int], n: int, keep: int) -> list[int]:
@@ -74,11 +98,18 @@ def independent_pruned_logits(eager_model, adapter, inputs, k: int, ranking: str
     mask = mask | torch.eye(n2, dtype=torch.bool)[None, None]   # keep pad rows finite
     if seen["attention_mask"] is not None and seen["attention_mask"].dtype != torch.bool:
         mask = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+    deepstack = _deepstack_rows_by_position(seen)
     with torch.no_grad():
         h = hidden
-        for layer in layers[k:]:
+        for i, layer in enumerate(layers[k:], start=k):
             h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
                       past_key_values=None, use_cache=False)
             h = h[0] if isinstance(h, tuple) else h
+            if i < len(deepstack):   # DeepStack: the kept visual positions get their own rows of layer i
+                h = h.clone()
+                for r in range(b):
+                    for j, pos in enumerate(kept[r].tolist()):
+                        if pos in deepstack[i][r]:
+                            h[r, j] = h[r, j] + deepstack[i][r][pos]
         logits = adapter.lm_head()(adapter.text_model().norm(h))
     return logits, kept

@@ -277,3 +277,16 @@ def test_video_prompts_are_refused_with_one_line(runtime_build, exported_bundle,
                 find_candidates(ids, adapter.image_token_ids()))
     line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
     assert "holds a video" in line and "does not compute video positions yet" in line
+
+
+@pytest.mark.slow
+def test_deepstack_bundles_are_refused_with_one_line(runtime_build, exported_bundle, model_and_adapter, tmp_path):
+    """fastv-run does not feed the DeepStack levels of a Qwen3-VL bundle: refused on load, not run wrong."""
+    bundle = exported_bundle("tiny-qwen3-vl", 2, "1/2")
+    _, adapter = model_and_adapter("tiny-qwen3-vl")
+    prompt = make_prompt(adapter, [6], num_images=1)
+    ids = prompt.input_ids.numpy()
+    dump_inputs(tmp_path / "in", ids, prompt.attention_mask.numpy(), _images(prompt, adapter),
+                find_candidates(ids, adapter.image_token_ids()))
+    line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
+    assert "source_model.deepstack_layers" in line and "does not feed DeepStack levels" in line

@@ -255,22 +255,26 @@ def test_dynamic_inputs_need_a_profile(loaded):
 
 # ------------------------------------------------------------------ exported pre-K graphs of the presets
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,ranking", [("tiny-llava", "last"), ("tiny-qwen2-vl", "mean"), ("tiny-qwen2.5-vl", "last"),
-                                            ("tiny-llava-onevision", "last"), ("tiny-internvl", "last")])
-def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ranking, exported_bundle,
+@pytest.mark.parametrize("preset,ranking,k", [("tiny-llava", "last", 2), ("tiny-qwen2-vl", "mean", 2),
+                                              ("tiny-qwen2.5-vl", "last", 2), ("tiny-qwen3-vl", "mean", 1),
+                                              ("tiny-llava-onevision", "last", 2), ("tiny-internvl", "last", 2)])
+def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ranking, k, exported_bundle,
                                                                   model_and_adapter):
     """The real pre_k.onnx of every family (prefill shapes, empty past): one PLUGIN_V3 layer with the
-    library loaded, the function body without it, and ahead-of-time engines for SM86 + SM89."""
-    path = exported_bundle(preset, 2, "1/2", ranking)
+    library loaded, the function body without it, and ahead-of-time engines for SM86 + SM89. Qwen3-VL
+    at K = 1 (inside its two DeepStack layers): its DeepStack levels enter, level 1 leaves gathered."""
+    path = exported_bundle(preset, k, "1/2", ranking)
     _, adapter = model_and_adapter(preset)
     info = adapter.decoder_shape()
     m = adapter.image_tokens_per_image()
     b, n = 1, m + (19 if preset == "tiny-llava" else 21)   # tiny-llava 83, the Qwen presets 57
     shapes = {"inputs_embeds": (b, n, info.hidden_size), "attention_mask": (b, n),
               "position_ids": (b, n) if adapter.position_rank == 2 else (3, b, n), "candidate_positions": (b, m)}
-    for i in range(2):
+    for i in range(k):
         for t in ("key", "value"):
             shapes[f"past_key_values.{i}.{t}"] = (b, info.num_kv_heads, 0, info.head_dim)
+    for level in range(adapter.deepstack_layers()):
+        shapes[f"deepstack_embeds.{level}"] = (b, n, info.hidden_size)
     static = trt_rtx.with_static_inputs(onnx.load(str(path / "pre_k.onnx")), shapes)
     body = trt_rtx.parse_onnx(static)
     assert "PLUGIN_V3" not in body.layer_types
@@ -281,3 +285,5 @@ def test_exported_pre_k_uses_the_plugin_and_builds_for_sm86_sm89(lib, preset, ra
     assert built.layer_types.count("PLUGIN_V3") == 1 and len(built.engine) > 10_000
     keep = m - m // 2
     assert parsed.output_shapes["hidden_states"] == (b, n - m + keep, info.hidden_size)
+    for level in range(k, adapter.deepstack_layers()):
+        assert parsed.output_shapes[f"kept_deepstack_embeds.{level}"] == (b, n - m + keep, info.hidden_size)

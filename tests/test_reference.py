@@ -374,3 +374,91 @@ def test_preprocessed_image_is_one_vision_graph_input(preset, model_and_adapter)
     assert tuple(px.shape) == tuple(unit.shape)
     with torch.no_grad():
         assert adapter.encode_image(torch.from_numpy(px).float()).shape[0] == adapter.image_tokens_per_image()
+
+
+# ---- Qwen3-VL DeepStack: K inside the DeepStack layers (tiny-qwen3-vl injects after layers 0 and 1) ----
+@pytest.mark.parametrize("ranking", ["last", "mean"])
+def test_deepstack_k_inside_kv_cache_generation_equals_recompute(ranking, model_and_adapter):
+    model, adapter = model_and_adapter("tiny-qwen3-vl")
+    assert adapter.deepstack_layers() == 2
+    prompt = make_prompt(adapter, [5, 8], num_images=2, seed=21)
+    inputs = prompt.model_inputs()
+    steps = 16
+    with apply_fastv(model, FastVConfig(k=1, ratio="1/2", ranking=ranking)) as h:
+        seq, step_logits = _greedy(model, inputs, steps)
+        h.force_selection(h.kept_positions.clone())
+        n = prompt.input_ids.shape[1]
+        for t in range(steps):
+            ids = seq[:, :n + t]
+            mask = torch.cat([prompt.attention_mask, torch.ones(ids.shape[0], t, dtype=torch.long)], dim=1)
+            full = dict(inputs, input_ids=ids, attention_mask=mask, **adapter.text_inputs(ids))
+            logits = _logits(model, full)[:, -1]
+            assert (logits - step_logits[:, t]).abs().max().item() <= 1e-4, t
+            assert torch.equal(logits.argmax(-1), seq[:, n + t])
+
+
+def test_deepstack_k_inside_equals_hf_model_on_hand_pruned_layers(model_and_adapter):
+    """K = 1: layer 0 runs on all tokens (its DeepStack rows on every visual position), layers 1..3 run
+    on the kept tokens and the unmodified HF text model injects the kept positions' rows, picked here by
+    position, into layer 1. Computed by calling the HF text model on the hand-pruned hidden states with a
+    hand-pruned visual mask and rows (its own loop and injection), so no FastV code is involved."""
+    model, adapter = model_and_adapter("tiny-qwen3-vl", "eager")
+    prompt = make_prompt(adapter, [6], num_images=1, seed=22)
+    inputs = prompt.model_inputs()
+    cfg = FastVConfig(k=1, ratio="2/3", ranking="last")
+    with apply_fastv(model, cfg) as h:
+        logits = _logits(model, inputs)
+        kept = h.kept_positions[0].tolist()
+    text = adapter.text_model()
+    seen = {}
+    hooks = [text.register_forward_pre_hook(lambda m, a, kw: seen.update(text=kw), with_kwargs=True),
+             text.layers[1].register_forward_pre_hook(
+                 lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"]), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    vmask, rows = seen["text"]["visual_pos_masks"][0], seen["text"]["deepstack_visual_embeds"]
+    visual = [p for p in range(vmask.shape[0]) if bool(vmask[p])]
+    kept_visual = [p for p in kept if p in visual]
+    # a stand-in "layer 0" that returns the captured layer-1 input at the kept positions; the HF loop then
+    # injects level 0 (all zero here: layer 0's injection is already in the captured states) and level 1
+    pruned_rows = [torch.zeros(len(kept_visual), rows[0].shape[1]),
+                   torch.stack([rows[1][visual.index(p)] for p in kept_visual])]
+    layer0 = text.layers[0]
+    captured = seen["hidden"][:, kept]
+
+    class Replay(torch.nn.Module):
+        def forward(self, hidden_states, *a, **kw):
+            return captured
+
+    pos = seen["text"]["position_ids"][:, :, kept]
+    text.layers[0] = Replay()
+    try:
+        with torch.no_grad():
+            out = text(inputs_embeds=captured, position_ids=pos, attention_mask=None, use_cache=False,
+                       visual_pos_masks=torch.tensor([[p in kept_visual for p in kept]]),
+                       deepstack_visual_embeds=pruned_rows).last_hidden_state
+            expected = adapter.lm_head()(out)
+    finally:
+        text.layers[0] = layer0
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() <= 1e-5
+
+
+def test_deepstack_rows_matter_and_qwen3_videos_are_refused(model_and_adapter):
+    model, adapter = model_and_adapter("tiny-qwen3-vl")
+    inputs = make_prompt(adapter, [6], num_images=1, seed=23).model_inputs()
+    text = adapter.text_model()
+    with torch.no_grad():
+        base = model(**inputs, use_cache=False).logits
+        text._deepstack_process = lambda hidden, mask, rows: hidden    # no DeepStack at all
+        try:
+            without = model(**inputs, use_cache=False).logits
+        finally:
+            del text._deepstack_process
+    assert (base - without).abs().max().item() > 1e-2
+    with pytest.raises(FastVError, match="Qwen3-VL videos"):
+        make_prompt(adapter, [5], media=[Media("video", frames=4)])

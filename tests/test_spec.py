@@ -26,8 +26,12 @@ def _table_rows() -> list[dict]:
     return rows
 
 
-def _expand(name: str, k: int, num_layers: int) -> list[str]:
-    """``past_key_values.{i}.key|value, i<K`` -> the concrete names."""
+def _expand(name: str, k: int, num_layers: int, deepstack: int = 0) -> list[str]:
+    """``past_key_values.{i}.key|value, i<K`` -> the concrete names; DeepStack levels
+    ``deepstack_features.{l}, l<L`` / ``kept_deepstack_embeds.{l}, K<=l<L`` likewise (none when L = 0)."""
+    m = re.fullmatch(r"(\w+)\.\{l\}, (K<=)?l<L", name)
+    if m:
+        return [f"{m.group(1)}.{i}" for i in range(k if m.group(2) else 0, deepstack)]
     m = re.fullmatch(r"(\w+)\.\{i\}\.key\|value, i(<|>=)K", name)
     if not m:
         return [name]
@@ -57,11 +61,12 @@ def test_docstring_table_matches_an_exported_bundle(preset, exported_bundle):
     path = exported_bundle(preset, k=2, ratio="1/2")
     manifest = __import__("json").loads((path / "manifest.json").read_text())
     k, layers = manifest["fastv"]["k"], manifest["source_model"]["num_layers"]
+    deepstack = manifest["source_model"].get("deepstack_layers", 0)
     rank3 = manifest["positions"]["rank"] == 3
     sizes = {n: str(v) for n, v in _sizes(manifest).items()}
     want: dict[tuple[str, str], list] = {}
     for row in _table_rows():
-        for name in _expand(row["name"], k, layers):
+        for name in _expand(row["name"], k, layers, deepstack):
             want.setdefault((row["graph"], row["io"]), []).append((name, row["dtype"], _shape(row["shape"], rank3)))
     for graph, desc in manifest["graphs"].items():
         for io, key in (("in", "inputs"), ("out", "outputs")):
@@ -81,7 +86,8 @@ def test_graph_specs_match_an_exported_bundle(preset, exported_bundle):
     manifest = __import__("json").loads((path / "manifest.json").read_text())
     pixel_dims = manifest["image_tokens"]["vision_input"]["shape"]
     specs = spec.bundle_graphs(manifest["fastv"]["k"], manifest["source_model"]["num_layers"],
-                               manifest["positions"]["rank"], pixel_dims)
+                               manifest["positions"]["rank"], pixel_dims,
+                               manifest["source_model"].get("deepstack_layers", 0))
     sizes = _sizes(manifest)
     assert list(specs) == list(manifest["graphs"]) == list(spec.GRAPHS)
     for name, g in specs.items():
@@ -99,13 +105,23 @@ def test_pre_k_export_and_surgery_share_the_decoder_inputs():
     assert final.input_names[:-1] == raw.input_names and final.input_names[-1] == spec.CANDIDATE_POSITIONS
     assert [t for t in raw.output_names if spec.is_present(t)] == spec.present_names(range(3))
     assert spec.present_to_past(spec.present_name(4, "value")) == spec.past_name(4, "value")
+    # DeepStack (L = 3 levels, K = 2): every level enters pre_k, level 2 leaves it gathered for post_k
+    raw, final = spec.pre_k_export_graph(2, 3, deepstack=3), spec.pre_k_graph(2, 3, deepstack=3)
+    assert final.input_names[:-1] == raw.input_names
+    assert raw.input_names[-3:] == spec.level_names(spec.DEEPSTACK_EMBEDS, range(3))
+    assert spec.level_names(spec.KEPT_DEEPSTACK_EMBEDS, range(2, 3)) == \
+        [n for n in final.output_names if n.startswith(spec.KEPT_DEEPSTACK_EMBEDS)]
+    post = spec.post_k_graph(2, 4, 3, deepstack=3)
+    assert post.input_names[-1] == spec.level_name(spec.KEPT_DEEPSTACK_EMBEDS, 2)
+    assert spec.post_k_graph(3, 4, 3, deepstack=3).input_names == spec.post_k_graph(3, 4, 3).input_names
 
 
 # Graph I/O names that only a graph uses. HF's own forward arguments (input_ids, attention_mask,
 # position_ids, pixel_values, inputs_embeds, hidden_states, logits) share Optimum's names by design
 # and appear where the code calls Hugging Face modules; as graph I/O they too go through the spec.
 GRAPH_ONLY_NAMES = ("candidate_positions", "past_key_values.", "present.", "selected_position_ids", "kept_indices",
-                    "selected_hidden_states", "image_features", "layer_hidden", "layer_query", "layer_key")
+                    "selected_hidden_states", "image_features", "layer_hidden", "layer_query", "layer_key",
+                    "deepstack_features", "deepstack_embeds", "kept_deepstack_embeds")
 
 
 def test_no_graph_io_name_is_spelled_outside_the_spec():

@@ -34,7 +34,7 @@ PAIRWISE = [  # (model, K, R, ranking)
 ]
 # the families added later: a pairwise cover of K in {1, 2}, R in {1/2, 9/10} and both rankings, batch 1 and 2;
 # (2, 1/2, last) is the bundle the other per-family tests use, so it is exported once
-NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-internvl"]
+NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-internvl"]
 PAIRWISE_NEW = [(m, k, r, rk) for m in NEW_FAMILIES
                 for k, r, rk in ((1, "1/2", "mean"), (1, "9/10", "last"), (2, "1/2", "last"), (2, "9/10", "mean"))]
 
@@ -165,3 +165,31 @@ def test_media_the_vision_graph_cannot_take_are_refused_clearly(exported_bundle,
     media = [Media(kind, size, frames=4 if kind == "video" else 1) for kind, size in media]
     with pytest.raises(FastVError, match=message):
         validate_bundle(path, max_new_tokens=2, batch_sizes=(1,), media=media)
+
+
+@pytest.mark.parametrize("graph,prefix", [("pre_k", "kept_deepstack_embeds"), ("embed", "deepstack_embeds")])
+def test_deepstack_levels_that_do_not_reach_the_decoder_fail_validation(graph, prefix, exported_bundle):
+    """tiny-qwen3-vl with K = 1 (inside the DeepStack layers 0 and 1): zeroing the DeepStack levels on
+    their way into the decoder (embed's placed levels, or pre_k's kept level 1 for post_k) must make the
+    bundle's logits disagree with the reference, so validation sees the DeepStack wiring."""
+    from fastv_export.graphs import spec
+    from fastv_export.runtime.ort import OrtRunner
+
+    path = exported_bundle("tiny-qwen3-vl", 1, "9/10", "last")
+    levels = {"pre_k": spec.KEPT_DEEPSTACK_EMBEDS, "embed": spec.DEEPSTACK_EMBEDS}[graph]
+    assert levels == prefix
+
+    class Dropping(OrtRunner):
+        def infer(self, name, feeds):
+            out = super().infer(name, feeds)
+            if name == graph:
+                out = {n: np.zeros_like(v) if n.startswith(levels + ".") else v for n, v in out.items()}
+            return out
+
+    bundle = load_bundle(path)
+    assert bundle.deepstack_layers == 2
+    assert spec.level_name(spec.KEPT_DEEPSTACK_EMBEDS, 1) in [o["name"] for o in
+                                                              bundle.manifest["graphs"]["pre_k"]["outputs"]]
+    report = validate_bundle(path, max_new_tokens=4, batch_sizes=(1,), runner=Dropping(bundle))
+    assert not report["passed"]
+    assert report["cases"][0]["max_logits_error"] > 1e-3

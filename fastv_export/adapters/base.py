@@ -6,7 +6,7 @@ through this interface only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -122,6 +122,23 @@ class ModelAdapter:
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs the model's forward needs beside input_ids (none by default)."""
         return {}
+
+    # --- decoder inputs that follow token positions beyond hidden states, mask and positions ------
+    def deepstack_layers(self) -> int:
+        """How many first decoder layers add visual features to the hidden states at the visual
+        positions after them (DeepStack, Qwen3-VL); 0 for families that do not."""
+        return 0
+
+    def encode_image_with_deepstack(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`encode_image` and the DeepStack features of the same image, one [M, D] set per DeepStack
+        layer, from one run of the tower (what the vision graph of a DeepStack family computes)."""
+        return self.encode_image(pixel_values), []
+
+    def follow_kept_positions(self, kept_now: Callable[[], torch.Tensor | None]) -> Callable[[], None]:
+        """Reference FastV: make per-position decoder inputs other than hidden states, mask and positions
+        follow the kept positions in layers >= K. ``kept_now()`` gives the kept positions [B, n'] while
+        layers >= K of a pruning prefill run (None otherwise). Returns the undo; the default has nothing to do."""
+        return lambda: None
 
     def find_candidates(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Positions [B, M] (ascending) of all image/video tokens of each prompt: one pool."""

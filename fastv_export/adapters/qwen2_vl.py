@@ -104,6 +104,10 @@ class Qwen2VLAdapter(ModelAdapter):
         return {"mm_token_type_ids": types}
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.run_vision_tower(pixel_values).pooler_output
+
+    def run_vision_tower(self, pixel_values: torch.Tensor):
+        """The HF tower's output for ONE default-sized image, grid-derived inputs precomputed."""
         from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
         visual = self.model.model.visual
@@ -116,9 +120,8 @@ class Qwen2VLAdapter(ModelAdapter):
             extra = self.vision_grid_kwargs(grid)
         dev = pixel_values.device
         extra = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-        out = visual(pixel_values, grid_thw=grid.to(dev), position_ids=pos.to(dev), cu_seqlens=cu.to(dev),
-                     max_seqlen=max_len, **extra)
-        return out.pooler_output
+        return visual(pixel_values, grid_thw=grid.to(dev), position_ids=pos.to(dev), cu_seqlens=cu.to(dev),
+                      max_seqlen=max_len, **extra)
 
     def vision_grid_kwargs(self, grid: torch.Tensor) -> dict:
         """Further grid-derived inputs the vision tower takes precomputed (none for Qwen2-VL)."""

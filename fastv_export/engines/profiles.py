@@ -124,7 +124,8 @@ def model_sizes(manifest: Mapping) -> dict[str, int]:
 
 def graph_specs(manifest: Mapping) -> dict[str, spec.GraphSpec]:
     return spec.bundle_graphs(manifest["fastv"]["k"], manifest["source_model"]["num_layers"],
-                              manifest["positions"]["rank"], manifest["image_tokens"]["vision_input"]["shape"])
+                              manifest["positions"]["rank"], manifest["image_tokens"]["vision_input"]["shape"],
+                              manifest["source_model"].get("deepstack_layers", 0))
 
 
 def engine_profiles(manifest: Mapping, limits: BuildLimits) -> dict[str, dict[str, Shapes]]:

@@ -77,15 +77,19 @@ class DecoderSlice(nn.Module):
         self.start = start
 
     def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            past: list[torch.Tensor]):
+            past: list[torch.Tensor], after: dict[int, torch.Tensor] | None = None):
+        """``after``: {model layer index: [B, n, D]} added to that layer's output (DeepStack levels placed
+        at the visual positions, zeros elsewhere: x + 0 leaves the other tokens exactly as they are)."""
         n = hidden.shape[1]
         mask = causal_mask(attention_mask, n, hidden.dtype)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         cache = _TensorCache([(past[2 * i], past[2 * i + 1]) for i in range(len(self.layers))], self.start)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers, start=self.start):
             out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=None,
                         past_key_values=cache, use_cache=True)
             hidden = out[0] if isinstance(out, tuple) else out
+            if after and i in after:
+                hidden = hidden + after[i].to(hidden.dtype)
         return hidden, [t for kv in cache.present for t in kv]
 
 
@@ -95,6 +99,7 @@ class PreK(DecoderSlice):
 
     def __init__(self, adapter: ModelAdapter, k: int, query_rows: str) -> None:
         super().__init__(adapter, 0, k)
+        self.stop = k
         self.query_rows = query_rows
         self.holder: dict[str, torch.Tensor] = {}
         # a private copy of layer K-1 whose attention reports its query and key; the model is untouched
@@ -105,8 +110,12 @@ class PreK(DecoderSlice):
         attn.config._attn_implementation_internal = CAPTURE_IMPL
         attn._fastv_export = (self.holder, original)
 
-    def forward(self, embeds, mask, positions, *past):
-        hidden, present = self.run(embeds, mask, positions, list(past))
+    def forward(self, embeds, mask, positions, *rest):
+        """``rest``: the past of layers < K, then the DeepStack levels (all L of them; those >= K are
+        gathered at the kept positions by graph surgery, after TokenSelect)."""
+        past, deepstack = list(rest[:2 * self.stop]), rest[2 * self.stop:]
+        hidden, present = self.run(embeds, mask, positions, past,
+                                   {i: d for i, d in enumerate(deepstack) if i < self.stop})
         q = self.holder.pop("query")
         k = self.holder.pop("key")
         if self.query_rows == "last":
@@ -120,12 +129,17 @@ class PostK(DecoderSlice):
     [B, n', V] output for nothing (as TensorRT-LLM, which gathers context logits only on request)."""
 
     def __init__(self, adapter: ModelAdapter, k: int) -> None:
-        super().__init__(adapter, k, adapter.decoder_shape().num_layers)
+        num_layers = adapter.decoder_shape().num_layers
+        super().__init__(adapter, k, num_layers)
+        self.num_past = 2 * (num_layers - k)
         self.norm = adapter.text_model().norm
         self.lm_head = adapter.lm_head()
 
-    def forward(self, hidden, mask, positions, *past):
-        hidden, present = self.run(hidden, mask, positions, list(past))
+    def forward(self, hidden, mask, positions, *rest):
+        """``rest``: the past of layers >= K, then the kept DeepStack levels K <= l < L."""
+        past, deepstack = list(rest[:self.num_past]), rest[self.num_past:]
+        hidden, present = self.run(hidden, mask, positions, past,
+                                   {self.start + i: d for i, d in enumerate(deepstack)})
         return (self.lm_head(self.norm(hidden[:, -1:])), *present)
 
 
@@ -138,16 +152,26 @@ class Embed(nn.Module):
         self.embed_tokens = adapter.text_model().embed_tokens
         self.register_buffer("image_ids", torch.tensor(adapter.image_token_ids()), persistent=False)
 
-    def forward(self, ids, features):
+    def forward(self, ids, features, *deepstack):
+        """``deepstack``: the DeepStack levels' features [F, D] (DeepStack families), each placed like
+        ``features`` on zeros: -> (embeddings, one [B, n, D] per level)."""
         emb = self.embed_tokens(ids)
         is_image = (ids[..., None] == self.image_ids).any(-1)
         order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0) - 1
         # image-token ids beyond the features given (e.g. generated during decode, F = 0) keep their
         # token embedding, as in the HF model; one zero row keeps the gather in bounds when F = 0
         is_image = is_image & (order < features.shape[0]).reshape(is_image.shape)
-        table = torch.cat([features.to(emb.dtype), emb.new_zeros(1, emb.shape[-1])], dim=0)
-        picked = table[order.clamp(min=0, max=features.shape[0])].reshape(emb.shape)
-        return torch.where(is_image[..., None], picked, emb)
+        index = order.clamp(min=0, max=features.shape[0])
+
+        def place(rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+            table = torch.cat([rows.to(emb.dtype), emb.new_zeros(1, emb.shape[-1])], dim=0)
+            return torch.where(is_image[..., None], table[index].reshape(emb.shape), base)
+
+        placed = place(features, emb)
+        if not deepstack:
+            return placed
+        zeros = torch.zeros_like(emb)
+        return (placed, *(place(d, zeros) for d in deepstack))
 
 
 class Vision(nn.Module):
@@ -160,4 +184,7 @@ class Vision(nn.Module):
         self.model = adapter.model
 
     def forward(self, pixels):
+        if self.adapter.deepstack_layers():
+            features, deepstack = self.adapter.encode_image_with_deepstack(pixels)
+            return (features, *deepstack)
         return self.adapter.encode_image(pixels)

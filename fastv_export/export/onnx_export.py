@@ -66,7 +66,7 @@ def _dynamic_shapes(module: torch.nn.Module, graph: spec.GraphSpec):
     named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     shapes: dict = dict(zip(named, axes))
     rest = [p.name for p in params if p.kind == p.VAR_POSITIONAL]
-    if rest:
+    if rest and len(axes) > len(named):   # *args that this graph fills (a DeepStack family's levels, KV caches)
         shapes[rest[0]] = tuple(axes[len(named):])
     return shapes
 
@@ -92,8 +92,9 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
 
     shape = adapter.decoder_shape()
     k, num_layers, rank = cfg.k, shape.num_layers, adapter.position_rank
+    deepstack = adapter.deepstack_layers()
     pixels = make_prompt(adapter, 1, num_images=1).vision[spec.PIXEL_VALUES].to(dtype)
-    graphs = spec.bundle_graphs(k, num_layers, rank, pixels.shape)
+    graphs = spec.bundle_graphs(k, num_layers, rank, pixels.shape, deepstack)
     steps = tqdm(total=len(graphs), desc="export", unit="graph", leave=False)
 
     # vision: one default-sized image -> [tokens_per_image, D]
@@ -104,26 +105,28 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     # embed: token embedding + image features at the image-token positions
     ids = torch.randint(10, 400, (2, 6))
     ids[0, 2], ids[1, 3] = adapter.image_token_ids()[0], adapter.image_token_ids()[0]
-    feats = torch.randn(2, shape.hidden_size, dtype=dtype)
-    _export(Embed(adapter).eval(), (ids, feats), out / graphs["embed"].file, graphs["embed"], opset)
+    feats = [torch.randn(2, shape.hidden_size, dtype=dtype) for _ in range(1 + deepstack)]
+    _export(Embed(adapter).eval(), tuple([ids, *feats]), out / graphs["embed"].file, graphs["embed"], opset)
     steps.update()
 
     # pre-K: layers < K, then TokenSelect (graph surgery)
     pre = PreK(adapter, k, "all" if cfg.ranking == "mean" else "last").eval()
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, k)
+    levels = [torch.randn(hidden.shape, dtype=dtype) for _ in range(deepstack)]
     raw = out / "pre_k.raw.onnx"
-    _export(pre, (hidden, mask, pos, *kv), raw, spec.pre_k_export_graph(k, rank), opset)
+    _export(pre, (hidden, mask, pos, *kv, *levels), raw, spec.pre_k_export_graph(k, rank, deepstack), opset)
     model = insert_token_select(onnx.load(str(raw)), ranking=cfg.ranking, ratio_num=cfg.r.numerator,
                                 ratio_den=cfg.r.denominator, keep=-1 if cfg.keep is None else cfg.keep,
                                 seed=cfg.seed, scale=float(adapter.layers()[k - 1].self_attn.scaling),
-                                position_rank=rank)
+                                position_rank=rank, k=k, deepstack=deepstack)
     onnx.save(model, str(out / graphs["pre_k"].file))
     raw.unlink()
     steps.update()
 
     # post-K: layers >= K, norm, lm_head
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, num_layers - k)
-    _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv), out / graphs["post_k"].file, graphs["post_k"],
+    levels = [torch.randn(hidden.shape, dtype=dtype) for _ in range(k, max(k, deepstack))]
+    _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv, *levels), out / graphs["post_k"].file, graphs["post_k"],
             opset)
     steps.update()
     steps.close()

@@ -62,6 +62,7 @@ class FastVHandle:
         self._state = _State(config)
         self._hooks: list = []
         self._restore: list = []
+        self._undo: list = []
 
     # ---- results of the last prefill ----------------------------------------------------------
     @property
@@ -92,8 +93,11 @@ class FastVHandle:
             h.remove()
         for obj, attr, value in self._restore:
             setattr(obj, attr, value)
+        for undo in self._undo:
+            undo()
         self._hooks.clear()
         self._restore.clear()
+        self._undo.clear()
         if getattr(self.model, "_fastv_handle", None) is self:
             del self.model._fastv_handle
 
@@ -129,6 +133,9 @@ def apply_fastv(model: nn.Module, config: FastVConfig) -> FastVHandle:
     for i in range(k, len(layers)):
         handle._hooks.append(layers[i].register_forward_pre_hook(
             _layer_hook(state, first=(i == k)), with_kwargs=True))
+    # per-position decoder inputs beyond hidden/mask/positions (DeepStack rows) follow the kept positions
+    handle._undo.append(adapter.follow_kept_positions(
+        lambda: state.prefill.kept if state.phase == "prefill" and state.prefill is not None else None))
     model._fastv_handle = handle
     log.info("FastV applied: %s on %s", config.describe(), type(model).__name__)
     return handle

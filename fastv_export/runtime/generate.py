@@ -58,20 +58,38 @@ def _next_past(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {spec.present_to_past(n): v for n, v in outputs.items() if spec.is_present(n)}
 
 
-def encode_images(runner: Runner, images: list[np.ndarray]) -> np.ndarray:
-    """The vision graph on each image (pixel values of one image each), concatenated in order."""
+def _vision_outputs(bundle) -> list[str]:
+    """The vision graph's outputs: the features, then one DeepStack level each (DeepStack families)."""
+    return [spec.IMAGE_FEATURES] + spec.level_names(spec.DEEPSTACK_FEATURES, range(bundle.deepstack_layers))
+
+
+def encode_media(runner: Runner, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The vision graph on each image (pixel values of one image each): each of its outputs (features,
+    DeepStack levels), concatenated in order."""
     bundle = runner.bundle
+    names = _vision_outputs(bundle)
     if not images:
-        return np.zeros((0, bundle.hidden_size), dtype=bundle.float_dtype)
+        return {n: np.zeros((0, bundle.hidden_size), dtype=bundle.float_dtype) for n in names}
     want = bundle.vision_input_shape
-    feats = []
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i, px in enumerate(images):
         if list(px.shape) != list(want):
             raise FastVError(f"image {i} has pixel values of shape {list(px.shape)}; this bundle's vision graph "
                              f"takes {want} (one image of the exported size)")
         out = runner.infer("vision", {spec.PIXEL_VALUES: px.astype(bundle.float_dtype)})
-        feats.append(out[spec.IMAGE_FEATURES])
-    return np.concatenate(feats, axis=0)
+        for n in names:
+            parts[n].append(out[n])
+    return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
+
+
+def encode_images(runner: Runner, images: list[np.ndarray]) -> np.ndarray:
+    """The vision graph's features of each image, concatenated in order."""
+    return encode_media(runner, images)[spec.IMAGE_FEATURES]
+
+
+def _levels(outputs: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The DeepStack per-level tensors among ``outputs`` whose names start with ``prefix``."""
+    return {n: v for n, v in outputs.items() if n.startswith(prefix + ".")}
 
 
 def _run_pre_k(runner: Runner, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,17 +111,18 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
     input_ids = input_ids.astype(np.int64)
     attention_mask = attention_mask.astype(np.int64)
     b = input_ids.shape[0]
-    feats = encode_images(runner, images)
-    record["vision"] = StageIO({}, {spec.IMAGE_FEATURES: feats})
+    vision = encode_media(runner, images)
+    record["vision"] = StageIO({}, vision)
     timings["vision"] = time.perf_counter() - t0
     positions = prefill_positions(bundle.manifest, input_ids, attention_mask, video_seconds)
 
     t1 = time.perf_counter()
-    feeds = {spec.INPUT_IDS: input_ids, spec.IMAGE_FEATURES: feats}
-    embeds = runner.infer("embed", feeds)[spec.INPUTS_EMBEDS]
-    record["embed"] = StageIO(feeds, {spec.INPUTS_EMBEDS: embeds})
+    feeds = {spec.INPUT_IDS: input_ids, **vision}
+    embed_out = runner.infer("embed", feeds)
+    embeds = embed_out[spec.INPUTS_EMBEDS]
+    record["embed"] = StageIO(feeds, embed_out)
     feeds = {spec.INPUTS_EMBEDS: embeds, spec.ATTENTION_MASK: attention_mask, spec.POSITION_IDS: positions,
-             **empty_past(runner, b, range(k)),
+             **empty_past(runner, b, range(k)), **_levels(embed_out, spec.DEEPSTACK_EMBEDS),
              spec.CANDIDATE_POSITIONS: find_candidates(input_ids, bundle.image_token_ids)}
     pre = pre_k_step(runner, feeds)
     record["pre_k"] = StageIO(feeds, pre)
@@ -114,7 +133,8 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
 
     t2 = time.perf_counter()
     feeds = {spec.HIDDEN_STATES: pre[spec.HIDDEN_STATES], spec.ATTENTION_MASK: post_mask,
-             spec.POSITION_IDS: pre[spec.SELECTED_POSITION_IDS], **empty_past(runner, b, range(k, num_layers))}
+             spec.POSITION_IDS: pre[spec.SELECTED_POSITION_IDS], **empty_past(runner, b, range(k, num_layers)),
+             **_levels(pre, spec.KEPT_DEEPSTACK_EMBEDS)}
     post = runner.infer("post_k", feeds)
     record["post_k"] = StageIO(feeds, post)
     post_past = _next_past(post)
@@ -124,6 +144,7 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
 
     tokens, step_logits = [], []
     no_features = np.zeros((0, embeds.shape[-1]), dtype=bundle.float_dtype)
+    no_media = {n: no_features for n in _vision_outputs(bundle)}
     no_candidates = np.zeros((b, 0), dtype=np.int64)
     ones = np.ones((b, 1), dtype=np.int64)
     finished = np.zeros(b, dtype=bool)
@@ -137,15 +158,16 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
         step_logits.append(logits)
         if step == max_new_tokens - 1 or finished.all():
             break
-        emb = runner.infer("embed", {spec.INPUT_IDS: nxt[:, None], spec.IMAGE_FEATURES: no_features})
+        emb = runner.infer("embed", {spec.INPUT_IDS: nxt[:, None], **no_media})
         attention_mask = np.concatenate([attention_mask, ones], axis=1)
         post_mask = np.concatenate([post_mask, ones], axis=1)
         o = runner.infer("pre_k", {spec.INPUTS_EMBEDS: emb[spec.INPUTS_EMBEDS], spec.ATTENTION_MASK: attention_mask,
                                    spec.POSITION_IDS: decode_positions(positions, step), **pre_past,
-                                   spec.CANDIDATE_POSITIONS: no_candidates})
+                                   **_levels(emb, spec.DEEPSTACK_EMBEDS), spec.CANDIDATE_POSITIONS: no_candidates})
         pre_past = _next_past(o)
         res = runner.infer("post_k", {spec.HIDDEN_STATES: o[spec.HIDDEN_STATES], spec.ATTENTION_MASK: post_mask,
-                                      spec.POSITION_IDS: o[spec.SELECTED_POSITION_IDS], **post_past})
+                                      spec.POSITION_IDS: o[spec.SELECTED_POSITION_IDS], **post_past,
+                                      **_levels(o, spec.KEPT_DEEPSTACK_EMBEDS)})
         post_past = _next_past(res)
         logits = res[spec.LOGITS][:, -1].astype(np.float32)
     timings["decode_per_token"] = (time.perf_counter() - t3) / max(1, len(tokens) - 1)
