@@ -327,7 +327,7 @@ def test_c_api_and_validation_reject_zero_heads(c_api_lib, host_math):
 def test_launcher_checks_every_launch():
     """cudaGetLastError once after all launches could blame the last kernel for an earlier failure:
     every <<<...>>> launch is followed by its own check before anything else is launched."""
-    src = (PLUGINS / "src" / "token_select_kernels.cu").read_text()
+    src = "\n".join(f.read_text() for f in sorted((PLUGINS / "src").glob("token_select_*.cu")))
     body = src[src.index("cudaError_t enqueue("):]
     launches = [m.end() for m in re.finditer(r">>>\(", src)]
     assert launches

@@ -197,8 +197,11 @@ def test_kernels_only_option_is_declared_and_keeps_tensorrt_out():
     text = (ROOT / "plugins" / "CMakeLists.txt").read_text()
     assert 'option(FASTV_KERNELS_ONLY' in text
     target = re.search(r"add_library\(fastv_ts_kernels SHARED ([^)]*)\)", text).group(1).split()
-    assert sorted(target) == ["src/c_api.cpp", "src/token_select_host.cpp", "src/token_select_kernels.cu"]
-    for src in target:
+    kernels = re.search(r"set\(FASTV_KERNEL_SOURCES ([^)]*)\)", text).group(1).split()
+    assert sorted(target) == ["${FASTV_KERNEL_SOURCES}", "src/c_api.cpp", "src/token_select_host.cpp"]
+    assert sorted(kernels) == ["src/token_select_kernels.cu", "src/token_select_last.cu", "src/token_select_mean.cu",
+                               "src/token_select_mean_warp.cu"]
+    for src in kernels + target[1:] + ["src/token_select_device.cuh"]:
         assert "NvInfer" not in (ROOT / "plugins" / src).read_text()
     for header in (ROOT / "plugins" / "include" / "fastv").glob("*.h"):
         assert "NvInfer" not in header.read_text(), header

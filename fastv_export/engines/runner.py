@@ -110,12 +110,18 @@ class TrtRunner(Runner):
             self.contexts[graph] = engine.create_execution_context()
             self.profiles[graph] = e["profiles"]
         self._active: dict[str, int] = {}
+        self._dtypes: dict[tuple[int, str], object] = {}
         self.buffers = DeviceBuffers(lambda n: torch.empty(n, dtype=torch.uint8, device=self.device))
         for graph in self.engines:
             self._reserve(graph)
 
     def _torch_dtype(self, engine, name: str):
-        return self.torch.from_numpy(np.empty(0, dtype=self.trt.nptype(engine.get_tensor_dtype(name)))).dtype
+        """The torch dtype of an engine tensor (looked up once per tensor)."""
+        key = (id(engine), name)
+        if key not in self._dtypes:
+            self._dtypes[key] = self.torch.from_numpy(
+                np.empty(0, dtype=self.trt.nptype(engine.get_tensor_dtype(name)))).dtype
+        return self._dtypes[key]
 
     def _reserve(self, graph: str) -> None:
         """Buffers for every tensor of ``graph`` at its largest shape over the engine's profiles."""
