@@ -83,6 +83,12 @@ def source_name(model: str | Path) -> str:
     return str(model) if str(model) in PRESETS else str(Path(model).resolve())
 
 
+#: the numbers each dynamic vision layout records for the runtime's host-side feeds
+VISION_LAYOUT_FIELDS = {"patch_grid": ("patch_size", "temporal_patch_size", "spatial_merge_size", "window_size"),
+                        "tiles": ("tile", "patches_per_side", "pinpoints", "max_num_patches", "pooled_side",
+                                  "default_size", "default_tiles")}
+
+
 def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options,
                    specs: dict[str, spec.GraphSpec]) -> dict:
     """Describe the freshly exported graphs ``specs`` in ``out`` (their I/O read back from the files)."""
@@ -109,6 +115,7 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options,
             "candidates": "positions of every token whose id is in token_ids, all images in one pool; "
                           "every batch row must hold the same number",
             "vision_input": graphs["vision"]["inputs"][0],
+            "vision_layout": {"kind": adapter.vision_layout, **adapter.vision_layout_params()},
             **({"grid_thw": list(adapter.image_grid)} if getattr(adapter, "image_grid", None) else {}),
         },
         "graphs": graphs,
@@ -441,6 +448,10 @@ def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of 
                                                           f"image_tokens.per_image says {it['per_image']}")
     if it["vision_input"] != m["graphs"]["vision"]["inputs"][0]:
         fail(["image_tokens", "vision_input"], "differs from graphs.vision.inputs[0]")
+    layout = spec.vision_layout_of(m)
+    missing = [key for key in VISION_LAYOUT_FIELDS.get(layout["kind"], ()) if key not in layout]
+    if missing:
+        fail(["image_tokens", "vision_layout"], f"kind {layout['kind']!r} needs the fields {', '.join(missing)}")
     pos = m["positions"]
     if pos["rank"] == 3:
         grid = it.get("grid_thw")

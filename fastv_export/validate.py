@@ -133,8 +133,8 @@ def forced_selection(kept: np.ndarray) -> PreKStep:
     return step
 
 
-def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, images: list[np.ndarray],
-                  runner_name: str, tol: float, scaled: bool, out_dir: Path, tag: str) -> dict:
+def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, runner_name: str, tol: float,
+                  scaled: bool, out_dir: Path, tag: str) -> dict:
     """Each graph against its PyTorch module on the feeds the runner's prefill gave it (Polygraphy
     comparator). The reference modules run in fp32 whatever the graphs' precision."""
     from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults
@@ -154,11 +154,10 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, im
         return x.float() if x.is_floating_point() else x
 
     with torch.no_grad():
-        encoded = [adapter.encode_image_with_deepstack(torch.from_numpy(px).float()) for px in images]
-        feats_t = torch.cat([f for f, _ in encoded])
+        # the model's own features of the prompt's media (its tower on each whole medium), in prompt order
+        feats_t, *levels_t = adapter.media_features(prompt.media, prompt.vision)
         vision_t = {spec.IMAGE_FEATURES: feats_t,   # and the DeepStack levels (DeepStack families)
-                    **{spec.level_name(spec.DEEPSTACK_FEATURES, level): torch.cat([d[level] for _, d in encoded])
-                       for level in range(adapter.deepstack_layers())}}
+                    **{spec.level_name(spec.DEEPSTACK_FEATURES, level): d for level, d in enumerate(levels_t)}}
         emb_t = Embed(adapter)(prompt.input_ids, feats_t)
         # pre-K: layers < K on the graph's own inputs, then the selection, in torch
         pre = PreK(adapter, k, "all" if cfg.ranking == "mean" else "last")
@@ -228,7 +227,7 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
         ref_tokens, ref_logits, ref_kept, scores, cands = _reference(model, cfg, prompt, max_new_tokens)
         images, seconds = _images(prompt, adapter), _video_seconds(prompt)
         ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
-        gen = generate(runner, ids, mask, images, max_new_tokens, video_seconds=seconds)
+        gen = generate(runner, ids, mask, images, max_new_tokens, video_seconds=seconds, media=prompt.media)
         run_logits = np.stack(gen.step_logits, axis=1)
         keep = cfg.keep_count(cands.shape[1]) if cands is not None else 0
         same, swaps, failure = compare_selection(ref_kept, gen.kept, cands, scores, keep, tol["score"])
@@ -240,13 +239,13 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
                           selection_identical=same, borderline_swaps=swaps)
         ok = same and case.tokens_identical and case.max_logits_error <= tol["logits"]
         if not same and not failure:
-            forced = generate(runner, ids, mask, images, max_new_tokens, video_seconds=seconds,
+            forced = generate(runner, ids, mask, images, max_new_tokens, video_seconds=seconds, media=prompt.media,
                               pre_k_step=forced_selection(ref_kept.numpy()))
             fl = np.stack(forced.step_logits, axis=1)
             case.forced_max_logits_error = float(np.abs(fl - ref_logits).max())
             case.forced_tokens_identical = bool(np.array_equal(forced.tokens, ref_tokens))
             ok = case.forced_tokens_identical and case.forced_max_logits_error <= tol["logits"]
-        case.graphs = _graph_checks(gen, adapter, cfg, prompt, images, runner.name, tol["graph"],
+        case.graphs = _graph_checks(gen, adapter, cfg, prompt, runner.name, tol["graph"],
                                     tol["graph_scaled"], out_dir, f"batch{b}")
         ok = ok and all(g["passed"] for g in case.graphs.values())
         case.failure = failure or ("" if ok else _why(case, tol))

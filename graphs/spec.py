@@ -10,7 +10,10 @@ precision (fp32 or fp16); ``{i}`` is the model's own layer index (post_k's first
 - ``past_seq``: tokens already in this graph's KV cache (0 in prefill);
 - ``num_candidates``: image tokens of a row (M; 0 in decode, which makes TokenSelect the identity);
 - ``kept_seq``: TokenSelect's output length ``seq - num_candidates + keep(num_candidates)``;
-- ``image_tokens``: image features of the whole batch, in prompt order.
+- ``image_tokens``: image features of the whole batch, in prompt order;
+- vision graphs of a dynamic layout (``image_tokens.vision_layout`` in the manifest): ``patches`` (patch
+  rows of one call), ``merged_patches`` (``patches`` / merge**2), ``window_bounds`` (windows + 1),
+  ``tiles`` (tiles or frames of one call), ``unit_tokens`` (features one call returns).
 
 DeepStack families (Qwen3-VL; the manifest's ``source_model.deepstack_layers`` = L > 0) add after each
 decoder layer l < L the features of one vision level at the visual positions. Their graphs carry one
@@ -29,6 +32,13 @@ graph   I/O  name                                 dtype  shape
 vision  in   pixel_values                         float  one image, model-specific (e.g. [1, 3, 336, 336])
 vision  out  image_features                       float  [tokens_per_image, hidden_size]
 vision  out  deepstack_features.{l}, l<L          float  [tokens_per_image, hidden_size]  (DeepStack)
+vision  in   pixel_values (patch_grid)            float  [patches, channels*temporal_patch*patch*patch]
+vision  in   vision_position_ids (patch_grid)     int64  [patches, 2]  (row, column of each patch)
+vision  in   window_index (patch_grid)            int64  [merged_patches]  (merged patches, window order)
+vision  in   cu_window_seqlens (patch_grid)       int64  [window_bounds]  (0, then each window's end)
+vision  in   pixel_values (tiles)                 float  [tiles, 3, tile, tile]
+vision  in   pack_index (tiles)                   int64  [unit_tokens]  (rows of tile / pooled / newline)
+vision  out  image_features (dynamic layouts)     float  [unit_tokens, hidden_size]
 embed   in   input_ids                            int64  [batch, seq]
 embed   in   image_features                       float  [image_tokens, hidden_size]
 embed   in   deepstack_features.{l}, l<L          float  [image_tokens, hidden_size]  (DeepStack)
@@ -70,13 +80,33 @@ INT64 = "int64"
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 
 # dims that change from call to call; every other named dim is a model constant
-DYNAMIC_DIMS = ("batch", "seq", "kept_seq", "past_seq", "total_seq", "num_candidates", "image_tokens")
+DYNAMIC_DIMS = ("batch", "seq", "kept_seq", "past_seq", "total_seq", "num_candidates", "image_tokens",
+                "unit_tokens", "patches", "merged_patches", "window_bounds", "tiles")
 MODEL_DIMS = ("hidden_size", "num_kv_heads", "head_dim", "vocab_size", "tokens_per_image")
 
 GRAPHS = ("vision", "embed", "pre_k", "post_k")
 
+#: what one call of the vision graph takes (the manifest's ``image_tokens.vision_layout.kind``):
+#: ``fixed``: one image of the exported size; ``patch_grid`` (Qwen2.5-VL): one image or one temporal patch
+#: of a video, any size the patch grid divides, with the grid-derived rotary positions and window layout;
+#: ``tiles`` (LLaVA-OneVision): the anyres tiles of one image or the frames of one video, and the rows
+#: of the features to return in prompt order
+VISION_LAYOUTS = ("fixed", "patch_grid", "tiles")
+
+
+def vision_layout_of(manifest: Mapping) -> Mapping:
+    """A bundle's ``image_tokens.vision_layout`` (``kind`` and the numbers its host-side feeds need);
+    bundles written before layouts existed have the fixed one."""
+    return manifest["image_tokens"].get("vision_layout") or {"kind": "fixed"}
+
 # ---- names ------------------------------------------------------------------------------------
 PIXEL_VALUES = "pixel_values"
+#: vision-graph inputs of the dynamic layouts (:data:`VISION_LAYOUTS`), computed by the runtime from each
+#: medium's size (fastv_export/runtime/vision_feeds.py)
+VISION_POSITION_IDS = "vision_position_ids"
+WINDOW_INDEX = "window_index"
+CU_WINDOW_SEQLENS = "cu_window_seqlens"
+PACK_INDEX = "pack_index"
 IMAGE_FEATURES = "image_features"
 INPUT_IDS = "input_ids"
 INPUTS_EMBEDS = "inputs_embeds"
@@ -202,12 +232,32 @@ def _levels(prefix: str, levels: range, dims: tuple[str, ...], doc: str) -> tupl
     return tuple(TensorSpec(n, FLOAT, dims, doc) for n in level_names(prefix, levels))
 
 
-def vision_graph(pixel_dims: Sequence[int], deepstack: int = 0) -> GraphSpec:
-    return GraphSpec("vision", (
-        TensorSpec(PIXEL_VALUES, FLOAT, tuple(pixel_dims), "one preprocessed image"),
-    ), (
-        TensorSpec(IMAGE_FEATURES, FLOAT, ("tokens_per_image", "hidden_size"), "its language-model features"),
-        *_levels(DEEPSTACK_FEATURES, range(deepstack), ("tokens_per_image", "hidden_size"),
+def vision_graph(pixel_dims: Sequence[int | str], deepstack: int = 0, layout: str = "fixed") -> GraphSpec:
+    """The vision graph of ``layout`` (:data:`VISION_LAYOUTS`); ``pixel_dims``: its pixel input's dims."""
+    if layout == "fixed":
+        inputs: tuple[TensorSpec, ...] = (TensorSpec(PIXEL_VALUES, FLOAT, tuple(pixel_dims), "one preprocessed image"),)
+        tokens = "tokens_per_image"
+    elif layout == "patch_grid":
+        inputs = (
+            TensorSpec(PIXEL_VALUES, FLOAT, ("patches", *pixel_dims[1:]),
+                       "the patches of one image or one temporal patch of a video (the processor's order)"),
+            TensorSpec(VISION_POSITION_IDS, INT64, ("patches", 2), "each patch's (row, column) in the patch grid"),
+            TensorSpec(WINDOW_INDEX, INT64, ("merged_patches",), "merged patches in window order"),
+            TensorSpec(CU_WINDOW_SEQLENS, INT64, ("window_bounds",), "window boundaries over the patches, from 0"),
+        )
+        tokens = "unit_tokens"
+    elif layout == "tiles":
+        inputs = (
+            TensorSpec(PIXEL_VALUES, FLOAT, ("tiles", *pixel_dims[1:]), "the tiles of one image or the frames of one video"),
+            TensorSpec(PACK_INDEX, INT64, ("unit_tokens",),
+                       "rows of [tile features; pooled tile features; image_newline] in prompt order"),
+        )
+        tokens = "unit_tokens"
+    else:
+        raise ValueError(f"unknown vision layout {layout!r}; one of {VISION_LAYOUTS}")
+    return GraphSpec("vision", inputs, (
+        TensorSpec(IMAGE_FEATURES, FLOAT, (tokens, "hidden_size"), "its language-model features"),
+        *_levels(DEEPSTACK_FEATURES, range(deepstack), (tokens, "hidden_size"),
                  "its DeepStack features of one level"),
     ))
 
@@ -280,9 +330,9 @@ def post_k_graph(k: int, num_layers: int, position_rank: int, deepstack: int = 0
 
 
 def bundle_graphs(k: int, num_layers: int, position_rank: int, pixel_dims: Sequence[int],
-                  deepstack: int = 0) -> dict[str, GraphSpec]:
+                  deepstack: int = 0, vision_layout: str = "fixed") -> dict[str, GraphSpec]:
     """The four graphs of a bundle, in pipeline order; ``deepstack``: the model's DeepStack levels L."""
-    return {"vision": vision_graph(pixel_dims, deepstack), "embed": embed_graph(deepstack),
+    return {"vision": vision_graph(pixel_dims, deepstack, vision_layout), "embed": embed_graph(deepstack),
             "pre_k": pre_k_graph(k, position_rank, deepstack),
             "post_k": post_k_graph(k, num_layers, position_rank, deepstack)}
 

@@ -5,7 +5,6 @@ through this interface only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -13,25 +12,7 @@ from torch import nn
 
 from fastv_export.decoder_shape import DecoderShape
 from fastv_export.errors import FastVError
-
-
-@dataclass(frozen=True)
-class Media:
-    """One image or video of a prompt. ``size`` (height, width) in pixels, None for the family's default
-    image size; ``frames`` for a video (a multiple of the family's temporal patch); ``fps`` sets the time
-    between frames (families whose temporal positions follow time: Qwen2.5-VL)."""
-    kind: str = "image"                  # "image" | "video"
-    size: tuple[int, int] | None = None
-    frames: int = 1
-    fps: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("image", "video"):
-            raise FastVError(f"media kind must be 'image' or 'video', got {self.kind!r}")
-        if self.kind == "image" and self.frames != 1:
-            raise FastVError(f"an image has one frame, got frames={self.frames}; use Media('video', frames=...)")
-        if self.frames < 1 or self.fps <= 0:
-            raise FastVError(f"media needs frames >= 1 and fps > 0, got frames={self.frames}, fps={self.fps}")
+from fastv_export.media import Media
 
 
 class ModelAdapter:
@@ -44,6 +25,9 @@ class ModelAdapter:
     #: how export traces the vision graph: "dynamo" (torch.export), or "jit" (TorchScript tracing, static
     #: shapes) for towers whose Python control flow on the fixed image size torch.export cannot trace
     vision_tracer: ClassVar[str] = "dynamo"
+    #: what one call of the exported vision graph takes (graphs/spec.py VISION_LAYOUTS): "fixed" (one image
+    #: of the exported size, the default) or a dynamic layout whose host-side feeds the runtime computes
+    vision_layout: ClassVar[str] = "fixed"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -118,6 +102,32 @@ class ModelAdapter:
         if media.kind != "image" or media.size is not None:
             raise FastVError(f"{type(self.model).__name__} prompts take default-sized images only, got {media}; "
                              "use Media('image') or a family with dynamic resolution and video (Qwen2-VL, Qwen2.5-VL)")
+
+    # --- the vision graph: what one call takes and computes ------------------------------------------
+    def vision_layout_params(self) -> dict:
+        """The numbers a runtime needs to compute a dynamic layout's feeds (the manifest's
+        ``image_tokens.vision_layout`` beside ``kind``); none for the fixed layout."""
+        return {}
+
+    def vision_example(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The inputs of one vision-graph call for the default image ``pixels`` (the export's example)."""
+        return (pixels,)
+
+    def encode_unit(self, *inputs: torch.Tensor):
+        """What the vision graph computes from the inputs of one call (graphs/spec.py ``vision_graph``):
+        the features [tokens, D], and the DeepStack levels after them for DeepStack families."""
+        if self.deepstack_layers():
+            features, deepstack = self.encode_image_with_deepstack(*inputs)
+            return (features, *deepstack)
+        return self.encode_image(*inputs)
+
+    def media_features(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The model's own features of ``media`` (from :meth:`media_inputs`), in prompt order: the main
+        features [F, D], then one [F, D] per DeepStack level (what the vision graph's calls, concatenated,
+        must equal); the default encodes each unit of :meth:`vision_units`."""
+        encoded = [self.encode_image_with_deepstack(u) for u in self.vision_units(media, inputs)]
+        return [torch.cat([f for f, _ in encoded])] + [torch.cat([d[level] for _, d in encoded])
+                                                       for level in range(self.deepstack_layers())]
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs the model's forward needs beside input_ids (none by default)."""

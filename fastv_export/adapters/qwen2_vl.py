@@ -6,6 +6,7 @@ import torch
 
 from fastv_export.adapters.base import Media, ModelAdapter, register
 from fastv_export.errors import FastVError
+from fastv_export.media import patch_grid
 
 # default image: a 12 x 12 patch grid (168 x 168 pixels at patch 14), one temporal patch
 DEFAULT_GRID = (1, 12, 12)
@@ -44,16 +45,7 @@ class Qwen2VLAdapter(ModelAdapter):
     def media_grid(self, media: Media) -> tuple[int, int, int]:
         """The (t, h, w) patch grid of ``media`` (``image_grid_thw`` / ``video_grid_thw`` of the model)."""
         v = self.config.vision_config
-        unit = v.patch_size * v.spatial_merge_size
-        height, width = media.size or (self.image_grid[1] * v.patch_size, self.image_grid[2] * v.patch_size)
-        if height % unit or width % unit or height < unit or width < unit:
-            raise FastVError(f"{media}: height and width must be positive multiples of {unit} pixels "
-                             f"(patch {v.patch_size} x merge {v.spatial_merge_size}); resize the image")
-        if media.kind == "video" and media.frames % v.temporal_patch_size:
-            raise FastVError(f"{media}: a video needs a multiple of {v.temporal_patch_size} frames "
-                             "(the temporal patch); drop or repeat frames")
-        t = media.frames // v.temporal_patch_size if media.kind == "video" else 1
-        return t, height // v.patch_size, width // v.patch_size
+        return patch_grid(media, v.patch_size, v.spatial_merge_size, v.temporal_patch_size, self.image_grid[1:])
 
     def media_prompt_tokens(self, media: Media) -> list[int]:
         c = self.config

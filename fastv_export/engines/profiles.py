@@ -12,7 +12,9 @@ post_k     prefill  1 .. n' = n - M + keep(M)      0
 post_k     decode   1                              1 .. n' + T - 1
 embed      prefill  1 .. n  (image_tokens 0..B*M)  -
 embed      decode   1       (image_tokens 0)       -
-vision     (static: one image)
+vision     -        (static: one image of the exported size; fixed layout)
+vision     media    a dynamic layout's call: 1 merge block or tile .. 16x the exported image's patches
+                    (patch_grid: up to 4x its side) or max(its tiles, 16) tiles/frames (tiles)
 =========  =======  =============================  ==========================================
 
 n: ``max_prompt`` (prompt tokens, image tokens included), M: image tokens of ``images`` images,
@@ -125,7 +127,8 @@ def model_sizes(manifest: Mapping) -> dict[str, int]:
 def graph_specs(manifest: Mapping) -> dict[str, spec.GraphSpec]:
     return spec.bundle_graphs(manifest["fastv"]["k"], manifest["source_model"]["num_layers"],
                               manifest["positions"]["rank"], manifest["image_tokens"]["vision_input"]["shape"],
-                              manifest["source_model"].get("deepstack_layers", 0))
+                              manifest["source_model"].get("deepstack_layers", 0),
+                              spec.vision_layout_of(manifest)["kind"])
 
 
 def engine_profiles(manifest: Mapping, limits: BuildLimits) -> dict[str, dict[str, Shapes]]:
@@ -134,11 +137,35 @@ def engine_profiles(manifest: Mapping, limits: BuildLimits) -> dict[str, dict[st
     graphs = graph_specs(manifest)
     sizes = model_sizes(manifest)
     seq_of = {"embed": n.prompt, "pre_k": n.prompt, "post_k": n.kept}
-    out: dict[str, dict[str, Shapes]] = {"vision": {}}
+    out: dict[str, dict[str, Shapes]] = {"vision": _vision_profiles(manifest, graphs["vision"], sizes)}
     for name in ("embed", "pre_k", "post_k"):
         out[name] = {p: _shapes(graphs[name], _dim_ranges(p, seq_of[name], limits, n), sizes)
                      for p in ("prefill", "decode")}
     return out
+
+
+#: how far a dynamic vision engine reaches beyond the exported image: patches (patch_grid), tiles (tiles)
+VISION_PATCH_SCALE = 16
+VISION_MAX_TILES = 16
+
+
+def _vision_profiles(manifest: Mapping, graph: spec.GraphSpec, sizes: Mapping[str, int]) -> dict[str, Shapes]:
+    """The vision engine's one profile ``media`` for a dynamic layout (none for the fixed layout)."""
+    layout = spec.vision_layout_of(manifest)
+    per_image = manifest["image_tokens"]["per_image"]
+    if layout["kind"] == "patch_grid":
+        unit = layout["spatial_merge_size"] ** 2
+        opt, hi = per_image * unit, per_image * unit * VISION_PATCH_SCALE
+        ranges = {"patches": (unit, opt, hi), "merged_patches": (1, opt // unit, hi // unit),
+                  "window_bounds": (2, opt // unit + 1, hi // unit + 1)}
+    elif layout["kind"] == "tiles":
+        opt = layout["default_tiles"]
+        hi = max(opt, VISION_MAX_TILES)
+        per_tile = layout["patches_per_side"] ** 2
+        ranges = {"tiles": (1, opt, hi), "unit_tokens": (1, per_image, hi * 2 * per_tile + 1)}
+    else:
+        return {}
+    return {"media": _shapes(graph, ranges, sizes)}
 
 
 def kv_cache_bytes(manifest: Mapping, limits: BuildLimits, graph: str) -> int:

@@ -175,16 +175,14 @@ class Embed(nn.Module):
 
 
 class Vision(nn.Module):
-    """Vision tower + projector: the adapter's pixel inputs for ONE default-sized image ->
-    image features [M, D] in prompt order."""
+    """Vision tower + projector: the inputs of one vision-graph call (one default-sized image, or one unit
+    of the family's dynamic layout, see graphs/spec.py ``vision_graph``) -> its features [tokens, D] in
+    prompt order (and the DeepStack levels of DeepStack families)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model
 
-    def forward(self, pixels):
-        if self.adapter.deepstack_layers():
-            features, deepstack = self.adapter.encode_image_with_deepstack(pixels)
-            return (features, *deepstack)
-        return self.adapter.encode_image(pixels)
+    def forward(self, pixels, *layout_inputs):
+        return self.adapter.encode_unit(pixels, *layout_inputs)

@@ -94,12 +94,12 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     k, num_layers, rank = cfg.k, shape.num_layers, adapter.position_rank
     deepstack = adapter.deepstack_layers()
     pixels = make_prompt(adapter, 1, num_images=1).vision[spec.PIXEL_VALUES].to(dtype)
-    graphs = spec.bundle_graphs(k, num_layers, rank, pixels.shape, deepstack)
+    graphs = spec.bundle_graphs(k, num_layers, rank, pixels.shape, deepstack, adapter.vision_layout)
     steps = tqdm(total=len(graphs), desc="export", unit="graph", leave=False)
 
-    # vision: one default-sized image -> [tokens_per_image, D]
-    _export(Vision(adapter).eval(), (pixels,), out / graphs["vision"].file, graphs["vision"], opset,
-            tracer=adapter.vision_tracer)
+    # vision: one call (a default-sized image, or one unit of a dynamic layout) -> [tokens, D]
+    _export(Vision(adapter).eval(), adapter.vision_example(pixels), out / graphs["vision"].file, graphs["vision"],
+            opset, tracer=adapter.vision_tracer)
     steps.update()
 
     # embed: token embedding + image features at the image-token positions

@@ -14,8 +14,10 @@ import numpy as np
 
 from fastv_export.errors import FastVError
 from fastv_export.graphs import spec
+from fastv_export.media import Media
 from fastv_export.runtime.positions import decode_positions, prefill_positions
 from fastv_export.runtime.runner import Runner
+from fastv_export.runtime.vision_feeds import vision_calls
 
 #: how the prefill's pre_k call is made: (runner, feeds) -> outputs. The default runs the graph; a
 #: comparator may substitute a selection of its own (see fastv_export.validate.forced_selection).
@@ -63,28 +65,25 @@ def _vision_outputs(bundle) -> list[str]:
     return [spec.IMAGE_FEATURES] + spec.level_names(spec.DEEPSTACK_FEATURES, range(bundle.deepstack_layers))
 
 
-def encode_media(runner: Runner, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The vision graph on each image (pixel values of one image each): each of its outputs (features,
+def encode_media(runner: Runner, images: list[np.ndarray], media: Sequence[Media] | None = None) -> dict[str, np.ndarray]:
+    """The vision graph on each call's pixels (``images``: one image of the exported size each, or the units
+    of the bundle's dynamic layout, whose other feeds come from ``media``): each of its outputs (features,
     DeepStack levels), concatenated in order."""
     bundle = runner.bundle
     names = _vision_outputs(bundle)
     if not images:
         return {n: np.zeros((0, bundle.hidden_size), dtype=bundle.float_dtype) for n in names}
-    want = bundle.vision_input_shape
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i, px in enumerate(images):
-        if list(px.shape) != list(want):
-            raise FastVError(f"image {i} has pixel values of shape {list(px.shape)}; this bundle's vision graph "
-                             f"takes {want} (one image of the exported size)")
-        out = runner.infer("vision", {spec.PIXEL_VALUES: px.astype(bundle.float_dtype)})
+    for feeds in vision_calls(bundle.manifest, images, media, bundle.float_dtype):
+        out = runner.infer("vision", feeds)
         for n in names:
             parts[n].append(out[n])
     return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
 
 
-def encode_images(runner: Runner, images: list[np.ndarray]) -> np.ndarray:
-    """The vision graph's features of each image, concatenated in order."""
-    return encode_media(runner, images)[spec.IMAGE_FEATURES]
+def encode_images(runner: Runner, images: list[np.ndarray], media: Sequence[Media] | None = None) -> np.ndarray:
+    """The vision graph's features of each call, concatenated in order."""
+    return encode_media(runner, images, media)[spec.IMAGE_FEATURES]
 
 
 def _levels(outputs: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -98,10 +97,13 @@ def _run_pre_k(runner: Runner, feeds: Mapping[str, np.ndarray]) -> dict[str, np.
 
 def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, images: list[np.ndarray],
              max_new_tokens: int, *, eos_token_id: int | None = None,
-             pre_k_step: PreKStep = _run_pre_k, video_seconds: Sequence[float] | None = None) -> Generation:
+             pre_k_step: PreKStep = _run_pre_k, video_seconds: Sequence[float] | None = None,
+             media: Sequence[Media] | None = None) -> Generation:
     """Greedy generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``).
-    ``images``: the vision graph's inputs in prompt order (rows in order), one per image and one per
-    temporal patch of a video; ``video_seconds``: seconds per temporal patch of each video of the batch
+    ``images``: the pixels of each vision-graph call in prompt order (rows in order): one per image, and per
+    temporal patch (Qwen2-VL family) or per whole video (tiles layout) of a video; ``media``: every row's
+    media, rows in order, for bundles with a dynamic vision layout or images of other sizes (None: images
+    of the exported size); ``video_seconds``: seconds per temporal patch of each video of the batch
     (families whose video positions follow time, see the manifest's ``positions``)."""
     bundle = runner.bundle
     k, num_layers = bundle.k, bundle.num_layers
@@ -111,10 +113,10 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
     input_ids = input_ids.astype(np.int64)
     attention_mask = attention_mask.astype(np.int64)
     b = input_ids.shape[0]
-    vision = encode_media(runner, images)
+    vision = encode_media(runner, images, media)
     record["vision"] = StageIO({}, vision)
     timings["vision"] = time.perf_counter() - t0
-    positions = prefill_positions(bundle.manifest, input_ids, attention_mask, video_seconds)
+    positions = prefill_positions(bundle.manifest, input_ids, attention_mask, video_seconds, media)
 
     t1 = time.perf_counter()
     feeds = {spec.INPUT_IDS: input_ids, **vision}

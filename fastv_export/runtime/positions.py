@@ -7,21 +7,41 @@ from typing import Sequence
 import numpy as np
 
 from fastv_export.errors import FastVError
+from fastv_export.graphs import spec
+from fastv_export.media import Media
+from fastv_export.runtime.vision_feeds import media_grid
 
 
 def prefill_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray,
-                      video_seconds: Sequence[float] | None = None) -> np.ndarray:
+                      video_seconds: Sequence[float] | None = None,
+                      media: Sequence[Media] | None = None) -> np.ndarray:
     """``video_seconds``: seconds per temporal patch of each video of the batch, rows in order (the
-    model's ``second_per_grid_ts``); only families whose video positions follow time use it."""
+    model's ``second_per_grid_ts``); only families whose video positions follow time use it. ``media``:
+    every row's media, rows in order: the patch grid of each image and video (bundles whose vision
+    layout is ``patch_grid``; None: images of the exported grid, videos of its frame size)."""
     rules = manifest["positions"]
     if rules["rank"] == 2:
         pos = np.cumsum(attention_mask, axis=1) - 1
         return np.where(attention_mask == 0, 1, pos).astype(np.int64)
-    return _mrope_positions(manifest, input_ids, attention_mask, list(video_seconds or []))
+    return _mrope_positions(manifest, input_ids, attention_mask, list(video_seconds or []), _row_grids(
+        manifest, media, input_ids.shape[0]))
+
+
+def _row_grids(manifest: dict, media: Sequence[Media] | None, batch: int) -> list[list] | None:
+    """Each row's media as (t, h, w) patch grids, or None when the bundle's grid is fixed (or no media given)."""
+    layout = spec.vision_layout_of(manifest)
+    if media is None or layout["kind"] != "patch_grid":
+        return None
+    media = list(media)
+    if len(media) % batch:
+        raise FastVError(f"{len(media)} media for a batch of {batch} rows: every row holds the same media")
+    per = len(media) // batch
+    default = manifest["image_tokens"]["grid_thw"]
+    return [[media_grid(layout, m, default) for m in media[r * per:(r + 1) * per]] for r in range(batch)]
 
 
 def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray,
-                     video_seconds: list[float]) -> np.ndarray:
+                     video_seconds: list[float], row_grids: list[list] | None) -> np.ndarray:
     rules = manifest["positions"]
     image_ids = set(manifest["image_tokens"]["token_ids"])
     per_image = manifest["image_tokens"]["per_image"]
@@ -38,6 +58,7 @@ def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.n
         real = np.nonzero(attention_mask[r])[0]
         ids = input_ids[r, real]
         pos = np.zeros((3, len(ids)), dtype=np.int64)
+        grids = iter(row_grids[r]) if row_grids is not None else None
         i, nxt = 0, 0
         while i < len(ids):
             tok = int(ids[i])
@@ -46,11 +67,18 @@ def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.n
                 nxt += 1
                 i += 1
                 continue
-            if tok == video_id:   # a video: its whole run, t temporal patches of the exported grid
+            h_m, w_m = h_g, w_g
+            if grids is not None:   # this medium's own grid
+                try:
+                    t, h_m, w_m = next(grids)
+                except StopIteration:
+                    raise FastVError(f"row {r} holds more images and videos than the media given for it") from None
+                h_m, w_m = h_m // merge, w_m // merge
+            if tok == video_id:   # a video: its whole run, t temporal patches of its grid
                 run = i
                 while run < len(ids) and int(ids[run]) == tok:
                     run += 1
-                t, length = (run - i) // (h_g * w_g), run - i
+                t, length = (run - i) // (h_m * w_m), run - i
                 interval = np.float32(1.0)
                 if per_second is not None:
                     try:
@@ -59,12 +87,13 @@ def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.n
                         raise FastVError("the prompt holds more videos than seconds per temporal patch were "
                                          "given (video_seconds: one per video of the batch)") from None
                 temporal = (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
-            else:                  # an image of the exported grid
-                t, length = t_g, per_image
+            else:                  # an image: of its own grid, or of the exported one
+                t = 1 if grids is not None else t_g
+                length = t * h_m * w_m
                 temporal = np.arange(t, dtype=np.int64)
-            tt, hh, ww = np.meshgrid(temporal, np.arange(h_g), np.arange(w_g), indexing="ij")
+            tt, hh, ww = np.meshgrid(temporal, np.arange(h_m), np.arange(w_m), indexing="ij")
             pos[:, i:i + length] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + nxt
-            nxt += max(h_g, w_g)   # as the model: the next token follows the larger spatial side
+            nxt += max(h_m, w_m)   # as the model: the next token follows the larger spatial side
             i += length
         out[:, r, real] = pos
     return out
