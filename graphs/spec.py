@@ -32,11 +32,11 @@ graph   I/O  name                                 dtype  shape
 vision  in   pixel_values                         float  one image, model-specific (e.g. [1, 3, 336, 336])
 vision  out  image_features                       float  [tokens_per_image, hidden_size]
 vision  out  deepstack_features.{l}, l<L          float  [tokens_per_image, hidden_size]  (DeepStack)
-vision  in   pixel_values (patch_grid)            float  [patches, channels*temporal_patch*patch*patch]
+vision  in   pixel_values (patch_grid)            float  patch rows, model-specific: [patches, 3*2*14*14]
 vision  in   vision_position_ids (patch_grid)     int64  [patches, 2]  (row, column of each patch)
 vision  in   window_index (patch_grid)            int64  [merged_patches]  (merged patches, window order)
 vision  in   cu_window_seqlens (patch_grid)       int64  [window_bounds]  (0, then each window's end)
-vision  in   pixel_values (tiles)                 float  [tiles, 3, tile, tile]
+vision  in   pixel_values (tiles)                 float  tiles, model-specific: [tiles, 3, 384, 384]
 vision  in   pack_index (tiles)                   int64  [unit_tokens]  (rows of tile / pooled / newline)
 vision  out  image_features (dynamic layouts)     float  [unit_tokens, hidden_size]
 embed   in   input_ids                            int64  [batch, seq]

@@ -16,6 +16,7 @@ def _manifest(adapter):
         m["positions"]["video_token_id"] = adapter.config.video_token_id
         if adapter.timed_video_positions:
             m["positions"]["video_tokens_per_second"] = adapter.config.vision_config.tokens_per_second
+    m["image_tokens"]["vision_layout"] = {"kind": adapter.vision_layout, **adapter.vision_layout_params()}
     return m
 
 
@@ -30,6 +31,16 @@ def test_prefill_and_decode_positions_match_hf_generate(preset, model_and_adapte
 @pytest.mark.parametrize("preset_name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
 def test_video_positions_match_hf_generate(preset_name, media, model_and_adapter):
     _check_positions(model_and_adapter, preset_name, media)
+
+
+@pytest.mark.parametrize("media", [
+    [Media("image", (112, 224)), Media("image", (224, 168))],
+    [Media("video", (168, 112), frames=4, fps=1.0), Media("image", (56, 280)), Media("image")],
+], ids=["two-image-sizes", "video-and-images-of-other-sizes"])
+def test_positions_of_media_of_any_size_match_hf_generate(media, model_and_adapter):
+    """Qwen2.5-VL (vision layout patch_grid): each medium's positions follow its own grid, from the media
+    given to the runtime."""
+    _check_positions(model_and_adapter, "tiny-qwen2.5-vl", media)
 
 
 def _check_positions(model_and_adapter, preset, media):
@@ -47,7 +58,8 @@ def _check_positions(model_and_adapter, preset, media):
     man = _manifest(adapter)
     ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
     seconds = prompt.vision.get("second_per_grid_ts")
-    pos = prefill_positions(man, ids, mask, None if seconds is None else seconds.tolist())
+    pos = prefill_positions(man, ids, mask, None if seconds is None else seconds.tolist(),
+                            prompt.media if media is not None else None)
     rotary = adapter.text_model().rotary_emb
     x = torch.zeros(1, dtype=torch.float32)
     cos = rotary(x, torch.from_numpy(pos))[0]

@@ -63,9 +63,22 @@ def test_docstring_table_matches_an_exported_bundle(preset, exported_bundle):
     k, layers = manifest["fastv"]["k"], manifest["source_model"]["num_layers"]
     deepstack = manifest["source_model"].get("deepstack_layers", 0)
     rank3 = manifest["positions"]["rank"] == 3
+    layout = spec.vision_layout_of(manifest)["kind"]
     sizes = {n: str(v) for n, v in _sizes(manifest).items()}
     want: dict[tuple[str, str], list] = {}
     for row in _table_rows():
+        # vision rows tagged "(layout)" hold for that vision layout ("dynamic layouts": every one but fixed);
+        # untagged vision rows for the fixed layout
+        tag = re.fullmatch(r"(\S+(?:, \S+)?) \(([\w ]+)\)", row["name"])
+        if row["graph"] == "vision":
+            if tag is None:
+                applies = layout == "fixed"
+            else:
+                applies = tag.group(2) == layout or (tag.group(2) == "dynamic layouts" and layout != "fixed")
+            if not applies:
+                continue
+            if tag is not None:
+                row = {**row, "name": tag.group(1)}
         for name in _expand(row["name"], k, layers, deepstack):
             want.setdefault((row["graph"], row["io"]), []).append((name, row["dtype"], _shape(row["shape"], rank3)))
     for graph, desc in manifest["graphs"].items():
@@ -87,7 +100,8 @@ def test_graph_specs_match_an_exported_bundle(preset, exported_bundle):
     pixel_dims = manifest["image_tokens"]["vision_input"]["shape"]
     specs = spec.bundle_graphs(manifest["fastv"]["k"], manifest["source_model"]["num_layers"],
                                manifest["positions"]["rank"], pixel_dims,
-                               manifest["source_model"].get("deepstack_layers", 0))
+                               manifest["source_model"].get("deepstack_layers", 0),
+                               spec.vision_layout_of(manifest)["kind"])
     sizes = _sizes(manifest)
     assert list(specs) == list(manifest["graphs"]) == list(spec.GRAPHS)
     for name, g in specs.items():
@@ -121,7 +135,8 @@ def test_pre_k_export_and_surgery_share_the_decoder_inputs():
 # and appear where the code calls Hugging Face modules; as graph I/O they too go through the spec.
 GRAPH_ONLY_NAMES = ("candidate_positions", "past_key_values.", "present.", "selected_position_ids", "kept_indices",
                     "selected_hidden_states", "image_features", "layer_hidden", "layer_query", "layer_key",
-                    "deepstack_features", "deepstack_embeds", "kept_deepstack_embeds")
+                    "deepstack_features", "deepstack_embeds", "kept_deepstack_embeds", "vision_position_ids",
+                    "pack_index")
 
 
 def test_no_graph_io_name_is_spelled_outside_the_spec():

@@ -126,17 +126,22 @@ def test_a_borderline_swap_is_reported_and_the_forced_selection_passes(exported_
     assert report["passed"]
 
 
-def test_video_prompt_validates_end_to_end(exported_bundle):
-    """Qwen2.5-VL, a video of 8 frames (4 temporal patches, time-scaled positions) with an image beside
-    it, batch 1 and 2: the vision graph runs once per temporal patch, the positions follow the manifest's
-    video rule, and tokens and logits equal the reference."""
+@pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
+def test_qwen2_5_vl_media_prompts_validate_end_to_end(exported_bundle, layout):
+    """Qwen2.5-VL (vision layout patch_grid): two images of different sizes (neither the exported one), or
+    a video of 8 frames (4 temporal patches, time-scaled positions) of another size with an image beside it,
+    batch 1 and 2: one vision call per image and per temporal patch with host-computed grid inputs, each
+    medium's positions from its own grid; tokens and logits equal the reference, and the vision graph's
+    features equal the HF model's own on each whole medium."""
     from fastv_export.adapters import Media
 
+    media = {"two-image-sizes": [Media("image", (112, 224)), Media("image", (224, 168))],
+             "video": [Media("video", (168, 112), frames=8, fps=1.0), Media("image")]}[layout]
     path = exported_bundle("tiny-qwen2.5-vl", 2, "1/2", "last")
-    media = [Media("video", frames=8, fps=1.0), Media("image")]
     report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1, 2), media=media)
     assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
-    assert [c["image_tokens"] for c in report["cases"]] == [4 * 36 + 36] * 2
+    tokens = {"two-image-sizes": 8 * 16 // 4 + 16 * 12 // 4, "video": 4 * 12 * 8 // 4 + 36}[layout]
+    assert [c["image_tokens"] for c in report["cases"]] == [tokens] * 2
 
 
 @pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
@@ -154,10 +159,10 @@ def test_internvl_media_prompts_validate_end_to_end(exported_bundle, layout):
 
 
 @pytest.mark.parametrize("model,media,message", [
-    ("tiny-qwen2.5-vl", [("image", (224, 168)), ("image", None)], "takes images .* of the exported grid 12 x 12"),
+    ("tiny-qwen2.5-vl", [("image", (224, 170)), ("image", None)], "must be positive multiples of 28 pixels"),
     ("tiny-llava-onevision", [("image", (28, 56))], r"takes images of the exported size \(56, 56\) only"),
     ("tiny-llava-onevision", [("video", None)], r"takes images of the exported size \(56, 56\) only"),
-], ids=["qwen2.5-other-size", "onevision-other-size", "onevision-video"])
+], ids=["qwen2.5-off-grid-size", "onevision-other-size", "onevision-video"])
 def test_media_the_vision_graph_cannot_take_are_refused_clearly(exported_bundle, model, media, message):
     from fastv_export.adapters import Media
 

@@ -3,6 +3,7 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -57,6 +58,33 @@ std::vector<int64_t> int_list(const json& m, const std::string& path, const std:
 }
 
 }  // namespace
+
+TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window) {
+  // each patch's (row, column), merge x merge blocks row-major, patches row-major inside a block
+  std::vector<int64_t> pos;
+  for (int64_t br = 0; br < h / merge; ++br)
+    for (int64_t bc = 0; bc < w / merge; ++bc)
+      for (int64_t r = 0; r < merge; ++r)
+        for (int64_t c = 0; c < merge; ++c) {
+          pos.push_back(br * merge + r);
+          pos.push_back(bc * merge + c);
+        }
+  // merged patches in window order (windows row-major, cut at the grid's edge), window ends in patches
+  const int64_t mh = h / merge, mw = w / merge;
+  std::vector<int64_t> index, bounds{0};
+  for (int64_t r0 = 0; r0 < mh; r0 += window)
+    for (int64_t c0 = 0; c0 < mw; c0 += window) {
+      int64_t count = 0;
+      for (int64_t r = r0; r < std::min(r0 + window, mh); ++r)
+        for (int64_t c = c0; c < std::min(c0 + window, mw); ++c, ++count) index.push_back(r * mw + c);
+      bounds.push_back(bounds.back() + count * merge * merge);
+    }
+  TensorMap feeds;
+  feeds["vision_position_ids"] = Tensor::from_i64({h * w, 2}, pos);
+  feeds["window_index"] = Tensor::from_i64({mh * mw}, index);
+  feeds["cu_window_seqlens"] = Tensor::from_i64({static_cast<int64_t>(bounds.size())}, bounds);
+  return feeds;
+}
 
 std::string sha256_file(const fs::path& path) {
   std::ifstream f(path, std::ios::binary);
@@ -161,7 +189,15 @@ Bundle load_bundle(const fs::path& dir) {
   else throw Error(where + ": field 'precision' is " + precision.dump() + ", expected \"fp32\" or \"fp16\"");
   b.image_token_ids = int_list(m, "image_tokens.token_ids", where);
   b.tokens_per_image = int_field(m, "image_tokens.per_image", where);
-  b.vision_input_shape = int_list(m, "image_tokens.vision_input.shape", where);
+  const json& layout = m["image_tokens"].contains("vision_layout") ? m["image_tokens"]["vision_layout"] : json();
+  if (layout.is_object()) b.vision_layout = field(m, "image_tokens.vision_layout.kind", where).get<std::string>();
+  if (b.vision_layout == "fixed") {
+    b.vision_input_shape = int_list(m, "image_tokens.vision_input.shape", where);
+  } else if (b.vision_layout != "patch_grid") {
+    throw Error(where + ": field 'image_tokens.vision_layout.kind' is \"" + b.vision_layout + "\": fastv-run "
+                "computes the feeds of the fixed and patch_grid layouts only; run this bundle with the Python "
+                "runtime (fastv-export run)");
+  }
   const json& eos = field(m, "source_model.eos_token_id", where);
   if (eos.is_number_integer()) b.eos_token_id = eos.get<int64_t>();
   else if (eos.is_array() && !eos.empty() && eos[0].is_number_integer()) b.eos_token_id = eos[0].get<int64_t>();
@@ -180,6 +216,18 @@ Bundle load_bundle(const fs::path& dir) {
                   std::to_string(b.spatial_merge_size));
   } else if (b.position_rank != 2) {
     throw Error(where + ": field 'positions.rank' is " + std::to_string(b.position_rank) + ", expected 2 or 3");
+  }
+  if (b.vision_layout == "patch_grid") {
+    if (b.position_rank != 3)
+      throw Error(where + ": field 'image_tokens.vision_layout.kind' is \"patch_grid\" without rank-3 positions");
+    const json& shape = field(m, "image_tokens.vision_input.shape", where);
+    if (!shape.is_array() || shape.size() != 2 || !shape[1].is_number_integer())
+      throw Error(where + ": field 'image_tokens.vision_input.shape' must be [patches, patch_dim] (patch_grid)");
+    b.vision_grid_feeds = patch_grid_feeds(b.grid_thw[1], b.grid_thw[2], b.spatial_merge_size,
+                                           int_field(m, "image_tokens.vision_layout.window_size", where) /
+                                               b.spatial_merge_size /
+                                               int_field(m, "image_tokens.vision_layout.patch_size", where));
+    b.vision_input_shape = {b.grid_thw[1] * b.grid_thw[2], shape[1].get<int64_t>()};
   }
   return b;
 }

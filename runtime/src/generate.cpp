@@ -72,7 +72,9 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   // vision: one call per image, features concatenated in prompt order
   std::vector<Tensor> feats;
   for (const Tensor& px : in.images) {
-    TensorMap out = ex.run("vision", {{"pixel_values", &px}});
+    Feeds feeds{{"pixel_values", &px}};
+    for (const auto& [name, t] : b.vision_grid_feeds) feeds[name] = &t;   // patch_grid: the exported grid's
+    TensorMap out = ex.run("vision", feeds);
     feats.push_back(std::move(out.at("image_features")));
   }
   Tensor features = Tensor::zeros(b.float_dtype, {0, b.hidden_size});

@@ -63,6 +63,10 @@ struct Bundle {
   int64_t spatial_merge_size = 1;
   std::vector<int64_t> grid_thw;           // M-RoPE: one image's (t, h, w) before merging
   std::optional<int64_t> video_token_id;   // M-RoPE: positions.video_token_id (video prompts are refused)
+  /// image_tokens.vision_layout.kind: "fixed", or "patch_grid" (Qwen2.5-VL), whose grid-derived feeds
+  /// fastv-run computes once for the exported grid (images of the exported size, as with "fixed")
+  std::string vision_layout = "fixed";
+  TensorMap vision_grid_feeds;
   std::filesystem::path graph_file(const std::string& graph) const;
   bool has_engines() const { return manifest.contains("engines") && !manifest["engines"].is_null(); }
 };
@@ -76,6 +80,10 @@ inline const char* const kGraphs[] = {"vision", "embed", "pre_k", "post_k"};
 /// sha256; the engines section's checksums) and read it. Throws Error naming the file and field.
 Bundle load_bundle(const std::filesystem::path& dir);
 std::string sha256_file(const std::filesystem::path& path);
+/// The grid-derived vision feeds of one h x w patch grid (layout patch_grid; the numpy original:
+/// fastv_export/runtime/vision_feeds.py): vision_position_ids, window_index, cu_window_seqlens.
+/// ``window``: merged patches per window side.
+TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window);
 
 /// Inputs of one generation (runtime/README.md: the --dump-inputs format).
 struct Inputs {
