@@ -548,7 +548,7 @@ def _check_engines(m: dict, sizes: dict, specs: dict, fail) -> None:
         dynamic = {t.name: t.shape(sizes) for t in specs[graph].inputs
                    if not all(isinstance(d, int) for d in t.shape(sizes))}
         names = [p["name"] for p in e["profiles"]]
-        want_names = [] if not dynamic else ["prefill", "decode"]
+        want_names = [] if not dynamic else ["media"] if graph == "vision" else ["prefill", "decode"]
         if names != want_names:
             fail(where + ["profiles"], f"are {_short(names)}, expected {_short(want_names)}")
         for i, prof in enumerate(e["profiles"]):
