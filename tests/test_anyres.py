@@ -129,6 +129,22 @@ def test_several_feature_layers_follow_model(onevision):
     torch.testing.assert_close(_encode(var, px, index), ref)
 
 
+def test_untiled_images_follow_model(onevision):
+    """Several images of one sample (the processor's ``batch_num_images`` > 1) are one tile each, packed
+    as the tile's features then one newline: ``tiled=False``."""
+    model, adapter = onevision
+    t = adapter.tile
+    sizes = [(56, 56), (28, 56), (40, 30)]
+    px = torch.randn(len(sizes), 5, 3, t, t)
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=px, image_sizes=torch.tensor(sizes),
+                                             batch_num_images=torch.tensor([len(sizes)])).pooler_output
+    for i, size in enumerate(sizes):
+        tiles, index = anyres_layout("image", *size, 1, adapter.anyres_params(), tiled=False)
+        assert tiles == 1
+        torch.testing.assert_close(_encode(adapter, px[i, :tiles], index), ref[i])
+
+
 def test_two_images_of_different_sizes_in_one_prompt(onevision):
     """Per-medium pixels, layouts and encodings, concatenated, equal the model's features of the
     prompt's images (two sizes, so the second image's pixel row is padded)."""

@@ -75,14 +75,17 @@ def _check_int(name: str, value: int) -> int:
     return int(value)
 
 
-def anyres_layout(kind: str, height: int, width: int, frames: int, params: Mapping) -> tuple[int, np.ndarray]:
+def anyres_layout(kind: str, height: int, width: int, frames: int, params: Mapping, *,
+                  tiled: bool = True) -> tuple[int, np.ndarray]:
     """(T, pack_index) for one medium: T, the tiles of ``tile`` x ``tile`` pixels the vision graph
     encodes (an image: its base tile then its grid tiles row by row; a video: its frames), and
     ``pack_index`` (int64 [tokens]), the rows of the graph's feature table, in token order.
 
     ``height`` x ``width`` is the image's size in pixels (a video's frames are one tile); ``frames``
-    is 1 for an image. Raises FastVError for bad input and for image sizes whose unpadded feature map
-    the model would resize (more than ``max_num_patches`` tiles' worth of features, by over 10 %).
+    is 1 for an image. ``tiled=False``: an image the processor does not tile (one of several images of
+    one sample, its ``batch_num_images`` > 1): one tile, its features then one newline. Raises
+    FastVError for bad input and for image sizes whose unpadded feature map the model would resize
+    (more than ``max_num_patches`` tiles' worth of features, by over 10 %).
     """
     tile, p, pinpoints, max_num, q = _check_params(params)
     height, width, frames = _check_int("height", height), _check_int("width", width), _check_int("frames", frames)
@@ -96,6 +99,9 @@ def anyres_layout(kind: str, height: int, width: int, frames: int, params: Mappi
         raise FastVError(f"medium kind must be 'image' or 'video', got {kind!r}")
     if frames != 1:
         raise FastVError(f"an image has one frame, got frames={frames}; pass kind 'video' for a video")
+    if not tiled:
+        newline = p * p + q * q                   # one tile: its p * p features, q * q pooled, newline
+        return 1, np.concatenate([np.arange(p * p, dtype=np.int64), np.array([newline], np.int64)])
     return _image_layout(height, width, tile, p, pinpoints, max_num, q)
 
 
@@ -116,8 +122,7 @@ def _image_layout(height: int, width: int, tile: int, p: int, pinpoints: list[li
     best_h, best_w = _best_resolution(height, width, pinpoints)
     rows, cols = best_h // tile, best_w // tile
     tiles = 1 + rows * cols
-    # tiles >= 2 always (pinpoints are whole tiles), so the model's one-tile packing (the tile's
-    # features then one newline, for images it does not tile) never applies to an anyres image
+    # tiles >= 2 always (pinpoints are whole tiles): the model's one-tile packing is tiled=False only
     newline = tiles * p * p + tiles * q * q       # the table's last row
     base = np.arange(p * p, dtype=np.int64)
 
