@@ -9,6 +9,8 @@ Token counts come from the model's own feature code (run once per size on zeros)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastv_export.adapters.base import Media, ModelAdapter, register
@@ -104,6 +106,60 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 raise FastVError(f"{m}: a LLaVA-OneVision bundle's vision graph takes images of the exported size "
                                  f"{self.default_size()} only (videos and other sizes run in the PyTorch reference)")
             units.append(inputs["pixel_values"][i:i + 1, :self._num_tiles(self.default_size())])
+        return units
+
+    # --- dynamic anyres: tiles in, rows picked by a host-computed index ---------------------------
+    def anyres_params(self) -> dict:
+        """The anyres layout parameters of ``fastv_export.runtime.anyres.anyres_layout``, from the config:
+        tile (px), patches_per_side (tile // patch size), pinpoints, max_num_patches (the N of the
+        config's ``vision_aspect_ratio`` "anyres_max_N") and pooled_side (ceil(patches_per_side / 2))."""
+        vision = self.config.vision_config
+        p = int(vision.image_size) // int(vision.patch_size)
+        aspect = getattr(self.config, "vision_aspect_ratio", None) or "anyres_max_9"
+        try:
+            max_num = int(aspect.strip("anyres_max_"))     # parsed as the model's pack_image_features does
+        except ValueError:
+            raise FastVError(f"vision_aspect_ratio {aspect!r} is not of the form 'anyres_max_N'") from None
+        return {"tile": int(vision.image_size), "patches_per_side": p,
+                "pinpoints": [[int(h), int(w)] for h, w in self.config.image_grid_pinpoints],
+                "max_num_patches": max_num, "pooled_side": math.ceil(p / 2)}
+
+    def encode_tiles(self, pixel_values: torch.Tensor, pack_index: torch.Tensor) -> torch.Tensor:
+        """pixel_values [T, 3, tile, tile] (any T), pack_index int64 [M] -> [M, D]: rows of the table
+        concat(tile features [T * p * p, D], pooled tile features [T * q * q, D], image_newline [1, D]),
+        where the tile features are the model's vision tower (the config's feature layer(s) and select
+        strategy) and projector, and the pooled ones its ``apply_pooling`` of them. With
+        ``anyres_layout``'s pack_index this is the model's image or video features of one medium."""
+        inner = self.model.model
+        layer = self.config.vision_feature_layer
+        out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        if isinstance(layer, int):
+            selected = out.hidden_states[layer]
+        else:
+            selected = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        if self.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        feats = inner.multi_modal_projector(selected)                      # [T, p * p, D]
+        pooled = inner.apply_pooling(feats)                                # [T, q * q, D]
+        dim = feats.shape[-1]
+        table = torch.cat((feats.reshape(-1, dim), pooled.reshape(-1, dim),
+                           inner.image_newline[None].to(feats.dtype)), dim=0)
+        return table[pack_index]
+
+    def vision_unit_pixels(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One pixel tensor per medium of ``media``, in prompt order: an image its tiles
+        [tiles, 3, tile, tile] (its row of ``pixel_values`` without the batch padding), a video its
+        frames [frames, 3, tile, tile]; images and videos are counted apart, as ``media_inputs`` stacks
+        them."""
+        units: list[torch.Tensor] = []
+        image_i = video_i = 0
+        for m in media:
+            if m.kind == "image":
+                units.append(inputs["pixel_values"][image_i, :self._num_tiles(self._size(m))])
+                image_i += 1
+            else:
+                units.append(inputs["pixel_values_videos"][video_i])
+                video_i += 1
         return units
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
