@@ -239,7 +239,7 @@ def vision_graph(pixel_dims: Sequence[int | str], deepstack: int = 0, layout: st
         tokens = "tokens_per_image"
     elif layout == "patch_grid":
         inputs = (
-            TensorSpec(PIXEL_VALUES, FLOAT, ("patches", *pixel_dims[1:]),
+            TensorSpec(PIXEL_VALUES, FLOAT, ("patches", *pixel_dims[-1:]),
                        "the patches of one image or one temporal patch of a video (the processor's order)"),
             TensorSpec(VISION_POSITION_IDS, INT64, ("patches", 2), "each patch's (row, column) in the patch grid"),
             TensorSpec(WINDOW_INDEX, INT64, ("merged_patches",), "merged patches in window order"),
@@ -248,7 +248,7 @@ def vision_graph(pixel_dims: Sequence[int | str], deepstack: int = 0, layout: st
         tokens = "unit_tokens"
     elif layout == "tiles":
         inputs = (
-            TensorSpec(PIXEL_VALUES, FLOAT, ("tiles", *pixel_dims[1:]), "the tiles of one image or the frames of one video"),
+            TensorSpec(PIXEL_VALUES, FLOAT, ("tiles", *pixel_dims[-3:]), "the tiles of one image or the frames of one video"),
             TensorSpec(PACK_INDEX, INT64, ("unit_tokens",),
                        "rows of [tile features; pooled tile features; image_newline] in prompt order"),
         )

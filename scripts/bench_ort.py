@@ -90,14 +90,14 @@ def session_options(threads: int | None, profile_prefix: str | None = None) -> o
     return so
 
 
-def profile_run(path: Path, prompt_args: tuple, seconds, threads: int | None, tmp: Path, tag: str,
+def profile_run(path: Path, prompt_args: tuple, seconds, media, threads: int | None, tmp: Path, tag: str,
                 decode: bool = False) -> dict:
     """Per-operator time (ms) by graph and op type, from ORT's profiler: of the last of two prefills, or
     (``decode``) of the last of three decode steps after the prompt."""
     rt = OrtRunner(load_bundle(path), providers=["CPUExecutionProvider"],
                    session_options=session_options(threads, str(tmp / tag)))
     for _ in range(1 if decode else 2):
-        generate(rt, *prompt_args, max_new_tokens=4 if decode else 1, video_seconds=seconds)
+        generate(rt, *prompt_args, max_new_tokens=4 if decode else 1, video_seconds=seconds, media=media)
     times: dict[tuple[str, str], float] = defaultdict(float)
     for graph in ("embed", "pre_k", "post_k"):
         events = json.loads(Path(rt.sessions[graph].end_profiling()).read_text())
@@ -201,10 +201,11 @@ def main() -> None:
     samples: dict[str, dict[str, list[float]]] = {r: defaultdict(list) for r in ratios}
     kept: dict[str, int] = {}
     for r, rt in runners.items():   # warm-up
-        generate(rt, ids, mask, images, max_new_tokens=2, video_seconds=seconds)
+        generate(rt, ids, mask, images, max_new_tokens=2, video_seconds=seconds, media=prompt.media)
     for _ in tqdm(range(args.repeats), desc="repeats", unit="round"):
         for r, rt in runners.items():
-            gen = generate(rt, ids, mask, images, max_new_tokens=args.decode_tokens, video_seconds=seconds)
+            gen = generate(rt, ids, mask, images, max_new_tokens=args.decode_tokens, video_seconds=seconds,
+                           media=prompt.media)
             kept[r] = int(gen.kept.shape[1])
             samples[r]["prefill"].append(gen.timings["pre_k"] + gen.timings["post_k"])
             samples[r]["vision"].append(gen.timings["vision"])
@@ -248,7 +249,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for decode, what in ((False, "one prefill (the last of two)"),
                                  (True, "one decode step (the last of three)")):
-                profiles = {r: profile_run(paths[r], (ids, mask, images), seconds, args.threads, Path(tmp),
+                profiles = {r: profile_run(paths[r], (ids, mask, images), seconds, prompt.media, args.threads, Path(tmp),
                                            f"{'d' if decode else 'p'}{i}", decode) for i, r in enumerate(ratios)}
                 print_profile(profiles, what)
 

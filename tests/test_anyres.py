@@ -1,5 +1,5 @@
 """LLaVA-OneVision dynamic anyres: the host layout (``runtime.anyres.anyres_layout``) and the adapter's
-``encode_tiles`` / ``vision_unit_pixels`` against the HF model's own feature code (tile counts,
+``encode_tiles`` / ``vision_units`` against the HF model's own feature code (tile counts,
 token counts, features at the image and video tokens), the sizes the model would resize, bad input,
 and a dynamo ONNX export with dynamic tile and token counts."""
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_two_images_of_different_sizes_in_one_prompt(onevision):
     media = [Media("image", (56, 56)), Media("image", (28, 56))]
     prompt = make_prompt(adapter, [5], media=media)
     params = adapter.anyres_params()
-    units = adapter.vision_unit_pixels(prompt.media, prompt.vision)
+    units = adapter.vision_units(prompt.media, prompt.vision)
     assert [u.shape[0] for u in units] == [5, 3]
     ours = []
     for m, px in zip(prompt.media, units):
@@ -187,7 +187,7 @@ def test_mixed_prompt_features_at_media_tokens(onevision):
     ref = captured["embeds"][0][is_media]
 
     params = adapter.anyres_params()
-    units = adapter.vision_unit_pixels(prompt.media, prompt.vision)
+    units = adapter.vision_units(prompt.media, prompt.vision)
     assert [u.shape[0] for u in units] == [5, 4, 3, 4]
     torch.testing.assert_close(units[3], prompt.vision["pixel_values_videos"][1])
     ours = []

@@ -291,3 +291,16 @@ def test_deepstack_bundles_are_refused_with_one_line(runtime_build, exported_bun
                 find_candidates(ids, adapter.image_token_ids()))
     line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
     assert "source_model.deepstack_layers" in line and "does not feed DeepStack levels" in line
+
+
+@pytest.mark.slow
+def test_tiles_layout_bundles_are_refused_with_one_line(runtime_build, exported_bundle, model_and_adapter, tmp_path):
+    """fastv-run does not compute LLaVA-OneVision's anyres pack index: its bundles are refused on load."""
+    bundle = exported_bundle("tiny-llava-onevision", 2, "1/2")
+    _, adapter = model_and_adapter("tiny-llava-onevision")
+    prompt = make_prompt(adapter, [6], num_images=1)
+    ids = prompt.input_ids.numpy()
+    dump_inputs(tmp_path / "in", ids, prompt.attention_mask.numpy(), _images(prompt, adapter),
+                find_candidates(ids, adapter.image_token_ids()))
+    line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
+    assert "'image_tokens.vision_layout.kind' is \"tiles\"" in line and "Python runtime" in line

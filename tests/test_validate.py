@@ -145,6 +145,23 @@ def test_qwen2_5_vl_media_prompts_validate_end_to_end(exported_bundle, layout):
 
 
 @pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
+def test_llava_onevision_media_prompts_validate_end_to_end(exported_bundle, layout):
+    """LLaVA-OneVision (vision layout tiles): two images of different sizes (5 and 3 anyres tiles, 88 and 52
+    tokens with their newlines), or a video of 4 frames (pooled, one newline) with an image of a size off the
+    pinpoints, batch 1 and 2: one vision call per image (its tiles) and per video (its frames), the rows of
+    each picked by the host-computed pack index; tokens and logits equal the reference, and the vision
+    graph's features equal the HF model's own packed features."""
+    from fastv_export.adapters import Media
+
+    media = {"two-image-sizes": [Media("image", (56, 56)), Media("image", (28, 56))],
+             "video": [Media("video", frames=4), Media("image", (40, 30))]}[layout]
+    path = exported_bundle("tiny-llava-onevision", 2, "1/2", "last")
+    report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1, 2), media=media)
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+    assert [c["image_tokens"] for c in report["cases"]] == [{"two-image-sizes": 140, "video": 89}[layout]] * 2
+
+
+@pytest.mark.parametrize("layout", ["two-image-sizes", "video"])
 def test_internvl_media_prompts_validate_end_to_end(exported_bundle, layout):
     """InternVL's tower sees each tile alone, so a bundle's one-tile vision graph serves images of any
     size (3 and 7 tiles here) and videos (one tile per frame), batch 1 and 2."""
@@ -160,9 +177,9 @@ def test_internvl_media_prompts_validate_end_to_end(exported_bundle, layout):
 
 @pytest.mark.parametrize("model,media,message", [
     ("tiny-qwen2.5-vl", [("image", (224, 170)), ("image", None)], "must be positive multiples of 28 pixels"),
-    ("tiny-llava-onevision", [("image", (28, 56))], r"takes images of the exported size \(56, 56\) only"),
-    ("tiny-llava-onevision", [("video", None)], r"takes images of the exported size \(56, 56\) only"),
-], ids=["qwen2.5-off-grid-size", "onevision-other-size", "onevision-video"])
+    ("tiny-qwen2-vl", [("image", (224, 168))], r"takes images .* of the exported grid 12 x 12"),
+    ("tiny-llava-onevision", [("video", (56, 56))], r"video frames are one tile, 28 x 28 pixels"),
+], ids=["qwen2.5-off-grid-size", "qwen2-other-size", "onevision-video-off-tile"])
 def test_media_the_vision_graph_cannot_take_are_refused_clearly(exported_bundle, model, media, message):
     from fastv_export.adapters import Media
 

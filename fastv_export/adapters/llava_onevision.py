@@ -21,6 +21,7 @@ from fastv_export.errors import FastVError
 class LlavaOnevisionAdapter(ModelAdapter):
     name = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
+    vision_layout = "tiles"   # one call per image (its anyres tiles) and per video (its frames)
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -99,15 +100,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
             out["pixel_values_videos"] = torch.randn(len(videos), videos[0].frames, 3, s, s, generator=generator)
         return out
 
-    def vision_units(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        units = []
-        for i, m in enumerate(media):
-            if m.kind != "image" or self._size(m) != self.default_size():
-                raise FastVError(f"{m}: a LLaVA-OneVision bundle's vision graph takes images of the exported size "
-                                 f"{self.default_size()} only (videos and other sizes run in the PyTorch reference)")
-            units.append(inputs["pixel_values"][i:i + 1, :self._num_tiles(self.default_size())])
-        return units
-
     # --- dynamic anyres: tiles in, rows picked by a host-computed index ---------------------------
     def anyres_params(self) -> dict:
         """The anyres layout parameters of ``fastv_export.runtime.anyres.anyres_layout``, from the config:
@@ -146,7 +138,36 @@ class LlavaOnevisionAdapter(ModelAdapter):
                            inner.image_newline[None].to(feats.dtype)), dim=0)
         return table[pack_index]
 
-    def vision_unit_pixels(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def vision_layout_params(self) -> dict:
+        """:meth:`anyres_params` and the exported image: its size and tile count (the engine's profile)."""
+        return {**self.anyres_params(), "default_size": list(self.default_size()),
+                "default_tiles": self._num_tiles(self.default_size())}
+
+    def vision_example(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The default image's tiles [tiles, 3, tile, tile] and the rows of its features."""
+        from fastv_export.runtime.anyres import anyres_layout
+
+        h, w = self.default_size()
+        tiles, index = anyres_layout("image", h, w, 1, self.anyres_params())
+        return pixels[0, :tiles], torch.from_numpy(index)
+
+    def encode_unit(self, pixel_values: torch.Tensor, pack_index: torch.Tensor) -> torch.Tensor:
+        return self.encode_tiles(pixel_values, pack_index)
+
+    def media_features(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The HF model's own image features (anyres tiling, unpadding, newlines) and video features
+        (pooled frames, one newline), in prompt order."""
+        model = self.model.model
+        per_kind = {}
+        if "pixel_values" in inputs:
+            per_kind["image"] = iter(model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                              image_sizes=inputs["image_sizes"]).pooler_output)
+        if "pixel_values_videos" in inputs:
+            per_kind["video"] = iter(model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])
+                                     .pooler_output)
+        return [torch.cat([next(per_kind[m.kind]) for m in media])]
+
+    def vision_units(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """One pixel tensor per medium of ``media``, in prompt order: an image its tiles
         [tiles, 3, tile, tile] (its row of ``pixel_values`` without the batch padding), a video its
         frames [frames, 3, tile, tile]; images and videos are counted apart, as ``media_inputs`` stacks
@@ -163,10 +184,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return units
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [1, tiles, 3, tile, tile] of one image of the default size -> [M, D]."""
-        sizes = [list(self.default_size())]   # Python ints: the tiling and unpadding shapes are export constants
-        feats = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
-        return feats[0]
+        """pixel_values [tiles, 3, tile, tile] of one image of the default size -> [M, D]."""
+        return self.encode_unit(*self.vision_example(pixel_values[None]))
 
     def preprocess_image(self, image):
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -175,4 +194,4 @@ class LlavaOnevisionAdapter(ModelAdapter):
         h, w = self.default_size()
         proc = LlavaOnevisionImageProcessorPil(size={"height": self.tile, "width": self.tile},
                                                image_grid_pinpoints=self.config.image_grid_pinpoints)
-        return proc(images=image.convert("RGB").resize((w, h)), return_tensors="np")["pixel_values"]
+        return proc(images=image.convert("RGB").resize((w, h)), return_tensors="np")["pixel_values"][0]

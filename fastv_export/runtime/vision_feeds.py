@@ -97,7 +97,8 @@ def vision_calls(manifest: Mapping, pixels: Sequence[np.ndarray], media: Sequenc
                              f"got {len(pixels)} pixel inputs")
         calls = []
         for px, m in zip(pixels, media):
-            height, width = m.size or tuple(layout["default_size"])
+            default = (layout["tile"], layout["tile"]) if m.kind == "video" else tuple(layout["default_size"])
+            height, width = m.size or default
             tiles, index = anyres_layout(m.kind, height, width, m.frames, layout)
             if px.shape[0] != tiles:
                 raise FastVError(f"{m} takes {tiles} tiles in one vision call, got pixel values of shape "
