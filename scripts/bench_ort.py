@@ -13,6 +13,9 @@ Reported per configuration:
   and is reported apart);
 - decode: time per generated token, measured speedup beside the KV-read ratio (KV bytes read per
   step, unpruned / FastV) and the memory-traffic ratio (weights + KV bytes read per step);
+  `--decode-batch B` decodes B rows at once from one prefill's caches repeated B times: the weights are
+  read once per step for all rows while the KV reads grow with B, which is where the KV-read ratio
+  becomes reachable (a serving batch); the traffic ratio follows B;
 - the deep-layer (layers >= K) KV-cache bytes after the prompt and the generated tokens.
 
 Configurations are interleaved (one repeat of each in turn) so that machine noise hits them alike;
@@ -21,8 +24,8 @@ re-export). --profile adds ONNX Runtime's per-operator profile of one prefill fo
 to show where the time goes.
 
 usage: python scripts/bench_ort.py [--preset bench-llava] [--media image] [--repeats 5] [--decode-tokens 32]
-                                   [--k 2] [--ratios 1/2,3/4,9/10] [--bundles .bench-bundles] [--threads N]
-                                   [--profile] [--plot PNG] [--json FILE]
+                                   [--decode-batch 1] [--k 2] [--ratios 1/2,3/4,9/10] [--bundles .bench-bundles]
+                                   [--threads N] [--profile] [--plot PNG] [--json FILE]
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import json
 import logging
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
@@ -48,7 +52,7 @@ from fastv_export.analysis.flops import DTYPE_BYTES, decode_read_bytes, eq5_spee
 from fastv_export.decoder_shape import DecoderShape
 from fastv_export.prompts import make_prompt
 from fastv_export.presets import load_model
-from fastv_export.runtime.generate import generate
+from fastv_export.runtime.generate import decode, generate
 from fastv_export.runtime.ort import OrtRunner, default_session_options
 
 FP32_BYTES = DTYPE_BYTES["fp32"]
@@ -168,6 +172,8 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=30, help="instruction tokens after the media")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-batch", type=int, default=1,
+                    help="rows decoded at once, from the prompt's caches repeated (weights read once for all rows)")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--ratios", default="1/2,3/4,9/10")
     ap.add_argument("--bundles", default=".bench-bundles", help="where the bundles are exported and reused")
@@ -196,20 +202,27 @@ def main() -> None:
     print(f"{args.preset}: {shape.num_layers} layers, hidden {shape.hidden_size}, MLP {shape.intermediate_size}, "
           f"prompt {n} tokens ({m} visual: {args.media}), fp32, onnxruntime {ort.__version__} CPUExecutionProvider, "
           f"{args.threads or 'default'} intra-op threads, {args.repeats} repeats (median), "
-          f"{args.decode_tokens} decode tokens")
+          f"{args.decode_tokens} decode tokens" + (f" x {args.decode_batch} rows" if args.decode_batch > 1 else ""))
 
     samples: dict[str, dict[str, list[float]]] = {r: defaultdict(list) for r in ratios}
     kept: dict[str, int] = {}
     for r, rt in runners.items():   # warm-up
         generate(rt, ids, mask, images, max_new_tokens=2, video_seconds=seconds, media=prompt.media)
+    batch = args.decode_batch
     for _ in tqdm(range(args.repeats), desc="repeats", unit="round"):
         for r, rt in runners.items():
-            gen = generate(rt, ids, mask, images, max_new_tokens=args.decode_tokens, video_seconds=seconds,
-                           media=prompt.media)
+            gen = generate(rt, ids, mask, images, max_new_tokens=args.decode_tokens if batch == 1 else 1,
+                           video_seconds=seconds, media=prompt.media)
             kept[r] = int(gen.kept.shape[1])
             samples[r]["prefill"].append(gen.timings["pre_k"] + gen.timings["post_k"])
             samples[r]["vision"].append(gen.timings["vision"])
-            samples[r]["decode"].append(gen.timings["decode_per_token"])
+            if batch == 1:
+                samples[r]["decode"].append(gen.timings["decode_per_token"])
+                continue
+            state = gen.state.repeat(batch)
+            t0 = time.perf_counter()
+            decode(rt, state, args.decode_tokens)
+            samples[r]["decode"].append((time.perf_counter() - t0) / max(1, args.decode_tokens - 1))
     med = {r: {key: statistics.median(v) for key, v in s.items()} for r, s in samples.items()}
 
     text = n - m
@@ -218,6 +231,7 @@ def main() -> None:
     rows = []
     for r in ratios:
         kv_b, kv_f, w = decode_read_bytes(shape, args.k, n, kept[r], steps, "fp32")
+        kv_b, kv_f = batch * kv_b, batch * kv_f      # B rows of caches; the weights are read once a step
         deep = (shape.num_layers - args.k) * kv_cache_layer_elems(shape, kept[r] + args.decode_tokens) * FP32_BYTES
         rows.append({
             "config": "R=0" if r == "0" else f"K={args.k} R={r}", "ratio": r, "kept_tokens": kept[r],
@@ -237,20 +251,23 @@ def main() -> None:
               f"{row['decode_speedup']:>6.2f} {row['kv_read_ratio']:>7.2f} {row['traffic_ratio']:>5.2f} | "
               f"{row['deep_kv_mib']:>17.1f}")
     print("speedups are unpruned (R=0 bundle) / FastV, medians; prefill = embed + pre_k + post_k; decode = per "
-          "token; KV-read = KV bytes read per decode step, unpruned / FastV; W+KV = weights + KV bytes read; "
+          f"step of {batch} row(s); KV-read = KV bytes read per decode step, unpruned / FastV; W+KV = weights + "
+          "KV bytes read; "
           f"deep-layer KV = layers >= {args.k} after {n} prompt + {args.decode_tokens} tokens (fp32); "
           f"vision tower (same in all bundles) took {base['vision'] / base['prefill']:.1%} of the decoder prefill")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "decode_batch": batch, "rows": rows},
+                                              indent=1))
     if args.plot:
         plot(rows, args.plot)
     if args.profile:
         del runners
         with tempfile.TemporaryDirectory() as tmp:
-            for decode, what in ((False, "one prefill (the last of two)"),
-                                 (True, "one decode step (the last of three)")):
-                profiles = {r: profile_run(paths[r], (ids, mask, images), seconds, prompt.media, args.threads, Path(tmp),
-                                           f"{'d' if decode else 'p'}{i}", decode) for i, r in enumerate(ratios)}
+            for step, what in ((False, "one prefill (the last of two)"),
+                               (True, "one decode step (the last of three, batch 1)")):
+                profiles = {r: profile_run(paths[r], (ids, mask, images), seconds, prompt.media, args.threads,
+                                           Path(tmp), f"{'d' if step else 'p'}{i}", step)
+                            for i, r in enumerate(ratios)}
                 print_profile(profiles, what)
 
 

@@ -191,3 +191,25 @@ def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_pat
     assert f"tokens: {gen.tokens[0].tolist()}" in printed
     rc, err = run_cli(capsys, ["run", str(out), "--image", str(png), "--prompt", "<image> and <image>"])
     assert rc == 2 and "marks 2 <image> but 1 --image" in err
+
+
+@pytest.mark.slow
+def test_a_repeated_decode_state_decodes_every_row_as_the_single_prompt(exported_bundle, model_and_adapter):
+    """DecodeState.repeat (batch-decode benchmarks): one prefill's caches repeated to 3 rows decode to the
+    same tokens in every row as the single prompt's own generation, and the caches grow by one token a step."""
+    from fastv_export.runtime.generate import decode, generate
+    from fastv_export.runtime.ort import OrtRunner
+    from fastv_export.validate import _images
+
+    bundle = load_bundle(exported_bundle("tiny-qwen2.5-vl", 2, "1/2"))
+    _, adapter = model_and_adapter("tiny-qwen2.5-vl")
+    prompt = make_prompt(adapter, [7], num_images=1)
+    ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
+    runner = OrtRunner(bundle)
+    whole = generate(runner, ids, mask, _images(prompt, adapter), 8)
+    state = generate(runner, ids, mask, _images(prompt, adapter), 1).state.repeat(3)
+    kept = whole.kept.shape[1]
+    tokens, _ = decode(runner, state, 8)
+    assert np.stack(tokens, axis=1).tolist() == [whole.tokens[0].tolist()] * 3
+    assert state.positions.shape == (3, 3, ids.shape[1]) and state.post_mask.shape == (3, kept + 7)
+    assert all(v.shape[0] == 3 and v.shape[2] == kept + 7 for v in state.post_past.values())

@@ -32,12 +32,38 @@ class StageIO:
 
 
 @dataclass
+class DecodeState:
+    """What the next decode step needs: both KV caches (layers < K over the n prompt tokens, layers >= K
+    over the n' kept ones, plus the tokens generated so far), the attention masks over them, the prompt's
+    position ids, the logits that choose the next token and the step it is."""
+    pre_past: dict[str, np.ndarray]
+    post_past: dict[str, np.ndarray]
+    attention_mask: np.ndarray             # [B, n + t]
+    post_mask: np.ndarray                  # [B, n' + t]
+    positions: np.ndarray                  # the prompt's position ids ([B, n] or [3, B, n])
+    logits: np.ndarray                     # [B, V]
+    step: int = 0
+
+    def repeat(self, times: int) -> "DecodeState":
+        """Every row ``times`` times (row r becomes rows r*times .. r*times + times - 1): a batch whose
+        decode steps cost what ``times`` such prompts cost, from one prefill (benchmarks of batch decode)."""
+        def rows(x: np.ndarray, axis: int = 0) -> np.ndarray:
+            return np.repeat(x, times, axis=axis)
+
+        return DecodeState({n: rows(v) for n, v in self.pre_past.items()},
+                           {n: rows(v) for n, v in self.post_past.items()}, rows(self.attention_mask),
+                           rows(self.post_mask), rows(self.positions, self.positions.ndim - 2), rows(self.logits),
+                           self.step)
+
+
+@dataclass
 class Generation:
     tokens: np.ndarray                     # [B, T] generated token ids
     step_logits: list[np.ndarray]          # T x [B, V] logits that chose each token
     kept: np.ndarray                       # [B, n'] kept prompt positions
     prefill: dict[str, StageIO] = field(default_factory=dict)   # graph -> its prefill call
     timings: dict[str, float] = field(default_factory=dict)
+    state: DecodeState | None = None       # the caches after the prompt and every token but the last
 
 
 def find_candidates(input_ids: np.ndarray, image_token_ids) -> np.ndarray:
@@ -144,33 +170,49 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
     timings["post_k"] = time.perf_counter() - t2
     timings["prefill"] = time.perf_counter() - t0
 
-    tokens, step_logits = [], []
-    no_features = np.zeros((0, embeds.shape[-1]), dtype=bundle.float_dtype)
+    state = DecodeState(pre_past, post_past, attention_mask, post_mask, positions, logits)
+    t3 = time.perf_counter()
+    tokens, step_logits = decode(runner, state, max_new_tokens, eos_token_id=eos_token_id)
+    timings["decode_per_token"] = (time.perf_counter() - t3) / max(1, len(tokens) - 1)
+    return Generation(np.stack(tokens, axis=1), step_logits, kept, record, timings, state)
+
+
+def decode(runner: Runner, state: DecodeState, max_new_tokens: int, *,
+           eos_token_id: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Greedy decoding from ``state`` (advanced in place): the next ``max_new_tokens`` tokens [B] and the
+    logits [B, V] that chose each. The first token comes from ``state.logits``; each further one costs one
+    decode step (embed, pre_k, post_k) on the token before it; the last token chosen is not fed, so
+    ``state.logits`` stays the logits that chose it. A row stops at ``eos_token_id`` (then pads)."""
+    bundle = runner.bundle
+    b = state.logits.shape[0]
+    hidden = bundle.hidden_size
+    no_features = np.zeros((0, hidden), dtype=bundle.float_dtype)
     no_media = {n: no_features for n in _vision_outputs(bundle)}
     no_candidates = np.zeros((b, 0), dtype=np.int64)
     ones = np.ones((b, 1), dtype=np.int64)
     finished = np.zeros(b, dtype=bool)
-    t3 = time.perf_counter()
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1).astype(np.int64)
+    tokens, step_logits = [], []
+    for i in range(max_new_tokens):
+        nxt = state.logits.argmax(-1).astype(np.int64)
         if eos_token_id is not None:
             nxt = np.where(finished, bundle.pad_token_id, nxt)
             finished |= nxt == eos_token_id
         tokens.append(nxt)
-        step_logits.append(logits)
-        if step == max_new_tokens - 1 or finished.all():
+        step_logits.append(state.logits)
+        if i == max_new_tokens - 1 or finished.all():
             break
         emb = runner.infer("embed", {spec.INPUT_IDS: nxt[:, None], **no_media})
-        attention_mask = np.concatenate([attention_mask, ones], axis=1)
-        post_mask = np.concatenate([post_mask, ones], axis=1)
-        o = runner.infer("pre_k", {spec.INPUTS_EMBEDS: emb[spec.INPUTS_EMBEDS], spec.ATTENTION_MASK: attention_mask,
-                                   spec.POSITION_IDS: decode_positions(positions, step), **pre_past,
+        state.attention_mask = np.concatenate([state.attention_mask, ones], axis=1)
+        state.post_mask = np.concatenate([state.post_mask, ones], axis=1)
+        o = runner.infer("pre_k", {spec.INPUTS_EMBEDS: emb[spec.INPUTS_EMBEDS],
+                                   spec.ATTENTION_MASK: state.attention_mask,
+                                   spec.POSITION_IDS: decode_positions(state.positions, state.step), **state.pre_past,
                                    **_levels(emb, spec.DEEPSTACK_EMBEDS), spec.CANDIDATE_POSITIONS: no_candidates})
-        pre_past = _next_past(o)
-        res = runner.infer("post_k", {spec.HIDDEN_STATES: o[spec.HIDDEN_STATES], spec.ATTENTION_MASK: post_mask,
-                                      spec.POSITION_IDS: o[spec.SELECTED_POSITION_IDS], **post_past,
+        state.pre_past = _next_past(o)
+        res = runner.infer("post_k", {spec.HIDDEN_STATES: o[spec.HIDDEN_STATES], spec.ATTENTION_MASK: state.post_mask,
+                                      spec.POSITION_IDS: o[spec.SELECTED_POSITION_IDS], **state.post_past,
                                       **_levels(o, spec.KEPT_DEEPSTACK_EMBEDS)})
-        post_past = _next_past(res)
-        logits = res[spec.LOGITS][:, -1].astype(np.float32)
-    timings["decode_per_token"] = (time.perf_counter() - t3) / max(1, len(tokens) - 1)
-    return Generation(np.stack(tokens, axis=1), step_logits, kept, record, timings)
+        state.post_past = _next_past(res)
+        state.logits = res[spec.LOGITS][:, -1].astype(np.float32)
+        state.step += 1
+    return tokens, step_logits
