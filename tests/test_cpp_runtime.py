@@ -59,7 +59,8 @@ def fail_line(proc: subprocess.CompletedProcess) -> str:
 
 # -------------------------------------------------------------------------------------------- acceptance
 MATRIX = [(model, k, ratio, ranking) for model in ("tiny-llava", "tiny-qwen2-vl") for k in (1, 2)
-          for ratio in ("0", "1/2", "9/10") for ranking in ("last", "mean")]
+          for ratio in ("0", "1/2", "9/10") for ranking in ("last", "mean")] + [
+    ("tiny-qwen3-vl", 1, "1/2", "last"), ("tiny-qwen3-vl", 2, "9/10", "mean")]   # DeepStack: K inside and after
 
 
 @pytest.mark.slow
@@ -85,7 +86,7 @@ def test_tokens_and_kept_positions_equal_the_reference(runtime_build, exported_b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_left_padded_batch_equals_the_python_loop(runtime_build, exported_bundle, model_and_adapter, tmp_path, model):
     """Batch 2, left-padded: the C++ loop generates what the Python loop does on the same graphs (Qwen2.5-VL:
     fastv-run computes the patch_grid vision feeds of the exported grid itself)."""
@@ -278,19 +279,6 @@ def test_video_prompts_are_refused_with_one_line(runtime_build, exported_bundle,
                 find_candidates(ids, adapter.image_token_ids()))
     line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
     assert "holds a video" in line and "does not compute video positions yet" in line
-
-
-@pytest.mark.slow
-def test_deepstack_bundles_are_refused_with_one_line(runtime_build, exported_bundle, model_and_adapter, tmp_path):
-    """fastv-run does not feed the DeepStack levels of a Qwen3-VL bundle: refused on load, not run wrong."""
-    bundle = exported_bundle("tiny-qwen3-vl", 2, "1/2")
-    _, adapter = model_and_adapter("tiny-qwen3-vl")
-    prompt = make_prompt(adapter, [6], num_images=1)
-    ids = prompt.input_ids.numpy()
-    dump_inputs(tmp_path / "in", ids, prompt.attention_mask.numpy(), _images(prompt, adapter),
-                find_candidates(ids, adapter.image_token_ids()))
-    line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
-    assert "source_model.deepstack_layers" in line and "does not feed DeepStack levels" in line
 
 
 @pytest.mark.slow

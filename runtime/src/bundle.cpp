@@ -179,8 +179,7 @@ Bundle load_bundle(const fs::path& dir) {
   b.num_layers = static_cast<int>(int_field(m, "source_model.num_layers", where));
   b.hidden_size = static_cast<int>(int_field(m, "source_model.hidden_size", where));
   if (m["source_model"].contains("deepstack_layers"))
-    throw Error(where + ": field 'source_model.deepstack_layers' is set: fastv-run does not feed DeepStack levels "
-                "(Qwen3-VL) yet; run this bundle with the Python runtime (fastv-export run)");
+    b.deepstack_layers = static_cast<int>(int_field(m, "source_model.deepstack_layers", where));
   b.num_kv_heads = static_cast<int>(int_field(m, "kv_cache.num_kv_heads", where));
   b.head_dim = static_cast<int>(int_field(m, "kv_cache.head_dim", where));
   const json& precision = field(m, "precision", where);

@@ -33,6 +33,25 @@ const Tensor& output(const TensorMap& m, const std::string& graph, const std::st
   return it->second;
 }
 
+// rows of same-width tensors stacked in order ([0, width] when there are none)
+Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype, int64_t width) {
+  int64_t total = 0;
+  for (const auto& p : parts) total += p.shape[0];
+  Tensor out = Tensor::zeros(dtype, {total, width});
+  size_t off = 0;
+  for (const auto& p : parts) {
+    std::memcpy(out.data.data() + off, p.data.data(), p.nbytes());
+    off += p.nbytes();
+  }
+  return out;
+}
+
+// DeepStack (graphs/spec.py): the per-level tensors of a graph's outputs whose names start with prefix + "."
+void add_levels(Feeds& feeds, const TensorMap& outputs, const std::string& prefix) {
+  for (const auto& [name, t] : outputs)
+    if (name.rfind(prefix + ".", 0) == 0) feeds[name] = &t;
+}
+
 // [rows, n] int64 with one column appended (ones)
 Tensor append_ones(const Tensor& mask) {
   const int64_t rows = mask.shape[0], n = mask.shape[1];
@@ -69,25 +88,18 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   const auto t0 = Clock::now();
   const int64_t rows = in.input_ids.shape[0];
 
-  // vision: one call per image, features concatenated in prompt order
-  std::vector<Tensor> feats;
+  // vision: one call per image, features (and DeepStack levels) concatenated in prompt order
+  std::vector<std::string> vision_outputs{"image_features"};
+  for (int l = 0; l < b.deepstack_layers; ++l) vision_outputs.push_back("deepstack_features." + std::to_string(l));
+  std::map<std::string, std::vector<Tensor>> parts;
   for (const Tensor& px : in.images) {
     Feeds feeds{{"pixel_values", &px}};
     for (const auto& [name, t] : b.vision_grid_feeds) feeds[name] = &t;   // patch_grid: the exported grid's
     TensorMap out = ex.run("vision", feeds);
-    feats.push_back(std::move(out.at("image_features")));
+    for (const auto& name : vision_outputs) parts[name].push_back(std::move(out.at(name)));
   }
-  Tensor features = Tensor::zeros(b.float_dtype, {0, b.hidden_size});
-  if (!feats.empty()) {
-    int64_t total = 0;
-    for (auto& f : feats) total += f.shape[0];
-    features = Tensor::zeros(b.float_dtype, {total, b.hidden_size});
-    size_t off = 0;
-    for (auto& f : feats) {
-      std::memcpy(features.data.data() + off, f.data.data(), f.nbytes());
-      off += f.nbytes();
-    }
-  }
+  TensorMap vision;   // image_features and the DeepStack levels, [image tokens, hidden]
+  for (const auto& name : vision_outputs) vision[name] = concat_rows(parts[name], b.float_dtype, b.hidden_size);
   g.timings_ms["vision"] = ms_since(t0);
   const Tensor positions = prefill_positions(b, in.input_ids, in.attention_mask);
   const Tensor candidates = find_candidates(b, in.input_ids);
@@ -99,7 +111,9 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
 
   // embed -> pre_k (TokenSelect) over the n prompt tokens
   auto t1 = Clock::now();
-  TensorMap emb = ex.run("embed", {{"input_ids", &in.input_ids}, {"image_features", &features}});
+  Feeds embed_feeds{{"input_ids", &in.input_ids}};
+  for (const auto& [name, t] : vision) embed_feeds[name] = &t;
+  TensorMap emb = ex.run("embed", embed_feeds);
   g.timings_ms["embed"] = ms_since(t1);
   t1 = Clock::now();
   const Tensor empty_kv = Tensor::zeros(b.float_dtype, {rows, b.num_kv_heads, 0, b.head_dim});
@@ -109,6 +123,7 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
               {"candidate_positions", &candidates}};
   for (int i = 0; i < b.k; ++i)
     for (const char* kind : {"key", "value"}) feeds[past_name(i, kind)] = &empty_kv;
+  add_levels(feeds, emb, "deepstack_embeds");
   TensorMap pre = ex.run("pre_k", feeds);
   g.kept = output(pre, "pre_k", "kept_indices");
   TensorMap pre_past = next_past(pre);
@@ -130,6 +145,7 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
            {"position_ids", &output(pre, "pre_k", "selected_position_ids")}};
   for (int i = b.k; i < b.num_layers; ++i)
     for (const char* kind : {"key", "value"}) feeds[past_name(i, kind)] = &empty_kv;
+  add_levels(feeds, pre, "kept_deepstack_embeds");
   TensorMap post = ex.run("post_k", feeds);
   std::vector<int64_t> next = argmax_last(output(post, "post_k", "logits"));
   TensorMap post_past = next_past(post);
@@ -158,7 +174,9 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
     g.steps = step + 1;
     if (step == max_new_tokens - 1 || (b.eos_token_id && all)) break;
     const Tensor ids = Tensor::from_i64({rows, 1}, next);
-    TensorMap e = ex.run("embed", {{"input_ids", &ids}, {"image_features", &no_features}});
+    Feeds ef{{"input_ids", &ids}};
+    for (const auto& name : vision_outputs) ef[name] = &no_features;
+    TensorMap e = ex.run("embed", ef);
     mask = append_ones(mask);
     post_mask = append_ones(post_mask);
     const Tensor pos = decode_positions(positions, step);
@@ -167,12 +185,14 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
             {"position_ids", &pos},
             {"candidate_positions", &no_candidates}};
     for (auto& [name, t] : pre_past) f[name] = &t;
+    add_levels(f, e, "deepstack_embeds");
     TensorMap o = ex.run("pre_k", f);
     TensorMap new_pre_past = next_past(o);
     Feeds p{{"hidden_states", &output(o, "pre_k", "hidden_states")},
             {"attention_mask", &post_mask},
             {"position_ids", &output(o, "pre_k", "selected_position_ids")}};
     for (auto& [name, t] : post_past) p[name] = &t;
+    add_levels(p, o, "kept_deepstack_embeds");
     TensorMap res = ex.run("post_k", p);
     next = argmax_last(output(res, "post_k", "logits"));
     pre_past = std::move(new_pre_past);

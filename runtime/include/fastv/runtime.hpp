@@ -53,6 +53,9 @@ struct Bundle {
   std::filesystem::path dir;
   nlohmann::json manifest;
   int k = 0, num_layers = 0, hidden_size = 0, num_kv_heads = 0, head_dim = 0;
+  /// source_model.deepstack_layers (Qwen3-VL): visual feature levels added after the first L decoder
+  /// layers; their tensors pass vision -> embed -> pre_k -> post_k by name (graphs/spec.py)
+  int deepstack_layers = 0;
   DType float_dtype = DType::F32;
   std::vector<int64_t> image_token_ids;
   int64_t tokens_per_image = 0;
