@@ -266,19 +266,34 @@ def test_trt_on_a_bundle_without_engines(runtime_build, good):
 
 
 @pytest.mark.slow
-def test_video_prompts_are_refused_with_one_line(runtime_build, exported_bundle, model_and_adapter, tmp_path):
-    """fastv-run computes image positions only: a video prompt of a Qwen2.5-VL bundle (manifest
-    positions.video_token_id) is refused, not run with wrong positions."""
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_video_prompts_equal_the_python_loop(runtime_build, exported_bundle, model_and_adapter, tmp_path, model):
+    """Videos of the exported frame size (one vision call per temporal patch) beside an image, batch 2:
+    fastv-run computes the video positions itself (Qwen2.5-VL: the temporal index scaled by time, from the
+    dumped video_seconds) and generates what the Python loop does; without video_seconds a timed bundle
+    refuses the prompt with one line."""
     from fastv_export.adapters import Media
+    from fastv_export.bundle import load_bundle
+    from fastv_export.runtime.ort import OrtRunner
+    from fastv_export.validate import _video_seconds
 
-    bundle = exported_bundle("tiny-qwen2.5-vl", 2, "1/2")
-    _, adapter = model_and_adapter("tiny-qwen2.5-vl")
-    prompt = make_prompt(adapter, [6], media=[Media("video", frames=4)])
-    ids = prompt.input_ids.numpy()
-    dump_inputs(tmp_path / "in", ids, prompt.attention_mask.numpy(), _images(prompt, adapter),
-                find_candidates(ids, adapter.image_token_ids()))
-    line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
-    assert "holds a video" in line and "does not compute video positions yet" in line
+    bundle = exported_bundle(model, 2, "1/2")
+    _, adapter = model_and_adapter(model)
+    prompt = make_prompt(adapter, [6, 3], media=[Media("video", frames=8, fps=1.0), Media("image"),
+                                                Media("video", frames=4, fps=3.0)])
+    ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
+    images, seconds = _images(prompt, adapter), _video_seconds(prompt)
+    dump_inputs(tmp_path / "in", ids, mask, images, find_candidates(ids, adapter.image_token_ids()), seconds)
+    out = cpp_json(runtime_build, bundle, tmp_path / "in", steps=8)
+    b = load_bundle(bundle)
+    gen = generate(OrtRunner(b), ids, mask, images, 8, eos_token_id=b.eos_token_id, video_seconds=seconds,
+                   media=prompt.media)
+    assert out["tokens"] == gen.tokens.tolist()
+    assert out["kept_positions"] == gen.kept.tolist()
+    if seconds is not None:
+        dump_inputs(tmp_path / "no_seconds", ids, mask, images, find_candidates(ids, adapter.image_token_ids()))
+        line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "no_seconds"))
+        assert "more videos than 'video_seconds'" in line
 
 
 @pytest.mark.slow

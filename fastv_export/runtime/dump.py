@@ -3,8 +3,9 @@
 
 ``DIR/inputs.json`` lists the tensors by the names of the graph inputs they feed
 (fastv_export/graphs/spec.py): the token ids [B, n] and attention mask [B, n] (int64), the candidate
-positions [B, M] (int64) and one pixel-values tensor per image, named ``<pixel values>.<i>``
-(float32 or float16)::
+positions [B, M] (int64), one pixel-values tensor per vision call, named ``<pixel values>.<i>``
+(float32 or float16), and for video prompts of families whose video positions follow time the seconds per
+temporal patch of each video, ``video_seconds`` [V] (float32)::
 
     {"format": "fastv-inputs", "version": 1, "num_images": N,
      "tensors": {NAME: {"file": "NAME.bin", "dtype": "int64", "shape": [B, n]}, ...}}
@@ -24,6 +25,8 @@ from fastv_export.files import atomic_write_json
 from fastv_export.graphs import spec
 
 FORMAT, VERSION, INPUTS_JSON = "fastv-inputs", 1, "inputs.json"
+#: not a graph input: what the M-RoPE positions of a timed video need (the model's second_per_grid_ts)
+VIDEO_SECONDS = "video_seconds"
 _DTYPES = {"int64": "<i8", "float32": "<f4", "float16": "<f2"}
 
 
@@ -37,8 +40,10 @@ def _write(out: Path, name: str, array: np.ndarray) -> dict:
 
 
 def dump_inputs(out: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray, images: Sequence[np.ndarray],
-                candidates: np.ndarray | None = None) -> Path:
-    """Write the inputs of one generation into ``out`` (created); returns ``out/inputs.json``."""
+                candidates: np.ndarray | None = None, video_seconds: Sequence[float] | None = None) -> Path:
+    """Write the inputs of one generation into ``out`` (created); returns ``out/inputs.json``.
+    ``video_seconds``: seconds per temporal patch of each video of the batch, rows in order (bundles whose
+    video positions follow time), written as the float32 tensor ``video_seconds``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FastVError(f"--dump-inputs {out}: exists and is not a directory")
@@ -48,6 +53,8 @@ def dump_inputs(out: str | Path, input_ids: np.ndarray, attention_mask: np.ndarr
     if candidates is not None:
         tensors[spec.CANDIDATE_POSITIONS] = _write(out, spec.CANDIDATE_POSITIONS,
                                                    np.asarray(candidates, dtype=np.int64))
+    if video_seconds is not None:
+        tensors[VIDEO_SECONDS] = _write(out, VIDEO_SECONDS, np.asarray(video_seconds, dtype=np.float32))
     for i, px in enumerate(images):
         px = np.asarray(px)
         name = f"{spec.PIXEL_VALUES}.{i}"

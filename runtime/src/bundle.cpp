@@ -207,6 +207,11 @@ Bundle load_bundle(const fs::path& dir) {
     b.spatial_merge_size = int_field(m, "positions.spatial_merge_size", where);
     b.grid_thw = int_list(m, "image_tokens.grid_thw", where);
     if (m["positions"].contains("video_token_id")) b.video_token_id = int_field(m, "positions.video_token_id", where);
+    if (m["positions"].contains("video_tokens_per_second")) {
+      const json& tps = field(m, "positions.video_tokens_per_second", where);
+      if (!tps.is_number()) throw Error(where + ": field 'positions.video_tokens_per_second' must be a number");
+      b.video_tokens_per_second = tps.get<float>();
+    }
     if (b.grid_thw.size() != 3 || b.spatial_merge_size < 1 ||
         b.grid_thw[0] * (b.grid_thw[1] / b.spatial_merge_size) * (b.grid_thw[2] / b.spatial_merge_size) !=
             b.tokens_per_image)

@@ -188,6 +188,13 @@ Inputs read_inputs(const fs::path& dir, const Bundle& b) {
     in.images.push_back(std::move(px));
   }
   if (ts.contains("candidate_positions")) in.candidate_positions = get("candidate_positions");
+  if (ts.contains("video_seconds")) {
+    const Tensor secs = get("video_seconds");
+    if (secs.dtype != DType::F32 || secs.shape.size() != 1)
+      throw Error(where + ": tensor 'video_seconds' must be float32 [videos], got " + dtype_name(secs.dtype) + " " +
+                  shape_str(secs.shape));
+    in.video_seconds.assign(secs.as<float>(), secs.as<float>() + secs.numel());
+  }
   // the images of the whole batch, in prompt order, give the image tokens of all rows
   const int64_t rows = in.input_ids.shape[0], n = in.input_ids.shape[1];
   const std::set<int64_t> image_ids(b.image_token_ids.begin(), b.image_token_ids.end());
@@ -221,7 +228,8 @@ Tensor find_candidates(const Bundle& b, const Tensor& input_ids) {
   return Tensor::from_i64({rows, m}, out);
 }
 
-Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask) {
+Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask,
+                         const std::vector<float>& video_seconds) {
   const int64_t rows = ids.shape[0], n = ids.shape[1];
   const int64_t* mk = mask.as<int64_t>();
   if (b.position_rank == 2) {   // cumsum(mask) - 1, padding 1
@@ -236,44 +244,67 @@ Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask)
     return out;
   }
   // M-RoPE: text tokens count up; an image block of grid (t, h/merge, w/merge) gets offset + (t_i, h_i, w_i),
-  // offset = previous max + 1; padding gets 0
+  // offset = the position after the previous token, and the token after the block offset + max(h/merge, w/merge);
+  // a run of video tokens is t = run / (h/merge * w/merge) temporal patches whose t_i is
+  // floor(i * video_tokens_per_second * seconds per temporal patch) in float32 (i without the scale); padding 0
   const int64_t tg = b.grid_thw[0], hg = b.grid_thw[1] / b.spatial_merge_size, wg = b.grid_thw[2] / b.spatial_merge_size;
   const std::set<int64_t> image_ids(b.image_token_ids.begin(), b.image_token_ids.end());
   Tensor out = Tensor::zeros(DType::I64, {3, rows, n});
   int64_t* p = out.as<int64_t>();
   const int64_t plane = rows * n;
+  size_t video = 0;
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<int64_t> real;
     for (int64_t i = 0; i < n; ++i)
       if (mk[r * n + i]) real.push_back(i);
+    auto id_at = [&](size_t i) { return ids.as<int64_t>()[r * n + real[i]]; };
     size_t i = 0;
     int64_t nxt = 0;
     while (i < real.size()) {
-      if (b.video_token_id && ids.as<int64_t>()[r * n + real[i]] == *b.video_token_id)
-        throw Error("row " + std::to_string(r) + " holds a video (token id " + std::to_string(*b.video_token_id) +
-                    " at position " + std::to_string(real[i]) + "): fastv-run does not compute video positions yet; "
-                    "run video prompts with the Python runtime (fastv_export.runtime.generate)");
-      if (image_ids.count(ids.as<int64_t>()[r * n + real[i]])) {
+      const int64_t tok = id_at(i);
+      if (!image_ids.count(tok)) {
+        const int64_t at = r * n + real[i];
+        p[at] = p[plane + at] = p[2 * plane + at] = nxt++;
+        ++i;
+        continue;
+      }
+      std::vector<int64_t> temporal;
+      if (b.video_token_id && tok == *b.video_token_id) {   // a video: its whole run of temporal patches
+        size_t end = i;
+        while (end < real.size() && id_at(end) == tok) ++end;
+        const int64_t length = static_cast<int64_t>(end - i);
+        if (length % (hg * wg))
+          throw Error("a video block at position " + std::to_string(real[i]) + " of row " + std::to_string(r) +
+                      " holds " + std::to_string(length) + " tokens, not a whole number of temporal patches of " +
+                      std::to_string(hg * wg) + " tokens (fastv-run takes video frames of the exported size)");
+        float interval = 1.0f;
+        if (b.video_tokens_per_second) {
+          if (video >= video_seconds.size())
+            throw Error("the prompt holds more videos than 'video_seconds' gives seconds per temporal patch for (" +
+                        std::to_string(video_seconds.size()) + "): dump the inputs with video_seconds");
+          interval = *b.video_tokens_per_second * video_seconds[video];
+        }
+        ++video;
+        for (int64_t t = 0; t < length / (hg * wg); ++t)
+          temporal.push_back(static_cast<int64_t>(static_cast<float>(t) * interval));
+      } else {                                             // an image of the exported grid
         if (i + static_cast<size_t>(b.tokens_per_image) > real.size())
           throw Error("an image block at position " + std::to_string(real[i]) + " of row " + std::to_string(r) +
                       " is cut short: the prompt must hold all " + std::to_string(b.tokens_per_image) +
                       " tokens of each image");
-        size_t j = i;
-        for (int64_t t = 0; t < tg; ++t)
-          for (int64_t h = 0; h < hg; ++h)
-            for (int64_t w = 0; w < wg; ++w, ++j) {
-              const int64_t at = r * n + real[j];
-              p[at] = nxt + t;
-              p[plane + at] = nxt + h;
-              p[2 * plane + at] = nxt + w;
-            }
-        nxt += std::max({tg, hg, wg}) - 1 + 1;
-        i = j;
-      } else {
-        const int64_t at = r * n + real[i];
-        p[at] = p[plane + at] = p[2 * plane + at] = nxt++;
-        ++i;
+        for (int64_t t = 0; t < tg; ++t) temporal.push_back(t);
       }
+      size_t j = i;
+      for (const int64_t t : temporal)
+        for (int64_t h = 0; h < hg; ++h)
+          for (int64_t w = 0; w < wg; ++w, ++j) {
+            const int64_t at = r * n + real[j];
+            p[at] = nxt + t;
+            p[plane + at] = nxt + h;
+            p[2 * plane + at] = nxt + w;
+          }
+      nxt += std::max(hg, wg);   // as the model: the next token follows the larger spatial side
+      i = j;
     }
   }
   return out;

@@ -101,7 +101,7 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   TensorMap vision;   // image_features and the DeepStack levels, [image tokens, hidden]
   for (const auto& name : vision_outputs) vision[name] = concat_rows(parts[name], b.float_dtype, b.hidden_size);
   g.timings_ms["vision"] = ms_since(t0);
-  const Tensor positions = prefill_positions(b, in.input_ids, in.attention_mask);
+  const Tensor positions = prefill_positions(b, in.input_ids, in.attention_mask, in.video_seconds);
   const Tensor candidates = find_candidates(b, in.input_ids);
   if (in.candidate_positions && (in.candidate_positions->shape != candidates.shape ||
                                  in.candidate_positions->data != candidates.data))

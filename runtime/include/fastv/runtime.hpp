@@ -65,7 +65,8 @@ struct Bundle {
   int position_rank = 2;
   int64_t spatial_merge_size = 1;
   std::vector<int64_t> grid_thw;           // M-RoPE: one image's (t, h, w) before merging
-  std::optional<int64_t> video_token_id;   // M-RoPE: positions.video_token_id (video prompts are refused)
+  std::optional<int64_t> video_token_id;   // M-RoPE: positions.video_token_id (runs of it are videos)
+  std::optional<float> video_tokens_per_second;   // M-RoPE: temporal index scale of a video (Qwen2.5-VL)
   /// image_tokens.vision_layout.kind: "fixed", or "patch_grid" (Qwen2.5-VL), whose grid-derived feeds
   /// fastv-run computes once for the exported grid (images of the exported size, as with "fixed")
   std::string vision_layout = "fixed";
@@ -94,11 +95,15 @@ struct Inputs {
   Tensor attention_mask;                   // int64 [B, n]
   std::vector<Tensor> images;              // pixel values of one image each, in prompt order
   std::optional<Tensor> candidate_positions;   // int64 [B, M] as Python computed it (cross-checked)
+  std::vector<float> video_seconds;        // seconds per temporal patch of each video, rows in order
 };
 Inputs read_inputs(const std::filesystem::path& dir, const Bundle& bundle);
 
 // ---- positions (the manifest's 'positions' rules; fastv_export/runtime/positions.py) ----------
-Tensor prefill_positions(const Bundle& b, const Tensor& input_ids, const Tensor& attention_mask);
+/// ``video_seconds``: seconds per temporal patch of each video of the batch, rows in order (bundles whose
+/// video positions follow time: positions.video_tokens_per_second).
+Tensor prefill_positions(const Bundle& b, const Tensor& input_ids, const Tensor& attention_mask,
+                         const std::vector<float>& video_seconds = {});
 Tensor decode_positions(const Tensor& prompt_positions, int64_t step);
 /// [B, M] ascending positions of the tokens whose id is in image_tokens.token_ids.
 Tensor find_candidates(const Bundle& b, const Tensor& input_ids);
