@@ -175,7 +175,8 @@ def test_internvl_media_prompts_validate_end_to_end(exported_bundle, layout):
     assert [c["image_tokens"] for c in report["cases"]] == [16 * (10 if layout == "two-image-sizes" else 7)] * 2
 
 
-@pytest.mark.parametrize("k,ratio,ranking", [(1, "9/10", "last"), (2, "1/2", "last")], ids=["k1-inside-deepstack", "k2"])
+@pytest.mark.parametrize("k,ratio,ranking", [(1, "9/10", "last"), (2, "1/2", "last")],
+                         ids=["k1-inside-deepstack", "k2"])
 def test_qwen3_vl_video_and_image_prompts_validate_end_to_end(exported_bundle, k, ratio, ranking):
     """Qwen3-VL: a video of 4 frames (2 temporal patches of the exported 12 x 12 grid, each its own block after
     its timestamp text) then an image, batch 1 and 2, K = 1 (between the DeepStack layers 0 and 1) and K = 2:

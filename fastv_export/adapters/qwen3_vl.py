@@ -2,7 +2,11 @@
 rotary embedding interleaves the t/h/w frequencies: the model's own, so nothing changes here), plus
 DeepStack: after each of the first decoder layers the model adds features of an intermediate vision
 layer to the hidden states at the visual positions. With FastV those layers >= K run on the kept
-tokens, so their DeepStack rows must be the kept visual positions' rows, in kept order."""
+tokens, so their DeepStack rows must be the kept visual positions' rows, in kept order.
+
+Videos follow the Qwen3-VL processor: each temporal patch is its own block (timestamp text, vision_start,
+its video tokens, vision_end), positioned like an image; image and video DeepStack rows lie in position
+order, as the model merges them."""
 from __future__ import annotations
 
 from typing import Callable
