@@ -136,6 +136,8 @@ def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options,
                         "max(h/merge, w/merge); a run of video_token_id tokens is a video of t = run / (h/merge "
                         "* w/merge) temporal patches whose t_i is floor(i * video_tokens_per_second * seconds "
                         "per temporal patch of that video) (i when video_tokens_per_second is absent); "
+                        "Qwen3-VL prompts put each temporal patch of a video in its own block after its "
+                        "timestamp text, so every such run is t = 1 (t_i = 0, like an image); "
                         "padding gets 0" if mrope else
                         "per row: cumsum(attention_mask) - 1, padding gets 1"),
             "kept_tokens": f"keep their ORIGINAL position ids ({spec.SELECTED_POSITION_IDS})",

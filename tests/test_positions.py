@@ -28,8 +28,10 @@ def test_prefill_and_decode_positions_match_hf_generate(preset, model_and_adapte
     [Media("video", frames=8, fps=1.0), Media("image")],                      # temporal index 0, 4, 8, 12 (2.5)
     [Media("image"), Media("video", frames=16, fps=3.0), Media("video", frames=4, fps=0.5)],
 ], ids=["video-then-image", "image-and-two-videos"])
-@pytest.mark.parametrize("preset_name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("preset_name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_video_positions_match_hf_generate(preset_name, media, model_and_adapter):
+    """Qwen3-VL: each temporal patch of a video is its own block after its timestamp text (temporal index
+    0, its offset the position after the timestamp), as HF's get_rope_index splits video_grid_thw."""
     _check_positions(model_and_adapter, preset_name, media)
 
 

@@ -267,13 +267,21 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
 
 
 # ---- prompts with images of different sizes and videos: one candidate pool ---------------------------
-MEDIA_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-internvl"]
+MEDIA_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-internvl"]
 _QWEN_MEDIA = {
     "two-image-sizes": [Media("image", (224, 168)), Media("image", (112, 140))],
     "video": [Media("video", frames=8, fps=1.0)],
     "image-and-video": [Media("image", (112, 112)), Media("video", frames=6, fps=4.0)],
 }
-MEDIA = {"tiny-qwen2-vl": _QWEN_MEDIA, "tiny-qwen2.5-vl": _QWEN_MEDIA, "tiny-llava-onevision": {
+# Qwen3-VL: a video of 4 frames is 2 temporal patches of the exported 12 x 12 grid, each its own block after
+# its timestamp text; images and video frames take DeepStack rows in position order (image, video, image)
+_QWEN3_MEDIA = {
+    "two-image-sizes": _QWEN_MEDIA["two-image-sizes"],
+    "video": [Media("video", frames=4, fps=1.0)],
+    "image-and-video": [Media("image"), Media("video", frames=4), Media("image", (112, 112))],
+}
+MEDIA = {"tiny-qwen2-vl": _QWEN_MEDIA, "tiny-qwen2.5-vl": _QWEN_MEDIA, "tiny-qwen3-vl": _QWEN3_MEDIA,
+         "tiny-llava-onevision": {
     "two-image-sizes": [Media("image", (28, 56)), Media("image", (50, 40))],    # 2 and 4 anyres tiles
     "video": [Media("video", frames=6)],
     "image-and-video": [Media("image"), Media("video", frames=4)],
@@ -377,11 +385,15 @@ def test_preprocessed_image_is_one_vision_graph_input(preset, model_and_adapter)
 
 
 # ---- Qwen3-VL DeepStack: K inside the DeepStack layers (tiny-qwen3-vl injects after layers 0 and 1) ----
+QWEN3_VIDEO_AND_IMAGE = [Media("video", frames=4), Media("image")]
+
+
+@pytest.mark.parametrize("media", [None, QWEN3_VIDEO_AND_IMAGE], ids=["two-images", "video-and-image"])
 @pytest.mark.parametrize("ranking", ["last", "mean"])
-def test_deepstack_k_inside_kv_cache_generation_equals_recompute(ranking, model_and_adapter):
+def test_deepstack_k_inside_kv_cache_generation_equals_recompute(ranking, media, model_and_adapter):
     model, adapter = model_and_adapter("tiny-qwen3-vl")
     assert adapter.deepstack_layers() == 2
-    prompt = make_prompt(adapter, [5, 8], num_images=2, seed=21)
+    prompt = make_prompt(adapter, [5, 8], num_images=2, seed=21, media=media)
     inputs = prompt.model_inputs()
     steps = 16
     with apply_fastv(model, FastVConfig(k=1, ratio="1/2", ranking=ranking)) as h:
@@ -397,13 +409,16 @@ def test_deepstack_k_inside_kv_cache_generation_equals_recompute(ranking, model_
             assert torch.equal(logits.argmax(-1), seq[:, n + t])
 
 
-def test_deepstack_k_inside_equals_hf_model_on_hand_pruned_layers(model_and_adapter):
+@pytest.mark.parametrize("media", [None, [Media("image"), *QWEN3_VIDEO_AND_IMAGE]],
+                         ids=["image", "image-video-image"])
+def test_deepstack_k_inside_equals_hf_model_on_hand_pruned_layers(media, model_and_adapter):
     """K = 1: layer 0 runs on all tokens (its DeepStack rows on every visual position), layers 1..3 run
     on the kept tokens and the unmodified HF text model injects the kept positions' rows, picked here by
     position, into layer 1. Computed by calling the HF text model on the hand-pruned hidden states with a
-    hand-pruned visual mask and rows (its own loop and injection), so no FastV code is involved."""
+    hand-pruned visual mask and rows (its own loop and injection), so no FastV code is involved. With a
+    video between two images, HF's rows interleave image and video features in position order."""
     model, adapter = model_and_adapter("tiny-qwen3-vl", "eager")
-    prompt = make_prompt(adapter, [6], num_images=1, seed=22)
+    prompt = make_prompt(adapter, [6], num_images=1, seed=22, media=media)
     inputs = prompt.model_inputs()
     cfg = FastVConfig(k=1, ratio="2/3", ranking="last")
     with apply_fastv(model, cfg) as h:
@@ -448,7 +463,7 @@ def test_deepstack_k_inside_equals_hf_model_on_hand_pruned_layers(model_and_adap
     assert (logits - expected).abs().max().item() <= 1e-5
 
 
-def test_deepstack_rows_matter_and_qwen3_videos_are_refused(model_and_adapter):
+def test_deepstack_rows_matter(model_and_adapter):
     model, adapter = model_and_adapter("tiny-qwen3-vl")
     inputs = make_prompt(adapter, [6], num_images=1, seed=23).model_inputs()
     text = adapter.text_model()
@@ -460,5 +475,26 @@ def test_deepstack_rows_matter_and_qwen3_videos_are_refused(model_and_adapter):
         finally:
             del text._deepstack_process
     assert (base - without).abs().max().item() > 1e-2
-    with pytest.raises(FastVError, match="Qwen3-VL videos"):
-        make_prompt(adapter, [5], media=[Media("video", frames=4)])
+
+
+def test_qwen3_video_prompt_has_the_processor_layout(model_and_adapter):
+    """A Qwen3-VL video of 6 frames at 2 fps (3 temporal patches at 0.25, 1.25 and 2.25 s): per temporal
+    patch, 3 timestamp text ids (different per patch, plain text ids), vision_start, the 36 video tokens of
+    one 12 x 12 frame, vision_end; video_grid_thw is one row (3, 12, 12) per video, as the model takes it."""
+    from fastv_export.prompts import TEXT_TOKEN_RANGE
+
+    model, adapter = model_and_adapter("tiny-qwen3-vl")
+    c = model.config
+    tokens = adapter.media_prompt_tokens(Media("video", frames=6, fps=2.0))
+    block = 3 + 1 + 36 + 1
+    assert len(tokens) == 3 * block
+    stamps = [tokens[i * block:i * block + 3] for i in range(3)]
+    for i in range(3):
+        frame = tokens[i * block + 3:(i + 1) * block]
+        assert frame == [c.vision_start_token_id] + [c.video_token_id] * 36 + [c.vision_end_token_id]
+    assert len({tuple(s) for s in stamps}) == 3
+    assert all(TEXT_TOKEN_RANGE[0] <= t < TEXT_TOKEN_RANGE[1] for s in stamps for t in s)
+    inputs = adapter.media_inputs([Media("video", frames=6)], torch.Generator().manual_seed(0))
+    assert inputs["video_grid_thw"].tolist() == [[3, 12, 12]]
+    with pytest.raises(FastVError, match="multiple of 2 frames"):
+        make_prompt(adapter, [5], media=[Media("video", frames=5)])

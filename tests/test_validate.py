@@ -175,11 +175,32 @@ def test_internvl_media_prompts_validate_end_to_end(exported_bundle, layout):
     assert [c["image_tokens"] for c in report["cases"]] == [16 * (10 if layout == "two-image-sizes" else 7)] * 2
 
 
+@pytest.mark.parametrize("k,ratio,ranking", [(1, "9/10", "last"), (2, "1/2", "last")],
+                         ids=["k1-inside-deepstack", "k2"])
+def test_qwen3_vl_video_and_image_prompts_validate_end_to_end(exported_bundle, k, ratio, ranking):
+    """Qwen3-VL: a video of 4 frames (2 temporal patches of the exported 12 x 12 grid, each its own block after
+    its timestamp text) then an image, batch 1 and 2, K = 1 (between the DeepStack layers 0 and 1) and K = 2:
+    one vision call per temporal patch and per image, the DeepStack levels placed at the video and image
+    tokens in position order; tokens and logits equal the reference (the HF model with FastV), and the vision
+    graph's features and DeepStack levels equal the HF model's own on the whole video and image."""
+    from fastv_export.adapters import Media
+
+    media = [Media("video", frames=4, fps=2.0), Media("image")]
+    path = exported_bundle("tiny-qwen3-vl", k, ratio, ranking)
+    report = validate_bundle(path, max_new_tokens=16, batch_sizes=(1, 2), media=media)
+    assert report["passed"], json.dumps(report["cases"], indent=1)[:3000]
+    assert [c["image_tokens"] for c in report["cases"]] == [2 * 36 + 36] * 2
+    for case in report["cases"]:
+        assert case["tokens_identical"] and case["max_logits_error"] <= 1e-4
+        assert case["graphs"]["vision"]["passed"] and case["graphs"]["embed"]["passed"]
+
+
 @pytest.mark.parametrize("model,media,message", [
     ("tiny-qwen2.5-vl", [("image", (224, 170)), ("image", None)], "must be positive multiples of 28 pixels"),
     ("tiny-qwen2-vl", [("image", (224, 168))], r"takes images .* of the exported grid 12 x 12"),
     ("tiny-llava-onevision", [("video", (56, 56))], r"video frames are one tile, 28 x 28 pixels"),
-], ids=["qwen2.5-off-grid-size", "qwen2-other-size", "onevision-video-off-tile"])
+    ("tiny-qwen3-vl", [("video", (168, 112))], r"takes images \(and video frames\) of the exported grid 12 x 12"),
+], ids=["qwen2.5-off-grid-size", "qwen2-other-size", "onevision-video-off-tile", "qwen3-video-other-size"])
 def test_media_the_vision_graph_cannot_take_are_refused_clearly(exported_bundle, model, media, message):
     from fastv_export.adapters import Media
 

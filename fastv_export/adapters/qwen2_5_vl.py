@@ -106,15 +106,3 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
             units += [px[start + i * h * w:start + (i + 1) * h * w] for i in range(t)]
             taken[m.kind] = start + t * h * w
         return units
-
-    def media_features(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The HF model's own image and video features (its tower on each medium's whole grid), in prompt order."""
-        model = self.model.model
-        per_kind = {}
-        if "pixel_values" in inputs:
-            per_kind["image"] = iter(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-                                     .pooler_output)
-        if "pixel_values_videos" in inputs:
-            per_kind["video"] = iter(model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-                                     .pooler_output)
-        return [torch.cat([next(per_kind[m.kind]) for m in media])]

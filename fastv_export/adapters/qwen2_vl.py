@@ -48,11 +48,15 @@ class Qwen2VLAdapter(ModelAdapter):
         return patch_grid(media, v.patch_size, v.spatial_merge_size, v.temporal_patch_size, self.image_grid[1:])
 
     def media_prompt_tokens(self, media: Media) -> list[int]:
-        c = self.config
+        """One block for the whole medium: vision_start, its t * h * w / merge^2 placeholders, vision_end."""
         t, h, w = self.media_grid(media)
-        token = c.video_token_id if media.kind == "video" else c.image_token_id
-        return [int(c.vision_start_token_id)] + [int(token)] * (t * h * w // c.vision_config.spatial_merge_size ** 2) + \
-            [int(c.vision_end_token_id)]
+        return self.vision_block(media.kind, t * h * w // self.config.vision_config.spatial_merge_size ** 2)
+
+    def vision_block(self, kind: str, count: int) -> list[int]:
+        """vision_start, ``count`` image (``kind`` "image") or video placeholders, vision_end."""
+        c = self.config
+        token = c.video_token_id if kind == "video" else c.image_token_id
+        return [int(c.vision_start_token_id)] + [int(token)] * count + [int(c.vision_end_token_id)]
 
     def media_inputs(self, media: list[Media], generator: torch.Generator) -> dict[str, torch.Tensor]:
         v = self.config.vision_config
@@ -87,6 +91,22 @@ class Qwen2VLAdapter(ModelAdapter):
             units += [px[start + i * h * w:start + (i + 1) * h * w] for i in range(t)]
             taken[m.kind] = start + t * h * w
         return units
+
+    def media_features(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The HF model's own image and video features (``get_image_features`` / ``get_video_features``: its
+        tower on each whole medium, a video's temporal patches together), in prompt order: the main features
+        [F, D], then one [F, D] per DeepStack level (Qwen3-VL)."""
+        model = self.model.model
+        per_kind = {}
+        for kind, px_name, grid_name, encode in (
+                ("image", "pixel_values", "image_grid_thw", model.get_image_features),
+                ("video", "pixel_values_videos", "video_grid_thw", model.get_video_features)):
+            if px_name in inputs:
+                out = encode(inputs[px_name], inputs[grid_name])
+                levels = list(getattr(out, "deepstack_features", None) or [])[:self.deepstack_layers()]
+                per_kind[kind] = zip(out.pooler_output, *levels)     # per medium: (features, level 0, ...)
+        per_medium = [next(per_kind[m.kind]) for m in media]
+        return [torch.cat([parts[i] for parts in per_medium]) for i in range(1 + self.deepstack_layers())]
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config

@@ -1,5 +1,5 @@
 """Position ids as the manifest's ``positions`` rules define them (numpy, no torch): what a runtime
-feeds the graphs. RoPE: [B, n]; M-RoPE (Qwen2-VL, Qwen2.5-VL): [3, B, n] (t, h, w) triples."""
+feeds the graphs. RoPE: [B, n]; M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): [3, B, n] (t, h, w) triples."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -74,7 +74,7 @@ def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.n
                 except StopIteration:
                     raise FastVError(f"row {r} holds more images and videos than the media given for it") from None
                 h_m, w_m = h_m // merge, w_m // merge
-            if tok == video_id:   # a video: its whole run, t temporal patches of its grid
+            if tok == video_id:   # a video: its whole run, t temporal patches of its grid (Qwen3-VL: one per run)
                 run = i
                 while run < len(ids) and int(ids[run]) == tok:
                     run += 1
