@@ -266,12 +266,13 @@ def test_trt_on_a_bundle_without_engines(runtime_build, good):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_video_prompts_equal_the_python_loop(runtime_build, exported_bundle, model_and_adapter, tmp_path, model):
     """Videos of the exported frame size (one vision call per temporal patch) beside an image, batch 2:
     fastv-run computes the video positions itself (Qwen2.5-VL: the temporal index scaled by time, from the
-    dumped video_seconds) and generates what the Python loop does; without video_seconds a timed bundle
-    refuses the prompt with one line."""
+    dumped video_seconds; Qwen3-VL: one block per temporal patch between timestamp tokens, with DeepStack)
+    and generates what the Python loop does; without video_seconds a timed bundle refuses the prompt with
+    one line."""
     from fastv_export.adapters import Media
     from fastv_export.bundle import load_bundle
     from fastv_export.runtime.ort import OrtRunner

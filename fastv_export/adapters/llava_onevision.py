@@ -116,12 +116,12 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 "pinpoints": [[int(h), int(w)] for h, w in self.config.image_grid_pinpoints],
                 "max_num_patches": max_num, "pooled_side": math.ceil(p / 2)}
 
-    def encode_tiles(self, pixel_values: torch.Tensor, pack_index: torch.Tensor) -> torch.Tensor:
-        """pixel_values [T, 3, tile, tile] (any T), pack_index int64 [M] -> [M, D]: rows of the table
+    def encode_tiles(self, pixel_values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """pixel_values [T, 3, tile, tile] (any T), rows int64 [M] -> [M, D]: rows of the table
         concat(tile features [T * p * p, D], pooled tile features [T * q * q, D], image_newline [1, D]),
         where the tile features are the model's vision tower (the config's feature layer(s) and select
         strategy) and projector, and the pooled ones its ``apply_pooling`` of them. With
-        ``anyres_layout``'s pack_index this is the model's image or video features of one medium."""
+        ``anyres_layout``'s rows this is the model's image or video features of one medium."""
         inner = self.model.model
         layer = self.config.vision_feature_layer
         out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
@@ -136,7 +136,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         dim = feats.shape[-1]
         table = torch.cat((feats.reshape(-1, dim), pooled.reshape(-1, dim),
                            inner.image_newline[None].to(feats.dtype)), dim=0)
-        return table[pack_index]
+        return table[rows]
 
     def vision_layout_params(self) -> dict:
         """:meth:`anyres_params` and the exported image: its size and tile count (the engine's profile)."""
@@ -151,8 +151,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         tiles, index = anyres_layout("image", h, w, 1, self.anyres_params())
         return pixels[0, :tiles], torch.from_numpy(index)
 
-    def encode_unit(self, pixel_values: torch.Tensor, pack_index: torch.Tensor) -> torch.Tensor:
-        return self.encode_tiles(pixel_values, pack_index)
+    def encode_unit(self, pixel_values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.encode_tiles(pixel_values, rows)
 
     def media_features(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The HF model's own image features (anyres tiling, unpadding, newlines) and video features

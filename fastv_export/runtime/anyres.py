@@ -7,7 +7,7 @@ The vision graph encodes T tiles of ``tile`` x ``tile`` pixels and builds one ta
                    pooled.reshape(T * q * q, D),          # the model's 2 x 2 pooling of each tile
                    image_newline[None])                   # the learned newline, last row
 
-and returns ``table[pack_index]``. :func:`anyres_layout` computes T and ``pack_index`` so that the
+and returns ``table[rows]``. :func:`anyres_layout` computes T and ``rows`` so that the
 result is what the model's own ``get_image_features`` / ``get_video_features`` place at the image
 or video tokens: for an image, the base tile, then the grid tiles arranged into one feature map,
 unpadded to the image's aspect ratio, with a newline after every row; for a video, the pooled rows
@@ -77,9 +77,9 @@ def _check_int(name: str, value: int) -> int:
 
 def anyres_layout(kind: str, height: int, width: int, frames: int, params: Mapping, *,
                   tiled: bool = True) -> tuple[int, np.ndarray]:
-    """(T, pack_index) for one medium: T, the tiles of ``tile`` x ``tile`` pixels the vision graph
+    """(T, rows) for one medium: T, the tiles of ``tile`` x ``tile`` pixels the vision graph
     encodes (an image: its base tile then its grid tiles row by row; a video: its frames), and
-    ``pack_index`` (int64 [tokens]), the rows of the graph's feature table, in token order.
+    ``rows`` (int64 [tokens], the graph input graphs/spec.py PACK_INDEX), the rows of the graph's feature table, in token order.
 
     ``height`` x ``width`` is the image's size in pixels (a video's frames are one tile); ``frames``
     is 1 for an image. ``tiled=False``: an image the processor does not tile (one of several images of
