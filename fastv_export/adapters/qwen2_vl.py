@@ -103,7 +103,7 @@ class Qwen2VLAdapter(ModelAdapter):
                 ("video", "pixel_values_videos", "video_grid_thw", model.get_video_features)):
             if px_name in inputs:
                 out = encode(inputs[px_name], inputs[grid_name])
-                levels = list(getattr(out, "deepstack_features", None) or [])[:self.deepstack_layers()]
+                levels = list(out.deepstack_features)[:self.deepstack_layers()] if self.deepstack_layers() else []
                 per_kind[kind] = zip(out.pooler_output, *levels)     # per medium: (features, level 0, ...)
         per_medium = [next(per_kind[m.kind]) for m in media]
         return [torch.cat([parts[i] for parts in per_medium]) for i in range(1 + self.deepstack_layers())]
