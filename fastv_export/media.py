@@ -27,6 +27,23 @@ class Media:
             raise FastVError(f"media needs frames >= 1 and fps > 0, got frames={self.frames}, fps={self.fps}")
 
 
+def parse_media(text: str) -> list[Media]:
+    """A prompt's media from the command line: ``image``, ``image@HxW``, ``video:FRAMES`` or
+    ``video:FRAMES@HxW``, comma-separated, in prompt order (``video:8@112x168`` = 8 frames of 112 x 168 px)."""
+    media = []
+    for item in text.split(","):
+        kind, _, size = item.strip().partition("@")
+        kind, _, frames = kind.partition(":")
+        try:
+            hw = tuple(int(x) for x in size.split("x")) if size else None
+            if hw is not None and len(hw) != 2:
+                raise ValueError
+            media.append(Media(kind, hw, frames=int(frames) if frames else 1))
+        except ValueError:
+            raise FastVError(f"--media {item!r}: expected image, image@HxW, video:FRAMES or video:FRAMES@HxW") from None
+    return media
+
+
 def patch_grid(media: Media, patch_size: int, merge_size: int, temporal_patch_size: int,
                default_grid: tuple[int, int]) -> tuple[int, int, int]:
     """The (t, h, w) patch grid of ``media`` for a Qwen-VL vision tower (the model's ``image_grid_thw`` /

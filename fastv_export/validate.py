@@ -252,6 +252,7 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
         case.passed = ok and not failure
         cases.append(case)
     report = {"bundle": str(bundle.path), "model": m["source_model"]["name"], "runner": runner.name,
+              "media": None if media is None else [asdict(x) for x in media],
               "fastv": m["fastv"], "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
               "cases": [asdict(c) for c in cases], "passed": all(c.passed for c in cases)}
     atomic_write_json(out_dir / "validation.json", report)
@@ -267,10 +268,17 @@ def _why(case: CaseReport, tol: dict) -> str:
     return f"logits differ by more than {tol['logits']}"
 
 
+def _describe(media: dict) -> str:
+    size = "" if media["size"] is None else f" {media['size'][0]}x{media['size'][1]}"
+    return f"video of {media['frames']} frames{size}" if media["kind"] == "video" else f"image{size or ' (exported size)'}"
+
+
 def format_report(report: dict) -> str:
     lines = [f"validation of {report['bundle']} ({report['model']}, K={report['fastv']['k']} "
              f"R={report['fastv']['ratio']} {report['fastv']['ranking']}, {report['precision']}; "
              f"tolerances: logits {report['tolerances']['logits']}, graphs {report['tolerances']['graph']})",
+             "media per prompt: " + (", ".join(_describe(x) for x in report["media"]) if report.get("media")
+                                     else "one image of the exported size"),
              f"{'batch':>5} {'n':>5} {'M':>4} {'n_kept':>6} {'logits err':>11} {'tokens':>7} {'selection':>10} "
              f"{'vision':>9} {'embed':>9} {'pre_k':>9} {'post_k':>9}  result"]
     for c in report["cases"]:

@@ -44,9 +44,10 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from fastv_export import FastVConfig
-from fastv_export.adapters import Media, get_adapter
+from fastv_export.adapters import get_adapter
 from fastv_export.bundle import load_bundle
 from fastv_export.errors import FastVError
+from fastv_export.media import parse_media
 from fastv_export.export.onnx_export import ExportOptions, export_bundle
 from fastv_export.analysis.flops import DTYPE_BYTES, decode_read_bytes, eq5_speedup, exact_speedup, kv_cache_layer_elems
 from fastv_export.decoder_shape import DecoderShape
@@ -56,20 +57,6 @@ from fastv_export.runtime.generate import decode, generate
 from fastv_export.runtime.ort import OrtRunner, default_session_options
 
 FP32_BYTES = DTYPE_BYTES["fp32"]
-
-
-def parse_media(text: str) -> list[Media]:
-    """``image``, ``image@HxW``, ``video:FRAMES`` or ``video:FRAMES@HxW``, comma-separated, in prompt order."""
-    media = []
-    for item in text.split(","):
-        kind, _, size = item.strip().partition("@")
-        kind, _, frames = kind.partition(":")
-        try:
-            hw = tuple(int(x) for x in size.split("x")) if size else None
-            media.append(Media(kind, hw, frames=int(frames) if frames else 1))
-        except ValueError:
-            raise FastVError(f"--media {item!r}: expected image, image@HxW, video:FRAMES or video:FRAMES@HxW") from None
-    return media
 
 
 def ensure_bundle(root: Path, preset: str, k: int, ratio: str) -> Path:

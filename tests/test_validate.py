@@ -236,3 +236,22 @@ def test_deepstack_levels_that_do_not_reach_the_decoder_fail_validation(graph, p
     report = validate_bundle(path, max_new_tokens=4, batch_sizes=(1,), runner=Dropping(bundle))
     assert not report["passed"]
     assert report["cases"][0]["max_logits_error"] > 1e-3
+
+
+def test_validate_command_takes_the_prompts_media(exported_bundle, capsys):
+    """`fastv-export validate BUNDLE --media ...`: the prompts hold those media (two sizes and a video of
+    another size here, Qwen2.5-VL), the table names them; a malformed --media is one error, exit 2."""
+    from fastv_export.cli import main as cli
+    from tests.helpers import run_cli
+
+    path = exported_bundle("tiny-qwen2.5-vl", 2, "1/2", "last")
+    capsys.readouterr()
+    rc = cli(["validate", str(path), "--media", "image@112x224,video:4@112x168", "--batch-sizes", "1",
+              "--max-new-tokens", "4", "--report-dir", str(path.parent / "media-report")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "media per prompt: image 112x224, video of 4 frames 112x168" in out
+    tokens = 8 * 16 // 4 + 2 * 8 * 12 // 4
+    assert f" {tokens} " in out.splitlines()[3] and "PASS" in out
+    rc, err = run_cli(capsys, ["validate", str(path), "--media", "image@12x"])
+    assert rc == 2 and "--media 'image@12x': expected image, image@HxW" in err

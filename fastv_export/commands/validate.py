@@ -14,9 +14,15 @@ size: every graph's outputs (Polygraphy comparator, RunResults files saved), the
 selection forced), logits at every step and the greedy tokens. Writes validation.json (and the
 Polygraphy files) into BUNDLE/validation/ or --report-dir and prints a table.
 
+The prompts hold one image of the exported size, or the images and videos of --media (every row the
+same): images of other sizes and videos for the families whose bundles take them (Qwen2.5-VL,
+LLaVA-OneVision, InternVL; videos of the exported frame size for Qwen2-VL and Qwen3-VL).
+
 examples:
   fastv-export validate bundle
   fastv-export validate bundle --max-new-tokens 8 --batch-sizes 1
+  fastv-export validate qwen25_bundle --media image@112x224,image@224x168
+  fastv-export validate onevision_bundle --media video:4,image@40x30
 """
 
 
@@ -25,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,3", help="comma-separated batch sizes (default 1,3)")
     parser.add_argument("--report-dir", default=None, help="where validation.json goes (default BUNDLE/validation)")
+    parser.add_argument("--media", default=None,
+                        help="the prompts' images and videos in order: image, image@HxW, video:FRAMES, "
+                             "video:FRAMES@HxW, comma-separated (default: one image of the exported size)")
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                         help="run the ONNX graphs (default) or the engines of `fastv-export build` (needs a GPU)")
 
@@ -39,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or any(s < 1 for s in sizes):
         raise FastVError("--max-new-tokens and every batch size must be >= 1")
     from fastv_export.bundle import load_bundle
+    from fastv_export.media import parse_media
     from fastv_export.runtime.runner import open_runner
 
+    media = parse_media(args.media) if args.media else None
     runner = open_runner(load_bundle(args.bundle), args.backend)
-    report = validate_bundle(args.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner)
+    report = validate_bundle(args.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner, media=media)
     print(format_report(report))
     return 0 if report["passed"] else 1
