@@ -128,7 +128,7 @@ def print_profile(profiles: dict[str, dict], what: str) -> None:
     print(line("total", "", lambda r: total[r]))
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, batch: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +143,7 @@ def plot(rows: list[dict], path: str) -> None:
     b.bar(x - 0.27, [r["decode_speedup"] for r in rows], 0.27, label="measured (ORT CPU)")
     b.bar(x, [r["traffic_ratio"] for r in rows], 0.27, label="weights+KV bytes ratio")
     b.bar(x + 0.27, [r["kv_read_ratio"] for r in rows], 0.27, label="KV-read ratio")
-    b.set_title("decode speedup per token vs R = 0")
+    b.set_title("decode speedup per token vs R = 0" + (f" ({batch} rows per step)" if batch > 1 else ""))
     for ax in (a, b):
         ax.set_xticks(x, labels)
         ax.legend()
@@ -246,7 +246,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"threads": args.threads, "decode_batch": batch, "rows": rows},
                                               indent=1))
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, batch)
     if args.profile:
         del runners
         with tempfile.TemporaryDirectory() as tmp:
