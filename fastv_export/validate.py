@@ -270,7 +270,9 @@ def _why(case: CaseReport, tol: dict) -> str:
 
 def _describe(media: dict) -> str:
     size = "" if media["size"] is None else f" {media['size'][0]}x{media['size'][1]}"
-    return f"video of {media['frames']} frames{size}" if media["kind"] == "video" else f"image{size or ' (exported size)'}"
+    if media["kind"] == "video":
+        return f"video of {media['frames']} frames{size}"
+    return f"image{size or ' (exported size)'}"
 
 
 def format_report(report: dict) -> str:

@@ -248,7 +248,8 @@ def vision_graph(pixel_dims: Sequence[int | str], deepstack: int = 0, layout: st
         tokens = "unit_tokens"
     elif layout == "tiles":
         inputs = (
-            TensorSpec(PIXEL_VALUES, FLOAT, ("tiles", *pixel_dims[-3:]), "the tiles of one image or the frames of one video"),
+            TensorSpec(PIXEL_VALUES, FLOAT, ("tiles", *pixel_dims[-3:]),
+                       "the tiles of one image or the frames of one video"),
             TensorSpec(PACK_INDEX, INT64, ("unit_tokens",),
                        "rows of [tile features; pooled tile features; image_newline] in prompt order"),
         )

@@ -79,7 +79,8 @@ def anyres_layout(kind: str, height: int, width: int, frames: int, params: Mappi
                   tiled: bool = True) -> tuple[int, np.ndarray]:
     """(T, rows) for one medium: T, the tiles of ``tile`` x ``tile`` pixels the vision graph
     encodes (an image: its base tile then its grid tiles row by row; a video: its frames), and
-    ``rows`` (int64 [tokens], the graph input graphs/spec.py PACK_INDEX), the rows of the graph's feature table, in token order.
+    ``rows`` (int64 [tokens], the graph input graphs/spec.py PACK_INDEX), the rows of the graph's feature
+    table, in token order.
 
     ``height`` x ``width`` is the image's size in pixels (a video's frames are one tile); ``frames``
     is 1 for an image. ``tiled=False``: an image the processor does not tile (one of several images of

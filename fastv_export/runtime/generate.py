@@ -91,7 +91,8 @@ def _vision_outputs(bundle) -> list[str]:
     return [spec.IMAGE_FEATURES] + spec.level_names(spec.DEEPSTACK_FEATURES, range(bundle.deepstack_layers))
 
 
-def encode_media(runner: Runner, images: list[np.ndarray], media: Sequence[Media] | None = None) -> dict[str, np.ndarray]:
+def encode_media(runner: Runner, images: list[np.ndarray],
+                 media: Sequence[Media] | None = None) -> dict[str, np.ndarray]:
     """The vision graph on each call's pixels (``images``: one image of the exported size each, or the units
     of the bundle's dynamic layout, whose other feeds come from ``media``): each of its outputs (features,
     DeepStack levels), concatenated in order."""
