@@ -6,6 +6,10 @@ every row of the tiled part; the token count depends on the image size. A video 
 each pooled 2 x 2, followed by one newline. Candidates: every image and video placeholder, newline
 positions included (they hold image features at image-token positions; see docs/adding_a_model.md).
 Token counts come from the model's own feature code (run once per size on zeros), never re-derived.
+
+A bundle's vision graph (layout ``tiles``) takes one image's anyres tiles or one video's frames, any
+count, and the rows of its feature table to return in token order; the runtime computes those rows on
+the host (fastv_export/runtime/anyres.py, tested against the model's packing code).
 """
 from __future__ import annotations
 

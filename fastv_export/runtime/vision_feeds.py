@@ -20,6 +20,7 @@ import numpy as np
 from fastv_export.errors import FastVError
 from fastv_export.graphs import spec
 from fastv_export.media import Media, patch_grid
+from fastv_export.runtime.anyres import anyres_layout
 
 def media_grid(layout: Mapping, media: Media, default: Sequence[int]) -> tuple[int, int, int]:
     """The (t, h, w) patch grid of ``media`` in a ``patch_grid`` layout; ``default``: the exported image's
@@ -83,15 +84,12 @@ def vision_calls(manifest: Mapping, pixels: Sequence[np.ndarray], media: Sequenc
     media = list(media) if media is not None else [Media()] * len(pixels)
     if kind == "patch_grid":
         default = manifest["image_tokens"]["grid_thw"]
-        grids = [(m, media_grid(layout, m, default)) for m in media]
-        units = [(h, w) for _, (t, h, w) in grids for _ in range(t)]
+        units = [(h, w) for t, h, w in (media_grid(layout, m, default) for m in media) for _ in range(t)]
         if len(units) != len(pixels):
             raise FastVError(f"the media of this batch make {len(units)} vision calls (one per image and per "
                              f"temporal patch of a video), got {len(pixels)} pixel inputs")
         return [patch_grid_feeds(px, h, w, layout) for px, (h, w) in zip(pixels, units)]
     if kind == "tiles":
-        from fastv_export.runtime.anyres import anyres_layout
-
         if len(media) != len(pixels):
             raise FastVError(f"the media of this batch make {len(media)} vision calls (one per image and per video), "
                              f"got {len(pixels)} pixel inputs")
