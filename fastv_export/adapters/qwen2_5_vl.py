@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fastv_export.adapters.base import Media, register
+from fastv_export.adapters.base import register
 from fastv_export.adapters.qwen2_vl import Qwen2VLAdapter
 
 #: the vision attention used while the tower runs as the graph does: one masked attention per call
@@ -93,16 +93,3 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
             return visual(pixels, grid_thw=None, position_ids=position_ids, cu_seqlens=whole, max_seqlen=1,
                           window_index=window_index, cu_window_seqlens=cu_window_seqlens,
                           max_window_seqlen=1).pooler_output
-
-    def vision_units(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """One call per image and per temporal patch of a video, any size the patch grid divides: the tower
-        attends within one temporal patch of one medium (its cu_seqlens), so each is exact on its own."""
-        taken = {"image": 0, "video": 0}
-        units = []
-        for m in media:
-            t, h, w = self.media_grid(m)
-            px = inputs["pixel_values_videos" if m.kind == "video" else "pixel_values"]
-            start = taken[m.kind]
-            units += [px[start + i * h * w:start + (i + 1) * h * w] for i in range(t)]
-            taken[m.kind] = start + t * h * w
-        return units

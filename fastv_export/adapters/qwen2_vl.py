@@ -75,17 +75,17 @@ class Qwen2VLAdapter(ModelAdapter):
         return out
 
     def vision_units(self, media: list[Media], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """One call of the exported vision graph per image and per temporal patch of a video: the tower
-        attends within one temporal patch of one medium (its cu_seqlens), so a video is its temporal
-        patches, each an image of the exported grid. Other sizes are not units of the exported graph."""
-        _, h, w = self.image_grid
+        """One vision-graph call per image and per temporal patch of a video: the tower attends within one
+        temporal patch of one medium (its cu_seqlens), so a video is its temporal patches. With the fixed
+        layout each must have the exported grid; with ``patch_grid`` (Qwen2.5-VL) any grid."""
+        _, h0, w0 = self.image_grid
         taken = {"image": 0, "video": 0}
         units = []
         for m in media:
-            t, mh, mw = self.media_grid(m)
-            if (mh, mw) != (h, w):
+            t, h, w = self.media_grid(m)
+            if self.vision_layout == "fixed" and (h, w) != (h0, w0):
                 raise FastVError(f"{m}: the exported vision graph takes images (and video frames) of the exported "
-                                 f"grid {h} x {w} patches ({h * self.config.vision_config.patch_size} px square)")
+                                 f"grid {h0} x {w0} patches ({h0 * self.config.vision_config.patch_size} px square)")
             px = inputs["pixel_values_videos" if m.kind == "video" else "pixel_values"]
             start = taken[m.kind]
             units += [px[start + i * h * w:start + (i + 1) * h * w] for i in range(t)]
