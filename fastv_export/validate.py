@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastv_export.adapters import Media, get_adapter
-from fastv_export.bundle import config_hash, load_bundle
+from fastv_export.bundle import Bundle, config_hash, load_bundle
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_write_json
@@ -200,22 +200,29 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, ru
     return results
 
 
-def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 3),
+def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 3),
                     report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None,
-                    media: list[Media] | None = None) -> dict:
-    """Compare ``runner`` (default: ONNX Runtime on the bundle at ``path``) with the PyTorch reference;
-    writes validation.json (+ Polygraphy RunResults) and returns the report. ``media``: the images and
-    videos of every prompt (default: one image of the exported size)."""
-    bundle = runner.bundle if runner is not None else load_bundle(path)   # a runner holds a verified bundle
-    m = bundle.manifest
-    cfg = FastVConfig.from_manifest(m["fastv"])
-    precision = m["precision"]
+                    media: list[Media] | None = None, model: str | Path | None = None) -> dict:
+    """Compare ``runner`` (default: ONNX Runtime on ``bundle``, a verified Bundle or a directory verified
+    here) with the PyTorch reference; writes validation.json (+ Polygraphy RunResults) and returns the
+    report. ``media``: the images and videos of every prompt (default: one image of the exported size);
+    ``model``: where the source model is (default: the preset, or the checkpoint the bundle records)."""
+    if runner is not None:
+        bundle = runner.bundle                        # a runner holds a verified bundle
+    elif not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    cfg = bundle.fastv
+    precision = bundle.precision
     tol = TOLERANCES[precision]
-    model = load_model(m["source_model"]["name"])
+    source = model or bundle.source
+    if model is None and bundle.source_checkpoint is not None and not Path(source).is_dir():
+        raise FastVError(f"the checkpoint this bundle was exported from is not at {source} (manifest field "
+                         "'source_model.checkpoint', relative to the bundle); pass --model DIR")
+    model = load_model(source)
     adapter = get_adapter(model)
-    if config_hash(adapter) != m["source_model"]["config_sha256"]:
+    if config_hash(adapter) != bundle.config_sha256:
         raise FastVError(f"{bundle.path}/manifest.json field 'source_model.config_sha256' does not match the "
-                         f"model {m['source_model']['name']!r}: the bundle is stale; re-export it")
+                         f"model {str(source)!r}: the bundle is stale; re-export it")
     if runner is None:
         from fastv_export.runtime.ort import OrtRunner
         runner = OrtRunner(bundle)
@@ -251,9 +258,9 @@ def validate_bundle(path: str | Path, max_new_tokens: int = 32, batch_sizes: tup
         case.failure = failure or ("" if ok else _why(case, tol))
         case.passed = ok and not failure
         cases.append(case)
-    report = {"bundle": str(bundle.path), "model": m["source_model"]["name"], "runner": runner.name,
+    report = {"bundle": str(bundle.path), "model": bundle.source_name, "runner": runner.name,
               "media": None if media is None else [asdict(x) for x in media],
-              "fastv": m["fastv"], "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
+              "fastv": cfg.to_manifest(), "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
               "cases": [asdict(c) for c in cases], "passed": all(c.passed for c in cases)}
     atomic_write_json(out_dir / "validation.json", report)
     return report

@@ -72,7 +72,7 @@ its post-rotary query and key), which surgery wires into that node.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 FLOAT = "float"   # the bundle's precision
 INT64 = "int64"
@@ -93,11 +93,6 @@ GRAPHS = ("vision", "embed", "pre_k", "post_k")
 #: of the features to return in prompt order
 VISION_LAYOUTS = ("fixed", "patch_grid", "tiles")
 
-
-def vision_layout_of(manifest: Mapping) -> Mapping:
-    """A bundle's ``image_tokens.vision_layout`` (``kind`` and the numbers its host-side feeds need);
-    bundles written before layouts existed have the fixed one."""
-    return manifest["image_tokens"].get("vision_layout") or {"kind": "fixed"}
 
 # ---- names ------------------------------------------------------------------------------------
 PIXEL_VALUES = "pixel_values"
@@ -209,6 +204,13 @@ class GraphSpec:
             if t.name == name:
                 return t
         raise KeyError(f"graph {self.name} has no input or output {name!r}")
+
+    def io_table(self, sizes: Mapping[str, int], float_dtype: str) -> dict[str, list[dict]]:
+        """Inputs and outputs as a bundle's manifest lists them: name, numpy dtype name (``float``: the
+        bundle's ``float_dtype``), shape with the model constants of ``sizes`` resolved."""
+        def row(t: TensorSpec) -> dict:
+            return {"name": t.name, "dtype": float_dtype if t.dtype == FLOAT else t.dtype, "shape": t.shape(sizes)}
+        return {"inputs": [row(t) for t in self.inputs], "outputs": [row(t) for t in self.outputs]}
 
     def dims_of(self, name: str) -> tuple[str | int, ...] | None:
         """Dims of input/output ``name`` (None if the graph has no such tensor)."""
@@ -336,6 +338,33 @@ def bundle_graphs(k: int, num_layers: int, position_rank: int, pixel_dims: Seque
     return {"vision": vision_graph(pixel_dims, deepstack, vision_layout), "embed": embed_graph(deepstack),
             "pre_k": pre_k_graph(k, position_rank, deepstack),
             "post_k": post_k_graph(k, num_layers, position_rank, deepstack)}
+
+
+class BundleShape(Protocol):
+    """What the spec needs to know of a bundle (``fastv_export.bundle.Manifest`` provides it)."""
+    k: int
+    num_layers: int
+    position_rank: int
+    vision_input_shape: Sequence[int | str]
+    deepstack_layers: int
+    vision_layout: Mapping
+    hidden_size: int
+    vocab_size: int
+    kv_shape: tuple[int, int]
+    tokens_per_image: int
+
+
+def graph_specs(bundle: BundleShape) -> dict[str, GraphSpec]:
+    """The four graphs of an exported bundle (:func:`bundle_graphs` with the bundle's numbers)."""
+    return bundle_graphs(bundle.k, bundle.num_layers, bundle.position_rank, bundle.vision_input_shape,
+                         bundle.deepstack_layers, bundle.vision_layout["kind"])
+
+
+def model_sizes(bundle: BundleShape) -> dict[str, int]:
+    """The values of :data:`MODEL_DIMS` for a bundle (``TensorSpec.shape(sizes)`` resolves dims with them)."""
+    heads, head_dim = bundle.kv_shape
+    return {"hidden_size": bundle.hidden_size, "vocab_size": bundle.vocab_size, "num_kv_heads": heads,
+            "head_dim": head_dim, "tokens_per_image": bundle.tokens_per_image}
 
 
 def pipeline_description() -> dict:

@@ -64,13 +64,13 @@ def ensure_bundle(root: Path, preset: str, k: int, ratio: str) -> Path:
     path = root / f"{preset}-k{k}-r{ratio.replace('/', '_')}"
     if (path / "manifest.json").exists():
         try:
-            f = load_bundle(path).manifest["fastv"]
-            if f["k"] == k and Fraction(f["ratio_num"], f["ratio_den"]) == Fraction(ratio):
+            f = load_bundle(path).fastv
+            if f.k == k and f.r == Fraction(ratio) and f.keep is None:
                 return path
         except FastVError as exc:
             logging.warning("re-exporting %s: %s", path, exc)
     root.mkdir(parents=True, exist_ok=True)
-    return export_bundle(path, FastVConfig(k=k, ratio=ratio), ExportOptions(model=preset, force=True))
+    return export_bundle(path, FastVConfig(k=k, ratio=ratio), ExportOptions(model=preset, force=True)).path
 
 
 def session_options(threads: int | None, profile_prefix: str | None = None) -> ort.SessionOptions:

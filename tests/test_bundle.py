@@ -71,16 +71,16 @@ def test_schema_is_draft_2020_12_and_agrees_with_the_code():
 
 
 def test_schema_ships_with_the_package_and_docs_point_at_it():
-    """One source: fastv_export/manifest.schema.json is package data; docs/manifest.md links to it."""
+    """One source: fastv_export/bundle/manifest.schema.json is package data; docs/manifest.md links to it."""
     tomllib = pytest.importorskip("tomllib")
 
     root = Path(__file__).resolve().parents[1]
-    assert SCHEMA_FILE == root / "fastv_export" / "manifest.schema.json" and SCHEMA_FILE.is_file()
+    assert SCHEMA_FILE == root / "fastv_export" / "bundle" / "manifest.schema.json" and SCHEMA_FILE.is_file()
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-    assert "manifest.schema.json" in pyproject["tool"]["setuptools"]["package-data"]["fastv_export"]
+    assert "manifest.schema.json" in pyproject["tool"]["setuptools"]["package-data"]["fastv_export.bundle"]
     assert any(d.startswith("jsonschema") for d in pyproject["project"]["dependencies"])
     doc = (root / "docs" / "manifest.md").read_text()
-    assert "fastv_export/manifest.schema.json" in doc
+    assert "fastv_export/bundle/manifest.schema.json" in doc
     assert not (root / "docs" / "manifest.schema.json").exists()       # no second copy to drift
 
 
@@ -99,10 +99,10 @@ def test_run_length_encoding_of_prompt_tokens():
 def test_exported_manifests_pass_the_schema_and_the_spec(model, exported_bundle, tmp_path):
     good = exported_bundle(model, 2, "1/2")
     bundle = load_bundle(good)
-    runs = bundle.manifest["image_tokens"]["prompt_tokens_per_image"]
+    runs = json.loads((good / MANIFEST).read_text())["image_tokens"]["prompt_tokens_per_image"]
     assert all(a[0] != b[0] for a, b in zip(runs, runs[1:]))                   # compact
     tokens = bundle.image_prompt_tokens()
-    assert sum(t in bundle.image_token_ids for t in tokens) == bundle.manifest["image_tokens"]["per_image"]
+    assert sum(t in bundle.image_token_ids for t in tokens) == bundle.tokens_per_image
     if model == "tiny-llava":
         assert runs == [[500, 64]] and tokens == [500] * 64
     # the examples of issue 12: a range error and a nested list, each one line naming file and field

@@ -336,6 +336,6 @@ def test_cli_exports_the_recommended_configuration(tmp_path, capsys):
                    "--no-progress"])
     assert rc == 0
     rec = json.loads((out / "calibration.json").read_text())["recommendation"]
-    fastv = load_bundle(bundle).manifest["fastv"]
-    assert (fastv["k"], fastv["ratio"], fastv["ranking"]) == (rec["k"], rec["r"], rec["ranking"])
+    fastv = load_bundle(bundle).fastv
+    assert (fastv.k, f"{fastv.r.numerator}/{fastv.r.denominator}", fastv.ranking) == (rec["k"], rec["r"], rec["ranking"])
     assert rec["ort_prefill_ms"] > 0 and "ONNX Runtime prefill" in capsys.readouterr().out

@@ -10,19 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastv_export.bundle import Manifest
 from fastv_export.engines.profiles import BuildLimits, engine_profiles, trtexec_shape_flags
 from fastv_export.errors import FastVError
 from tests.helpers import PRESET_NAMES
 
 # a manifest as much as the profiles read of it: tiny-llava-like, K=2 of 4 layers, R=1/2
-MANIFEST = {
-    "fastv": {"k": 2, "ratio_num": 1, "ratio_den": 2, "keep": None},
+RAW = {
+    "fastv": {"k": 2, "ratio": "1/2", "ratio_num": 1, "ratio_den": 2, "keep": None, "ranking": "last", "seed": 0},
     "source_model": {"num_layers": 4, "hidden_size": 64, "vocab_size": 512},
     "kv_cache": {"num_kv_heads": 2, "head_dim": 16},
     "image_tokens": {"per_image": 64, "prompt_tokens_per_image": [[500, 64]], "vision_input": {"shape": [1, 3, 56, 56]}},
     "positions": {"rank": 2},
     "precision": "fp32",
 }
+MANIFEST = Manifest(RAW)
 
 
 def _pruned(n: int, m: int, num: int, den: int) -> int:
@@ -33,10 +35,10 @@ def _pruned(n: int, m: int, num: int, den: int) -> int:
 
 @pytest.mark.parametrize("n,images,num,den", [(256, 1, 1, 2), (300, 2, 3, 4), (129, 2, 9, 10), (100, 1, 2, 3)])
 def test_post_k_prefill_profile_is_built_for_the_pruned_length(n, images, num, den):
-    manifest = json.loads(json.dumps(MANIFEST))
-    manifest["fastv"].update(ratio_num=num, ratio_den=den)
+    manifest = json.loads(json.dumps(RAW))
+    manifest["fastv"].update(ratio=f"{num}/{den}", ratio_num=num, ratio_den=den)
     limits = BuildLimits(max_batch=2, max_prompt=n, images=images, max_new_tokens=16)
-    profiles = engine_profiles(manifest, limits)
+    profiles = engine_profiles(Manifest(manifest), limits)
     kept = _pruned(n, 64 * images, num, den)
     post = profiles["post_k"]["prefill"]
     assert post["hidden_states"][1] == [2, kept, 64] and post["hidden_states"][2] == [2, kept, 64]
@@ -53,10 +55,10 @@ def test_post_k_prefill_profile_is_built_for_the_pruned_length(n, images, num, d
 
 
 def test_mrope_positions_and_keep_count_profiles():
-    manifest = json.loads(json.dumps(MANIFEST))
+    manifest = json.loads(json.dumps(RAW))
     manifest["positions"]["rank"] = 3
-    manifest["fastv"].update(keep=10)
-    profiles = engine_profiles(manifest, BuildLimits(max_prompt=90))
+    manifest["fastv"].update(keep=10, ratio="0/1", ratio_num=0, ratio_den=1)
+    profiles = engine_profiles(Manifest(manifest), BuildLimits(max_prompt=90))
     assert profiles["post_k"]["prefill"]["position_ids"][2] == [3, 1, 90 - 64 + 10]
 
 
@@ -153,13 +155,14 @@ def test_build_records_engines_for_the_pruned_length(built, preset, use_plugin):
     from fastv_export.bundle import load_bundle
 
     bundle = load_bundle(built[(preset, use_plugin)])
-    section = bundle.manifest["engines"]
+    section = json.loads((bundle.path / "manifest.json").read_text())["engines"]
     assert section["backend"] == "tensorrt-rtx" and section["targets"] == ["SM86", "SM89"]
     assert section["token_select"] == ("plugin" if use_plugin else "onnx_function_body")
     assert set(section["engines"]) == {"vision", "embed", "pre_k", "post_k"}
     assert section["engines"]["pre_k"]["plugin_layers"] == (1 if use_plugin else 0)
     assert (section["plugin"] is not None) == use_plugin
-    m = bundle.manifest["image_tokens"]["per_image"]
+    assert section["plugin"] is None or "source" not in section["plugin"]     # no path of the building machine
+    m = bundle.tokens_per_image
     kept = _pruned(160, m, 1, 2)
     post = {p["name"]: p["shapes"] for p in section["engines"]["post_k"]["profiles"]}
     assert post["prefill"]["hidden_states"]["opt"][1] == post["prefill"]["hidden_states"]["max"][1] == kept
@@ -219,6 +222,31 @@ def test_failed_builds_leave_the_bundle_unchanged(exported_bundle, tmp_path, cap
         assert len(err) == 1 and message in err[0], err
         assert _snapshot(b) == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["b"], "a temporary directory was left behind"
+
+
+@pytest.mark.tensorrt
+def test_an_inconsistent_engines_section_is_refused_before_anything_is_written(exported_bundle, tmp_path,
+                                                                               monkeypatch):
+    """The build goes through the one manifest writer, which checks before it writes: an engines section
+    whose KV bytes are not what its limits imply is refused, the bundle left as it was. (The engines are
+    stand-ins: what is tested is the section, not TensorRT.)"""
+    from fastv_export.bundle import load_bundle
+    from fastv_export.engines import build
+
+    monkeypatch.setattr(build, "_build_rtx", lambda *a: build.BuiltEngine(b"not an engine", ["MATRIX_MULTIPLY"], b""))
+    options = build.BuildOptions(backend="tensorrt-rtx", use_plugin=False)
+    good = shutil.copytree(exported_bundle("tiny-llava", 2, "1/2"), tmp_path / "good")
+    assert load_bundle(build.build_engines(good, options).path).engines.engines["post_k"].bytes == 13  # a control
+    b = shutil.copytree(exported_bundle("tiny-llava", 2, "1/2"), tmp_path / "b")
+    before = _snapshot(b)
+    real = build.kv_cache_bytes
+    monkeypatch.setattr(build, "kv_cache_bytes", lambda m, limits, graph: real(m, limits, graph) + 1)
+    with pytest.raises(FastVError, match=r"manifest.json field 'engines.engines.vision.kv_cache_bytes_at_max': 1 is "
+                                         r"not 0 \(what engines.limits imply\)") as exc:
+        build.build_engines(b, options)
+    assert "\n" not in str(exc.value)
+    assert _snapshot(b) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "good"], "a temporary directory was left behind"
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastv_export.adapters import Media
+from fastv_export.bundle import Manifest
 from fastv_export.prompts import make_prompt
 from fastv_export.runtime.positions import decode_positions, prefill_positions
 
@@ -17,7 +18,7 @@ def _manifest(adapter):
         if adapter.timed_video_positions:
             m["positions"]["video_tokens_per_second"] = adapter.config.vision_config.tokens_per_second
     m["image_tokens"]["vision_layout"] = {"kind": adapter.vision_layout, **adapter.vision_layout_params()}
-    return m
+    return Manifest(m)
 
 
 def test_prefill_and_decode_positions_match_hf_generate(preset, model_and_adapter):

@@ -174,7 +174,10 @@ def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_pat
     ckpt = _checkpoint_with_tokenizer(tmp_path)
     out = tmp_path / "bundle"
     assert cli(["export", "--model", str(ckpt), "--k", "2", "--r", "1/2", "--out", str(out)]) == 0
-    assert json.loads((out / "manifest.json").read_text())["source_model"]["name"] == str(ckpt.resolve())
+    text = (out / "manifest.json").read_text()
+    source = json.loads(text)["source_model"]
+    assert str(tmp_path) not in text                        # no absolute path of this machine in the manifest
+    assert source["name"] == ckpt.name and (out / source["checkpoint"]).resolve() == ckpt.resolve()
     png = tmp_path / "img.png"
     Image.new("RGB", (50, 40), (30, 60, 200)).save(png)
     capsys.readouterr()
@@ -191,6 +194,16 @@ def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_pat
     assert f"tokens: {gen.tokens[0].tolist()}" in printed
     rc, err = run_cli(capsys, ["run", str(out), "--image", str(png), "--prompt", "<image> and <image>"])
     assert rc == 2 and "marks 2 <image> but 1 --image" in err
+    # the bundle moved away from its checkpoint: one line naming the way out, then --model finds it
+    moved = tmp_path / "elsewhere" / "bundle"
+    moved.parent.mkdir()
+    out.rename(moved)
+    argv = ["run", str(moved), "--image", str(png), "--prompt", "USER: <image> what is it ? ASSISTANT:",
+            "--max-new-tokens", "6"]
+    rc, err = run_cli(capsys, argv)
+    assert rc == 2 and "pass --model DIR" in err
+    assert cli(argv + ["--model", str(ckpt)]) == 0
+    assert f"tokens: {gen.tokens[0].tolist()}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -48,6 +48,24 @@ def _shape(text: str, rank3: bool) -> list[str] | None:
     return [d.strip() for d in pick.strip("[]").split(",")]
 
 
+def _layout(manifest: dict) -> str:
+    return (manifest["image_tokens"].get("vision_layout") or {"kind": "fixed"})["kind"]
+
+
+def _files_io(path: Path, manifest: dict) -> dict[str, dict[str, list]]:
+    """Each graph's inputs and outputs as its ONNX file holds them (the manifest is written from the spec, so
+    the files are what an independent check reads)."""
+    import onnx
+
+    from fastv_export.bundle.verify import onnx_io
+
+    out = {}
+    for graph, desc in manifest["graphs"].items():
+        model = onnx.load(str(path / desc["file"]), load_external_data=False)
+        out[graph] = {"inputs": onnx_io(model.graph.input), "outputs": onnx_io(model.graph.output)}
+    return out
+
+
 def _sizes(manifest: dict) -> dict[str, int]:
     return {"hidden_size": manifest["source_model"]["hidden_size"],
             "vocab_size": manifest["source_model"]["vocab_size"],
@@ -63,7 +81,7 @@ def test_docstring_table_matches_an_exported_bundle(preset, exported_bundle):
     k, layers = manifest["fastv"]["k"], manifest["source_model"]["num_layers"]
     deepstack = manifest["source_model"].get("deepstack_layers", 0)
     rank3 = manifest["positions"]["rank"] == 3
-    layout = spec.vision_layout_of(manifest)["kind"]
+    layout = _layout(manifest)
     sizes = {n: str(v) for n, v in _sizes(manifest).items()}
     want: dict[tuple[str, str], list] = {}
     for row in _table_rows():
@@ -81,7 +99,7 @@ def test_docstring_table_matches_an_exported_bundle(preset, exported_bundle):
                 row = {**row, "name": tag.group(1)}
         for name in _expand(row["name"], k, layers, deepstack):
             want.setdefault((row["graph"], row["io"]), []).append((name, row["dtype"], _shape(row["shape"], rank3)))
-    for graph, desc in manifest["graphs"].items():
+    for graph, desc in _files_io(path, manifest).items():
         for io, key in (("in", "inputs"), ("out", "outputs")):
             got = desc[key]
             rows = want[(graph, io)]
@@ -101,12 +119,13 @@ def test_graph_specs_match_an_exported_bundle(preset, exported_bundle):
     specs = spec.bundle_graphs(manifest["fastv"]["k"], manifest["source_model"]["num_layers"],
                                manifest["positions"]["rank"], pixel_dims,
                                manifest["source_model"].get("deepstack_layers", 0),
-                               spec.vision_layout_of(manifest)["kind"])
+                               _layout(manifest))
     sizes = _sizes(manifest)
     assert list(specs) == list(manifest["graphs"]) == list(spec.GRAPHS)
+    files = _files_io(path, manifest)
     for name, g in specs.items():
-        desc = manifest["graphs"][name]
-        assert desc["file"] == g.file
+        assert manifest["graphs"][name]["file"] == g.file
+        desc = files[name]
         for tensors, got in ((g.inputs, desc["inputs"]), (g.outputs, desc["outputs"])):
             assert [t.name for t in tensors] == [x["name"] for x in got]
             for t, x in zip(tensors, got):

@@ -231,8 +231,7 @@ def test_deepstack_levels_that_do_not_reach_the_decoder_fail_validation(graph, p
 
     bundle = load_bundle(path)
     assert bundle.deepstack_layers == 2
-    assert spec.level_name(spec.KEPT_DEEPSTACK_EMBEDS, 1) in [o["name"] for o in
-                                                              bundle.manifest["graphs"]["pre_k"]["outputs"]]
+    assert spec.level_name(spec.KEPT_DEEPSTACK_EMBEDS, 1) in spec.graph_specs(bundle)["pre_k"].output_names
     report = validate_bundle(path, max_new_tokens=4, batch_sizes=(1,), runner=Dropping(bundle))
     assert not report["passed"]
     assert report["cases"][0]["max_logits_error"] > 1e-3

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastv_export.adapters import Media
+from fastv_export.bundle import Manifest
 from fastv_export.errors import FastVError
 from fastv_export.graphs import spec
 from fastv_export.prompts import make_prompt
@@ -41,7 +42,7 @@ def test_the_calls_of_a_prompt_give_the_models_own_features(model_and_adapter):
     media = [Media("image", (168, 168)), Media("video", (112, 224), frames=4), Media("image", (224, 112)),
              Media("image", (56, 56))]
     prompt = make_prompt(adapter, [5], media=media)
-    calls = vision_calls(_layout(adapter), [u.numpy() for u in prompt.vision_units(adapter)], prompt.media,
+    calls = vision_calls(Manifest(_layout(adapter)), [u.numpy() for u in prompt.vision_units(adapter)], prompt.media,
                          np.float32)
     assert len(calls) == 5 and all(list(c) == spec.vision_graph([0, 0], 0, "patch_grid").input_names for c in calls)
     with torch.no_grad():
@@ -55,11 +56,11 @@ def test_bad_calls_are_refused_with_one_clear_error(model_and_adapter):
     man = _layout(adapter)
     px = np.zeros((144, 1176), np.float32)
     with pytest.raises(FastVError, match="make 2 vision calls .* got 1 pixel inputs"):
-        vision_calls(man, [px], [Media("video", frames=4)], np.float32)
+        vision_calls(Manifest(man), [px], [Media("video", frames=4)], np.float32)
     with pytest.raises(FastVError, match="takes 64 patch rows"):
-        vision_calls(man, [px], [Media("image", (112, 112))], np.float32)
+        vision_calls(Manifest(man), [px], [Media("image", (112, 112))], np.float32)
     with pytest.raises(FastVError, match="multiples of 28 pixels"):
-        vision_calls(man, [px], [Media("image", (100, 112))], np.float32)
+        vision_calls(Manifest(man), [px], [Media("image", (100, 112))], np.float32)
     man["image_tokens"]["vision_layout"]["kind"] = "mosaic"
     with pytest.raises(FastVError, match="'image_tokens.vision_layout.kind' is 'mosaic'"):
-        vision_calls(man, [px], None, np.float32)
+        vision_calls(Manifest(man), [px], None, np.float32)

@@ -76,8 +76,9 @@ def build_options_from_args(args: argparse.Namespace):
                         use_plugin=not args.no_plugin, limits=limits)
 
 
-def build_with_progress(bundle: str, options) -> dict:
-    """build_engines with one progress bar (it starts once the inputs are checked)."""
+def build_with_progress(bundle, options):
+    """build_engines (``bundle``: a verified Bundle or a directory) with one progress bar (it starts once
+    the inputs are checked); returns the rebuilt Bundle."""
     from tqdm import tqdm
 
     from fastv_export.engines.build import build_engines
@@ -106,10 +107,10 @@ def run(args: argparse.Namespace) -> int:
 
     options = build_options_from_args(args)
     if args.print_trtexec:
-        print(trtexec_script(load_bundle(args.bundle).manifest, options.limits, use_plugin=options.use_plugin), end="")
+        print(trtexec_script(load_bundle(args.bundle), options.limits, use_plugin=options.use_plugin), end="")
         return 0
-    section = build_with_progress(args.bundle, options)
+    section = build_with_progress(args.bundle, options).engines
     print(format_summary(section))
     print(f"wrote the engines into {args.bundle} (manifest.json 'engines'; trtexec lines: "
-          f"{args.bundle}/{section['trtexec_script']})")
+          f"{args.bundle}/{section.trtexec_script})")
     return 0

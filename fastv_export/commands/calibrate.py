@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = rec.row.config(seed=args.seed)
         bundle = export_bundle(args.export, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
         latency = _ort_prefill_ms(bundle, items[0])
-        rec_doc = rec.to_dict() | {"bundle": str(bundle), "ort_prefill_ms": latency}
+        rec_doc = rec.to_dict() | {"bundle": str(bundle.path), "ort_prefill_ms": latency}
         doc = json.loads(paths["json"].read_text())
         doc["recommendation"] = rec_doc
         from fastv_export.files import atomic_write_json
@@ -158,15 +158,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ort_prefill_ms(bundle, item, repeats: int = 3) -> float:
-    """Best-of-``repeats`` ONNX Runtime prefill time (vision, pre-K, post-K) of one prompt, in ms."""
+def _ort_prefill_ms(b, item, repeats: int = 3) -> float:
+    """Best-of-``repeats`` ONNX Runtime prefill time (vision, pre-K, post-K) of one prompt on the freshly
+    exported bundle ``b``, in ms."""
     import numpy as np
 
-    from fastv_export.bundle import load_bundle
     from fastv_export.runtime.generate import generate
-    from fastv_export.runtime.runner import open_runner
+    from fastv_export.runtime.runners import open_runner
 
-    b = load_bundle(bundle)
     runner = open_runner(b, "onnxruntime")
     ids = item.input_ids.numpy().astype(np.int64)
     pixels = item.vision["pixel_values"]

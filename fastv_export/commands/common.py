@@ -10,6 +10,7 @@ import argparse
 from fastv_export.config import FastVConfig
 from fastv_export.graphs.op import RANKINGS
 from fastv_export.presets import DEFAULT_MODEL, PRESETS
+from fastv_export.runtime.runners import DEFAULT_RUNNER, RUNNERS
 
 DEFAULT_RATIO = "1/2"
 
@@ -43,3 +44,9 @@ def fastv_config_from_args(args: argparse.Namespace) -> FastVConfig:
     """The :class:`FastVConfig` of the arguments added by :func:`add_fastv_arguments`."""
     ratio = None if args.keep is not None else (args.r if args.r is not None else DEFAULT_RATIO)
     return FastVConfig(k=args.k, ratio=ratio, keep=args.keep, ranking=args.ranking, seed=args.seed)
+
+
+def add_runner_argument(parser: argparse.ArgumentParser) -> None:
+    """``--runner NAME``: which runner executes the bundle (choices from :data:`RUNNERS`)."""
+    parser.add_argument("--runner", choices=tuple(RUNNERS), default=DEFAULT_RUNNER,
+                        help="; ".join(f"{k}: {v}" for k, v in RUNNERS.items()) + f" (default {DEFAULT_RUNNER})")

@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from fastv_export.export.onnx_export import ExportOptions, export_bundle
 
     cfg = fastv_config_from_args(args)
-    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
+    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force)).path
     print(f"wrote {out} ({cfg.describe()}, {args.dtype}); next: fastv-export validate {out}")
     return 0

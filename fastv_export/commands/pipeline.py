@@ -30,22 +30,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_build_arguments(parser)
 
 
-def _flops_lines(model: str, report: dict, section: dict) -> list[str]:
-    """Eq. 5 / exact FLOPs and KV of the engines' longest prompt (``report``: validation's, which
-    carries the bundle's ``fastv`` section and precision)."""
+def _flops_lines(model: str, bundle, section) -> list[str]:
+    """Eq. 5 / exact FLOPs and KV of the engines' longest prompt (``section``: the bundle's engines)."""
     from fastv_export.analysis.flops import estimate, resolve_shape
 
-    n = section["lengths"]
-    f = report["fastv"]
-    rep = estimate(resolve_shape(model), image_tokens=n["image_tokens"], text_tokens=n["prompt"] - n["image_tokens"],
-                   k=f["k"], ratio=None if f["keep"] is not None else f["ratio"], keep=f["keep"],
-                   dtype=report["precision"]).to_dict()
-    return [f"FLOPs of a {n['prompt']}-token prefill ({n['image_tokens']} image tokens): Eq. 5 ratio "
+    n = section.lengths
+    f = bundle.fastv
+    rep = estimate(resolve_shape(model), image_tokens=n.image_tokens, text_tokens=n.prompt - n.image_tokens,
+                   k=f.k, ratio=None if f.keep is not None else f.r, keep=f.keep, dtype=bundle.precision).to_dict()
+    return [f"FLOPs of a {n.prompt}-token prefill ({n.image_tokens} image tokens): Eq. 5 ratio "
             f"{rep['eq5_ratio']:.3f} ({rep['eq5_speedup']:.2f}x), exact ratio {rep['exact_ratio']:.3f} "
             f"({rep['exact_speedup']:.2f}x)",
             f"KV cache of that prompt: {rep['kv_cache_baseline_bytes'] / 2**20:.2f} MiB unpruned -> "
-            f"{rep['kv_cache_bytes'] / 2**20:.2f} MiB with FastV (layers >= K hold n'={n['kept']} of "
-            f"{n['prompt']} tokens)"]
+            f"{rep['kv_cache_bytes'] / 2**20:.2f} MiB with FastV (layers >= K hold n'={n.kept} of "
+            f"{n.prompt} tokens)"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,25 +53,26 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = fastv_config_from_args(args)
     options = build_options_from_args(args)
-    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
+    bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
+    out = bundle.path
     print(f"1/3 exported {out} ({cfg.describe()}, {args.dtype})")
-    report = validate_bundle(out, args.validate_tokens, (1, 3))
+    report = validate_bundle(bundle, args.validate_tokens, (1, 3))   # the bundle as written: verified once
     print(f"2/3 validation (ONNX Runtime vs the PyTorch reference): {'PASSED' if report['passed'] else 'FAILED'}")
     if not report["passed"]:
         print(format_report(report))
         return 1
-    section = build_with_progress(str(out), options)
+    section = build_with_progress(bundle, options).engines
     print("3/3 engines built")
     worst = max(c["max_logits_error"] for c in report["cases"])
     gpu = gpu_target()
-    lines = ["", f"summary of {out}", *(_flops_lines(args.model, report, section)),
+    lines = ["", f"summary of {out}", *(_flops_lines(args.model, bundle, section)),
              f"validation: {len(report['cases'])} cases (batch 1 and 3, {args.validate_tokens} tokens), greedy tokens "
              f"identical, worst logits error {worst:.2e} (tolerance {report['tolerances']['logits']})",
              format_summary(section),
              "verified on this machine: the graphs in ONNX Runtime against the PyTorch reference; the engines "
-             f"were built ({section['backend']} {section['backend_version']})",
-             "not verified here: " + ("running the engines (run `fastv-export validate " f"{out} --backend tensorrt`)"
+             f"were built ({section.backend} {section.backend_version})",
+             "not verified here: " + ("running the engines (run `fastv-export validate " f"{out} --runner tensorrt`)"
                                       if gpu else "running the engines (no GPU on this machine); on the target run "
-                                      f"`fastv-export validate {out} --backend tensorrt`")]
+                                      f"`fastv-export validate {out} --runner tensorrt`")]
     print("\n".join(lines))
     return 0

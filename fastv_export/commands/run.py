@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable
 
+from fastv_export.commands.common import add_runner_argument
 from fastv_export.errors import FastVError
 
 if TYPE_CHECKING:
@@ -41,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", default=[], metavar="PNG", help="an image (repeatable)")
     parser.add_argument("--prompt", required=True, help="the instruction text")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
-                        help="run the ONNX graphs (default) or the engines of `fastv-export build` (needs a GPU)")
+    add_runner_argument(parser)
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="the checkpoint directory whose tokenizer to use (default: the one the bundle was "
+                             "exported from, found relative to the bundle)")
     parser.add_argument("--dump-inputs", metavar="DIR", default=None,
                         help="also write the inputs fed to the graphs (token ids, attention mask, pixel values per "
                              "image, candidate positions) as inputs.json + raw .bin files for the C++ runtime's "
@@ -109,8 +112,8 @@ def _checkpoint_codec(source: str) -> TextCodec:
     path = Path(source)
     if not (path / "config.json").is_file():
         raise FastVError(f"this bundle was exported from {source}, which is not a checkpoint directory here; `run` "
-                         "needs it for the tokenizer (or use the Python API fastv_export.runtime.generate.generate "
-                         "with token ids)")
+                         "needs it for the tokenizer: pass --model DIR (or use the Python API "
+                         "fastv_export.runtime.generate.generate with token ids)")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
@@ -144,21 +147,20 @@ def run(args: argparse.Namespace) -> int:
     from fastv_export.bundle import load_bundle
     from fastv_export.presets import PRESETS, TRAINED_PRESETS
     from fastv_export.runtime.generate import generate
-    from fastv_export.runtime.runner import open_runner
+    from fastv_export.runtime.runners import open_runner
 
     if not args.prompt.strip():
         raise FastVError("--prompt is empty; give the instruction text")
     if args.max_new_tokens < 1:
         raise FastVError("--max-new-tokens must be >= 1")
     bundle = load_bundle(args.bundle)
-    m = bundle.manifest
-    source = m["source_model"]["name"]
+    source = args.model or bundle.source
     if source in TRAINED_PRESETS:
         codec = _word_codec(source)
     else:
         codec = _byte_codec(source) if source in PRESETS else _checkpoint_codec(source)
     # the adapter needs only the config here (image tokens, preprocessing), not the weights
-    adapter = adapter_class_for(m["source_model"]["architecture"])(SimpleNamespace(config=codec.config))
+    adapter = adapter_class_for(bundle.architecture)(SimpleNamespace(config=codec.config))
     images = _load_images(args.image, adapter)
     ids = prompt_ids(args.prompt, codec, bundle.image_prompt_tokens(), len(images))
     ids = np.array([ids], dtype=np.int64)
@@ -167,11 +169,12 @@ def run(args: argparse.Namespace) -> int:
         from fastv_export.runtime.generate import find_candidates
 
         dump_inputs(args.dump_inputs, ids, np.ones_like(ids), images, find_candidates(ids, bundle.image_token_ids))
-    gen = generate(open_runner(bundle, args.backend), ids, np.ones_like(ids), images, args.max_new_tokens,
+    gen = generate(open_runner(bundle, args.runner), ids, np.ones_like(ids), images, args.max_new_tokens,
                    eos_token_id=bundle.eos_token_id)
     tokens = gen.tokens[0].tolist()
+    f = bundle.fastv
     print(f"prompt: {ids.shape[1]} tokens ({len(images)} image(s)); kept {gen.kept.shape[1]} after "
-          f"TokenSelect (K={m['fastv']['k']}, R={m['fastv']['ratio']}, {m['fastv']['ranking']})")
+          f"TokenSelect (K={f.k}, R={f.r.numerator}/{f.r.denominator}, {f.ranking})")
     print(f"tokens: {tokens}")
     print(f"text  : {codec.decode(tokens)!r}")
     if logging.getLogger(__name__).isEnabledFor(logging.INFO):   # -v

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from fastv_export.commands.common import add_runner_argument
 from fastv_export.errors import FastVError
 
 HELP = "compare a bundle's ONNX graphs with the PyTorch reference FastV (exit 0 only if all pass)"
@@ -34,8 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--media", default=None,
                         help="the prompts' images and videos in order: image, image@HxW, video:FRAMES, "
                              "video:FRAMES@HxW, comma-separated (default: one image of the exported size)")
-    parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
-                        help="run the ONNX graphs (default) or the engines of `fastv-export build` (needs a GPU)")
+    add_runner_argument(parser)
+    parser.add_argument("--model", default=None, metavar="PRESET|DIR",
+                        help="the source model to compare with (default: the bundle's preset, or the checkpoint "
+                             "directory it was exported from, found relative to the bundle)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
         raise FastVError("--max-new-tokens and every batch size must be >= 1")
     from fastv_export.bundle import load_bundle
     from fastv_export.media import parse_media
-    from fastv_export.runtime.runner import open_runner
+    from fastv_export.runtime.runners import open_runner
 
     media = parse_media(args.media) if args.media else None
-    runner = open_runner(load_bundle(args.bundle), args.backend)
-    report = validate_bundle(args.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner, media=media)
+    runner = open_runner(load_bundle(args.bundle), args.runner)
+    report = validate_bundle(runner.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner, media=media,
+                             model=args.model)
     print(format_report(report))
     return 0 if report["passed"] else 1

@@ -25,10 +25,10 @@ from typing import Callable, Sequence
 
 import onnx
 
-from fastv_export.bundle import MANIFEST, Bundle, load_bundle
+from fastv_export.bundle import MANIFEST, Bundle, Engine, Engines, Manifest, Profile, load_bundle, write_manifest
 from fastv_export.engines.profiles import BuildLimits, engine_profiles, kv_cache_bytes, lengths, trtexec_shape_flags
 from fastv_export.errors import FastVError
-from fastv_export.files import atomic_directory, atomic_write_json, atomic_write_text, sha256
+from fastv_export.files import atomic_directory, atomic_write_text, sha256
 from fastv_export.graphs import op, spec
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def without_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------------------------------------- trtexec
-def trtexec_lines(manifest: dict, limits: BuildLimits, use_plugin: bool = True) -> list[str]:
+def trtexec_lines(manifest: Manifest, limits: BuildLimits, use_plugin: bool = True) -> list[str]:
     """``trtexec`` command lines that build the same engines with TensorRT 10 on the target device
     (Jetson builds on the device: engines are not portable across GPUs or TensorRT versions)."""
     profiles = engine_profiles(manifest, limits)
@@ -142,7 +142,7 @@ def trtexec_lines(manifest: dict, limits: BuildLimits, use_plugin: bool = True) 
     return lines
 
 
-def trtexec_script(manifest: dict, limits: BuildLimits, use_plugin: bool = True) -> str:
+def trtexec_script(manifest: Manifest, limits: BuildLimits, use_plugin: bool = True) -> str:
     head = ["#!/usr/bin/env bash",
             "# Build this bundle's engines with TensorRT 10's trtexec on the device that will run them",
             "# (Jetson Orin/Thor: build on the device; engines are not portable across GPUs or TensorRT versions).",
@@ -218,29 +218,34 @@ def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
     return BuiltEngine(bytes(engine), layers, bytes(config.get_timing_cache().serialize()), activation)
 
 
-def _copy_bundle(src: Path, dst: Path) -> None:
-    """Everything of the bundle but its previous engines, hard-linked where possible."""
-    for f in src.iterdir():
-        if f.is_dir() or f.name.endswith(ENGINE_SUFFIX) or f.name in (op.PLUGIN_LIBRARY, TRTEXEC_SCRIPT):
+def _copy_bundle(bundle: Bundle, dst: Path) -> dict[str, dict]:
+    """Every file the bundle's manifest lists, but its previous engines, hard-linked where possible, and
+    its validation reports; returns the copied files' verified checksums (the manifest's entries)."""
+    copied = {}
+    for name, entry in bundle.files.items():
+        if name.endswith(ENGINE_SUFFIX) or name in (TIMING_CACHE, TRTEXEC_SCRIPT, op.PLUGIN_LIBRARY):
             continue
         try:
-            os.link(f, dst / f.name)
+            os.link(bundle.path / name, dst / name)
         except OSError:
-            shutil.copy2(f, dst / f.name)
-    if (src / "validation").is_dir():
-        shutil.copytree(src / "validation", dst / "validation")
+            shutil.copy2(bundle.path / name, dst / name)
+        copied[name] = entry
+    if (bundle.path / "validation").is_dir():
+        shutil.copytree(bundle.path / "validation", dst / "validation")
+    return copied
 
 
-def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
-                  progress: Callable[[str], None] | None = None) -> dict:
-    """Build the engines of the bundle at ``path``; returns the manifest's new ``engines`` section.
+def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOptions(),
+                  progress: Callable[[str], None] | None = None) -> Bundle:
+    """Build the engines of ``bundle`` (a verified :class:`Bundle`, or a directory, verified here) and
+    record them in its manifest; returns the rebuilt bundle (its ``engines``: the new section).
     ``progress(graph)`` is called as each engine's build starts (after every input was checked)."""
-    bundle = load_bundle(path)
-    manifest = bundle.manifest
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
     backend = resolve_backend(options.backend)
     version = backend_version(backend)
     targets = target_names(options.compute_capabilities) if backend == "tensorrt-rtx" else ["CURRENT"]
-    profiles = engine_profiles(manifest, options.limits)        # validates the limits first
+    profiles = engine_profiles(bundle, options.limits)        # validates the limits first
     plugin = None
     if options.use_plugin:
         plugin = Path(options.plugin_library) if options.plugin_library else default_plugin_library(targets)
@@ -249,9 +254,9 @@ def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
                              "or pass --no-plugin to build TokenSelect's ONNX function body")
     cache_file = bundle.path / TIMING_CACHE
     cache = cache_file.read_bytes() if cache_file.is_file() else b""
-    engines: dict[str, dict] = {}
+    engines: dict[str, Engine] = {}
     with atomic_directory(bundle.path, force=True) as tmp:
-        _copy_bundle(bundle.path, tmp)
+        copied = _copy_bundle(bundle, tmp)
         for graph in spec.GRAPHS:
             if progress:
                 progress(graph)
@@ -271,39 +276,28 @@ def build_engines(path: str | Path, options: BuildOptions = BuildOptions(),
                                                              "not expanded"))
             name = f"{graph}{ENGINE_SUFFIX}"
             (tmp / name).write_bytes(data)
-            seconds = time.perf_counter() - start
-            engines[graph] = {
-                "file": name, "sha256": sha256(tmp / name), "bytes": len(data),
-                "profiles": [{"name": p, "shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in s.items()}}
-                             for p, s in profiles[graph].items()],
-                "kv_cache_bytes_at_max": kv_cache_bytes(manifest, options.limits, graph),
-                "activation_bytes": built.activation_bytes,
-                "layers": len(layers), "plugin_layers": n_plugin, "build_seconds": round(seconds, 3)}
+            engines[graph] = Engine(
+                file=name, sha256=sha256(tmp / name), bytes=len(data),
+                profiles=[Profile(p, dict(shapes)) for p, shapes in profiles[graph].items()],
+                kv_cache_bytes_at_max=kv_cache_bytes(bundle, options.limits, graph),
+                activation_bytes=built.activation_bytes, layers=len(layers), plugin_layers=n_plugin,
+                build_seconds=round(time.perf_counter() - start, 3))
         (tmp / TIMING_CACHE).write_bytes(cache)
         plugin_entry = None
         if plugin is not None:
             shutil.copy2(plugin, tmp / op.PLUGIN_LIBRARY)
             plugin_entry = dict(op.PLUGIN_IDENTITY, sha256=sha256(tmp / op.PLUGIN_LIBRARY),
-                                serialized_in_engine=backend == "tensorrt", source=str(plugin.resolve()))
-        atomic_write_text(tmp / TRTEXEC_SCRIPT, trtexec_script(manifest, options.limits, plugin is not None))
-        n = lengths(manifest, options.limits)
-        section = {
-            "backend": backend, "backend_version": version, "targets": targets,
-            "precision": manifest["precision"], "strongly_typed": True,
-            "token_select": "plugin" if plugin is not None else "onnx_function_body",
-            "plugin": plugin_entry,
-            "limits": options.limits.to_dict(),
-            "lengths": {"prompt": n.prompt, "image_tokens": n.image_tokens, "kept": n.kept,
-                        "new_tokens": n.new_tokens},
-            "timing_cache": TIMING_CACHE, "trtexec_script": TRTEXEC_SCRIPT,
-            "engines": engines,
-        }
-        new = dict(manifest, engines=section)
-        new["files"] = {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
-                        for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MANIFEST}
-        atomic_write_json(tmp / MANIFEST, new)
+                                serialized_in_engine=backend == "tensorrt")
+        atomic_write_text(tmp / TRTEXEC_SCRIPT, trtexec_script(bundle, options.limits, plugin is not None))
+        section = Engines(
+            backend=backend, backend_version=version, targets=targets, precision=bundle.precision, strongly_typed=True,
+            token_select="plugin" if plugin is not None else "onnx_function_body", plugin=plugin_entry,
+            limits=options.limits.to_dict(),
+            lengths=lengths(bundle, options.limits),
+            timing_cache=TIMING_CACHE, trtexec_script=TRTEXEC_SCRIPT, engines=engines)
+        manifest = write_manifest(tmp, bundle.with_engines(section), known=copied)
     log.info("engines written into %s", bundle.path)
-    return section
+    return Bundle(bundle.path, manifest)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -311,22 +305,22 @@ def check_engines(bundle: Bundle) -> None:
     """Refuse engines that this machine cannot use, with one line: a backend version other than the
     installed one, or a GPU that is not among the targets. (Checksums of the engines and the plugin
     library were verified by load_bundle.)"""
-    section = bundle.manifest.get("engines")
+    section = bundle.engines
     where = f"{bundle.path}/{MANIFEST}"
-    if not section:
+    if section is None:
         raise FastVError(f"{where} records no engines: build them with `fastv-export build {bundle.path}`")
-    backend = section["backend"]
+    backend = section.backend
     try:
         installed = backend_version(backend)
     except FastVError as exc:
-        raise FastVError(f"{where}: the engines were built with {backend} {section['backend_version']}, which "
+        raise FastVError(f"{where}: the engines were built with {backend} {section.backend_version}, which "
                          f"is not installed here ({exc})") from None
-    if installed != section["backend_version"]:
-        raise FastVError(f"{where}: the engines were built with {backend} {section['backend_version']}, this machine "
+    if installed != section.backend_version:
+        raise FastVError(f"{where}: the engines were built with {backend} {section.backend_version}, this machine "
                          f"has {installed}; rebuild them with `fastv-export build {bundle.path}`")
     gpu = gpu_target()
-    if gpu is not None and "CURRENT" not in section["targets"] and gpu not in section["targets"]:
-        raise FastVError(f"{where}: the engines target {', '.join(section['targets'])}, this GPU is {gpu}; rebuild "
+    if gpu is not None and "CURRENT" not in section.targets and gpu not in section.targets:
+        raise FastVError(f"{where}: the engines target {', '.join(section.targets)}, this GPU is {gpu}; rebuild "
                          f"with --compute-capability {gpu[2:-1]}.{gpu[-1]}")
 
 
@@ -342,21 +336,21 @@ def gpu_target() -> str | None:
         return None
 
 
-def format_summary(section: dict) -> str:
+def format_summary(section: Engines) -> str:
     """A table of the engines: file size, KV and activation bytes at the maxima, build time."""
-    lines = [f"engines: {section['backend']} {section['backend_version']}, targets {', '.join(section['targets'])}, "
-             f"{section['precision']}, TokenSelect as {section['token_select'].replace('_', ' ')}",
-             f"lengths: prompt n={section['lengths']['prompt']} ({section['lengths']['image_tokens']} image tokens), "
-             f"post-K n'={section['lengths']['kept']}, new tokens {section['lengths']['new_tokens']}",
+    lines = [f"engines: {section.backend} {section.backend_version}, targets {', '.join(section.targets)}, "
+             f"{section.precision}, TokenSelect as {section.token_select.replace('_', ' ')}",
+             f"lengths: prompt n={section.lengths.prompt} ({section.lengths.image_tokens} image tokens), "
+             f"post-K n'={section.lengths.kept}, new tokens {section.lengths.new_tokens}",
              f"{'engine':>8} {'MiB':>8} {'layers':>7} {'plugin':>6} {'KV MiB at max':>14} {'act. MiB':>9} {'build s':>8}"]
-    for graph, e in section["engines"].items():
-        act = e["activation_bytes"]
-        lines.append(f"{graph:>8} {e['bytes'] / 2**20:>8.2f} {e['layers']:>7} {e['plugin_layers']:>6} "
-                     f"{e['kv_cache_bytes_at_max'] / 2**20:>14.3f} "
-                     f"{'n/a' if act is None else f'{act / 2**20:.3f}':>9} {e['build_seconds']:>8.2f}")
-    total = sum(e["bytes"] for e in section["engines"].values())
-    secs = sum(e["build_seconds"] for e in section["engines"].values())
+    for graph, e in section.engines.items():
+        act = e.activation_bytes
+        lines.append(f"{graph:>8} {e.bytes / 2**20:>8.2f} {e.layers:>7} {e.plugin_layers:>6} "
+                     f"{e.kv_cache_bytes_at_max / 2**20:>14.3f} "
+                     f"{'n/a' if act is None else f'{act / 2**20:.3f}':>9} {e.build_seconds:>8.2f}")
+    total = sum(e.bytes for e in section.engines.values())
+    secs = sum(e.build_seconds for e in section.engines.values())
     lines.append(f"{'total':>8} {total / 2**20:>8.2f} {'':>7} {'':>6} {'':>14} {'':>9} {secs:>8.2f}")
-    if any(e["activation_bytes"] is None for e in section["engines"].values()):
+    if any(e.activation_bytes is None for e in section.engines.values()):
         lines.append("act. MiB n/a: ahead-of-time builds cannot measure activation memory without the target GPU")
     return "\n".join(lines)

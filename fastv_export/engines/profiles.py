@@ -26,10 +26,14 @@ tokens would leave more than n' tokens after pruning).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
+from fastv_export.bundle.view import Lengths
 from fastv_export.errors import FastVError
 from fastv_export.graphs import op, spec
+
+if TYPE_CHECKING:
+    from fastv_export.bundle import Manifest
 
 #: a profile: input name -> (min, opt, max) shapes
 Shapes = dict[str, tuple[list[int], list[int], list[int]]]
@@ -61,27 +65,16 @@ class BuildLimits:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Lengths:
-    """The sequence lengths the limits imply for one bundle."""
-
-    prompt: int          # n
-    image_tokens: int    # M
-    kept: int            # n' = n - M + keep(M)
-    new_tokens: int      # T
-
-
-def lengths(manifest: Mapping, limits: BuildLimits) -> Lengths:
+def lengths(manifest: Manifest, limits: BuildLimits) -> Lengths:
     """n, M, n' and T of ``limits`` for the bundle described by ``manifest``."""
-    m = limits.images * manifest["image_tokens"]["per_image"]
-    prompt_tokens = limits.images * sum(count for _, count in manifest["image_tokens"]["prompt_tokens_per_image"])
+    m = limits.images * manifest.tokens_per_image
+    prompt_tokens = limits.images * len(manifest.image_prompt_tokens())
     n = prompt_tokens + DEFAULT_TEXT_TOKENS if limits.max_prompt is None else limits.max_prompt
     if prompt_tokens >= n:
         raise FastVError(f"--max-prompt {n} leaves no room for text: {limits.images} image(s) take "
                          f"{prompt_tokens} prompt tokens; raise --max-prompt or lower --images")
-    f = manifest["fastv"]
-    keep = -1 if f["keep"] is None else f["keep"]
-    kept = op.kept_length(n, m, f["ratio_num"], f["ratio_den"], keep)
+    f = manifest.fastv
+    kept = op.kept_length(n, m, f.r.numerator, f.r.denominator, -1 if f.keep is None else f.keep)
     return Lengths(prompt=n, image_tokens=m, kept=kept, new_tokens=limits.max_new_tokens)
 
 
@@ -116,26 +109,11 @@ def _shapes(graph: spec.GraphSpec, ranges: Mapping[str, tuple[int, int, int]],
     return out
 
 
-def model_sizes(manifest: Mapping) -> dict[str, int]:
-    """The spec's model constants of a bundle (hidden_size, num_kv_heads, ...)."""
-    return {"hidden_size": manifest["source_model"]["hidden_size"],
-            "vocab_size": manifest["source_model"]["vocab_size"],
-            "num_kv_heads": manifest["kv_cache"]["num_kv_heads"], "head_dim": manifest["kv_cache"]["head_dim"],
-            "tokens_per_image": manifest["image_tokens"]["per_image"]}
-
-
-def graph_specs(manifest: Mapping) -> dict[str, spec.GraphSpec]:
-    return spec.bundle_graphs(manifest["fastv"]["k"], manifest["source_model"]["num_layers"],
-                              manifest["positions"]["rank"], manifest["image_tokens"]["vision_input"]["shape"],
-                              manifest["source_model"].get("deepstack_layers", 0),
-                              spec.vision_layout_of(manifest)["kind"])
-
-
-def engine_profiles(manifest: Mapping, limits: BuildLimits) -> dict[str, dict[str, Shapes]]:
+def engine_profiles(manifest: Manifest, limits: BuildLimits) -> dict[str, dict[str, Shapes]]:
     """graph -> profile name -> input shapes, for every graph of the bundle (vision: no profile)."""
     n = lengths(manifest, limits)
-    graphs = graph_specs(manifest)
-    sizes = model_sizes(manifest)
+    graphs = spec.graph_specs(manifest)
+    sizes = spec.model_sizes(manifest)
     seq_of = {"embed": n.prompt, "pre_k": n.prompt, "post_k": n.kept}
     out: dict[str, dict[str, Shapes]] = {"vision": _vision_profiles(manifest, graphs["vision"], sizes)}
     for name in ("embed", "pre_k", "post_k"):
@@ -149,10 +127,10 @@ VISION_PATCH_SCALE = 16
 VISION_MAX_TILES = 16
 
 
-def _vision_profiles(manifest: Mapping, graph: spec.GraphSpec, sizes: Mapping[str, int]) -> dict[str, Shapes]:
+def _vision_profiles(manifest: Manifest, graph: spec.GraphSpec, sizes: Mapping[str, int]) -> dict[str, Shapes]:
     """The vision engine's one profile ``media`` for a dynamic layout (none for the fixed layout)."""
-    layout = spec.vision_layout_of(manifest)
-    per_image = manifest["image_tokens"]["per_image"]
+    layout = manifest.vision_layout
+    per_image = manifest.tokens_per_image
     if layout["kind"] == "patch_grid":
         unit = layout["spatial_merge_size"] ** 2
         opt, hi = per_image * unit, per_image * unit * VISION_PATCH_SCALE
@@ -168,15 +146,14 @@ def _vision_profiles(manifest: Mapping, graph: spec.GraphSpec, sizes: Mapping[st
     return {"media": _shapes(graph, ranges, sizes)}
 
 
-def kv_cache_bytes(manifest: Mapping, limits: BuildLimits, graph: str) -> int:
+def kv_cache_bytes(manifest: Manifest, limits: BuildLimits, graph: str) -> int:
     """Device bytes of the KV caches (present tensors) of ``graph`` at the decode profile's maximum."""
     n = lengths(manifest, limits)
-    k, layers = manifest["fastv"]["k"], manifest["source_model"]["num_layers"]
+    k, layers = manifest.k, manifest.num_layers
     count = {"pre_k": k, "post_k": layers - k}.get(graph, 0)
     tokens = (n.prompt if graph == "pre_k" else n.kept) + n.new_tokens
-    elem = {"fp32": 4, "fp16": 2}[manifest["precision"]]
-    kv = manifest["kv_cache"]
-    return count * 2 * limits.max_batch * kv["num_kv_heads"] * tokens * kv["head_dim"] * elem
+    heads, head_dim = manifest.kv_shape
+    return count * 2 * limits.max_batch * heads * tokens * head_dim * manifest.float_dtype.itemsize
 
 
 def trtexec_shape_flags(profiles: Mapping[str, Shapes]) -> list[str]:

@@ -84,31 +84,31 @@ class TrtRunner(Runner):
 
         if not torch.cuda.is_available():
             raise FastVError("the TensorRT runner needs an NVIDIA GPU (torch.cuda is not available here); "
-                             "use the ONNX Runtime runner (--backend onnxruntime)")
+                             "use the ONNX Runtime runner (--runner onnxruntime)")
         check_engines(bundle)
-        section = bundle.manifest["engines"]
-        self.trt = trt = _backend_module(section["backend"])
+        section = bundle.engines
+        self.trt = trt = _backend_module(section.backend)
         self.torch = torch
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        if section.get("plugin") is not None:
+        if section.plugin is not None:
             lib = str(bundle.path / op.PLUGIN_LIBRARY)
-            if section["backend"] == "tensorrt-rtx":
+            if section.backend == "tensorrt-rtx":
                 from fastv_export.engines.trt_rtx import load_plugin_library
                 load_plugin_library(lib)
             else:
                 trt.get_plugin_registry().load_library(lib)
         self.runtime = trt.Runtime(self.logger)
         self.engines, self.contexts, self.profiles = {}, {}, {}
-        for graph, e in section["engines"].items():
-            engine = self.runtime.deserialize_cuda_engine((bundle.path / e["file"]).read_bytes())
+        for graph, e in section.engines.items():
+            engine = self.runtime.deserialize_cuda_engine((bundle.path / e.file).read_bytes())
             if engine is None:
-                raise FastVError(f"{bundle.path / e['file']}: TensorRT could not deserialize the engine (built for "
+                raise FastVError(f"{bundle.path / e.file}: TensorRT could not deserialize the engine (built for "
                                  f"another GPU or TensorRT version?); rebuild with fastv-export build")
             self.engines[graph] = engine
             self.contexts[graph] = engine.create_execution_context()
-            self.profiles[graph] = e["profiles"]
+            self.profiles[graph] = e.profiles
         self._active: dict[str, int] = {}
         self._dtypes: dict[tuple[int, str], object] = {}
         self.buffers = DeviceBuffers(lambda n: torch.empty(n, dtype=torch.uint8, device=self.device))
@@ -148,9 +148,7 @@ class TrtRunner(Runner):
         if not profiles:
             return 0
         for i, p in enumerate(profiles):
-            if all(name not in p["shapes"] or all(lo <= d <= hi for lo, d, hi in
-                                                  zip(p["shapes"][name]["min"], arr.shape, p["shapes"][name]["max"]))
-                   for name, arr in feeds.items()):
+            if p.holds({name: arr.shape for name, arr in feeds.items()}):
                 return i
         shapes = {n: list(a.shape) for n, a in feeds.items()}
         raise FastVError(f"{graph}: no optimization profile of the engine holds these shapes {shapes}; rebuild with "

@@ -2,9 +2,11 @@
 graphs and manifest.json, written atomically (temporary directory, then rename)."""
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
@@ -17,6 +19,9 @@ from fastv_export.files import atomic_directory
 from fastv_export.graphs import spec
 from fastv_export.export.modules import Embed, PostK, PreK, Vision
 from fastv_export.presets import load_model
+
+if TYPE_CHECKING:
+    from fastv_export.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +37,29 @@ class ExportOptions:
     force: bool = False
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphSpec, opset: int,
-            tracer: str = "dynamo") -> None:
-    """torch.onnx export of ``module`` as ``graph`` (names and dynamic dims from the spec);
-    ``tracer="jit"`` (TorchScript tracing, static shapes) serves vision towers whose Python control
-    flow on a fixed image grid torch.export cannot trace."""
-    if tracer == "jit":
-        with torch.no_grad():
-            torch.onnx.export(module, args, str(path), input_names=graph.input_names,
-                              output_names=graph.output_names, dynamo=False, opset_version=opset)
-        return
+@dataclass(frozen=True)
+class WrittenGraph:
+    """What an exported graph holds, read from the model in memory before it was saved."""
+    io: dict[str, list[dict]]          # inputs / outputs as the manifest lists them
+    opsets: dict[str, int]             # domain ("ai.onnx" for the default) -> version
+
+
+def _ir_io(values) -> list[dict]:
+    """onnx_ir values (a graph's inputs or outputs) as the manifest lists them."""
+    return [{"name": v.name, "dtype": v.dtype.numpy().name,
+             "shape": [d if isinstance(d, int) else (d.value if d.value is not None else "?") for d in v.shape]}
+            for v in values]
+
+
+def _proto_written(model: onnx.ModelProto) -> WrittenGraph:
+    from fastv_export.bundle.verify import onnx_io
+
+    return WrittenGraph({"inputs": onnx_io(model.graph.input), "outputs": onnx_io(model.graph.output)},
+                        {o.domain or "ai.onnx": o.version for o in model.opset_import})
+
+
+def _dynamo_program(module: torch.nn.Module, args: tuple, graph: spec.GraphSpec, opset: int):
+    """torch.onnx (dynamo) export of ``module`` as ``graph``: names and dynamic dims from the spec."""
     from fastv_export.graphs.surgery import name_ir_dims
 
     with torch.no_grad():
@@ -49,7 +67,28 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphS
                                     output_names=graph.output_names, dynamo=True,
                                     dynamic_shapes=_dynamic_shapes(module, graph), opset_version=opset, verbose=False)
     name_ir_dims(program.model, graph)   # readable dims (batch, seq, ...) for the manifest
+    return program
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphSpec, opset: int,
+            tracer: str = "dynamo") -> WrittenGraph:
+    """torch.onnx export of ``module`` as ``graph``, written once to ``path``; ``tracer="jit"``
+    (TorchScript tracing, static shapes) serves vision towers whose Python control flow on a fixed
+    image grid torch.export cannot trace."""
+    if tracer == "jit":
+        buffer = io.BytesIO()
+        with torch.no_grad():
+            torch.onnx.export(module, args, buffer, input_names=graph.input_names,
+                              output_names=graph.output_names, dynamo=False, opset_version=opset)
+        model = onnx.load_from_string(buffer.getvalue())
+        onnx.save(model, str(path))
+        return _proto_written(model)
+    program = _dynamo_program(module, args, graph, opset)
+    written = WrittenGraph({"inputs": _ir_io(program.model.graph.inputs),
+                            "outputs": _ir_io(program.model.graph.outputs)},
+                           {domain or "ai.onnx": version for domain, version in program.model.opset_imports.items()})
     program.save(str(path))
+    return written
 
 
 def _dynamic_shapes(module: torch.nn.Module, graph: spec.GraphSpec):
@@ -84,8 +123,9 @@ def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: i
 
 
 def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, out: Path,
-                  opset: int) -> dict[str, spec.GraphSpec]:
-    """Write the four graphs of :func:`spec.bundle_graphs` into ``out`` and return their specs."""
+                  opset: int) -> tuple[dict[str, spec.GraphSpec], dict[str, WrittenGraph]]:
+    """Write the four graphs of :func:`spec.bundle_graphs` into ``out``, each once; return their specs and
+    what each holds as written."""
     from fastv_export.graphs.schema import register_schema
     from fastv_export.graphs.surgery import insert_token_select
     from fastv_export.prompts import make_prompt
@@ -95,50 +135,55 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     deepstack = adapter.deepstack_layers()
     pixels = make_prompt(adapter, 1, num_images=1).vision[spec.PIXEL_VALUES].to(dtype)
     graphs = spec.bundle_graphs(k, num_layers, rank, pixels.shape, deepstack, adapter.vision_layout)
+    written: dict[str, WrittenGraph] = {}
     steps = tqdm(total=len(graphs), desc="export", unit="graph", leave=False)
 
     # vision: one call (a default-sized image, or one unit of a dynamic layout) -> [tokens, D]
-    _export(Vision(adapter).eval(), adapter.vision_example(pixels), out / graphs["vision"].file, graphs["vision"],
-            opset, tracer=adapter.vision_tracer)
+    written["vision"] = _export(Vision(adapter).eval(), adapter.vision_example(pixels), out / graphs["vision"].file,
+                                graphs["vision"], opset, tracer=adapter.vision_tracer)
     steps.update()
 
     # embed: token embedding + image features at the image-token positions
     ids = torch.randint(10, 400, (2, 6))
     ids[0, 2], ids[1, 3] = adapter.image_token_ids()[0], adapter.image_token_ids()[0]
     feats = [torch.randn(2, shape.hidden_size, dtype=dtype) for _ in range(1 + deepstack)]
-    _export(Embed(adapter).eval(), tuple([ids, *feats]), out / graphs["embed"].file, graphs["embed"], opset)
+    written["embed"] = _export(Embed(adapter).eval(), tuple([ids, *feats]), out / graphs["embed"].file,
+                               graphs["embed"], opset)
     steps.update()
 
-    # pre-K: layers < K, then TokenSelect (graph surgery)
+    # pre-K: layers < K, then TokenSelect (graph surgery on the exported model in memory)
     pre = PreK(adapter, k, "all" if cfg.ranking == "mean" else "last").eval()
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, k)
     levels = [torch.randn(hidden.shape, dtype=dtype) for _ in range(deepstack)]
-    raw = out / "pre_k.raw.onnx"
-    _export(pre, (hidden, mask, pos, *kv, *levels), raw, spec.pre_k_export_graph(k, rank, deepstack), opset)
-    model = insert_token_select(onnx.load(str(raw)), ranking=cfg.ranking, ratio_num=cfg.r.numerator,
+    program = _dynamo_program(pre, (hidden, mask, pos, *kv, *levels), spec.pre_k_export_graph(k, rank, deepstack),
+                              opset)
+    model = insert_token_select(program.model_proto, ranking=cfg.ranking, ratio_num=cfg.r.numerator,
                                 ratio_den=cfg.r.denominator, keep=-1 if cfg.keep is None else cfg.keep,
                                 seed=cfg.seed, scale=float(adapter.layers()[k - 1].self_attn.scaling),
                                 position_rank=rank, k=k, deepstack=deepstack)
+    del program
     onnx.save(model, str(out / graphs["pre_k"].file))
-    raw.unlink()
+    written["pre_k"] = _proto_written(model)
+    del model
     steps.update()
 
     # post-K: layers >= K, norm, lm_head
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, num_layers - k)
     levels = [torch.randn(hidden.shape, dtype=dtype) for _ in range(k, max(k, deepstack))]
-    _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv, *levels), out / graphs["post_k"].file, graphs["post_k"],
-            opset)
+    written["post_k"] = _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv, *levels),
+                                out / graphs["post_k"].file, graphs["post_k"], opset)
     steps.update()
     steps.close()
     register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
     for g in graphs.values():
         onnx.checker.check_model(str(out / g.file), full_check=True)
-    return graphs
+    return graphs, written
 
 
-def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions = ExportOptions()) -> Path:
-    """Export ``options.model`` with FastV ``cfg`` into the bundle directory ``out_dir`` (atomic)."""
-    from fastv_export.bundle import write_manifest
+def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions = ExportOptions()) -> Bundle:
+    """Export ``options.model`` with FastV ``cfg`` into the bundle directory ``out_dir`` (atomic); returns
+    the bundle (its manifest checked before it was written: no need to load it again)."""
+    from fastv_export.bundle import Bundle, export_manifest, write_manifest
 
     out = Path(out_dir)
     if options.dtype not in DTYPES:
@@ -151,7 +196,8 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         model = load_model(options.model, attn_implementation="eager", dtype=dtype)
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
-        graphs = export_graphs(adapter, cfg, dtype, tmp, options.opset)
-        write_manifest(tmp, adapter, cfg, options, graphs)
+        specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset)
+        manifest = write_manifest(tmp, export_manifest(adapter, cfg, options.dtype, options.model, out, specs,
+                                                       written))
     log.info("bundle written to %s", out)
-    return out
+    return Bundle(out, manifest)

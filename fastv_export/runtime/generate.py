@@ -101,7 +101,7 @@ def encode_media(runner: Runner, images: list[np.ndarray],
     if not images:
         return {n: np.zeros((0, bundle.hidden_size), dtype=bundle.float_dtype) for n in names}
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feeds in vision_calls(bundle.manifest, images, media, bundle.float_dtype):
+    for feeds in vision_calls(bundle, images, media, bundle.float_dtype):
         out = runner.infer("vision", feeds)
         for n in names:
             parts[n].append(out[n])
@@ -143,7 +143,7 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
     vision = encode_media(runner, images, media)
     record["vision"] = StageIO({}, vision)
     timings["vision"] = time.perf_counter() - t0
-    positions = prefill_positions(bundle.manifest, input_ids, attention_mask, video_seconds, media)
+    positions = prefill_positions(bundle, input_ids, attention_mask, video_seconds, media)
 
     t1 = time.perf_counter()
     feeds = {spec.INPUT_IDS: input_ids, **vision}

@@ -2,53 +2,53 @@
 feeds the graphs. RoPE: [B, n]; M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): [3, B, n] (t, h, w) triples."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from fastv_export.errors import FastVError
-from fastv_export.graphs import spec
 from fastv_export.media import Media
 from fastv_export.runtime.vision_feeds import media_grid
 
+if TYPE_CHECKING:
+    from fastv_export.bundle import Manifest
 
-def prefill_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray,
+
+def prefill_positions(manifest: Manifest, input_ids: np.ndarray, attention_mask: np.ndarray,
                       video_seconds: Sequence[float] | None = None,
                       media: Sequence[Media] | None = None) -> np.ndarray:
     """``video_seconds``: seconds per temporal patch of each video of the batch, rows in order (the
     model's ``second_per_grid_ts``); only families whose video positions follow time use it. ``media``:
     every row's media, rows in order: the patch grid of each image and video (bundles whose vision
     layout is ``patch_grid``; None: images of the exported grid, videos of its frame size)."""
-    rules = manifest["positions"]
-    if rules["rank"] == 2:
+    if manifest.position_rank == 2:
         pos = np.cumsum(attention_mask, axis=1) - 1
         return np.where(attention_mask == 0, 1, pos).astype(np.int64)
     return _mrope_positions(manifest, input_ids, attention_mask, list(video_seconds or []), _row_grids(
         manifest, media, input_ids.shape[0]))
 
 
-def _row_grids(manifest: dict, media: Sequence[Media] | None, batch: int) -> list[list] | None:
+def _row_grids(manifest: Manifest, media: Sequence[Media] | None, batch: int) -> list[list] | None:
     """Each row's media as (t, h, w) patch grids, or None when the bundle's grid is fixed (or no media given)."""
-    layout = spec.vision_layout_of(manifest)
+    layout = manifest.vision_layout
     if media is None or layout["kind"] != "patch_grid":
         return None
     media = list(media)
     if len(media) % batch:
         raise FastVError(f"{len(media)} media for a batch of {batch} rows: every row holds the same media")
     per = len(media) // batch
-    default = manifest["image_tokens"]["grid_thw"]
+    default = manifest.grid_thw
     return [[media_grid(layout, m, default) for m in media[r * per:(r + 1) * per]] for r in range(batch)]
 
 
-def _mrope_positions(manifest: dict, input_ids: np.ndarray, attention_mask: np.ndarray,
+def _mrope_positions(manifest: Manifest, input_ids: np.ndarray, attention_mask: np.ndarray,
                      video_seconds: list[float], row_grids: list[list] | None) -> np.ndarray:
-    rules = manifest["positions"]
-    image_ids = set(manifest["image_tokens"]["token_ids"])
-    per_image = manifest["image_tokens"]["per_image"]
-    merge = rules["spatial_merge_size"]
-    video_id = rules.get("video_token_id")
-    per_second = rules.get("video_tokens_per_second")     # None: a video's temporal index is not scaled
-    grid = manifest["image_tokens"].get("grid_thw")
+    image_ids = set(manifest.image_token_ids)
+    per_image = manifest.tokens_per_image
+    merge = manifest.spatial_merge_size
+    video_id = manifest.video_token_id
+    per_second = manifest.video_tokens_per_second     # None: a video's temporal index is not scaled
+    grid = manifest.grid_thw
     t_g, h_g, w_g = grid[0], grid[1] // merge, grid[2] // merge
     assert t_g * h_g * w_g == per_image
     seconds = iter(video_seconds)

@@ -3,16 +3,18 @@
 As in Polygraphy, a runner knows how to run a graph and nothing about the pipeline: the generation
 loop (:mod:`fastv_export.runtime.generate`) drives any runner through :meth:`Runner.infer`, so a
 new backend (TensorRT engines, a remote service) implements one method and reuses the loop, and
-validation compares any runner with the PyTorch reference.
+validation compares any runner with the PyTorch reference. This module imports no implementation:
+choosing one by name is :mod:`fastv_export.runtime.runners`.
 """
 from __future__ import annotations
 
 import abc
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from fastv_export.bundle import Bundle
+if TYPE_CHECKING:
+    from fastv_export.bundle import Bundle
 
 
 class Runner(abc.ABC):
@@ -28,20 +30,3 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def infer(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run graph ``graph`` ("vision", "embed", "pre_k" or "post_k") once; all outputs by name."""
-
-
-#: the runners a command can name (``--backend``)
-RUNNERS = ("onnxruntime", "tensorrt")
-
-
-def open_runner(bundle: Bundle, backend: str = "onnxruntime") -> Runner:
-    """The runner ``backend`` for ``bundle``: ONNX Runtime on its ONNX graphs, or TensorRT on the
-    engines that ``fastv-export build`` recorded (a GPU is needed for those)."""
-    if backend == "onnxruntime":
-        from fastv_export.runtime.ort import OrtRunner
-        return OrtRunner(bundle)
-    if backend == "tensorrt":
-        from fastv_export.engines.runner import TrtRunner
-        return TrtRunner(bundle)
-    from fastv_export.errors import FastVError
-    raise FastVError(f"--backend must be one of {', '.join(RUNNERS)}, got {backend!r}")

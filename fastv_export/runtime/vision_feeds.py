@@ -13,7 +13,7 @@ a runtime computes on the host before it calls the vision graph. The manifest's
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from fastv_export.errors import FastVError
 from fastv_export.graphs import spec
 from fastv_export.media import Media, patch_grid
 from fastv_export.runtime.anyres import anyres_layout
+
+if TYPE_CHECKING:
+    from fastv_export.bundle import Manifest
 
 def media_grid(layout: Mapping, media: Media, default: Sequence[int]) -> tuple[int, int, int]:
     """The (t, h, w) patch grid of ``media`` in a ``patch_grid`` layout; ``default``: the exported image's
@@ -66,16 +69,16 @@ def patch_grid_feeds(pixels: np.ndarray, h: int, w: int, layout: Mapping) -> dic
             spec.WINDOW_INDEX: index, spec.CU_WINDOW_SEQLENS: bounds}
 
 
-def vision_calls(manifest: Mapping, pixels: Sequence[np.ndarray], media: Sequence[Media] | None,
+def vision_calls(manifest: Manifest, pixels: Sequence[np.ndarray], media: Sequence[Media] | None,
                  float_dtype) -> list[dict[str, np.ndarray]]:
     """The feeds of every vision call of a batch, in prompt order (rows in order). ``pixels``: the pixel
     input of each call (:meth:`ModelAdapter.vision_units`); ``media``: every row's media, rows in order
     (None: images of the exported size, one call each)."""
-    layout = spec.vision_layout_of(manifest)
+    layout = manifest.vision_layout
     pixels = [np.asarray(p).astype(float_dtype) for p in pixels]
     kind = layout["kind"]
     if kind == "fixed":
-        want = manifest["image_tokens"]["vision_input"]["shape"]
+        want = manifest.vision_input_shape
         for i, px in enumerate(pixels):
             if list(px.shape) != list(want):
                 raise FastVError(f"image {i} has pixel values of shape {list(px.shape)}; this bundle's vision graph "
@@ -83,7 +86,7 @@ def vision_calls(manifest: Mapping, pixels: Sequence[np.ndarray], media: Sequenc
         return [{spec.PIXEL_VALUES: px} for px in pixels]
     media = list(media) if media is not None else [Media()] * len(pixels)
     if kind == "patch_grid":
-        default = manifest["image_tokens"]["grid_thw"]
+        default = manifest.grid_thw
         units = [(h, w) for t, h, w in (media_grid(layout, m, default) for m in media) for _ in range(t)]
         if len(units) != len(pixels):
             raise FastVError(f"the media of this batch make {len(units)} vision calls (one per image and per "

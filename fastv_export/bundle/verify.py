@@ -1,61 +1,35 @@
-"""The bundle: graphs + manifest.json, everything a C++ runtime needs (docs/design.md §4).
-
-``write_manifest`` describes a freshly exported directory; ``load_bundle`` verifies one against the
-JSON Schema shipped as ``fastv_export/manifest.schema.json`` (docs/manifest.md), then what a schema
-cannot say (K against the layer count, R, graph I/O against the graph spec, files, sizes, sha256,
-ONNX parse, engine records) and fails with one line naming the file and the field.
+"""Reading and verifying a bundle: ``manifest.json`` against the JSON Schema shipped beside this module
+(``manifest.schema.json``, docs/manifest.md), then what a schema cannot say (K against the layer count, R,
+graph I/O against the graph spec, engine records), then the files (sizes, sha256, ONNX parse and I/O).
+Every problem is one line naming the file and the field (FastVError); nothing is written.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
-import onnx
-
-from fastv_export import __version__
-from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
-from fastv_export.files import atomic_write_json, sha256
+from fastv_export.files import sha256
 from fastv_export.graphs import op, spec
-
-if TYPE_CHECKING:
-    from fastv_export.adapters import ModelAdapter
+from fastv_export.bundle.view import MANIFEST, Bundle, Manifest
 
 SCHEMA_VERSION = 2
-MANIFEST = "manifest.json"
 #: the manifest's JSON Schema (draft 2020-12), installed with the package
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 
-
-def encode_runs(tokens: Sequence[int]) -> list[list[int]]:
-    """[500, 500, 500, 7] -> [[500, 3], [7, 1]]: the manifest's compact form of a token sequence."""
-    runs: list[list[int]] = []
-    for t in tokens:
-        if runs and runs[-1][0] == t:
-            runs[-1][1] += 1
-        else:
-            runs.append([int(t), 1])
-    return runs
+#: the numbers each dynamic vision layout records for the runtime's host-side feeds
+VISION_LAYOUT_FIELDS = {"patch_grid": ("patch_size", "temporal_patch_size", "spatial_merge_size", "window_size"),
+                        "tiles": ("tile", "patches_per_side", "pinpoints", "max_num_patches", "pooled_side",
+                                  "default_size", "default_tiles")}
 
 
-def expand_runs(runs: Sequence[Sequence[int]]) -> list[int]:
-    """The inverse of :func:`encode_runs`."""
-    return [t for t, count in runs for _ in range(count)]
+def onnx_io(values) -> list[dict]:
+    """An ONNX graph's inputs or outputs as the manifest lists them (name, numpy dtype name, dims)."""
+    import onnx
 
-
-def image_prompt_tokens(manifest: dict) -> list[int]:
-    """The token ids one image takes in a prompt (manifest field ``image_tokens.prompt_tokens_per_image``,
-    stored as [token_id, count] runs), expanded."""
-    return expand_runs(manifest["image_tokens"]["prompt_tokens_per_image"])
-
-
-def _io(values) -> list[dict]:
     out = []
     for v in values:
         t = v.type.tensor_type
@@ -64,161 +38,6 @@ def _io(values) -> list[dict]:
         out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
                     "shape": shape})
     return out
-
-
-def describe_graph(path: Path) -> dict:
-    m = onnx.load(str(path), load_external_data=False)
-    return {"file": path.name, "inputs": _io(m.graph.input), "outputs": _io(m.graph.output),
-            "opsets": {o.domain or "ai.onnx": o.version for o in m.opset_import}}
-
-
-def config_hash(adapter: ModelAdapter) -> str:
-    return hashlib.sha256(adapter.config.to_json_string(use_diff=False).encode()).hexdigest()
-
-
-def source_name(model: str | Path) -> str:
-    """A preset's name, or the checkpoint directory as an absolute path (validate and run reload it)."""
-    from fastv_export.presets import PRESETS
-
-    return str(model) if str(model) in PRESETS else str(Path(model).resolve())
-
-
-#: the numbers each dynamic vision layout records for the runtime's host-side feeds
-VISION_LAYOUT_FIELDS = {"patch_grid": ("patch_size", "temporal_patch_size", "spatial_merge_size", "window_size"),
-                        "tiles": ("tile", "patches_per_side", "pinpoints", "max_num_patches", "pooled_side",
-                                  "default_size", "default_tiles")}
-
-
-def write_manifest(out: Path, adapter: ModelAdapter, cfg: FastVConfig, options,
-                   specs: dict[str, spec.GraphSpec]) -> dict:
-    """Describe the freshly exported graphs ``specs`` in ``out`` (their I/O read back from the files)."""
-    info = adapter.decoder_shape()
-    k = cfg.k
-    graphs = {name: describe_graph(out / g.file) for name, g in specs.items()}
-    mrope = adapter.position_rank == 3
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "producer": {"name": "fastv-export", "version": __version__},
-        "source_model": {"name": source_name(options.model), "architecture": type(adapter.model).__name__,
-                         "adapter": adapter.name, "config_sha256": config_hash(adapter),
-                         "num_layers": info.num_layers, "hidden_size": info.hidden_size,
-                         "vocab_size": info.vocab_size,
-                         "eos_token_id": adapter.text_config.eos_token_id,
-                         "pad_token_id": adapter.text_config.pad_token_id,
-                         **({"deepstack_layers": adapter.deepstack_layers()} if adapter.deepstack_layers() else {})},
-        "fastv": cfg.to_manifest(),
-        "precision": options.dtype,
-        "image_tokens": {
-            "token_ids": list(adapter.image_token_ids()),
-            "per_image": adapter.image_tokens_per_image(),
-            "prompt_tokens_per_image": encode_runs(adapter.image_prompt_tokens()),
-            "candidates": "positions of every token whose id is in token_ids, all images in one pool; "
-                          "every batch row must hold the same number",
-            "vision_input": graphs["vision"]["inputs"][0],
-            "vision_layout": {"kind": adapter.vision_layout, **adapter.vision_layout_params()},
-            **({"grid_thw": list(adapter.image_grid)} if getattr(adapter, "image_grid", None) else {}),
-        },
-        "graphs": graphs,
-        "pipeline": spec.pipeline_description(),
-        "kv_cache": {
-            "layout": "[batch, num_kv_heads, seq, head_dim]", "num_kv_heads": info.num_kv_heads,
-            "head_dim": info.head_dim, "dtype": graphs["pre_k"]["outputs"][-1]["dtype"],
-            "layers": [{"layer": i, "graph": "pre_k" if i < k else "post_k",
-                        "prefill_length": "n (all prompt tokens)" if i < k else "n' (kept tokens)"}
-                       for i in range(info.num_layers)],
-        },
-        "positions": {
-            "input": spec.POSITION_IDS, "rank": adapter.position_rank,
-            "kind": "mrope (t, h, w) triples, first axis" if mrope else "rope",
-            "prefill": ("per row over real tokens: text tokens count up by 1; an image block of grid "
-                        "(t, h/merge, w/merge) gets (offset + t_i, offset + h_i, offset + w_i), offset = the "
-                        "position after the previous token, and the token after the block gets offset + "
-                        "max(h/merge, w/merge); a run of video_token_id tokens is a video of t = run / (h/merge "
-                        "* w/merge) temporal patches whose t_i is floor(i * video_tokens_per_second * seconds "
-                        "per temporal patch of that video) (i when video_tokens_per_second is absent); "
-                        "Qwen3-VL prompts put each temporal patch of a video in its own block after its "
-                        "timestamp text, so every such run is t = 1 (t_i = 0, like an image); "
-                        "padding gets 0" if mrope else
-                        "per row: cumsum(attention_mask) - 1, padding gets 1"),
-            "kept_tokens": f"keep their ORIGINAL position ids ({spec.SELECTED_POSITION_IDS})",
-            "decode": "step t (0-based) of a row uses max(prompt position ids of that row) + 1 + t "
-                      "(continues from the original, unpruned prompt)",
-            **({"mrope_section": adapter.text_config.rope_parameters.get("mrope_section"),
-                "spatial_merge_size": adapter.config.vision_config.spatial_merge_size,
-                "video_token_id": int(adapter.config.video_token_id)} if mrope else {}),
-            **({"video_tokens_per_second": adapter.config.vision_config.tokens_per_second}
-               if mrope and getattr(adapter, "timed_video_positions", False) else {}),
-        },
-        "plugin": dict(op.PLUGIN_IDENTITY, used_by="pre_k.onnx node fastv_token_select (expands to its ONNX "
-                                                   "function body when the library is not loaded)"),
-        "engines": None,
-        "files": {},
-    }
-    for f in sorted(out.iterdir()):
-        if f.is_file() and f.name != MANIFEST:
-            manifest["files"][f.name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
-    check_manifest(manifest, out / MANIFEST)            # what load_bundle will require, before writing it
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
-
-
-@dataclass
-class Bundle:
-    """A verified bundle directory and its manifest; the properties read the manifest's fields."""
-
-    path: Path
-    manifest: dict
-
-    def file(self, graph: str) -> Path:
-        return self.path / self.manifest["graphs"][graph]["file"]
-
-    @property
-    def k(self) -> int:
-        return self.manifest["fastv"]["k"]
-
-    @property
-    def num_layers(self) -> int:
-        return self.manifest["source_model"]["num_layers"]
-
-    @property
-    def deepstack_layers(self) -> int:
-        """DeepStack levels L of the model (0: none): the graphs carry one tensor per level."""
-        return self.manifest["source_model"].get("deepstack_layers", 0)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.manifest["source_model"]["hidden_size"]
-
-    @property
-    def float_dtype(self) -> np.dtype:
-        """numpy dtype of the graphs' float tensors (the bundle's precision)."""
-        return np.dtype(spec.PRECISIONS[self.manifest["precision"]])
-
-    @property
-    def kv_shape(self) -> tuple[int, int]:
-        """(num_kv_heads, head_dim) of every layer's cache."""
-        kv = self.manifest["kv_cache"]
-        return kv["num_kv_heads"], kv["head_dim"]
-
-    @property
-    def image_token_ids(self) -> list[int]:
-        return self.manifest["image_tokens"]["token_ids"]
-
-    def image_prompt_tokens(self) -> list[int]:
-        """The token ids one image takes in a prompt (placeholders and delimiters), expanded."""
-        return image_prompt_tokens(self.manifest)
-
-    @property
-    def vision_input_shape(self) -> list:
-        return self.manifest["image_tokens"]["vision_input"]["shape"]
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.manifest["source_model"].get("eos_token_id")
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.manifest["source_model"].get("pad_token_id") or 0
 
 
 def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:
@@ -240,8 +59,16 @@ def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:
         raise FastVError(f"{mpath}: field 'schema_version' is {_short(version)}, this fastv-export reads "
                          f"{SCHEMA_VERSION}; re-export the bundle with this version")
     check_manifest(manifest, mpath)
-    files = manifest["files"]
-    for name, meta in files.items():
+    verify_files(root, manifest)
+    if check_onnx:
+        _check_graph_files(root, manifest)
+    _verify_engine_records(manifest, mpath)
+    return Bundle(root, manifest)
+
+
+def verify_files(root: Path, manifest: Mapping) -> None:
+    """Every file the manifest lists exists in ``root`` with its recorded size and sha256."""
+    for name, meta in manifest["files"].items():
         f = root / name
         if not f.is_file():
             raise FastVError(f"{f} is missing (listed in {MANIFEST} field 'files'); re-export the bundle")
@@ -252,27 +79,32 @@ def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:
         if sha256(f) != meta["sha256"]:
             raise FastVError(f"{f}: sha256 does not match {MANIFEST} field 'files.{name}.sha256': "
                              "the file was modified after export")
-    if check_onnx:
-        for graph, entry in manifest["graphs"].items():
-            f = root / entry["file"]
-            try:
-                model = onnx.load(str(f), load_external_data=False)
-                found = {"inputs": _io(model.graph.input), "outputs": _io(model.graph.output)}
-            except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
-                raise FastVError(f"{f} is not a readable ONNX file ({type(exc).__name__}); re-export") from None
-            for io in ("inputs", "outputs"):
-                if found[io] != entry[io]:
-                    raise FastVError(f"{f}: its {io} {_short([t['name'] for t in found[io]])} are not those of "
-                                     f"{MANIFEST} field 'graphs.{graph}.{io}': the file was swapped or replaced; "
-                                     "re-export the bundle")
-            if graph == "pre_k":
-                _check_token_select_node(model, manifest["fastv"], f)
-    _verify_engine_records(manifest, mpath)
-    return Bundle(root, manifest)
 
 
-def _check_token_select_node(model: onnx.ModelProto, fastv: dict, f: Path) -> None:
-    """pre_k's fastv::TokenSelect node must carry the manifest's K-independent settings."""
+def _check_graph_files(root: Path, manifest: Mapping) -> None:
+    """Each graph file parses as ONNX (weights not loaded) with the manifest's inputs and outputs."""
+    import onnx
+
+    for graph, entry in manifest["graphs"].items():
+        f = root / entry["file"]
+        try:
+            model = onnx.load(str(f), load_external_data=False)
+            found = {"inputs": onnx_io(model.graph.input), "outputs": onnx_io(model.graph.output)}
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
+            raise FastVError(f"{f} is not a readable ONNX file ({type(exc).__name__}); re-export") from None
+        for io in ("inputs", "outputs"):
+            if found[io] != entry[io]:
+                raise FastVError(f"{f}: its {io} {_short([t['name'] for t in found[io]])} are not those of "
+                                 f"{MANIFEST} field 'graphs.{graph}.{io}': the file was swapped or replaced; "
+                                 "re-export the bundle")
+        if graph == "pre_k":
+            _check_token_select_node(model, manifest["fastv"], f)
+
+
+def _check_token_select_node(model, fastv: Mapping, f: Path) -> None:
+    """pre_k's fastv::TokenSelect node (``model``: an onnx.ModelProto) must carry the manifest's settings."""
+    import onnx
+
     nodes = [n for n in model.graph.node if n.domain == op.OP_DOMAIN and n.op_type == op.OP_TYPE]
     if len(nodes) != 1:
         raise FastVError(f"{f} has {len(nodes)} {op.OP_DOMAIN}::{op.OP_TYPE} nodes, expected 1 (field 'graphs.pre_k' "
@@ -419,8 +251,6 @@ def check_manifest(manifest: dict, mpath: Path = Path(MANIFEST)) -> None:
 
 def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of independent checks
     """What the schema cannot say: fields that must agree with each other and with the graph spec."""
-    from fastv_export.engines import profiles
-
     def fail(parts: Sequence, what: str):
         raise _field_error(mpath, parts, what)
 
@@ -450,7 +280,8 @@ def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of 
                                                           f"image_tokens.per_image says {it['per_image']}")
     if it["vision_input"] != m["graphs"]["vision"]["inputs"][0]:
         fail(["image_tokens", "vision_input"], "differs from graphs.vision.inputs[0]")
-    layout = spec.vision_layout_of(m)
+    view = Manifest(m)
+    layout = view.vision_layout
     missing = [key for key in VISION_LAYOUT_FIELDS.get(layout["kind"], ()) if key not in layout]
     if missing:
         fail(["image_tokens", "vision_layout"], f"kind {layout['kind']!r} needs the fields {', '.join(missing)}")
@@ -478,8 +309,8 @@ def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of 
         if layer["graph"] != want:
             fail(["kv_cache", "layers", i, "graph"], f"{_short(layer['graph'])} is not {want!r} (K={k})")
     # the graphs' I/O against the graph spec (fastv_export.graphs.spec)
-    sizes = profiles.model_sizes(m)
-    specs = profiles.graph_specs(m)
+    sizes = spec.model_sizes(view)
+    specs = spec.graph_specs(view)
     files = m["files"]
     for name, g in specs.items():
         entry = m["graphs"][name]
@@ -488,10 +319,9 @@ def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of 
         if entry["file"] not in files:
             raise FastVError(f"{mpath}: field 'graphs.{name}.file' names {entry['file']!r}, which 'files' does "
                              "not list; re-export the bundle")
+        table = g.io_table(sizes, float_dtype)
         for io in ("inputs", "outputs"):
-            want = [{"name": t.name, "dtype": float_dtype if t.dtype == spec.FLOAT else t.dtype,
-                     "shape": t.shape(sizes)} for t in getattr(g, io)]
-            got = entry[io]
+            want, got = table[io], entry[io]
             if len(got) != len(want):
                 fail(["graphs", name, io], f"has {len(got)} tensors, the graph spec has {len(want)} "
                                            f"({_short([t['name'] for t in want])})")
@@ -504,10 +334,10 @@ def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of 
         fail(["graphs", "pre_k", "opsets", op.OP_DOMAIN], f"{_short(opsets.get(op.OP_DOMAIN))} is not "
                                                           f"{op.OP_VERSION} (fastv::TokenSelect's version)")
     if m["engines"] is not None:
-        _check_engines(m, sizes, specs, fail)
+        _check_engines(m, view, sizes, specs, fail)
 
 
-def _check_engines(m: dict, sizes: dict, specs: dict, fail) -> None:
+def _check_engines(m: Mapping, view: Manifest, sizes: dict, specs: dict, fail) -> None:
     from fastv_export.engines import profiles
 
     sec, files = m["engines"], m["files"]
@@ -525,7 +355,7 @@ def _check_engines(m: dict, sizes: dict, specs: dict, fail) -> None:
             fail(["engines", key], f"names {_short(sec[key])}, which 'files' does not list")
     try:
         limits = profiles.BuildLimits(**sec["limits"])
-        n = profiles.lengths(m, limits)
+        n = profiles.lengths(view, limits)
     except FastVError as exc:
         fail(["engines", "limits"], str(exc).rstrip("."))
     for key, value in (("prompt", n.prompt), ("image_tokens", n.image_tokens), ("kept", n.kept),
@@ -543,7 +373,7 @@ def _check_engines(m: dict, sizes: dict, specs: dict, fail) -> None:
         want_plugin = 1 if graph == "pre_k" and has_plugin else 0
         if e["plugin_layers"] != want_plugin:
             fail(where + ["plugin_layers"], f"{e['plugin_layers']} is not {want_plugin}")
-        kv_bytes = profiles.kv_cache_bytes(m, limits, graph)
+        kv_bytes = profiles.kv_cache_bytes(view, limits, graph)
         if e["kv_cache_bytes_at_max"] != kv_bytes:
             fail(where + ["kv_cache_bytes_at_max"], f"{e['kv_cache_bytes_at_max']} is not {kv_bytes} (what "
                                                     "engines.limits imply)")
