@@ -224,6 +224,29 @@ def test_failed_builds_leave_the_bundle_unchanged(exported_bundle, tmp_path, cap
         assert sorted(p.name for p in tmp_path.iterdir()) == ["b"], "a temporary directory was left behind"
 
 
+@pytest.mark.slow
+@pytest.mark.tensorrt
+def test_bundles_with_external_data_validate_and_build(tmp_path, capsys):
+    """Every graph's weights in <graph>.onnx.data (as real models over 2 GB have them): the bundle lists the
+    data files, validates, and its engines build, twice (the second build on the first one's output)."""
+    from fastv_export.bundle import load_bundle
+    from fastv_export.cli import main
+
+    b = tmp_path / "b"
+    assert main(["export", "--out", str(b), "--external-data"]) == 0
+    files = set(load_bundle(b).files)
+    assert {f"{g}.onnx.data" for g in ("vision", "embed", "pre_k", "post_k")} <= files
+    assert all((b / f"{g}.onnx.data").stat().st_size > 50_000 for g in ("vision", "embed", "pre_k", "post_k"))
+    assert main(["validate", str(b), "--max-new-tokens", "4", "--batch-sizes", "1"]) == 0
+    for _ in range(2):
+        capsys.readouterr()
+        assert main(["build", str(b), "--no-plugin"]) == 0, capsys.readouterr().err
+        engines = load_bundle(b).engines
+        assert set(engines.engines) == {"vision", "embed", "pre_k", "post_k"}
+        assert all((b / e.file).stat().st_size == e.bytes > 0 for e in engines.engines.values())
+        assert all((b / f).stat().st_nlink == 1 for f in files), "a bundle file is still hard-linked"
+
+
 @pytest.mark.tensorrt
 def test_an_inconsistent_engines_section_is_refused_before_anything_is_written(exported_bundle, tmp_path,
                                                                                monkeypatch):

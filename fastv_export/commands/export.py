@@ -30,12 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(spec.PRECISIONS), default="fp32", help="graph precision (default fp32)")
     parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.add_argument("--external-data", action="store_true", default=None,
+                        help="write every graph's weights beside it as <graph>.onnx.data (default: only graphs over "
+                             "the 2 GB protobuf limit)")
 
 
 def run(args: argparse.Namespace) -> int:
     from fastv_export.export.onnx_export import ExportOptions, export_bundle
 
     cfg = fastv_config_from_args(args)
-    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force)).path
+    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
+                                                     external_data=args.external_data)).path
     print(f"wrote {out} ({cfg.describe()}, {args.dtype}); next: fastv-export validate {out}")
     return 0

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = fastv_config_from_args(args)
     options = build_options_from_args(args)
-    bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
+    bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
+                                                        external_data=args.external_data))
     out = bundle.path
     print(f"1/3 exported {out} ({cfg.describe()}, {args.dtype})")
     report = validate_bundle(bundle, args.validate_tokens, (1, 3))   # the bundle as written: verified once

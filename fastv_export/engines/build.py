@@ -165,11 +165,20 @@ class BuiltEngine:
     activation_bytes: int | None = None
 
 
+def _load_graph(path: Path) -> onnx.ModelProto:
+    """A bundle graph with its weights (external data included), or one line saying why not."""
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for one user problem
+        what = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise FastVError(f"{path} could not be loaded for the engine build ({what}); re-export the bundle") from None
+
+
 def _build_rtx(onnx_path: Path, profiles: list[dict], targets: list[str], plugin: Path | None,
                timing_cache: bytes) -> BuiltEngine:
     from fastv_export.engines import trt_rtx
 
-    model = onnx.load(str(onnx_path))
+    model = _load_graph(onnx_path)
     if plugin is None:
         model = without_plugin_attributes(model)
         built = trt_rtx.build_engine_aot(model, compute_capabilities=targets, profiles=profiles or None,
@@ -192,7 +201,7 @@ def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
         builder.get_plugin_registry().load_library(str(plugin))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    model = onnx.load(str(onnx_path))
+    model = _load_graph(onnx_path)
     if plugin is None:
         model = without_plugin_attributes(model)
     if not parser.parse(model.SerializeToString()):
@@ -256,7 +265,6 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
     cache = cache_file.read_bytes() if cache_file.is_file() else b""
     engines: dict[str, Engine] = {}
     with atomic_directory(bundle.path, force=True) as tmp:
-        copied = _copy_bundle(bundle, tmp)
         for graph in spec.GRAPHS:
             if progress:
                 progress(graph)
@@ -283,6 +291,8 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
                 activation_bytes=built.activation_bytes, layers=len(layers), plugin_layers=n_plugin,
                 build_seconds=round(time.perf_counter() - start, 3))
         (tmp / TIMING_CACHE).write_bytes(cache)
+        # after the builds: a graph's external data must not be hard-linked while onnx reads it
+        copied = _copy_bundle(bundle, tmp)
         plugin_entry = None
         if plugin is not None:
             shutil.copy2(plugin, tmp / op.PLUGIN_LIBRARY)

@@ -35,6 +35,8 @@ class ExportOptions:
     dtype: str = "fp32"
     opset: int = OPSET
     force: bool = False
+    #: weights beside each graph in ``<graph>.onnx.data``: True always, None when a graph is over 2 GB
+    external_data: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,20 @@ def _dynamo_program(module: torch.nn.Module, args: tuple, graph: spec.GraphSpec,
     return program
 
 
+def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) -> None:
+    """Write ``model`` to ``path``, its weights in ``<file>.data`` beside it when ``external_data`` (None: when
+    the model does not fit one protobuf)."""
+    if external_data is None:
+        external_data = model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF
+    onnx.save(model, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
+              location=f"{path.name}.data")
+    data = path.with_name(f"{path.name}.data")
+    if data.is_file():                      # onnx writes it 0600: give it the mode of the bundle's other files
+        data.chmod(path.stat().st_mode & 0o777)
+
+
 def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphSpec, opset: int,
-            tracer: str = "dynamo") -> WrittenGraph:
+            tracer: str = "dynamo", external_data: bool | None = None) -> WrittenGraph:
     """torch.onnx export of ``module`` as ``graph``, written once to ``path``; ``tracer="jit"``
     (TorchScript tracing, static shapes) serves vision towers whose Python control flow on a fixed
     image grid torch.export cannot trace."""
@@ -81,13 +95,13 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphS
             torch.onnx.export(module, args, buffer, input_names=graph.input_names,
                               output_names=graph.output_names, dynamo=False, opset_version=opset)
         model = onnx.load_from_string(buffer.getvalue())
-        onnx.save(model, str(path))
+        _save_proto(model, path, external_data)
         return _proto_written(model)
     program = _dynamo_program(module, args, graph, opset)
     written = WrittenGraph({"inputs": _ir_io(program.model.graph.inputs),
                             "outputs": _ir_io(program.model.graph.outputs)},
                            {domain or "ai.onnx": version for domain, version in program.model.opset_imports.items()})
-    program.save(str(path))
+    program.save(str(path), external_data=external_data)
     return written
 
 
@@ -122,10 +136,10 @@ def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: i
     return hidden, mask, pos.contiguous(), kv
 
 
-def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, out: Path,
-                  opset: int) -> tuple[dict[str, spec.GraphSpec], dict[str, WrittenGraph]]:
-    """Write the four graphs of :func:`spec.bundle_graphs` into ``out``, each once; return their specs and
-    what each holds as written."""
+def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, out: Path, opset: int,
+                  external_data: bool | None = None) -> tuple[dict[str, spec.GraphSpec], dict[str, WrittenGraph]]:
+    """Write the four graphs of :func:`spec.bundle_graphs` into ``out``, each once (weights as external data:
+    see :class:`ExportOptions`); return their specs and what each holds as written."""
     from fastv_export.graphs.schema import register_schema
     from fastv_export.graphs.surgery import insert_token_select
     from fastv_export.prompts import make_prompt
@@ -140,7 +154,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
 
     # vision: one call (a default-sized image, or one unit of a dynamic layout) -> [tokens, D]
     written["vision"] = _export(Vision(adapter).eval(), adapter.vision_example(pixels), out / graphs["vision"].file,
-                                graphs["vision"], opset, tracer=adapter.vision_tracer)
+                                graphs["vision"], opset, tracer=adapter.vision_tracer, external_data=external_data)
     steps.update()
 
     # embed: token embedding + image features at the image-token positions
@@ -148,7 +162,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     ids[0, 2], ids[1, 3] = adapter.image_token_ids()[0], adapter.image_token_ids()[0]
     feats = [torch.randn(2, shape.hidden_size, dtype=dtype) for _ in range(1 + deepstack)]
     written["embed"] = _export(Embed(adapter).eval(), tuple([ids, *feats]), out / graphs["embed"].file,
-                               graphs["embed"], opset)
+                               graphs["embed"], opset, external_data=external_data)
     steps.update()
 
     # pre-K: layers < K, then TokenSelect (graph surgery on the exported model in memory)
@@ -162,7 +176,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
                                 seed=cfg.seed, scale=float(adapter.layers()[k - 1].self_attn.scaling),
                                 position_rank=rank, k=k, deepstack=deepstack)
     del program
-    onnx.save(model, str(out / graphs["pre_k"].file))
+    _save_proto(model, out / graphs["pre_k"].file, external_data)
     written["pre_k"] = _proto_written(model)
     del model
     steps.update()
@@ -171,7 +185,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, num_layers - k)
     levels = [torch.randn(hidden.shape, dtype=dtype) for _ in range(k, max(k, deepstack))]
     written["post_k"] = _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv, *levels),
-                                out / graphs["post_k"].file, graphs["post_k"], opset)
+                                out / graphs["post_k"].file, graphs["post_k"], opset, external_data=external_data)
     steps.update()
     steps.close()
     register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
@@ -196,7 +210,7 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         model = load_model(options.model, attn_implementation="eager", dtype=dtype)
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
-        specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset)
+        specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data)
         manifest = write_manifest(tmp, export_manifest(adapter, cfg, options.dtype, options.model, out, specs,
                                                        written))
     log.info("bundle written to %s", out)
