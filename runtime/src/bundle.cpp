@@ -80,9 +80,9 @@ TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window) 
       bounds.push_back(bounds.back() + count * merge * merge);
     }
   TensorMap feeds;
-  feeds["vision_position_ids"] = Tensor::from_i64({h * w, 2}, pos);
-  feeds["window_index"] = Tensor::from_i64({mh * mw}, index);
-  feeds["cu_window_seqlens"] = Tensor::from_i64({static_cast<int64_t>(bounds.size())}, bounds);
+  feeds[kVisionPositionIds] = Tensor::from_i64({h * w, 2}, pos);
+  feeds[kWindowIndex] = Tensor::from_i64({mh * mw}, index);
+  feeds[kCuWindowSeqlens] = Tensor::from_i64({static_cast<int64_t>(bounds.size())}, bounds);
   return feeds;
 }
 

@@ -6,6 +6,8 @@
 // decoding over the two KV caches through any Executor (TensorRT, or ONNX Runtime on the CPU).
 #pragma once
 
+#include "fastv/graph_names.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
@@ -78,7 +80,6 @@ struct Bundle {
 inline constexpr int kSchemaVersion = 2;   // fastv_export.bundle.SCHEMA_VERSION (tests check they agree)
 inline constexpr const char* kManifest = "manifest.json";
 inline constexpr const char* kPluginLibrary = "libfastv_plugins.so";
-inline const char* const kGraphs[] = {"vision", "embed", "pre_k", "post_k"};
 
 /// Verify a bundle directory (schema_version, required fields, every file of 'files': present, size,
 /// sha256; the engines section's checksums) and read it. Throws Error naming the file and field.
