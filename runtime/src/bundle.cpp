@@ -14,9 +14,6 @@ namespace fastv {
 
 namespace {
 
-const char* const kRequired[] = {"schema_version", "source_model", "fastv", "precision", "image_tokens", "graphs",
-                                 "pipeline", "kv_cache", "positions", "plugin", "engines", "files"};
-
 std::string hex(const unsigned char* d, unsigned n) {
   static const char* digits = "0123456789abcdef";
   std::string s;
@@ -80,10 +77,45 @@ TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window) 
       bounds.push_back(bounds.back() + count * merge * merge);
     }
   TensorMap feeds;
-  feeds["vision_position_ids"] = Tensor::from_i64({h * w, 2}, pos);
-  feeds["window_index"] = Tensor::from_i64({mh * mw}, index);
-  feeds["cu_window_seqlens"] = Tensor::from_i64({static_cast<int64_t>(bounds.size())}, bounds);
+  feeds[kVisionPositionIds] = Tensor::from_i64({h * w, 2}, pos);
+  feeds[kWindowIndex] = Tensor::from_i64({mh * mw}, index);
+  feeds[kCuWindowSeqlens] = Tensor::from_i64({static_cast<int64_t>(bounds.size())}, bounds);
   return feeds;
+}
+
+TensorMap patch_grid_feeds(const json& m, int64_t h, int64_t w, const std::string& where) {
+  const int64_t merge = int_field(m, "image_tokens.vision_layout.spatial_merge_size", where);
+  const int64_t patch = int_field(m, "image_tokens.vision_layout.patch_size", where);
+  const int64_t size = int_field(m, "image_tokens.vision_layout.window_size", where);
+  if (merge < 1 || patch < 1 || size / merge / patch < 1 || h % merge || w % merge)
+    throw Error(where + ": field 'image_tokens.vision_layout' (spatial_merge_size " + std::to_string(merge) +
+                ", patch_size " + std::to_string(patch) + ", window_size " + std::to_string(size) +
+                ") does not fit a " + std::to_string(h) + " x " + std::to_string(w) + " patch grid");
+  return patch_grid_feeds(h, w, merge, size / merge / patch);
+}
+
+void read_position_rules(const json& m, Bundle& b, const std::string& where) {
+  b.image_token_ids = int_list(m, "image_tokens.token_ids", where);
+  b.tokens_per_image = int_field(m, "image_tokens.per_image", where);
+  b.position_rank = static_cast<int>(int_field(m, "positions.rank", where));
+  if (b.position_rank == 3) {
+    b.spatial_merge_size = int_field(m, "positions.spatial_merge_size", where);
+    b.grid_thw = int_list(m, "image_tokens.grid_thw", where);
+    if (m["positions"].contains("video_token_id")) b.video_token_id = int_field(m, "positions.video_token_id", where);
+    if (m["positions"].contains("video_tokens_per_second")) {
+      const json& tps = field(m, "positions.video_tokens_per_second", where);
+      if (!tps.is_number()) throw Error(where + ": field 'positions.video_tokens_per_second' must be a number");
+      b.video_tokens_per_second = tps.get<float>();
+    }
+    if (b.grid_thw.size() != 3 || b.spatial_merge_size < 1 ||
+        b.grid_thw[0] * (b.grid_thw[1] / b.spatial_merge_size) * (b.grid_thw[2] / b.spatial_merge_size) !=
+            b.tokens_per_image)
+      throw Error(where + ": field 'image_tokens.grid_thw' " + field(m, "image_tokens.grid_thw", where).dump() +
+                  " does not give 'image_tokens.per_image' tokens with spatial_merge_size " +
+                  std::to_string(b.spatial_merge_size));
+  } else if (b.position_rank != 2) {
+    throw Error(where + ": field 'positions.rank' is " + std::to_string(b.position_rank) + ", expected 2 or 3");
+  }
 }
 
 std::string sha256_file(const fs::path& path) {
@@ -128,7 +160,7 @@ Bundle load_bundle(const fs::path& dir) {
     throw Error(where + ": field 'schema_version' is " + (m.contains("schema_version") ? m["schema_version"].dump()
                                                                                        : std::string("missing")) +
                 ", this runtime reads " + std::to_string(kSchemaVersion) + "; re-export the bundle");
-  for (const char* key : kRequired)
+  for (const char* key : kRequiredFields)
     if (!m.contains(key)) throw Error(where + ": required field '" + key + "' is missing; re-export the bundle");
   const json& files = m["files"];
   if (!files.is_object()) throw Error(where + ": field 'files' must be an object");
@@ -186,8 +218,7 @@ Bundle load_bundle(const fs::path& dir) {
   if (precision == "fp32") b.float_dtype = DType::F32;
   else if (precision == "fp16") b.float_dtype = DType::F16;
   else throw Error(where + ": field 'precision' is " + precision.dump() + ", expected \"fp32\" or \"fp16\"");
-  b.image_token_ids = int_list(m, "image_tokens.token_ids", where);
-  b.tokens_per_image = int_field(m, "image_tokens.per_image", where);
+  read_position_rules(m, b, where);
   const json& layout = m["image_tokens"].contains("vision_layout") ? m["image_tokens"]["vision_layout"] : json();
   if (layout.is_object()) b.vision_layout = field(m, "image_tokens.vision_layout.kind", where).get<std::string>();
   if (b.vision_layout == "fixed") {
@@ -202,35 +233,13 @@ Bundle load_bundle(const fs::path& dir) {
   else if (eos.is_array() && !eos.empty() && eos[0].is_number_integer()) b.eos_token_id = eos[0].get<int64_t>();
   const json& pad = m["source_model"].contains("pad_token_id") ? m["source_model"]["pad_token_id"] : json();
   b.pad_token_id = pad.is_number_integer() ? pad.get<int64_t>() : 0;
-  b.position_rank = static_cast<int>(int_field(m, "positions.rank", where));
-  if (b.position_rank == 3) {
-    b.spatial_merge_size = int_field(m, "positions.spatial_merge_size", where);
-    b.grid_thw = int_list(m, "image_tokens.grid_thw", where);
-    if (m["positions"].contains("video_token_id")) b.video_token_id = int_field(m, "positions.video_token_id", where);
-    if (m["positions"].contains("video_tokens_per_second")) {
-      const json& tps = field(m, "positions.video_tokens_per_second", where);
-      if (!tps.is_number()) throw Error(where + ": field 'positions.video_tokens_per_second' must be a number");
-      b.video_tokens_per_second = tps.get<float>();
-    }
-    if (b.grid_thw.size() != 3 || b.spatial_merge_size < 1 ||
-        b.grid_thw[0] * (b.grid_thw[1] / b.spatial_merge_size) * (b.grid_thw[2] / b.spatial_merge_size) !=
-            b.tokens_per_image)
-      throw Error(where + ": field 'image_tokens.grid_thw' " + field(m, "image_tokens.grid_thw", where).dump() +
-                  " does not give 'image_tokens.per_image' tokens with spatial_merge_size " +
-                  std::to_string(b.spatial_merge_size));
-  } else if (b.position_rank != 2) {
-    throw Error(where + ": field 'positions.rank' is " + std::to_string(b.position_rank) + ", expected 2 or 3");
-  }
   if (b.vision_layout == "patch_grid") {
     if (b.position_rank != 3)
       throw Error(where + ": field 'image_tokens.vision_layout.kind' is \"patch_grid\" without rank-3 positions");
     const json& shape = field(m, "image_tokens.vision_input.shape", where);
     if (!shape.is_array() || shape.size() != 2 || !shape[1].is_number_integer())
       throw Error(where + ": field 'image_tokens.vision_input.shape' must be [patches, patch_dim] (patch_grid)");
-    b.vision_grid_feeds = patch_grid_feeds(b.grid_thw[1], b.grid_thw[2], b.spatial_merge_size,
-                                           int_field(m, "image_tokens.vision_layout.window_size", where) /
-                                               b.spatial_merge_size /
-                                               int_field(m, "image_tokens.vision_layout.patch_size", where));
+    b.vision_grid_feeds = patch_grid_feeds(m, b.grid_thw[1], b.grid_thw[2], where);
     b.vision_input_shape = {b.grid_thw[1] * b.grid_thw[2], shape[1].get<int64_t>()};
   }
   return b;

@@ -158,19 +158,19 @@ Inputs read_inputs(const fs::path& dir, const Bundle& b) {
     return read_tensor(dir, ts[name], name, where);
   };
   Inputs in;
-  in.input_ids = get("input_ids");
-  in.attention_mask = get("attention_mask");
+  in.input_ids = get(kInputIds);
+  in.attention_mask = get(kAttentionMask);
   if (in.input_ids.dtype != DType::I64 || in.input_ids.shape.size() != 2 || in.input_ids.shape[0] < 1 ||
       in.input_ids.shape[1] < 1)
-    throw Error(where + ": tensor 'input_ids' must be int64 [batch, seq], got " + dtype_name(in.input_ids.dtype) +
-                " " + shape_str(in.input_ids.shape));
+    throw Error(where + ": tensor '" + kInputIds + "' must be int64 [batch, seq], got " +
+                dtype_name(in.input_ids.dtype) + " " + shape_str(in.input_ids.shape));
   if (in.attention_mask.dtype != DType::I64 || in.attention_mask.shape != in.input_ids.shape)
-    throw Error(where + ": tensor 'attention_mask' must be int64 " + shape_str(in.input_ids.shape) +
-                " like 'input_ids', got " + dtype_name(in.attention_mask.dtype) + " " +
+    throw Error(where + ": tensor '" + kAttentionMask + "' must be int64 " + shape_str(in.input_ids.shape) +
+                " like '" + kInputIds + "', got " + dtype_name(in.attention_mask.dtype) + " " +
                 shape_str(in.attention_mask.shape));
   const int64_t num_images = j.value("num_images", 0);
   for (int64_t i = 0; i < num_images; ++i) {
-    const std::string name = "pixel_values." + std::to_string(i);
+    const std::string name = std::string(kPixelValues) + "." + std::to_string(i);   // dump.py: <pixel values>.<i>
     Tensor px = get(name);
     if (px.shape != b.vision_input_shape)
       throw Error(where + ": tensor '" + name + "' has shape " + shape_str(px.shape) + ", the bundle's vision graph " +
@@ -187,7 +187,7 @@ Inputs read_inputs(const fs::path& dir, const Bundle& b) {
     }
     in.images.push_back(std::move(px));
   }
-  if (ts.contains("candidate_positions")) in.candidate_positions = get("candidate_positions");
+  if (ts.contains(kCandidatePositions)) in.candidate_positions = get(kCandidatePositions);
   if (ts.contains("video_seconds")) {
     const Tensor secs = get("video_seconds");
     if (secs.dtype != DType::F32 || secs.shape.size() != 1)
@@ -201,7 +201,7 @@ Inputs read_inputs(const fs::path& dir, const Bundle& b) {
   int64_t count = 0;
   for (int64_t i = 0; i < rows * n; ++i) count += image_ids.count(in.input_ids.as<int64_t>()[i]);
   if (count != num_images * b.tokens_per_image)
-    throw Error(where + ": tensor 'input_ids' holds " + std::to_string(count) + " image tokens, but " +
+    throw Error(where + ": tensor '" + kInputIds + "' holds " + std::to_string(count) + " image tokens, but " +
                 std::to_string(num_images) + " image(s) of " + std::to_string(b.tokens_per_image) +
                 " tokens (manifest field 'image_tokens.per_image') were given");
   return in;

@@ -15,15 +15,11 @@ double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
 }
 
-std::string past_name(int layer, const char* kind) {
-  return "past_key_values." + std::to_string(layer) + "." + kind;
-}
-
 // present.{i}.key -> past_key_values.{i}.key, moved out of a graph's outputs
 TensorMap next_past(TensorMap& outputs) {
   TensorMap past;
   for (auto& [name, t] : outputs)
-    if (name.rfind("present.", 0) == 0) past["past_key_values." + name.substr(8)] = std::move(t);
+    if (is_present(name)) past[present_to_past(name)] = std::move(t);
   return past;
 }
 
@@ -49,7 +45,7 @@ Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype, int64_t width)
 // DeepStack (graphs/spec.py): the per-level tensors of a graph's outputs whose names start with prefix + "."
 void add_levels(Feeds& feeds, const TensorMap& outputs, const std::string& prefix) {
   for (const auto& [name, t] : outputs)
-    if (name.rfind(prefix + ".", 0) == 0) feeds[name] = &t;
+    if (is_level(name, prefix)) feeds[name] = &t;
 }
 
 // [rows, n] int64 with one column appended (ones)
@@ -89,11 +85,11 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   const int64_t rows = in.input_ids.shape[0];
 
   // vision: one call per image, features (and DeepStack levels) concatenated in prompt order
-  std::vector<std::string> vision_outputs{"image_features"};
-  for (int l = 0; l < b.deepstack_layers; ++l) vision_outputs.push_back("deepstack_features." + std::to_string(l));
+  std::vector<std::string> vision_outputs{kImageFeatures};
+  for (int l = 0; l < b.deepstack_layers; ++l) vision_outputs.push_back(level_name(kDeepstackFeatures, l));
   std::map<std::string, std::vector<Tensor>> parts;
   for (const Tensor& px : in.images) {
-    Feeds feeds{{"pixel_values", &px}};
+    Feeds feeds{{kPixelValues, &px}};
     for (const auto& [name, t] : b.vision_grid_feeds) feeds[name] = &t;   // patch_grid: the exported grid's
     TensorMap out = ex.run("vision", feeds);
     for (const auto& name : vision_outputs) parts[name].push_back(std::move(out.at(name)));
@@ -105,27 +101,27 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   const Tensor candidates = find_candidates(b, in.input_ids);
   if (in.candidate_positions && (in.candidate_positions->shape != candidates.shape ||
                                  in.candidate_positions->data != candidates.data))
-    throw Error("inputs: tensor 'candidate_positions' " + shape_str(in.candidate_positions->shape) +
-                " is not the positions of the image tokens (manifest field 'image_tokens.token_ids') in 'input_ids' " +
-                shape_str(candidates.shape));
+    throw Error(std::string("inputs: tensor '") + kCandidatePositions + "' " +
+                shape_str(in.candidate_positions->shape) + " is not the positions of the image tokens (manifest field " +
+                "'image_tokens.token_ids') in '" + kInputIds + "' " + shape_str(candidates.shape));
 
   // embed -> pre_k (TokenSelect) over the n prompt tokens
   auto t1 = Clock::now();
-  Feeds embed_feeds{{"input_ids", &in.input_ids}};
+  Feeds embed_feeds{{kInputIds, &in.input_ids}};
   for (const auto& [name, t] : vision) embed_feeds[name] = &t;
   TensorMap emb = ex.run("embed", embed_feeds);
   g.timings_ms["embed"] = ms_since(t1);
   t1 = Clock::now();
   const Tensor empty_kv = Tensor::zeros(b.float_dtype, {rows, b.num_kv_heads, 0, b.head_dim});
-  Feeds feeds{{"inputs_embeds", &output(emb, "embed", "inputs_embeds")},
-              {"attention_mask", &in.attention_mask},
-              {"position_ids", &positions},
-              {"candidate_positions", &candidates}};
+  Feeds feeds{{kInputsEmbeds, &output(emb, "embed", kInputsEmbeds)},
+              {kAttentionMask, &in.attention_mask},
+              {kPositionIds, &positions},
+              {kCandidatePositions, &candidates}};
   for (int i = 0; i < b.k; ++i)
-    for (const char* kind : {"key", "value"}) feeds[past_name(i, kind)] = &empty_kv;
-  add_levels(feeds, emb, "deepstack_embeds");
+    for (const char* kind : kKvKinds) feeds[past_name(i, kind)] = &empty_kv;
+  add_levels(feeds, emb, kDeepstackEmbeds);
   TensorMap pre = ex.run("pre_k", feeds);
-  g.kept = output(pre, "pre_k", "kept_indices");
+  g.kept = output(pre, "pre_k", kKeptIndices);
   TensorMap pre_past = next_past(pre);
   // post-K attention mask: the prompt mask gathered at the kept positions
   const int64_t n = in.attention_mask.shape[1], kept_n = g.kept.shape[1];
@@ -140,14 +136,14 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
 
   // post_k over the n' kept tokens, with their original position ids
   const auto t2 = Clock::now();
-  feeds = {{"hidden_states", &output(pre, "pre_k", "hidden_states")},
-           {"attention_mask", &post_mask},
-           {"position_ids", &output(pre, "pre_k", "selected_position_ids")}};
+  feeds = {{kHiddenStates, &output(pre, "pre_k", kHiddenStates)},
+           {kAttentionMask, &post_mask},
+           {kPositionIds, &output(pre, "pre_k", kSelectedPositionIds)}};
   for (int i = b.k; i < b.num_layers; ++i)
-    for (const char* kind : {"key", "value"}) feeds[past_name(i, kind)] = &empty_kv;
-  add_levels(feeds, pre, "kept_deepstack_embeds");
+    for (const char* kind : kKvKinds) feeds[past_name(i, kind)] = &empty_kv;
+  add_levels(feeds, pre, kKeptDeepstackEmbeds);
   TensorMap post = ex.run("post_k", feeds);
-  std::vector<int64_t> next = argmax_last(output(post, "post_k", "logits"));
+  std::vector<int64_t> next = argmax_last(output(post, "post_k", kLogits));
   TensorMap post_past = next_past(post);
   g.timings_ms["post_k"] = ms_since(t2);
   g.timings_ms["prefill"] = ms_since(t0);
@@ -174,27 +170,27 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
     g.steps = step + 1;
     if (step == max_new_tokens - 1 || (b.eos_token_id && all)) break;
     const Tensor ids = Tensor::from_i64({rows, 1}, next);
-    Feeds ef{{"input_ids", &ids}};
+    Feeds ef{{kInputIds, &ids}};
     for (const auto& name : vision_outputs) ef[name] = &no_features;
     TensorMap e = ex.run("embed", ef);
     mask = append_ones(mask);
     post_mask = append_ones(post_mask);
     const Tensor pos = decode_positions(positions, step);
-    Feeds f{{"inputs_embeds", &output(e, "embed", "inputs_embeds")},
-            {"attention_mask", &mask},
-            {"position_ids", &pos},
-            {"candidate_positions", &no_candidates}};
+    Feeds f{{kInputsEmbeds, &output(e, "embed", kInputsEmbeds)},
+            {kAttentionMask, &mask},
+            {kPositionIds, &pos},
+            {kCandidatePositions, &no_candidates}};
     for (auto& [name, t] : pre_past) f[name] = &t;
-    add_levels(f, e, "deepstack_embeds");
+    add_levels(f, e, kDeepstackEmbeds);
     TensorMap o = ex.run("pre_k", f);
     TensorMap new_pre_past = next_past(o);
-    Feeds p{{"hidden_states", &output(o, "pre_k", "hidden_states")},
-            {"attention_mask", &post_mask},
-            {"position_ids", &output(o, "pre_k", "selected_position_ids")}};
+    Feeds p{{kHiddenStates, &output(o, "pre_k", kHiddenStates)},
+            {kAttentionMask, &post_mask},
+            {kPositionIds, &output(o, "pre_k", kSelectedPositionIds)}};
     for (auto& [name, t] : post_past) p[name] = &t;
-    add_levels(p, o, "kept_deepstack_embeds");
+    add_levels(p, o, kKeptDeepstackEmbeds);
     TensorMap res = ex.run("post_k", p);
-    next = argmax_last(output(res, "post_k", "logits"));
+    next = argmax_last(output(res, "post_k", kLogits));
     pre_past = std::move(new_pre_past);
     post_past = next_past(res);
   }

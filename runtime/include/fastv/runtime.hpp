@@ -6,6 +6,8 @@
 // decoding over the two KV caches through any Executor (TensorRT, or ONNX Runtime on the CPU).
 #pragma once
 
+#include "fastv/graph_names.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
@@ -75,19 +77,28 @@ struct Bundle {
   bool has_engines() const { return manifest.contains("engines") && !manifest["engines"].is_null(); }
 };
 
-inline constexpr int kSchemaVersion = 2;   // fastv_export.bundle.SCHEMA_VERSION (tests check they agree)
+inline constexpr int kSchemaVersion = 2;   // fastv_export.bundle.SCHEMA_VERSION (the golden vectors check they agree)
 inline constexpr const char* kManifest = "manifest.json";
 inline constexpr const char* kPluginLibrary = "libfastv_plugins.so";
-inline const char* const kGraphs[] = {"vision", "embed", "pre_k", "post_k"};
+/// The manifest's required top-level fields (fastv_export/manifest.schema.json 'required'; golden vectors)
+inline constexpr const char* kRequiredFields[] = {"schema_version", "producer", "source_model", "fastv", "precision",
+                                                  "image_tokens", "graphs", "pipeline", "kv_cache", "positions",
+                                                  "plugin", "engines", "files"};
 
 /// Verify a bundle directory (schema_version, required fields, every file of 'files': present, size,
 /// sha256; the engines section's checksums) and read it. Throws Error naming the file and field.
 Bundle load_bundle(const std::filesystem::path& dir);
 std::string sha256_file(const std::filesystem::path& path);
+/// Read what the position ids and candidate positions follow into ``b``: image_tokens.token_ids, per_image,
+/// grid_thw and the 'positions' section (rank; M-RoPE: spatial_merge_size, video_token_id,
+/// video_tokens_per_second). ``where`` names the manifest in errors.
+void read_position_rules(const nlohmann::json& manifest, Bundle& b, const std::string& where);
 /// The grid-derived vision feeds of one h x w patch grid (layout patch_grid; the numpy original:
 /// fastv_export/runtime/vision_feeds.py): vision_position_ids, window_index, cu_window_seqlens.
 /// ``window``: merged patches per window side.
 TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window);
+/// The same feeds under a manifest's image_tokens.vision_layout (spatial_merge_size, window_size, patch_size).
+TensorMap patch_grid_feeds(const nlohmann::json& manifest, int64_t h, int64_t w, const std::string& where);
 
 /// Inputs of one generation (runtime/README.md: the --dump-inputs format).
 struct Inputs {
