@@ -13,10 +13,10 @@ import torch
 
 from fastv_export import cli
 from fastv_export.adapters import get_adapter
-from fastv_export.calibrate import dataset, report, shapes, sweep
+from fastv_export.calibrate import dataset, report, sweep
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
-from fastv_export.presets import load_model
+from fastv_export.presets import load_model, shapes
 from fastv_export.reference.rerank import generate_rerank
 from fastv_export.reference.selection import random_scores
 from tests import independent
@@ -75,7 +75,7 @@ def test_demo_splits_are_disjoint_and_deterministic():
 
 
 def test_trained_demo_is_far_above_chance():
-    from fastv_export.calibrate import demo
+    from fastv_export.presets import demo
 
     model = load_model("tiny-llava-shapes")
     test = shapes.split("test", 120)
@@ -84,7 +84,7 @@ def test_trained_demo_is_far_above_chance():
 
 
 def test_demo_weights_missing_or_corrupt_give_one_clear_error(tmp_path):
-    from fastv_export.calibrate import demo
+    from fastv_export.presets import demo
 
     with pytest.raises(FastVError, match="missing .* train them with: python scripts/train_demo.py"):
         demo.build_trained(weights=tmp_path / "none.safetensors")
