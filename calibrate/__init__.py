@@ -1,7 +1,9 @@
 """Choosing K and R for a model under a budget (installed as ``fastv_export.calibrate``).
 
-- :mod:`.shapes`: the demo task (coloured shapes on a grid; colour / count / position questions);
-- :mod:`.demo`: the trained demo preset ``tiny-llava-shapes`` (training and loading);
+A leaf over the public API: the presets (the trained demo ``tiny-llava-shapes`` and its shapes task
+live in :mod:`fastv_export.presets`), the reference FastV (:mod:`fastv_export.reference`) and the
+FLOPs analysis; nothing outside this package and the ``calibrate`` command imports it.
+
 - :mod:`.dataset`: calibration sets (the demo task, synthetic prompts, a folder of images + JSONL);
 - :mod:`.sweep`: the K x R x ranking sweep with prefix reuse and a resumable results file;
 - :mod:`.report`: table (CSV, JSON), Pareto frontier and plot, recommendation under a constraint.

@@ -46,7 +46,7 @@ def demo_items(size: int, start: int = 0) -> list[CalibrationItem]:
     """The shapes task's test split (samples ``start`` .. ``start + size - 1``)."""
     import numpy as np
 
-    from fastv_export.calibrate import shapes
+    from fastv_export.presets import shapes
 
     items = []
     for s in shapes.split("test", size, start):

@@ -123,7 +123,8 @@ def summarize(result: SweepResult, model_name: str, data: str, shape) -> Table:
 
 # ---- frontier and recommendation ------------------------------------------------------------------
 
-def _checked_metric(table: Table, metric: str) -> None:
+def checked_metric(table: Table, metric: str) -> None:
+    """Refuse (one-line error) a quality metric that is unknown or that ``table`` did not measure."""
     if metric not in METRICS:
         raise FastVError(f"unknown quality metric {metric!r}: choose from {', '.join(METRICS)}")
     if not table.has(metric):
@@ -163,7 +164,7 @@ def recommend(table: Table, metric: str, max_flops_ratio: float | None = None,
     """``min_agreement``: the cheapest configuration (Eq. 5 ratio) whose ``metric`` is at least that
     (within ``max_flops_ratio`` too when both are given); ``max_flops_ratio`` alone: the best ``metric``
     within that ratio (ties: the cheaper). Raises FastVError when no configuration qualifies."""
-    _checked_metric(table, metric)
+    checked_metric(table, metric)
     if max_flops_ratio is None and min_agreement is None:
         raise FastVError("give a constraint: --max-flops-ratio (best quality within it) or --min-agreement "
                          "(cheapest that meets it)")
@@ -242,7 +243,7 @@ def plot(table: Table, metric: str, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _checked_metric(table, metric)
+    checked_metric(table, metric)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     groups: dict[tuple[int, str], list[Row]] = {}
     for r in table.rows:

@@ -1,14 +1,18 @@
 """The K x R x ranking sweep, with the shared computation reused.
 
-Per prompt, ONE unpruned prefill records what every configuration needs: the input of each
-pruning layer K (hidden states and the layer's mask / rotary / position arguments), the
-post-rotary query and key of each layer K-1 (the ranking scores, computed by the reference's own
-:func:`~fastv_export.reference.selection.candidate_scores`), the KV cache of every layer and the
-unpruned first-token logits. Then each configuration selects its kept tokens
-(:func:`~fastv_export.reference.selection.select_kept`) and re-runs only layers >= K on them; its
-cache is the shared cache of layers < K plus its own for layers >= K, from which greedy decoding
-continues (generated tokens at the ORIGINAL positions n, n+1, ...). This is exactly what
-:func:`~fastv_export.reference.fastv.apply_fastv` computes from scratch (the tests check both agree).
+Per prompt, ONE unpruned prefill (:func:`~fastv_export.reference.decode.prefill`) records what
+every configuration needs: the input of each pruning layer K (hidden states and the layer's mask /
+rotary / position arguments), the post-rotary query and key of each layer K-1
+(:func:`~fastv_export.reference.capture.capture_query_key`; the ranking scores come from the
+reference's own :func:`~fastv_export.reference.selection.candidate_scores`), the KV cache of every
+layer, the prompt's position ids and the unpruned first-token logits. Then each configuration
+selects its kept tokens (:func:`~fastv_export.reference.selection.select_kept`) and re-runs only
+layers >= K on them (:mod:`~fastv_export.reference.gather`); its cache is the shared cache of
+layers < K plus its own for layers >= K, from which the reference's
+:func:`~fastv_export.reference.decode.greedy_decode` continues (decode step t at the row's largest
+prompt position + 1 + t, 1-D or M-RoPE). This is exactly what
+:func:`~fastv_export.reference.fastv.apply_fastv` with ``generate`` computes from scratch (the tests
+check both agree).
 
 The authors' re-rank-every-step semantics (:func:`~fastv_export.reference.rerank.generate_rerank`)
 cannot share anything (every step re-ranks and re-runs the whole sequence); it runs per
@@ -30,16 +34,22 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from fastv_export.adapters import get_adapter
 from fastv_export.calibrate.dataset import CalibrationItem
 from fastv_export.config import FastVConfig, parse_ratio
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_write_text
 from fastv_export.graphs.op import RANKINGS
+from fastv_export.reference.capture import capture_query_key
+from fastv_export.reference.decode import Prefilled, greedy_decode, prefill
+from fastv_export.reference.fastv import apply_fastv
+from fastv_export.reference.gather import gather_seq, prefill_substitutions
+from fastv_export.reference.rerank import generate_rerank
+from fastv_export.reference.selection import candidate_scores, select_kept
 
 log = logging.getLogger(__name__)
 
 SEMANTICS = ("prefill", "rerank")
-CAPTURE_IMPL = "fastv_calibrate_capture"
 
 
 # ---- what to sweep ------------------------------------------------------------------------------
@@ -125,38 +135,23 @@ class ItemResult:
 
 # ---- the shared prefix --------------------------------------------------------------------------
 
-def _capture_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    store, original = module._fastv_calibrate
-    store[module.layer_idx] = (query.detach(), key.detach(), kwargs.get("scaling") or module.scaling)
-    return original(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
-
-
-_register()
-
-
 @dataclass
 class Prefix:
     """What one unpruned prefill leaves for every configuration."""
     n: int
     candidates: torch.Tensor                         # [1, M]
     logits: torch.Tensor                             # [V] float32, last prompt position
+    positions: torch.Tensor                          # the prompt's position ids [1, n] or [3, 1, n] (M-RoPE)
     layer_inputs: dict[int, tuple[torch.Tensor, dict]]   # K -> (hidden [1, n, D], layer kwargs)
     qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]]  # layer K-1 -> post-rotary query, key, scale
     kv: list[tuple[torch.Tensor, torch.Tensor]]      # per layer, the n cached keys / values
 
 
 class Session:
-    """A model prepared for sweeping: capture hooks installed on the layers the sweep needs."""
+    """A model prepared for sweeping: each prefill records, through hooks installed for that prefill
+    only, what the configurations of ``spec`` need (layer K's inputs, layer K-1's query and key)."""
 
     def __init__(self, model: nn.Module, spec: SweepSpec) -> None:
-        from fastv_export.adapters import get_adapter
-
         self.model = model
         self.spec = spec
         self.adapter = get_adapter(model)
@@ -164,18 +159,13 @@ class Session:
         num_layers = len(self.layers)
         for k in spec.ks:
             FastVConfig(k=k, ratio=0, ranking="random").check_layers(num_layers)
-        if spec.tokens > 1 and self.adapter.position_rank != 2:
-            raise FastVError(f"comparing {spec.tokens} greedy tokens is supported for models with 1-D positions "
-                             f"(LLaVA); {self.adapter.name} uses M-RoPE: pass --tokens 1")
         self.eos = self.adapter.text_config.eos_token_id
 
     @torch.no_grad()
     def prefix(self, item: CalibrationItem) -> Prefix:
-        from fastv_export.reference.fastv import original_attention
-
         store: dict[int, tuple] = {}
         seen: dict[int, tuple] = {}
-        hooks, restore = [], []
+        hooks, undo = [], []
         try:
             for k in self.spec.ks:
                 def hook(mod, args, kwargs, k=k):
@@ -183,27 +173,28 @@ class Session:
                     seen[k] = (hidden, {a: b for a, b in kwargs.items() if a != "hidden_states"})
                 hooks.append(self.layers[k].register_forward_pre_hook(hook, with_kwargs=True))
                 if k >= 1:
-                    attn = self.layers[k - 1].self_attn
-                    private = _private_config(attn.config)
-                    restore.append((attn, attn.config))
-                    attn._fastv_calibrate = (store, original_attention(attn, attn.config._attn_implementation))
-                    attn.config = private
-            out = self.model(**item.model_inputs(), use_cache=True)
+                    def keep(query, key, scale, layer=k - 1):
+                        store[layer] = (query.detach(), key.detach(), scale)
+                    undo.append(capture_query_key(self.layers[k - 1].self_attn, keep))
+            state = prefill(self.model, item.model_inputs())
         finally:
             for h in hooks:
                 h.remove()
-            for attn, cfg in restore:
-                attn.config = cfg
-                del attn._fastv_calibrate
-        cache = out.past_key_values
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+            for u in reversed(undo):
+                u()
+        kv = [(layer.keys, layer.values) for layer in state.cache.layers]
         return Prefix(n=item.input_ids.shape[1], candidates=self.adapter.find_candidates(item.input_ids),
-                      logits=out.logits[0, -1].float(), layer_inputs=seen, qk=store, kv=kv)
+                      logits=state.logits[0], positions=state.positions, layer_inputs=seen, qk=store, kv=kv)
 
     # ---- one configuration on top of the prefix -----------------------------------------------
-    def scores(self, prefix: Prefix, cfg: FastVConfig, ranking: str | None = None) -> torch.Tensor:
-        from fastv_export.reference.selection import candidate_scores
+    def reuses_prefix(self, cfg: FastVConfig) -> bool:
+        """Whether ``cfg`` runs on the shared prefix. Not when K is below a DeepStack family's injecting
+        layers (Qwen3-VL): its text model adds vision features after each of its first layers inside its
+        own loop, which re-running layers >= K alone would skip; such a configuration runs from scratch
+        (:func:`evaluate_from_scratch`)."""
+        return cfg.k >= self.adapter.deepstack_layers()
 
+    def scores(self, prefix: Prefix, cfg: FastVConfig, ranking: str | None = None) -> torch.Tensor:
         ranking = ranking or cfg.ranking
         if ranking == "random":
             return candidate_scores("random", prefix.candidates, seed=cfg.seed)
@@ -217,9 +208,6 @@ class Session:
         """First-token logits [V], the configuration's KV cache and the kept positions [1, n']."""
         from transformers import DynamicCache
 
-        from fastv_export.reference.fastv import _gather_seq, _prefill_substitutions
-        from fastv_export.reference.selection import select_kept
-
         m = prefix.candidates.shape[1]
         keep = cfg.keep_count(m)
         kept = select_kept(scores, prefix.candidates, prefix.n, keep)
@@ -229,8 +217,8 @@ class Session:
         hidden, kwargs = prefix.layer_inputs[cfg.k]
         kwargs = dict(kwargs)
         if keep < m:
-            kwargs.update(_prefill_substitutions(kwargs, kept, prefix.n))
-            hidden = _gather_seq(hidden, kept)
+            kwargs.update(prefill_substitutions(kwargs, kept, prefix.n))
+            hidden = gather_seq(hidden, kept)
         kwargs["past_key_values"] = cache
         kwargs["use_cache"] = True
         for layer in self.layers[cfg.k:]:
@@ -242,25 +230,13 @@ class Session:
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.adapter.lm_head()(self.adapter.text_model().norm(hidden))[0, -1].float()
 
-    @torch.no_grad()
-    def greedy(self, first_logits: torch.Tensor, cache, n: int) -> list[int]:
-        """Greedy tokens from the first-token logits, decoding on ``cache`` (positions n, n+1, ...)
-        until ``tokens`` tokens or the end-of-sequence token."""
-        tm = self.adapter.text_model()
-        embed = self.model.get_input_embeddings()
-        tokens = [int(first_logits.argmax())]
-        for t in range(1, self.spec.tokens):
-            if tokens[-1] == self.eos:
-                break
-            h = embed(torch.tensor([[tokens[-1]]]))
-            pos = torch.tensor([[n + t - 1]])
-            pe = tm.rotary_emb(h, position_ids=pos)
-            for layer in self.layers:
-                h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos, past_key_values=cache,
-                          use_cache=True)
-                h = h[0] if isinstance(h, tuple) else h
-            tokens.append(int(self._head(h).argmax()))
-        return tokens
+    def greedy(self, prefix: Prefix, first_logits: torch.Tensor, cache) -> list[int]:
+        """Greedy tokens from the first-token logits [V], decoding on ``cache`` at the prompt's
+        positions (the reference's :func:`~fastv_export.reference.decode.greedy_decode`) until
+        ``tokens`` tokens or the end-of-sequence token."""
+        state = Prefilled(first_logits[None], cache, prefix.positions)
+        return greedy_decode(self.model, state, self.spec.tokens, eos_token_id=self.eos,
+                             pad_token_id=self.adapter.text_config.pad_token_id or 0)[0]
 
     def baseline_tokens(self, prefix: Prefix) -> list[int]:
         from transformers import DynamicCache
@@ -268,23 +244,13 @@ class Session:
         cache = DynamicCache()
         for i, (k, v) in enumerate(prefix.kv):
             cache.update(k, v, i)
-        return self.greedy(prefix.logits, cache, prefix.n)
+        return self.greedy(prefix, prefix.logits, cache)
 
     def rerank_tokens(self, item: CalibrationItem, cfg: FastVConfig) -> list[int]:
-        from fastv_export.reference.rerank import generate_rerank
-
         inputs = item.model_inputs()
         res = generate_rerank(self.model, cfg, max_new_tokens=self.spec.tokens, eos_token_id=self.eos,
                               pad_token_id=self.adapter.text_config.pad_token_id or 0, **inputs)
         return _until_eos(res.tokens[0].tolist(), self.eos)
-
-
-def _private_config(config):
-    import copy
-
-    private = copy.copy(config)
-    private._attn_implementation_internal = CAPTURE_IMPL
-    return private
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
@@ -329,12 +295,14 @@ def evaluate_item(session: Session, item: CalibrationItem, configs: list[FastVCo
     out: dict[str, ItemResult] = {}
     score_cache: dict[tuple[int, str], torch.Tensor] = {}
     for cfg in configs:
-        key = (cfg.k, cfg.ranking)
-        if key not in score_cache:
-            score_cache[key] = session.scores(prefix, cfg)
-        scores = score_cache[key]
-        logits, cache, kept = session.run_config(prefix, cfg, scores)
-        tokens = session.greedy(logits, cache, n)
+        if session.reuses_prefix(cfg):
+            key = (cfg.k, cfg.ranking)
+            if key not in score_cache:
+                score_cache[key] = session.scores(prefix, cfg)
+            logits, cache, kept = session.run_config(prefix, cfg, score_cache[key])
+            tokens = session.greedy(prefix, logits, cache)
+        else:
+            logits, tokens, kept = _from_scratch(session.model, item, cfg, session.spec.tokens)
         same, pre = compare(base_tokens, tokens)
         if cfg.k >= 1:
             share_key = (cfg.k, "last" if cfg.ranking == "random" else cfg.ranking)
@@ -361,19 +329,28 @@ def evaluate_from_scratch(model: nn.Module, item: CalibrationItem, cfg: FastVCon
                           tokens: int) -> tuple[torch.Tensor, list[int]]:
     """First-token logits [V] and greedy tokens of ONE configuration, computed with the reference
     (:func:`apply_fastv` on the whole model, Hugging Face ``generate``): no sharing at all."""
-    from fastv_export.adapters import get_adapter
-    from fastv_export.reference.fastv import apply_fastv
+    logits, out, _ = _from_scratch(model, item, cfg, tokens)
+    return logits, out
 
+
+@torch.no_grad()
+def _from_scratch(model: nn.Module, item: CalibrationItem, cfg: FastVConfig,
+                  tokens: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """:func:`evaluate_from_scratch` and the kept positions [1, n'] of the prefill."""
     adapter = get_adapter(model)
     eos = adapter.text_config.eos_token_id
     inputs = item.model_inputs()
-    with apply_fastv(model, cfg):
+    with apply_fastv(model, cfg) as handle:
         logits = model(**inputs).logits[0, -1].float()
+        kept = handle.kept_positions
+        kept = torch.arange(item.input_ids.shape[1])[None] if kept is None else kept.clone()   # None: none dropped
         if tokens == 1:
-            return logits, [int(logits.argmax())]
-        gen = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=adapter.text_config.pad_token_id or 0)
-    return logits, _until_eos(gen[0, item.input_ids.shape[1]:].tolist(), eos)
+            out = [int(logits.argmax())]
+        else:
+            gen = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=adapter.text_config.pad_token_id or 0)
+            out = _until_eos(gen[0, item.input_ids.shape[1]:].tolist(), eos)
+    return logits, out, kept
 
 
 # ---- the resumable results file -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train the demo preset tiny-llava-shapes from scratch on CPU (a few minutes on 2 cores) and write
-its weights to calibrate/weights/tiny-llava-shapes.safetensors, then print the test accuracy
+its weights to fastv_export/presets/weights/tiny-llava-shapes.safetensors, then print the test accuracy
 beside the chance level (the best image-blind guesser).
 
     python scripts/train_demo.py                  # default settings, writes the committed weights
@@ -14,7 +14,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from fastv_export.calibrate import demo
+from fastv_export.presets import demo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,15 @@
 """calibrate/: the demo task, the prefix-reuse sweep against from-scratch and independent
 computations, the authors' re-rank-every-step mode, frontier, recommendation, resumable results,
-calibration folders and the CLI's one-line errors."""
+calibration folders, the CLI's one-line errors, and calibrate as a leaf over the public API."""
 from __future__ import annotations
 
+import ast
 import json
 import random
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +17,11 @@ import torch
 
 from fastv_export import cli
 from fastv_export.adapters import get_adapter
-from fastv_export.calibrate import dataset, report, shapes, sweep
+from fastv_export.calibrate import dataset, report, sweep
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
-from fastv_export.presets import load_model
+from fastv_export.presets import load_model, shapes
+from fastv_export.reference import apply_fastv
 from fastv_export.reference.rerank import generate_rerank
 from fastv_export.reference.selection import random_scores
 from tests import independent
@@ -75,7 +80,7 @@ def test_demo_splits_are_disjoint_and_deterministic():
 
 
 def test_trained_demo_is_far_above_chance():
-    from fastv_export.calibrate import demo
+    from fastv_export.presets import demo
 
     model = load_model("tiny-llava-shapes")
     test = shapes.split("test", 120)
@@ -84,7 +89,7 @@ def test_trained_demo_is_far_above_chance():
 
 
 def test_demo_weights_missing_or_corrupt_give_one_clear_error(tmp_path):
-    from fastv_export.calibrate import demo
+    from fastv_export.presets import demo
 
     with pytest.raises(FastVError, match="missing .* train them with: python scripts/train_demo.py"):
         demo.build_trained(weights=tmp_path / "none.safetensors")
@@ -123,8 +128,37 @@ def test_prefix_reuse_equals_from_scratch_with_mrope():
         mine, _, _ = session.run_config(prefix, cfg, session.scores(prefix, cfg))
         logits, _ = sweep.evaluate_from_scratch(model, item, cfg, 1)
         assert torch.allclose(mine, logits, atol=1e-5, rtol=0), cfg
-    with pytest.raises(FastVError, match="M-RoPE: pass --tokens 1"):
-        sweep.Session(model, sweep.SweepSpec(ks=(1,), tokens=2))
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl"])
+def test_sweep_tokens_equal_apply_fastv_generate(name):
+    """Several greedy tokens per configuration, 1-D and M-RoPE positions (Qwen3-VL: K = 1 is inside its
+    DeepStack layers, K = 2 after them): the sweep's tokens are those of Hugging Face generate under
+    apply_fastv on the same prompt, and its baseline those of the unmodified model's generate."""
+    model = load_model(name)
+    adapter = get_adapter(model)
+    items = dataset.synthetic_items(adapter, 1)
+    spec = sweep.SweepSpec(ks=(0, 1, 2), ratios=("1/2", "9/10"), rankings=("last", "mean"), tokens=3)
+    result = sweep.run_sweep(model, items, spec, progress=False)
+    eos = adapter.text_config.eos_token_id
+
+    def generate(inputs):
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=spec.tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0)[0, inputs["input_ids"].shape[1]:].tolist()
+        return gen[:gen.index(eos) + 1] if eos in gen else gen
+
+    differ = 0
+    for it, item in zip(result.items, items):
+        base = generate(item.model_inputs())
+        assert it["baseline"]["tokens"] == base
+        for cfg in spec.configs():
+            with apply_fastv(model, cfg):
+                want = generate(item.model_inputs())
+            got = it["results"][sweep.config_key(cfg)]["tokens"]
+            assert got == want, (item.name, cfg.describe(), got, want)
+            differ += want != base
+    assert differ, "no configuration changed the tokens: the comparison exercises nothing"
 
 
 def test_prefix_reuse_equals_independent_eager_computation(tiny, items):
@@ -339,3 +373,96 @@ def test_cli_exports_the_recommended_configuration(tmp_path, capsys):
     fastv = load_bundle(bundle).fastv
     assert (fastv.k, f"{fastv.r.numerator}/{fastv.r.denominator}", fastv.ranking) == (rec["k"], rec["r"], rec["ranking"])
     assert rec["ort_prefill_ms"] > 0 and "ONNX Runtime prefill" in capsys.readouterr().out
+
+
+def test_cli_mrope_sweep_over_several_tokens(tmp_path, capsys):
+    out = tmp_path / "calib"
+    rc = cli.main(["calibrate", "--model", "tiny-qwen2-vl", "--tokens", "3", "--size", "2", "--k", "1,2", "--r",
+                   "1/2", "--ranking", "last", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((out / "calibration.json").read_text())
+    assert doc["metric"] == "top1" and len(doc["rows"]) == 2
+    assert all(0 <= r["sequence"] <= 1 and r["rerank_sequence"] is not None for r in doc["rows"])
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[1:]]
+    assert len(records) == 2
+    for rec in records:
+        for tokens in [rec["baseline"]["tokens"]] + [r["tokens"] for r in rec["results"].values()]:
+            assert len(tokens) == 3 or tokens[-1] == 2, tokens     # 3 greedy tokens unless </s> (id 2) came first
+
+
+# ---- calibrate as a leaf over the public API ---------------------------------------------------------
+
+CALIBRATE_DIR = Path(sweep.__file__).parent
+#: the files scanned and the package each belongs to (its own privates are allowed): calibrate/ and its command
+LEAF_FILES = [(f, "fastv_export.calibrate") for f in sorted(CALIBRATE_DIR.glob("*.py"))] + [
+    (Path(cli.__file__).parent / "commands" / "calibrate.py", "fastv_export.commands")]
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_uses(source: str, own: str) -> list[str]:
+    """``from X import _y`` and ``name._y`` on a name an import bound, for every X outside package ``own``."""
+    tree = ast.parse(source)
+    bound: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if not alias.name.startswith(own):
+                    bound.add(alias.asname or alias.name.split(".")[0])
+                    found += [f"import {alias.name}" for part in alias.name.split(".") if _is_private(part)]
+        elif isinstance(node, ast.ImportFrom) and not node.level and not (node.module or "").startswith(own):
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if _is_private(alias.name) or any(_is_private(p) for p in (node.module or "").split(".")):
+                    found.append(f"from {node.module} import {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_calibrate_uses_no_private_name_of_another_package():
+    # the scan itself finds both forms (so an empty result below means something)
+    assert _private_uses("from fastv_export.reference.fastv import _gather_seq", "fastv_export.calibrate")
+    assert _private_uses("from fastv_export.calibrate import report\nreport._x(1)", "fastv_export.commands")
+    assert _private_uses("import fastv_export.reference.fastv as f\nf._gather(1)", "fastv_export.calibrate")
+    assert not _private_uses("from fastv_export.calibrate import sweep\nsweep._until_eos", "fastv_export.calibrate")
+    assert len(LEAF_FILES) >= 4
+    found = {f"{path.name}: {use}" for path, own in LEAF_FILES for use in _private_uses(path.read_text(), own)}
+    assert not found, sorted(found)
+
+
+def test_importing_calibrate_registers_nothing():
+    """Every module of fastv_export.calibrate imported in a fresh interpreter: transformers' attention and
+    mask interfaces are unchanged. The adapters are imported first: the Qwen2.5-VL adapter registers its
+    vision attention when imported (outside calibrate and the reference)."""
+    code = """
+import importlib, pkgutil
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+import fastv_export.adapters
+
+def mappings():
+    return dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
+
+before = mappings()
+import fastv_export.calibrate as package
+names = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+for name in names:
+    importlib.import_module("fastv_export.calibrate." + name)
+after = mappings()
+print("MODULES", names)
+print("ADDED", sorted(set(after[0]) - set(before[0])), sorted(set(after[1]) - set(before[1])))
+print("SAME", before == after)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "MODULES ['dataset', 'report', 'sweep']" in proc.stdout, proc.stdout
+    assert "SAME True" in proc.stdout, proc.stdout

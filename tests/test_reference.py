@@ -5,6 +5,7 @@ import torch
 from fastv_export import FastVConfig, FastVError, apply_fastv
 from fastv_export.adapters import Media
 from fastv_export.prompts import make_prompt
+from fastv_export.reference import generate_rerank, greedy_decode, prefill
 from fastv_export.reference.selection import random_scores
 
 from tests.independent import independent_pruned_logits, python_select
@@ -136,6 +137,38 @@ def test_kv_cache_generation_equals_recompute_without_cache(preset, ranking, mod
             err = (logits - step_logits[:, t]).abs().max().item()
             assert err <= 1e-4, (t, err)
             assert int(logits.argmax(-1)) == int(seq[0, n + t])
+
+
+def _cut(row: list[int], eos: int | None) -> list[int]:
+    return row[:row.index(eos) + 1] if eos is not None and eos in row else row
+
+
+def test_greedy_decode_from_a_prefill_equals_generate(preset, model_and_adapter):
+    """reference.decode: one prefill, then its own decode loop over the cache at (max prompt position of
+    the row) + 1 + t, RoPE or M-RoPE: the tokens of Hugging Face generate, for two unpadded rows."""
+    model, adapter = model_and_adapter(preset)
+    inputs = make_prompt(adapter, [7, 7], num_images=1, seed=6).model_inputs()
+    eos = adapter.text_config.eos_token_id
+    state = prefill(model, inputs)
+    assert state.positions.dim() == adapter.position_rank and state.positions.shape[-1] == inputs["input_ids"].shape[1]
+    got = greedy_decode(model, state, 6, eos_token_id=eos)
+    seq, _ = _greedy(model, inputs, 6)
+    want = [_cut(row, eos) for row in seq[:, inputs["input_ids"].shape[1]:].tolist()]
+    assert got == want
+    with apply_fastv(model, FastVConfig(k=1, ratio="1/2")):
+        with pytest.raises(FastVError, match="cannot run under apply_fastv"):
+            greedy_decode(model, prefill(model, inputs), 2)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_rerank_with_nothing_dropped_is_generate(name, model_and_adapter):
+    """R = 0 under the re-rank-every-step decode: the unmodified model's tokens, several of them (Qwen2-VL's
+    per-token mm_token_type_ids grow with the sequence)."""
+    model, adapter = model_and_adapter(name)
+    inputs = make_prompt(adapter, [6], num_images=1, seed=3).model_inputs()
+    res = generate_rerank(model, FastVConfig(k=1, ratio=0), max_new_tokens=5, **inputs)
+    seq, _ = _greedy(model, inputs, 5)
+    assert res.tokens[0].tolist() == seq[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def test_batch_with_left_padding_equals_each_prompt_alone(preset, model_and_adapter):

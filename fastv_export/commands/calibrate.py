@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     table = report.summarize(result, str(args.model), str(data), adapter.decoder_shape())
     metric = args.metric or ("accuracy" if table.has("accuracy") else "top1")
-    report._checked_metric(table, metric)
+    report.checked_metric(table, metric)
     rec = None
     if args.max_flops_ratio is not None or args.min_agreement is not None:
         rec = report.recommend(table, metric, args.max_flops_ratio, args.min_agreement)

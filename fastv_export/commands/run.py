@@ -88,8 +88,8 @@ def _byte_codec(source: str) -> TextCodec:
 
 
 def _word_codec(source: str) -> TextCodec:
-    """The demo preset's word vocabulary (calibrate/shapes.py): one token per space-separated word."""
-    from fastv_export.calibrate import shapes
+    """The demo preset's word vocabulary (presets/shapes.py): one token per space-separated word."""
+    from fastv_export.presets import shapes
     from fastv_export.presets import build_preset_config
 
     def encode(text: str) -> list[int]:

@@ -3,20 +3,19 @@
 How it works (no eager attention, no masking trick, layer K-1 runs once):
 - a forward pre-hook on the model reads ``input_ids`` / ``attention_mask`` of each call and
   decides whether the call is a prefill (no past) that must prune;
-- layer K-1's attention module gets a private config copy whose attention implementation is
-  ``fastv_capture``: it computes the ranking scores from that layer's post-rotary query and key
-  (only the rows the ranking needs, O(rows x n) memory) and then calls the model's original
-  implementation (SDPA, FlashAttention or eager) unchanged;
+- layer K-1's attention module hands its post-rotary query and key to the ranking
+  (:func:`~fastv_export.reference.capture.capture_query_key`: only the rows the ranking needs,
+  O(rows x n) memory) and then runs the model's original implementation (SDPA, FlashAttention or
+  eager) unchanged;
 - forward pre-hooks on layers >= K gather the kept tokens' hidden states (at layer K) and
-  substitute the matching attention mask, rotary embeddings and position ids, so layers >= K run
+  substitute the matching attention mask, rotary embeddings and position ids
+  (:mod:`~fastv_export.reference.gather`), so layers >= K run
   on n' tokens with their ORIGINAL positions and cache n' keys/values; during decode they drop
   the pruned columns from the mask of the longer, unpruned layers.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -25,11 +24,14 @@ from torch import nn
 from fastv_export.adapters import ModelAdapter, get_adapter
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
+from fastv_export.reference.capture import capture_query_key, original_attention
+from fastv_export.reference.gather import gather_rows, gather_seq, prefill_substitutions
 from fastv_export.reference.selection import candidate_scores, select_kept
 
 log = logging.getLogger(__name__)
 
-CAPTURE_IMPL = "fastv_capture"
+# original_attention lives in .capture; importing it from here keeps working
+__all__ = ["FastVHandle", "apply_fastv", "original_attention"]
 
 
 @dataclass
@@ -122,14 +124,8 @@ def apply_fastv(model: nn.Module, config: FastVConfig) -> FastVHandle:
     handle._hooks.append(model.register_forward_pre_hook(
         lambda mod, args, kwargs: _start_forward(state, adapter, args, kwargs), with_kwargs=True))
     if k >= 1 and config.ranking != "random":
-        attn = layers[k - 1].self_attn
-        original_impl = attn.config._attn_implementation
-        private = copy.copy(attn.config)
-        private._attn_implementation_internal = CAPTURE_IMPL
-        handle._restore.append((attn, "config", attn.config))
-        attn.config = private
-        attn._fastv_capture = (state, original_attention(attn, original_impl))
-        handle._restore.append((attn, "_fastv_capture", None))
+        handle._undo.append(capture_query_key(layers[k - 1].self_attn,
+                                              lambda query, key, scale: _score(state, query, key, scale)))
     for i in range(k, len(layers)):
         handle._hooks.append(layers[i].register_forward_pre_hook(
             _layer_hook(state, first=(i == k)), with_kwargs=True))
@@ -175,33 +171,11 @@ def _start_forward(state: _State, adapter: ModelAdapter, args: tuple, kwargs: di
 
 
 # ---- layer K-1: scores from the post-rotary query and key -------------------------------------
-def original_attention(attn: nn.Module, impl: str):
-    """The attention function a module's config names (the model's own eager one for "eager")."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if impl in (None, "eager"):
-        return sys.modules[type(attn).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[impl]
-
-
-def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask, **kwargs):
-    state, original = module._fastv_capture
+def _score(state: _State, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
     pre = state.prefill
     if state.phase == "prefill" and state.forced is None and pre.scores is None:
-        scale = kwargs.get("scaling") or module.scaling
         pre.scores = candidate_scores(state.config.ranking, pre.candidates.to(query.device), query=query, key=key,
                                       key_valid=pre.key_valid.to(query.device), scale=scale)
-    return original(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_capture() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
-
-
-_register_capture()
 
 
 # ---- layers >= K: run on the kept tokens ------------------------------------------------------
@@ -212,8 +186,8 @@ def _layer_hook(state: _State, first: bool):
         if first and state.phase == "prefill":
             hidden = args[0] if args else kwargs["hidden_states"]
             kept = _decide(state, hidden.device)
-            state.layer_kwargs = _prefill_substitutions(kwargs, kept, state.prefill.seq_len)
-            pruned = _gather_seq(hidden, kept)
+            state.layer_kwargs = prefill_substitutions(kwargs, kept, state.prefill.seq_len)
+            pruned = gather_seq(hidden, kept)
             args = (pruned,) + tuple(args[1:]) if args else args
             if not args:
                 kwargs["hidden_states"] = pruned
@@ -247,40 +221,6 @@ def _decide(state: _State, device: torch.device) -> torch.Tensor:
     return kept
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, dim: int, batch_dim: int = 0) -> torch.Tensor:
-    """Gather along ``dim`` with per-batch-row indices idx [B, n'] (a size-1 batch broadcasts)."""
-    b = idx.shape[0]
-    if x.shape[batch_dim] != b:
-        x = x.expand(*x.shape[:batch_dim], b, *x.shape[batch_dim + 1:])
-    view = [1] * x.dim()
-    view[batch_dim], view[dim] = b, idx.shape[1]
-    target = list(x.shape)
-    target[dim] = idx.shape[1]
-    return torch.gather(x, dim, idx.view(view).expand(target))
-
-
-def _gather_seq(t: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Gather the sequence axis of hidden states / cos / sin [B, n, ...] or position ids
-    [B, n] / [P, B, n] (M-RoPE)."""
-    if t.dim() == 3 and not t.is_floating_point():
-        return _gather(t, kept, dim=2, batch_dim=1)
-    return _gather(t, kept, dim=1)
-
-
-def _prefill_substitutions(kwargs: dict, kept: torch.Tensor, n: int) -> dict:
-    out = {}
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        out["attention_mask"] = _gather(_gather(mask, kept, dim=3), kept, dim=2)
-    pe = kwargs.get("position_embeddings")
-    if pe is not None:
-        out["position_embeddings"] = tuple(_gather_seq(t, kept) for t in pe)
-    pid = kwargs.get("position_ids")
-    if isinstance(pid, torch.Tensor) and pid.shape[-1] == n:
-        out["position_ids"] = _gather_seq(pid, kept)
-    return out
-
-
 def _decode_substitutions(kwargs: dict, pre: _Prefill) -> dict:
     """Layers >= K hold n' cached tokens instead of n: drop the pruned columns from the mask."""
     mask = kwargs.get("attention_mask")
@@ -289,4 +229,4 @@ def _decode_substitutions(kwargs: dict, pre: _Prefill) -> dict:
     total = mask.shape[3]
     new = torch.arange(pre.seq_len, total, device=mask.device).expand(pre.kept.shape[0], -1)
     cols = torch.cat([pre.kept.to(mask.device), new], dim=1)
-    return {"attention_mask": _gather(mask, cols, dim=3)}
+    return {"attention_mask": gather_rows(mask, cols, dim=3)}

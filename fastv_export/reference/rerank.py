@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastv_export.adapters import get_adapter
 from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
 from fastv_export.reference.fastv import apply_fastv
@@ -40,18 +41,23 @@ def generate_rerank(model: nn.Module, config: FastVConfig, input_ids: torch.Tens
                     eos_token_id: int | None = None, pad_token_id: int = 0, **vision) -> RerankResult:
     """Greedy generation with the authors' re-rank-every-step semantics: for each new token, run the
     whole current sequence without a cache under FastV (ranked afresh with its newest row) and take
-    the argmax of the last position. ``vision``: the model's pixel inputs (``pixel_values``, ...).
-    Rows that emitted ``eos_token_id`` are finished (padded with ``pad_token_id``); generation ends
-    when every row is."""
+    the argmax of the last position. ``vision``: the model's pixel inputs (``pixel_values``, ...) and
+    per-token inputs beside ``input_ids`` (the adapter's ``text_inputs``, e.g. Qwen2-VL's
+    ``mm_token_type_ids``: recomputed for the grown sequence at each step). Rows that emitted
+    ``eos_token_id`` are finished (padded with ``pad_token_id``); generation ends when every row is."""
     if max_new_tokens < 1:
         raise FastVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = input_ids
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    adapter = get_adapter(model)
+    per_token = [name for name in adapter.text_inputs(ids) if name in vision]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens, kept = [], []
     with apply_fastv(model, config) as handle:
         for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **vision).logits[:, -1]
+            grown = {name: value for name, value in adapter.text_inputs(ids).items() if name in per_token}
+            inputs = {**vision, **grown}
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **inputs).logits[:, -1]
             kept.append(None if handle.kept_positions is None else handle.kept_positions.clone())
             nxt = logits.argmax(dim=-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)

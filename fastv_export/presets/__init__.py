@@ -4,6 +4,9 @@ with the package for ``tiny-llava-shapes``) and local checkpoints.
 No model hub is ever contacted: presets are built in code, checkpoints load from a directory.
 Importing this module is light (no torch, no transformers): the CLI reads :data:`PRESETS` and
 :data:`DEFAULT_MODEL` for its help; the functions import what they need.
+
+- :mod:`.shapes`: the task the trained preset learned (coloured shapes on a grid; its word vocabulary);
+- :mod:`.demo`: the trained preset ``tiny-llava-shapes`` (config, training, loading ``weights/``).
 """
 from __future__ import annotations
 
@@ -151,8 +154,8 @@ def _bench_qwen2_5_vl_config():
 
 
 def _shapes_llava_config():
-    """The trained demo (calibrate/demo.py): 64 image tokens, 4 Llama layers, trained on the shapes task."""
-    from fastv_export.calibrate.demo import demo_config
+    """The trained demo (presets/demo.py): 64 image tokens, 4 Llama layers, trained on the shapes task."""
+    from fastv_export.presets.demo import demo_config
 
     return demo_config()
 
@@ -192,7 +195,7 @@ def build_preset(name: str, attn_implementation: str = "sdpa", dtype: torch.dtyp
     import transformers
 
     if name in TRAINED_PRESETS:
-        from fastv_export.calibrate.demo import build_trained
+        from fastv_export.presets.demo import build_trained
 
         return build_trained(attn_implementation, dtype)
     config = build_preset_config(name)

@@ -1,5 +1,5 @@
 """The trained demo preset ``tiny-llava-shapes``: a tiny LLaVA (CLIP vision tower, Llama text
-model) trained on CPU on the shapes task (:mod:`fastv_export.calibrate.shapes`), so that what
+model) trained on CPU on the shapes task (:mod:`fastv_export.presets.shapes`), so that what
 pruning costs in quality can be measured on a model that has learned something.
 
 ``scripts/train_demo.py`` trains it from scratch and writes :data:`WEIGHTS` (safetensors,
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastv_export.calibrate import shapes
+from fastv_export.presets import shapes
 from fastv_export.errors import FastVError
 
 if TYPE_CHECKING:
