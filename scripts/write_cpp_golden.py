@@ -6,7 +6,7 @@ code that is the source of truth, so that a rule changed on one side only fails 
   (fastv_export/runtime/positions.py over the manifest fields the export writes for the tiny presets);
 - candidate positions (fastv_export/runtime/generate.py ``find_candidates``), a refused batch included;
 - the grid-derived feeds of the patch_grid vision layout (fastv_export/runtime/vision_feeds.py);
-- the manifest's schema version and required top-level fields (fastv_export/manifest.schema.json);
+- the manifest's schema version and required top-level fields (fastv_export/bundle/manifest.schema.json);
 - graph I/O names: graphs/spec.py's name constants, its naming functions, and every graph's inputs and
   outputs for the tiny presets' shapes.
 
@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from fastv_export.adapters import Media, ModelAdapter, get_adapter
-from fastv_export.bundle import SCHEMA_VERSION, manifest_schema
+from fastv_export.bundle import SCHEMA_VERSION, Manifest, manifest_schema
+from fastv_export.bundle.write import image_tokens_section, positions_section
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_write_text
 from fastv_export.graphs import spec
@@ -60,20 +61,13 @@ GRAPH_CASES = (("tiny-llava", 2), ("tiny-qwen2.5-vl", 1), ("tiny-qwen3-vl", 1), 
 
 
 def position_rules(adapter: ModelAdapter) -> dict:
-    """The manifest's fields that position ids and candidates follow ('image_tokens' and 'positions'), with the
-    values the export writes (fastv_export/bundle.py ``write_manifest``)."""
-    image_tokens: dict[str, Any] = {"token_ids": [int(t) for t in adapter.image_token_ids()],
-                                    "per_image": int(adapter.image_tokens_per_image()),
-                                    "vision_layout": {"kind": adapter.vision_layout, **adapter.vision_layout_params()}}
-    positions: dict[str, Any] = {"rank": adapter.position_rank}
-    if getattr(adapter, "image_grid", None):
-        image_tokens["grid_thw"] = [int(d) for d in adapter.image_grid]
-    if adapter.position_rank == 3:
-        positions["spatial_merge_size"] = int(adapter.config.vision_config.spatial_merge_size)
-        positions["video_token_id"] = int(adapter.config.video_token_id)
-        if getattr(adapter, "timed_video_positions", False):
-            positions["video_tokens_per_second"] = adapter.config.vision_config.tokens_per_second
-    return {"image_tokens": image_tokens, "positions": positions}
+    """The manifest's fields that position ids and candidates follow ('image_tokens' and 'positions'), as the
+    export writes them (fastv_export/bundle/write.py), the vision input aside (no graph is exported here)."""
+    image_tokens = image_tokens_section(adapter, vision_input={})
+    return {"image_tokens": {key: image_tokens[key] for key in ("token_ids", "per_image", "vision_layout", "grid_thw")
+                             if key in image_tokens},
+            "positions": {key: value for key, value in positions_section(adapter).items()
+                          if key in ("rank", "spatial_merge_size", "video_token_id", "video_tokens_per_second")}}
 
 
 def _positions_case(name: str, adapter: ModelAdapter, lengths: list[int], media: list[Media]) -> dict:
@@ -82,11 +76,12 @@ def _positions_case(name: str, adapter: ModelAdapter, lengths: list[int], media:
     ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
     seconds = prompt.vision.get("second_per_grid_ts")
     seconds = [] if seconds is None else [float(np.float32(s)) for s in seconds.tolist()]
-    pos = prefill_positions(rules, ids, mask, seconds or None)
+    manifest = Manifest(rules)
+    pos = prefill_positions(manifest, ids, mask, seconds or None)
     return {"case": name, "manifest": rules, "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
             "video_seconds": seconds, "prefill": pos.tolist(),
             "decode": [{"step": s, "positions": decode_positions(pos, s).tolist()} for s in DECODE_STEPS],
-            "candidates": find_candidates(ids, rules["image_tokens"]["token_ids"]).tolist()}
+            "candidates": find_candidates(ids, manifest.image_token_ids).tolist()}
 
 
 def _refused_candidates(adapter: ModelAdapter) -> dict:

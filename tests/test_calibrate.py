@@ -440,14 +440,13 @@ def test_calibrate_uses_no_private_name_of_another_package():
 
 
 def test_importing_calibrate_registers_nothing():
-    """Every module of fastv_export.calibrate imported in a fresh interpreter: transformers' attention and
-    mask interfaces are unchanged. The adapters are imported first: the Qwen2.5-VL adapter registers its
-    vision attention when imported (outside calibrate and the reference)."""
+    """Every module of fastv_export.calibrate imported in a fresh interpreter, and with them the adapters,
+    the reference and the export modules they rest on: transformers' attention and mask interfaces are
+    unchanged (implementations are registered when first used)."""
     code = """
 import importlib, pkgutil
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
-import fastv_export.adapters
 
 def mappings():
     return dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
@@ -457,6 +456,7 @@ import fastv_export.calibrate as package
 names = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
 for name in names:
     importlib.import_module("fastv_export.calibrate." + name)
+import fastv_export.adapters, fastv_export.reference, fastv_export.export.modules
 after = mappings()
 print("MODULES", names)
 print("ADDED", sorted(set(after[0]) - set(before[0])), sorted(set(after[1]) - set(before[1])))

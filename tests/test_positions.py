@@ -4,21 +4,15 @@ import torch
 
 from fastv_export.adapters import Media
 from fastv_export.bundle import Manifest
+from fastv_export.bundle.write import image_tokens_section, positions_section
 from fastv_export.prompts import make_prompt
 from fastv_export.runtime.positions import decode_positions, prefill_positions
 
 
 def _manifest(adapter):
-    m = {"positions": {"rank": adapter.position_rank}, "image_tokens": {
-        "token_ids": list(adapter.image_token_ids()), "per_image": adapter.image_tokens_per_image()}}
-    if adapter.position_rank == 3:
-        m["positions"]["spatial_merge_size"] = adapter.config.vision_config.spatial_merge_size
-        m["image_tokens"]["grid_thw"] = list(adapter.image_grid)
-        m["positions"]["video_token_id"] = adapter.config.video_token_id
-        if adapter.timed_video_positions:
-            m["positions"]["video_tokens_per_second"] = adapter.config.vision_config.tokens_per_second
-    m["image_tokens"]["vision_layout"] = {"kind": adapter.vision_layout, **adapter.vision_layout_params()}
-    return Manifest(m)
+    """The manifest sections the positions follow, as the export writes them."""
+    return Manifest({"positions": positions_section(adapter),
+                     "image_tokens": image_tokens_section(adapter, vision_input={})})
 
 
 def test_prefill_and_decode_positions_match_hf_generate(preset, model_and_adapter):

@@ -31,16 +31,15 @@ def masked_varlen_attention(module, query, key, value, attention_mask=None, scal
 
 
 def _register() -> None:
+    """Register :func:`masked_varlen_attention` with transformers (idempotent; when first used, not at import)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(MASKED_VARLEN, masked_varlen_attention)
 
 
-_register()
-
-
 @contextmanager
 def _masked_vision_attention(visual):
+    _register()
     config = visual.config
     before = config._attn_implementation_internal
     config._attn_implementation_internal = MASKED_VARLEN

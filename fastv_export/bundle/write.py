@@ -81,16 +81,7 @@ def export_manifest(adapter: ModelAdapter, cfg: FastVConfig, precision: str, mod
                          **({"deepstack_layers": deepstack} if deepstack else {})},
         "fastv": cfg.to_manifest(),
         "precision": precision,
-        "image_tokens": {
-            "token_ids": list(adapter.image_token_ids()),
-            "per_image": adapter.image_tokens_per_image(),
-            "prompt_tokens_per_image": encode_runs(adapter.image_prompt_tokens()),
-            "candidates": "positions of every token whose id is in token_ids, all images in one pool; "
-                          "every batch row must hold the same number",
-            "vision_input": graphs["vision"]["inputs"][0],
-            "vision_layout": {"kind": adapter.vision_layout, **adapter.vision_layout_params()},
-            **({"grid_thw": list(adapter.image_grid)} if getattr(adapter, "image_grid", None) else {}),
-        },
+        "image_tokens": image_tokens_section(adapter, graphs["vision"]["inputs"][0]),
         "graphs": graphs,
         "pipeline": spec.pipeline_description(),
         "kv_cache": {
@@ -100,7 +91,7 @@ def export_manifest(adapter: ModelAdapter, cfg: FastVConfig, precision: str, mod
                         "prefill_length": "n (all prompt tokens)" if i < k else "n' (kept tokens)"}
                        for i in range(info.num_layers)],
         },
-        "positions": _positions(adapter),
+        "positions": positions_section(adapter),
         "plugin": dict(op.PLUGIN_IDENTITY, used_by="pre_k.onnx node fastv_token_select (expands to its ONNX "
                                                    "function body when the library is not loaded)"),
         "engines": None,
@@ -108,7 +99,22 @@ def export_manifest(adapter: ModelAdapter, cfg: FastVConfig, precision: str, mod
     }
 
 
-def _positions(adapter: ModelAdapter) -> dict:
+def image_tokens_section(adapter: ModelAdapter, vision_input: dict) -> dict:
+    """The ``image_tokens`` section: the image token ids, an image's prompt tokens, the vision graph's input
+    (``vision_input``: its row of the graph table) and layout."""
+    return {
+        "token_ids": list(adapter.image_token_ids()),
+        "per_image": adapter.image_tokens_per_image(),
+        "prompt_tokens_per_image": encode_runs(adapter.image_prompt_tokens()),
+        "candidates": "positions of every token whose id is in token_ids, all images in one pool; "
+                      "every batch row must hold the same number",
+        "vision_input": vision_input,
+        "vision_layout": {"kind": adapter.vision_layout, **adapter.vision_layout_params()},
+        **({"grid_thw": list(adapter.image_grid)} if getattr(adapter, "image_grid", None) else {}),
+    }
+
+
+def positions_section(adapter: ModelAdapter) -> dict:
     """The ``positions`` section: the rules a runtime computes position ids by (docs/design.md §2)."""
     mrope = adapter.position_rank == 3
     out = {

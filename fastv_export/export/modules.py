@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from fastv_export.adapters import ModelAdapter
-from fastv_export.reference.fastv import original_attention
+from fastv_export.reference.capture import capture_query_key
 
-CAPTURE_IMPL = "fastv_export_capture"
 
 
 class _TensorCache:
@@ -49,21 +48,6 @@ def causal_mask(attention_mask: torch.Tensor, n: int, dtype: torch.dtype) -> tor
     visible = visible | (k_pos == q_pos)[None, None]
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
         ~visible, torch.finfo(dtype).min)
-
-
-def _capture(module, query, key, value, attention_mask, **kwargs):
-    holder, original = module._fastv_export
-    holder["query"], holder["key"] = query, key
-    return original(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_capture() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(CAPTURE_IMPL, _capture)
-
-
-_register_capture()
 
 
 class DecoderSlice(nn.Module):
@@ -104,11 +88,10 @@ class PreK(DecoderSlice):
         self.holder: dict[str, torch.Tensor] = {}
         # a private copy of layer K-1 whose attention reports its query and key; the model is untouched
         self.layers[k - 1] = copy.deepcopy(self.layers[k - 1])
-        attn = self.layers[k - 1].self_attn
-        attn.config = copy.copy(attn.config)
-        original = original_attention(attn, attn.config._attn_implementation)
-        attn.config._attn_implementation_internal = CAPTURE_IMPL
-        attn._fastv_export = (self.holder, original)
+        capture_query_key(self.layers[k - 1].self_attn, self._captured)
+
+    def _captured(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        self.holder["query"], self.holder["key"] = query, key
 
     def forward(self, embeds, mask, positions, *rest):
         """``rest``: the past of layers < K, then the DeepStack levels (all L of them; those >= K are
