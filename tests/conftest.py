@@ -1,5 +1,6 @@
-"""Shared fixtures: the built-in tiny models, exported bundles and the plugin library, built once per
-session; every file a test writes goes under pytest's temporary directories, never into the checkout.
+"""Shared fixtures: the built-in tiny models (once per process), exported bundles, the plugin library and the
+C++ runtime (once per test run, shared by the pytest-xdist workers under file locks); every file a test
+writes goes under pytest's temporary directories, never into the checkout.
 
 Plain helpers shared by several modules live in tests/helpers.py and tests/independent.py (imported
 as ``tests.<module>``); test modules never import each other."""
@@ -16,7 +17,7 @@ from typing import Callable
 import pytest
 import torch
 
-from tests.helpers import PRESET_NAMES
+from tests.helpers import PRESET_NAMES, once_per_run, shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_CI_ARCHS = "86;89"   # CI builds only these two (FASTV_CUDA_ARCHS overrides)
@@ -48,54 +49,53 @@ def model_and_adapter() -> Callable:
 @pytest.fixture(scope="session")
 def exported_bundle(tmp_path_factory) -> Callable[..., Path]:
     """``exported_bundle(model, k, ratio, ranking="last", dtype="fp32")`` -> a bundle directory,
-    exported once per session (treat it as read-only: copy it before changing anything)."""
+    exported once per test run, shared by every worker (treat it as read-only: copy it before changing
+    anything)."""
     from fastv_export.config import FastVConfig
     from fastv_export.export import ExportOptions, export_bundle
 
-    root = tmp_path_factory.mktemp("bundles")
-    cache: dict = {}
+    root = shared_dir(tmp_path_factory) / "bundles"
 
     def get(model: str = "tiny-llava", k: int = 2, ratio: str = "1/2", ranking: str = "last",
             dtype: str = "fp32") -> Path:
-        key = (model, k, ratio, ranking, dtype)
-        if key not in cache:
-            out = root / f"{model}-k{k}-r{ratio.replace('/', '_')}-{ranking}-{dtype}"
-            export_bundle(out, FastVConfig(k=k, ratio=ratio, ranking=ranking), ExportOptions(model=model, dtype=dtype))
-            cache[key] = out
-        return cache[key]
+        name = f"{model}-k{k}-r{ratio.replace('/', '_')}-{ranking}-{dtype}"
+        return once_per_run(root / name, lambda tmp: export_bundle(
+            tmp, FastVConfig(k=k, ratio=ratio, ranking=ranking), ExportOptions(model=model, dtype=dtype)))
     return get
 
 
-def _build_once(cache: dict, build_dir: Path, archs: str, make: Callable[[Path, str], Path]) -> Path:
-    """``make(build_dir, archs)`` once per session per (archs, build_dir), under a file lock beside the
-    build folder, so concurrent sessions sharing a build folder do not race in it."""
-    key = (archs, str(build_dir))
-    if key not in cache:
-        build_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            cache[key] = make(build_dir, archs)
-    return cache[key]
+def _build_once(build_dir: Path, make: Callable[[Path], Path]) -> Path:
+    """``make(build_dir)`` -> the built file, once per test run per build folder, under a file lock beside
+    the folder (shared by pytest-xdist workers and by concurrent sessions that share the folder): the
+    built file's path is recorded beside the folder and reused while the file exists."""
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    done = build_dir.parent / f".{build_dir.name}.built"
+    with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file() and Path(done.read_text()).is_file() and done.stat().st_mtime >= _session_start:
+            return Path(done.read_text())
+        out = make(build_dir)
+        done.write_text(str(out))
+        return out
+
+
+#: when this test process started: a build recorded before it belongs to an earlier run (sources may differ)
+_session_start = time.time()
 
 
 @pytest.fixture(scope="session")
 def plugin_build(tmp_path_factory) -> Callable[..., Path]:
     """``plugin_build(archs=None, build_dir=None)`` -> libfastv_plugins.so built by scripts/build_plugin.sh,
-    once per session per (archs, build_dir); ``plugin_build.seconds[build_dir]`` is how long the build took.
+    once per test run per (archs, build_dir).
 
     ``archs`` defaults to $FASTV_CUDA_ARCHS or the CI pair 86;89. ``build_dir`` defaults to
     $FASTV_PLUGIN_BUILD_DIR (for the default ``archs`` only: set it to reuse an incremental build across
-    sessions) or else a folder under pytest's temporary directory, one per arch list. Serialised with a
-    file lock, so concurrent sessions sharing a build folder do not race in it. (build_plugin.sh itself
-    caches the TensorRT headers it fetches in the checkout's .third_party/, ignored by git.)"""
-    cache: dict = {}
-    seconds: dict[str, float] = {}
-
+    sessions) or else a folder of the run's shared temporary directory, one per arch list. Serialised with
+    a file lock, so workers and concurrent sessions sharing a build folder do not race in it.
+    (build_plugin.sh itself caches the TensorRT headers it fetches in the checkout's .third_party/.)"""
     def make(build_dir: Path, archs: str) -> Path:
-        start = time.perf_counter()
         proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_plugin.sh"), "--build-dir", str(build_dir),
                                "--archs", archs], capture_output=True, text=True, cwd=ROOT)
-        seconds[str(build_dir)] = time.perf_counter() - start
         assert proc.returncode == 0, f"build_plugin.sh failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
         lib = Path(proc.stdout.strip().splitlines()[-1])
         assert lib.is_file(), proc.stdout
@@ -105,10 +105,9 @@ def plugin_build(tmp_path_factory) -> Callable[..., Path]:
         if build_dir is None and archs is None:
             build_dir = os.environ.get("FASTV_PLUGIN_BUILD_DIR") or None
         archs = archs or os.environ.get("FASTV_CUDA_ARCHS") or PLUGIN_CI_ARCHS
-        build_dir = build_dir or tmp_path_factory.getbasetemp() / f"plugins-{archs.replace(';', '-')}"
-        return _build_once(cache, Path(build_dir), archs, make)
+        build_dir = build_dir or shared_dir(tmp_path_factory) / f"plugins-{archs.replace(';', '-')}"
+        return _build_once(Path(build_dir), lambda d: make(d, archs))
 
-    build.seconds = seconds
     return build
 
 
@@ -116,11 +115,9 @@ def plugin_build(tmp_path_factory) -> Callable[..., Path]:
 def kernels_build(tmp_path_factory) -> Callable[..., Path]:
     """``kernels_build(archs=None, build_dir=None)`` -> libfastv_ts_kernels.so: the kernels-only CMake build
     (plugins/CMakeLists.txt, FASTV_KERNELS_ONLY=ON: kernels + host code + C API) with the TensorRT include
-    folder pointing nowhere, so it needs no TensorRT headers. Once per session per (archs, build_dir);
-    ``archs`` defaults to $FASTV_CUDA_ARCHS or 86; ``build_dir`` to a folder under pytest's temporary
+    folder pointing nowhere, so it needs no TensorRT headers. Once per test run per (archs, build_dir);
+    ``archs`` defaults to $FASTV_CUDA_ARCHS or 86; ``build_dir`` to a folder of the run's shared temporary
     directory. Serialised with a file lock like ``plugin_build``."""
-    cache: dict = {}
-
     def make(build_dir: Path, archs: str) -> Path:
         env = dict(os.environ)
         if not env.get("CUDACXX") and not shutil.which("nvcc"):
@@ -140,8 +137,8 @@ def kernels_build(tmp_path_factory) -> Callable[..., Path]:
 
     def build(archs: str | None = None, build_dir: str | os.PathLike | None = None) -> Path:
         archs = archs or os.environ.get("FASTV_CUDA_ARCHS") or "86"
-        build_dir = build_dir or tmp_path_factory.getbasetemp() / f"kernels-{archs.replace(';', '-')}"
-        return _build_once(cache, Path(build_dir), archs, make)
+        build_dir = build_dir or shared_dir(tmp_path_factory) / f"kernels-{archs.replace(';', '-')}"
+        return _build_once(Path(build_dir), lambda d: make(d, archs))
 
     return build
 
@@ -154,19 +151,19 @@ def plugin_library(plugin_build) -> Path:
 
 @pytest.fixture(scope="session")
 def runtime_build(tmp_path_factory) -> Path:
-    """fastv-run (the C++ runtime, runtime/) built once per session by scripts/build_runtime.sh, in
-    $FASTV_RUNTIME_BUILD_DIR (to reuse an incremental build across sessions) or under pytest's temporary
-    directory; serialised with a file lock like ``plugin_build``."""
-    build_dir = Path(os.environ.get("FASTV_RUNTIME_BUILD_DIR") or tmp_path_factory.getbasetemp() / "runtime")
-    build_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """fastv-run (the C++ runtime, runtime/) built once per test run by scripts/build_runtime.sh (which also
+    runs its ctest), in $FASTV_RUNTIME_BUILD_DIR (to reuse an incremental build across sessions) or in the
+    run's shared temporary directory; serialised with a file lock like ``plugin_build``."""
+    def make(build_dir: Path) -> Path:
         proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_runtime.sh"), "--build-dir", str(build_dir)],
                               capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, f"build_runtime.sh failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    exe = Path(proc.stdout.strip().splitlines()[-1])
-    assert exe.is_file(), proc.stdout
-    return exe
+        assert proc.returncode == 0, f"build_runtime.sh failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+        exe = Path(proc.stdout.strip().splitlines()[-1])
+        assert exe.is_file(), proc.stdout
+        return exe
+
+    return _build_once(Path(os.environ.get("FASTV_RUNTIME_BUILD_DIR") or shared_dir(tmp_path_factory) / "runtime"),
+                       make)
 
 
 @pytest.fixture(scope="session")
@@ -214,6 +211,12 @@ def host_math(tmp_path_factory):
     so.fastv_host_workspace_size.restype = ctypes.c_uint64
     so.fastv_host_workspace_size.argtypes = [ctypes.c_int32, P(i64)]
     return so
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker computes on one thread: the workers already fill the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,41 @@
 """Plain helpers shared by the bundle, export, validate and runtime tests (no fixtures: those live in
-conftest.py): copying and editing a bundle, running the CLI for its one-line error."""
+conftest.py): copying and editing a bundle, running the CLI for its one-line error, making something
+once per test run for every pytest-xdist worker."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from fastv_export.cli import main as cli
 from fastv_export.files import sha256
 
 #: the built-in tiny presets every per-family test runs on (the `preset` fixture and parametrisations)
 PRESET_NAMES = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-internvl"]
+
+#: the cover of preset x K x R x ranking that CI exports (every value of each axis appears, with both
+#: rankings at each K; the full matrices run with scripts/validate_matrix.py, `--runtime` for fastv-run):
+#: the validation tests and the C++ parity tests share these bundles (conftest.py's ``exported_bundle``
+#: exports each once per run)
+PAIRWISE = [  # (model, K, R, ranking)
+    ("tiny-llava", 2, "1/2", "last"),
+    ("tiny-llava", 1, "9/10", "mean"),
+    ("tiny-llava", 3, "3/4", "last"),
+    ("tiny-qwen2-vl", 2, "3/4", "mean"),
+    ("tiny-qwen2-vl", 1, "1/2", "last"),
+    ("tiny-qwen2-vl", 3, "9/10", "mean"),
+    ("tiny-qwen2-vl", 2, "0", "last"),
+]
+#: the families added later: a pairwise cover of K in {1, 2}, R in {1/2, 9/10} and both rankings, batch 1 and 2;
+#: (2, 1/2, last) is the bundle the other per-family tests use, so it is exported once
+NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-internvl"]
+PAIRWISE_NEW = [(m, k, r, rk) for m in NEW_FAMILIES
+                for k, r, rk in ((1, "1/2", "mean"), (1, "9/10", "last"), (2, "1/2", "last"), (2, "9/10", "mean"))]
+#: the families the C++ runtime serves
+CPP_FAMILIES = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl"]
 
 
 def copy_bundle(src: Path, parent: Path, name: str = "b") -> Path:
@@ -41,3 +66,23 @@ def c_pointer(a, ctype):
 
     assert a.flags["C_CONTIGUOUS"]
     return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run shares (the session's temporary base without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once_per_run(path: Path, make: Callable[[Path], None]) -> Path:
+    """``make(tmp)`` fills a temporary folder that then becomes ``path``, once per test run, shared by every
+    pytest-xdist worker: made under a file lock beside ``path``; a ``path`` that exists is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = path.parent / f".{path.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            make(tmp)
+            tmp.rename(path)
+    return path

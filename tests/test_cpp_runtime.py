@@ -2,7 +2,8 @@
 
 Acceptance: fastv-run's cpu executor (the real exported ONNX graphs in ONNX Runtime, driven by the C++
 generation loop) generates the PyTorch reference's greedy tokens and keeps the reference's positions
-over both tiny presets, K in {1, 2}, R in {0, 1/2, 9/10}, rankings last and mean (batch 1). Bad inputs
+(batch 1) over the validation's cover of preset x K x R x ranking for every family it serves (the full
+matrix: scripts/validate_matrix.py --runtime). Bad inputs
 are refused with one line on stderr and a non-zero exit. The TensorRT executor is compiled against
 the TensorRT headers but runs only on a GPU with TensorRT 10 (not in CI): its checks that come before
 any GPU work are tested here.
@@ -24,6 +25,7 @@ from fastv_export.prompts import make_prompt
 from fastv_export.runtime.dump import dump_inputs, load_inputs
 from fastv_export.runtime.generate import find_candidates, generate
 from fastv_export.validate import _images, _reference
+from tests.helpers import CPP_FAMILIES, PAIRWISE, PAIRWISE_NEW
 
 STEPS = 16
 
@@ -58,9 +60,9 @@ def fail_line(proc: subprocess.CompletedProcess) -> str:
 
 
 # -------------------------------------------------------------------------------------------- acceptance
-MATRIX = [(model, k, ratio, ranking) for model in ("tiny-llava", "tiny-qwen2-vl") for k in (1, 2)
-          for ratio in ("0", "1/2", "9/10") for ranking in ("last", "mean")] + [
-    ("tiny-qwen3-vl", 1, "1/2", "last"), ("tiny-qwen3-vl", 2, "9/10", "mean")]   # DeepStack: K inside and after
+# the validation's cover (its bundles, exported once per run), for every family fastv-run serves: DeepStack
+# with K inside and after it; the full matrix: scripts/validate_matrix.py --runtime build/runtime/fastv-run
+MATRIX = [case for case in PAIRWISE + PAIRWISE_NEW if case[0] in CPP_FAMILIES]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 from fastv_export.bundle import Manifest
 from fastv_export.engines.profiles import BuildLimits, engine_profiles, trtexec_shape_flags
 from fastv_export.errors import FastVError
-from tests.helpers import PRESET_NAMES
+from tests.helpers import PRESET_NAMES, once_per_run, shared_dir
 
 # a manifest as much as the profiles read of it: tiny-llava-like, K=2 of 4 layers, R=1/2
 RAW = {
@@ -132,19 +132,20 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def built(exported_bundle, plugin_library, tmp_path_factory):
-    """tiny-llava and tiny-qwen2-vl bundles (K=2, R=1/2) with engines, with the plugin and without."""
+    """tiny-llava and tiny-qwen2-vl bundles (K=2, R=1/2) with engines, with the plugin and without (once per
+    test run, read-only)."""
     from fastv_export.engines.build import BuildOptions, build_engines
 
-    out = {}
-    for preset in PRESET_NAMES:
-        for use_plugin in (True, False):
-            dst = tmp_path_factory.mktemp("engines") / f"{preset}-{'plugin' if use_plugin else 'body'}"
-            shutil.copytree(exported_bundle(preset, 2, "1/2"), dst)
-            build_engines(dst, BuildOptions(backend="tensorrt-rtx", compute_capabilities=("8.6", "8.9"),
-                                            plugin_library=str(plugin_library), use_plugin=use_plugin,
-                                            limits=BuildLimits(max_batch=2, max_prompt=160, max_new_tokens=24)))
-            out[(preset, use_plugin)] = dst
-    return out
+    def make(dst: Path, preset: str, use_plugin: bool) -> None:
+        shutil.copytree(exported_bundle(preset, 2, "1/2"), dst)
+        build_engines(dst, BuildOptions(backend="tensorrt-rtx", compute_capabilities=("8.6", "8.9"),
+                                        plugin_library=str(plugin_library), use_plugin=use_plugin,
+                                        limits=BuildLimits(max_batch=2, max_prompt=160, max_new_tokens=24)))
+
+    root = shared_dir(tmp_path_factory) / "engines"
+    return {(preset, use_plugin): once_per_run(root / f"{preset}-{'plugin' if use_plugin else 'body'}",
+                                               lambda dst, p=preset, u=use_plugin: make(dst, p, u))
+            for preset in PRESET_NAMES for use_plugin in (True, False)}
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import pytest
 from fastv_export.bundle import MANIFEST, load_bundle
 from fastv_export.errors import FastVError
 from fastv_export.files import sha256
+from tests.helpers import once_per_run, shared_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorrt]   # the fixture exports and builds (~1 min on 2 cores)
 
@@ -31,12 +32,15 @@ WRONG_TYPES = ["text", 3.5, True, None, [], {}, [1, 2], {"a": 1}, 64.0, 7]
 
 @pytest.fixture(scope="module")
 def engine_bundle(exported_bundle, tmp_path_factory) -> Path:
-    """A tiny-llava bundle (K=2, R=1/2) with its four engines built (read-only: copy before editing)."""
+    """A tiny-llava bundle (K=2, R=1/2) with its four engines built, once per test run (read-only: copy
+    before editing)."""
     from fastv_export.engines.build import BuildOptions, build_engines
 
-    path = tmp_path_factory.mktemp("fuzz") / "engines"
-    shutil.copytree(exported_bundle("tiny-llava", 2, "1/2"), path, ignore=shutil.ignore_patterns("validation"))
-    build_engines(path, BuildOptions(backend="tensorrt-rtx", use_plugin=False))
+    def make(path: Path) -> None:
+        shutil.copytree(exported_bundle("tiny-llava", 2, "1/2"), path, ignore=shutil.ignore_patterns("validation"))
+        build_engines(path, BuildOptions(backend="tensorrt-rtx", use_plugin=False))
+
+    path = once_per_run(shared_dir(tmp_path_factory) / "fuzz-engines", make)
     load_bundle(path)
     return path
 

@@ -19,25 +19,9 @@ from fastv_export.bundle import load_bundle
 from fastv_export.cli import main as cli
 from fastv_export.errors import FastVError
 from fastv_export.validate import validate_bundle
-from tests.helpers import copy_bundle, rewrite_checksum
+from tests.helpers import NEW_FAMILIES, PAIRWISE, PAIRWISE_NEW, copy_bundle, rewrite_checksum
 
 pytestmark = pytest.mark.slow   # every test validates an exported bundle
-
-PAIRWISE = [  # (model, K, R, ranking)
-    ("tiny-llava", 2, "1/2", "last"),
-    ("tiny-llava", 1, "9/10", "mean"),
-    ("tiny-llava", 3, "3/4", "last"),
-    ("tiny-qwen2-vl", 2, "3/4", "mean"),
-    ("tiny-qwen2-vl", 1, "1/2", "last"),
-    ("tiny-qwen2-vl", 3, "9/10", "mean"),
-    ("tiny-qwen2-vl", 2, "0", "last"),
-]
-# the families added later: a pairwise cover of K in {1, 2}, R in {1/2, 9/10} and both rankings, batch 1 and 2;
-# (2, 1/2, last) is the bundle the other per-family tests use, so it is exported once
-NEW_FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-internvl"]
-PAIRWISE_NEW = [(m, k, r, rk) for m in NEW_FAMILIES
-                for k, r, rk in ((1, "1/2", "mean"), (1, "9/10", "last"), (2, "1/2", "last"), (2, "9/10", "mean"))]
-
 
 @pytest.mark.parametrize("model,k,ratio,ranking", PAIRWISE + PAIRWISE_NEW)
 def test_export_then_validate_passes(model, k, ratio, ranking, exported_bundle):

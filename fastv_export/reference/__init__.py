@@ -11,11 +11,11 @@ Importing the package registers nothing: the attention capture is registered wit
 when a capture is first installed.
 """
 from fastv_export.reference.capture import capture_query_key, original_attention
-from fastv_export.reference.decode import Prefilled, decode_positions, greedy_decode, prefill
+from fastv_export.reference.decode import Prefilled, greedy_decode, prefill
 from fastv_export.reference.fastv import FastVHandle, apply_fastv
 from fastv_export.reference.gather import gather_rows, gather_seq, prefill_substitutions
 from fastv_export.reference.rerank import RerankResult, generate_rerank
 
-__all__ = ["FastVHandle", "Prefilled", "RerankResult", "apply_fastv", "capture_query_key", "decode_positions",
+__all__ = ["FastVHandle", "Prefilled", "RerankResult", "apply_fastv", "capture_query_key",
            "gather_rows", "gather_seq", "generate_rerank", "greedy_decode", "original_attention", "prefill",
            "prefill_substitutions"]

@@ -24,6 +24,7 @@ from torch import nn
 
 from fastv_export.adapters import get_adapter
 from fastv_export.errors import FastVError
+from fastv_export.runtime.positions import decode_positions
 
 
 @dataclass
@@ -34,18 +35,6 @@ class Prefilled:
     logits: torch.Tensor
     cache: Any
     positions: torch.Tensor
-
-
-def decode_positions(prompt_positions: torch.Tensor, step: int) -> torch.Tensor:
-    """Position ids of decode step ``step`` (0: the first generated token fed back) for every row:
-    the row's largest prompt position (over all axes) + 1 + step, shaped [B, 1] from prompt
-    positions [B, n], or [3, B, 1] (the same on each axis) from M-RoPE positions [3, B, n]."""
-    if prompt_positions.dim() == 2:
-        return prompt_positions.amax(dim=1, keepdim=True) + 1 + step
-    if prompt_positions.dim() == 3:
-        last = prompt_positions.amax(dim=(0, 2))
-        return (last + 1 + step).view(1, -1, 1).expand(prompt_positions.shape[0], -1, 1)
-    raise FastVError(f"prompt positions must be [B, n] or [3, B, n], got shape {list(prompt_positions.shape)}")
 
 
 @torch.no_grad()
@@ -89,7 +78,8 @@ def greedy_decode(model: nn.Module, state: Prefilled, max_new_tokens: int, eos_t
         if bool(done.all()):
             break
         h = embed(torch.where(done, torch.full_like(nxt, pad_token_id), nxt)[:, None])
-        pos = decode_positions(state.positions, step).to(h.device)
+        # the rule is written once, for every runtime (fastv_export/runtime/positions.py)
+        pos = torch.from_numpy(decode_positions(state.positions.cpu().numpy(), step)).to(h.device)
         pe = text_model.rotary_emb(h, position_ids=pos)
         # M-RoPE text models pass their layers no position ids for plain 3-axis positions; RoPE ones the [B, 1] ids
         layer_pos = None if m_rope else pos
