@@ -248,6 +248,41 @@ def test_bundles_with_external_data_validate_and_build(tmp_path, capsys):
         assert all((b / f).stat().st_nlink == 1 for f in files), "a bundle file is still hard-linked"
 
 
+@pytest.mark.slow
+@pytest.mark.tensorrt
+def test_one_function_writes_the_manifest(tmp_path, monkeypatch):
+    """Every write of a manifest.json, by the export and by the engine build, goes through
+    fastv_export.bundle.write_manifest (the one writer, which checks before it writes)."""
+    import os
+    import traceback
+
+    from fastv_export import files
+    from fastv_export.config import FastVConfig
+    from fastv_export.engines import build
+    from fastv_export.export import ExportOptions, export_bundle
+
+    writers: list[list[str]] = []
+    real_write, real_replace = files.atomic_write, os.replace
+
+    def spy(path, *args, **kwargs):
+        if Path(path).name == "manifest.json":
+            writers.append([frame.name for frame in traceback.extract_stack()])
+        return real_write(path, *args, **kwargs)
+
+    def replace(src, dst, *args, **kwargs):        # any other way of putting a file in place
+        if Path(dst).name == "manifest.json" and not any("atomic_write" in f.name for f in traceback.extract_stack()):
+            writers.append([frame.name for frame in traceback.extract_stack()])
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(files, "atomic_write", spy)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(build, "_build_rtx", lambda *a: build.BuiltEngine(b"not an engine", ["MATRIX_MULTIPLY"], b""))
+    bundle = export_bundle(tmp_path / "b", FastVConfig(k=2, ratio="1/2"), ExportOptions())
+    build.build_engines(bundle, build.BuildOptions(backend="tensorrt-rtx", use_plugin=False))
+    assert len(writers) == 2, writers
+    assert all("write_manifest" in stack for stack in writers), writers
+
+
 @pytest.mark.tensorrt
 def test_an_inconsistent_engines_section_is_refused_before_anything_is_written(exported_bundle, tmp_path,
                                                                                monkeypatch):
