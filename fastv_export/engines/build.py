@@ -305,7 +305,11 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
             limits=options.limits.to_dict(),
             lengths=lengths(bundle, options.limits),
             timing_cache=TIMING_CACHE, trtexec_script=TRTEXEC_SCRIPT, engines=engines)
-        manifest = write_manifest(tmp, bundle.with_engines(section), known=copied)
+        known = dict(copied, **{e.file: {"sha256": e.sha256, "bytes": e.bytes} for e in engines.values()})
+        if plugin_entry is not None:
+            known[op.PLUGIN_LIBRARY] = {"sha256": plugin_entry["sha256"],
+                                        "bytes": (tmp / op.PLUGIN_LIBRARY).stat().st_size}
+        manifest = write_manifest(tmp, bundle.with_engines(section), known=known)   # hashes only what is new
     log.info("engines written into %s", bundle.path)
     return Bundle(bundle.path, manifest)
 
