@@ -228,20 +228,20 @@ def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
 
 
 def _copy_bundle(bundle: Bundle, dst: Path) -> dict[str, dict]:
-    """Every file the bundle's manifest lists, but its previous engines, hard-linked where possible, and
-    its validation reports; returns the copied files' verified checksums (the manifest's entries)."""
-    copied = {}
-    for name, entry in bundle.files.items():
-        if name.endswith(ENGINE_SUFFIX) or name in (TIMING_CACHE, TRTEXEC_SCRIPT, op.PLUGIN_LIBRARY):
+    """Every file of the bundle but its previous engines, hard-linked where possible, and its validation
+    reports; returns the verified checksums of the copied files the manifest lists."""
+    listed = bundle.files
+    for f in bundle.path.iterdir():
+        if f.is_dir() or f.name.endswith(ENGINE_SUFFIX) or f.name in (TIMING_CACHE, TRTEXEC_SCRIPT,
+                                                                      op.PLUGIN_LIBRARY, MANIFEST):
             continue
         try:
-            os.link(bundle.path / name, dst / name)
+            os.link(f, dst / f.name)
         except OSError:
-            shutil.copy2(bundle.path / name, dst / name)
-        copied[name] = entry
+            shutil.copy2(f, dst / f.name)
     if (bundle.path / "validation").is_dir():
         shutil.copytree(bundle.path / "validation", dst / "validation")
-    return copied
+    return {name: entry for name, entry in listed.items() if (dst / name).is_file()}
 
 
 def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOptions(),
