@@ -59,14 +59,14 @@ def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:
         raise FastVError(f"{mpath}: field 'schema_version' is {_short(version)}, this fastv-export reads "
                          f"{SCHEMA_VERSION}; re-export the bundle with this version")
     check_manifest(manifest, mpath)
-    verify_files(root, manifest)
+    _verify_files(root, manifest)
     if check_onnx:
         _check_graph_files(root, manifest)
     _verify_engine_records(manifest, mpath)
     return Bundle(root, manifest)
 
 
-def verify_files(root: Path, manifest: Mapping) -> None:
+def _verify_files(root: Path, manifest: Mapping) -> None:
     """Every file the manifest lists exists in ``root`` with its recorded size and sha256."""
     for name, meta in manifest["files"].items():
         f = root / name

@@ -72,6 +72,7 @@ def greedy_decode(model: nn.Module, state: Prefilled, max_new_tokens: int, eos_t
     nxt = state.logits.argmax(dim=-1)
     done = torch.zeros_like(nxt, dtype=torch.bool)
     tokens = [nxt]
+    prompt_positions = state.positions.cpu().numpy()
     for step in range(max_new_tokens - 1):
         if eos_token_id is not None:
             done = done | (nxt == eos_token_id)
@@ -79,7 +80,7 @@ def greedy_decode(model: nn.Module, state: Prefilled, max_new_tokens: int, eos_t
             break
         h = embed(torch.where(done, torch.full_like(nxt, pad_token_id), nxt)[:, None])
         # the rule is written once, for every runtime (fastv_export/runtime/positions.py)
-        pos = torch.from_numpy(decode_positions(state.positions.cpu().numpy(), step)).to(h.device)
+        pos = torch.from_numpy(decode_positions(prompt_positions, step)).to(h.device)
         pe = text_model.rotary_emb(h, position_ids=pos)
         # M-RoPE text models pass their layers no position ids for plain 3-axis positions; RoPE ones the [B, 1] ids
         layer_pos = None if m_rope else pos
