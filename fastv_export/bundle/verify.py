@@ -20,6 +20,9 @@ SCHEMA_VERSION = 2
 #: the manifest's JSON Schema (draft 2020-12), installed with the package
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 
+#: the ``serving`` fields that name a file of the bundle (a role: the file, or null)
+SERVING_ROLES = ("tokenizer", "tokenizer_config", "special_tokens_map", "chat_template", "image_processor",
+                 "video_processor", "processor", "generation_config")
 #: the numbers each dynamic vision layout records for the runtime's host-side feeds
 VISION_LAYOUT_FIELDS = {"patch_grid": ("patch_size", "temporal_patch_size", "spatial_merge_size", "window_size"),
                         "tiles": ("tile", "patches_per_side", "pinpoints", "max_num_patches", "pooled_side",
@@ -333,6 +336,12 @@ def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of 
     if opsets.get(op.OP_DOMAIN) != op.OP_VERSION:
         fail(["graphs", "pre_k", "opsets", op.OP_DOMAIN], f"{_short(opsets.get(op.OP_DOMAIN))} is not "
                                                           f"{op.OP_VERSION} (fastv::TokenSelect's version)")
+    # the serving files: each named one is a file of the bundle
+    for role in SERVING_ROLES:
+        name = m["serving"][role]
+        if name is not None and name not in files:
+            raise FastVError(f"{mpath}: field 'serving.{role}' names {name!r}, which 'files' does not list; "
+                             "re-export the bundle")
     if m["engines"] is not None:
         _check_engines(m, view, sizes, specs, fail)
 

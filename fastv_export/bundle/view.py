@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fastv_export.bundle.chat import ChatForm
 from fastv_export.config import FastVConfig
 from fastv_export.graphs import spec
 
@@ -100,6 +101,45 @@ class Engines:
     def from_dict(cls, d: Mapping) -> Engines:
         return cls(**dict(d, lengths=Lengths(**d["lengths"]),
                           engines={g: Engine.from_dict(e) for g, e in d["engines"].items()}))
+
+
+# ---------------------------------------------------------------------------------------------- serving
+@dataclass(frozen=True)
+class Generation:
+    """``serving.generation``: the ids generation stops at / starts with / pads with, and the checkpoint's
+    sampling defaults (None: generation_config.json leaves it unset)."""
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    pad_token_id: int | None
+    do_sample: bool | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float | None
+    max_new_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The manifest's ``serving`` section: which file of the bundle serves which role (a file name in the
+    bundle directory, or None when the model has none), the generation settings and the pre-rendered chat
+    template (None: no template, or one the pre-rendered form cannot reproduce)."""
+    tokenizer: str | None
+    tokenizer_config: str | None
+    special_tokens_map: str | None
+    chat_template: str | None
+    image_processor: str | None
+    video_processor: str | None
+    processor: str | None
+    generation_config: str
+    tokenizer_adds_bos: bool | None
+    generation: Generation
+    chat: ChatForm | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Serving:
+        return cls(**dict(d, generation=Generation(**d["generation"]),
+                          chat=None if d["chat"] is None else ChatForm.from_dict(d["chat"])))
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -233,6 +273,11 @@ class Manifest:
     def with_engines(self, section: Engines) -> dict:
         """A copy of the raw manifest with ``section`` as its engines (for the writer)."""
         return dict(self.raw, engines=section.to_dict())
+
+    @property
+    def serving(self) -> Serving:
+        """What serving needs (tokenizer, processors, chat template, generation settings): files of the bundle."""
+        return Serving.from_dict(self.raw["serving"])
 
     @property
     def files(self) -> dict[str, dict]:

@@ -52,10 +52,11 @@ def source_fields(model: str | Path, bundle_dir: Path) -> dict:
 
 
 def export_manifest(adapter: ModelAdapter, cfg: FastVConfig, precision: str, model: str | Path, bundle_dir: Path,
-                    specs: Mapping[str, spec.GraphSpec], written: Mapping[str, WrittenGraph]) -> dict:
+                    specs: Mapping[str, spec.GraphSpec], written: Mapping[str, WrittenGraph], serving: dict) -> dict:
     """The manifest of a fresh export into ``bundle_dir`` (its final path): each graph's I/O from ``specs``
     (what the graphs were written from), checked against ``written`` (what the exporter held in memory
-    before saving: ``io`` and ``opsets``); ``files`` is filled by :func:`write_manifest`."""
+    before saving: ``io`` and ``opsets``); ``serving`` is the section of the serving files the export wrote
+    (fastv_export/export/serving.py); ``files`` is filled by :func:`write_manifest`."""
     info = adapter.decoder_shape()
     k = cfg.k
     float_dtype = spec.PRECISIONS[precision]
@@ -95,6 +96,7 @@ def export_manifest(adapter: ModelAdapter, cfg: FastVConfig, precision: str, mod
         "plugin": dict(op.PLUGIN_IDENTITY, used_by="pre_k.onnx node fastv_token_select (expands to its ONNX "
                                                    "function body when the library is not loaded)"),
         "engines": None,
+        "serving": serving,
         "files": {},
     }
 

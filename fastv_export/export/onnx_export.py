@@ -198,6 +198,7 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
     """Export ``options.model`` with FastV ``cfg`` into the bundle directory ``out_dir`` (atomic); returns
     the bundle (its manifest checked before it was written: no need to load it again)."""
     from fastv_export.bundle import Bundle, export_manifest, write_manifest
+    from fastv_export.export.serving import write_serving_files
 
     out = Path(out_dir)
     if options.dtype not in DTYPES:
@@ -211,7 +212,8 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
         specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data)
+        serving = write_serving_files(options.model, adapter.config, tmp)
         manifest = write_manifest(tmp, export_manifest(adapter, cfg, options.dtype, options.model, out, specs,
-                                                       written))
+                                                       written, serving))
     log.info("bundle written to %s", out)
     return Bundle(out, manifest)
