@@ -53,7 +53,8 @@ QWEN2_VL_HF = (
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Llama-3 style: the template writes the BOS token itself
 LLAMA3_STYLE = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<|image|>' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{ '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
@@ -323,6 +324,33 @@ def test_checkpoint_without_tokenizer_exports_with_a_warning(tmp_path, caplog):
     assert "holds no tokenizer" in caplog.text
     # no generation_config.json: the one the model config implies
     assert section["generation_config"] == "generation_config.json" and section["generation"]["eos_token_ids"] == [2]
+
+
+def test_checkpoint_without_tokenizer_json_gets_the_one_its_tokenizer_saves(tmp_path, monkeypatch):
+    """A checkpoint whose tokenizer loads from other files (slow formats; transformers here cannot convert them
+    without sentencepiece, so the checkpoint's tokenizer is stood in for): the bundle holds the tokenizer.json
+    that tokenizer saves, and loads it to the same encodings."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fastv_export.export import serving
+
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    original = AutoTokenizer.from_pretrained(ckpt)
+    saved = tmp_path / "saved"
+    original.save_pretrained(saved)
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "vocab.txt").write_text("stands for the slow tokenizer's files\n")
+    load = serving._load_tokenizer
+    monkeypatch.setattr(serving, "_load_tokenizer", lambda d: original if Path(d) == ckpt else load(d))
+    out = tmp_path / "bundle"
+    out.mkdir()
+    section = write_serving_files(ckpt, AutoConfig.from_pretrained(ckpt), out)
+    assert section["tokenizer"] == "tokenizer.json"
+    assert (out / "tokenizer.json").read_bytes() == (saved / "tokenizer.json").read_bytes()
+    assert (out / "vocab.txt").read_bytes() == (ckpt / "vocab.txt").read_bytes()
+    again = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    for prompt in PROMPTS:
+        assert again.encode(prompt) == original.encode(prompt)
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ class RoleForm:
 class ChatForm:
     """The pre-rendered chat template (see the module's docstring for the rendering rule)."""
     start: str                      # written once before the first message (the BOS text where the template has it)
-    bos_in_template: bool           # whether ``start`` is the tokenizer's BOS token (then the tokenizer must not add one)
+    bos_in_template: bool           # ``start`` is the tokenizer's BOS token (the tokenizer must not add another)
     default_system: str | None      # the system message a template writes when the conversation has none
     system: RoleForm | None         # None: the template refuses system messages
     user: RoleForm
