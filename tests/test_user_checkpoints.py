@@ -333,3 +333,41 @@ def test_export_takes_the_checkpoint(family, checkpoint, tmp_path, capsys):
     assert (tmp_path / "b" / "manifest.json").is_file()
     bundle = export_bundle(tmp_path / "api", FastVConfig(k=2, ratio="1/2"), ExportOptions(model=str(path)))
     assert (bundle.path / "manifest.json").is_file()
+
+
+def test_qwen_video_stand_in_patches_as_the_image_processor(checkpoint):
+    """The stand-in video processor's resize, normalisation and temporal patches equal HF's PIL image processor
+    on a still video (both frames of each temporal patch the same picture) at the same size and settings."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    cfg = json.loads((checkpoint("qwen2_5_vl") / "video_preprocessor_config.json").read_text())
+    frame = np.asarray(uc._draw_scene((160, 112), seed=7))
+    stand_in = uc.FrameVideoProcessor({**cfg, "do_sample_frames": False}, "qwen2_vl", [8.0])
+    out = stand_in([np.stack([frame, frame])])
+    image = Qwen2VLImageProcessorPil(min_pixels=cfg["size"]["shortest_edge"], max_pixels=cfg["size"]["longest_edge"],
+                                     image_mean=cfg["image_mean"], image_std=cfg["image_std"], resample=cfg["resample"],
+                                     patch_size=14, merge_size=2, temporal_patch_size=2)
+    want = image(images=Image.fromarray(frame), return_tensors="np")
+    assert out["video_grid_thw"].tolist() == want["image_grid_thw"].tolist()
+    assert np.abs(out["pixel_values_videos"].numpy() - want["pixel_values"]).max() < 1e-5
+
+
+def test_conversations_with_system_turns_and_two_images(checkpoint, images):
+    """A system prompt, an earlier exchange and two images: each image expanded by the processor (LLaVA: 64;
+    Qwen2.5-VL: its grid; OneVision: several images are one base tile + newline each)."""
+    chat = [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And in this one?"}]}]
+    sizes = _image_sizes(images[:2])
+    qwen = [math.prod(_qwen_resize(h, w, 28, uc.QWEN_MIN_PIXELS, uc.QWEN_MAX_PIXELS)) // 28 ** 2 for w, h in sizes]
+    for family, token, count in (("llava", "image_token_index", 2 * 64), ("qwen2_5_vl", "image_token_id", sum(qwen)),
+                                 ("onevision", "image_token_index", 2 * (16 + 1))):
+        path = checkpoint(family)
+        p = uc.hf_prompt(path, chat, images[:2])
+        cfg = json.loads((path / "config.json").read_text())
+        assert p["input_ids"][0].tolist().count(cfg[token]) == count, family
+        assert "Answer briefly." in p["text"] and "A red circle." in p["text"]
+        assert "You are a helpful assistant." not in p["text"]           # the given system prompt replaces it
+        assert len(uc.hf_generate(path, p, 4, ignore_eos=True)) == 4

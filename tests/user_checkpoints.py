@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -385,9 +387,9 @@ def test_images(out: Path) -> list[Path]:
         path = out / name
         if not path.exists():
             img = _draw_scene((w, h), seed=i)
-            tmp = path.with_name(f".{name}.tmp")
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
             img.save(tmp, format="JPEG" if name.endswith(".jpg") else "PNG", quality=92)
-            tmp.rename(path)
+            os.replace(tmp, path)          # workers racing write the same bytes; the rename is atomic
         paths.append(path)
     return paths
 
@@ -419,7 +421,7 @@ def test_video(out: Path, name: str = "moving.mp4") -> Path:
     path = out / name
     if path.exists():
         return path
-    tmp = out / f".tmp-{name}"
+    tmp = out / f".{os.getpid()}-{name}"
     frames = video_frames()
     with av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=VIDEO_FPS)
@@ -431,7 +433,7 @@ def test_video(out: Path, name: str = "moving.mp4") -> Path:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.rename(path)
+    os.replace(tmp, path)
     return path
 
 
@@ -445,11 +447,14 @@ def test_frames_dir(out: Path, name: str = "frames") -> Path:
     path = Path(out) / name
     if path.exists():
         return path
-    tmp = Path(out) / f".tmp-{name}"
+    tmp = Path(out) / f".{os.getpid()}-{name}"
     tmp.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(video_frames()):
         Image.fromarray(f).save(tmp / f"frame_{i:03d}.png")
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:                    # another worker made it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -637,7 +642,8 @@ def hf_prompt(checkpoint: Path, messages: list[dict], images: Sequence = (), vid
     text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     kwargs: dict = {"text": text, "return_tensors": "pt"}
     if pil:
-        kwargs["images"] = pil
+        kwargs["images"] = [pil]    # one conversation's images, nested as apply_chat_template(tokenize=True) does
+        #                             (LLaVA-OneVision treats several images of one conversation as multi-image)
     if decoded:
         kwargs["videos"] = [frames for frames, _ in decoded]
     out = dict(processor(**kwargs))
@@ -648,7 +654,8 @@ def hf_prompt(checkpoint: Path, messages: list[dict], images: Sequence = (), vid
 # ---- ground truth: generation ---------------------------------------------------------------------------------
 _MODELS: dict[str, Any] = {}
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw",
-                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
+                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids",
+                "batch_num_images")
 
 
 def hf_model(checkpoint: Path):
