@@ -292,7 +292,7 @@ def _onevision_tokens(h: int, w: int) -> int:
     return side * side + ch * cw + ch
 
 
-# ---- the checkpoints load, generate, and export -----------------------------------------------------------------------
+# ---- the checkpoints load, generate, and export ----------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_checkpoint_loads_and_generates(family, checkpoint, images):
     path = checkpoint(family)

@@ -22,15 +22,20 @@ Qwen2.5-VL and LLaVA-OneVision processors cannot load their video processors):
 - Qwen2.5-VL / LLaVA-OneVision, images: real. The processor class itself (``Qwen2_5_VLProcessor`` /
   ``LlavaOnevisionProcessor``) is constructed from the checkpoint's files: its tokenizer (AutoTokenizer), its
   image processor (the PIL class, ``from_pretrained(checkpoint)``), its chat template and processor_config.json
-  arguments. Only its video processor is a stand-in object (:class:`FrameVideoProcessor`); so the chat template,
-  the processor's placeholder validation and expansion (``replace_image_token`` / ``replace_video_token``), its
-  tokenization and, for Qwen2.5-VL, ``second_per_grid_ts`` and ``mm_token_type_ids`` are HF's own code.
+  arguments. Only its video processor is a stand-in object (:class:`FrameVideoProcessor`; ProcessorMixin's class
+  check is skipped for that one argument, as its base class cannot be resolved without torchvision); so the chat
+  template, the processor's placeholder validation and expansion (``replace_image_token`` /
+  ``replace_video_token``, OneVision's anyres and multi-image counts), its tokenization and, for Qwen2.5-VL,
+  ``second_per_grid_ts`` and ``mm_token_type_ids`` are HF's own code. The images of one conversation are passed
+  together (nested), as ``apply_chat_template(..., tokenize=True)`` passes them.
 - Videos (both): the stand-in decodes nothing itself (frames come from :func:`read_video`, PyAV), samples frames
   (LLaVA-OneVision: HF's ``default_sample_indices_fn``; Qwen2-VL: its ``sample_frames`` formula, written out
   below because its module imports torchvision), resizes each frame with PIL (HF's video processors resize
   tensors with torchvision, so video pixels are a re-implementation, not bit-equal to HF's), normalizes, and for
   Qwen patchifies as Qwen2VLVideoProcessor does. The frame count, the grid and hence the prompt ids are
-  exact; video pixels are this module's computation of the checkpoint's video_preprocessor_config.json.
+  exact; video pixels are this module's computation of the checkpoint's video_preprocessor_config.json
+  (tested equal to the PIL image processor's patches on a still video). A folder of frames has no frame rate:
+  ``hf_prompt`` takes it as ``frames_fps`` (default :data:`VIDEO_FPS`, the rate ``test_frames_dir`` was made at).
 """
 from __future__ import annotations
 
