@@ -168,8 +168,8 @@ class Frontend:
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); restore its tokenizer files") from None
         processor_config = _read_json(directory / PROCESSOR) if (directory / PROCESSOR).is_file() else {}
         family = _own_tokens(family, tokenizer, processor_config)
-        image_processor = _load_image_processor(directory, bundle, family)
-        video_config = _read_json(directory / VIDEO_PROCESSOR) if (directory / VIDEO_PROCESSOR).is_file() else {}
+        image_processor = _load_image_processor(directory, bundle, family, processor_config)
+        video_config = _processor_section(directory, VIDEO_PROCESSOR, "video_processor", processor_config)[0] or {}
         template = tokenizer.chat_template
         if template is None and (directory / CHAT_TEMPLATE_JSON).is_file():
             template = _read_json(directory / CHAT_TEMPLATE_JSON).get("chat_template")
@@ -465,17 +465,27 @@ def _own_tokens(family: Family, tokenizer, processor_config: dict) -> Family:
     return Family(family.name, image, video, image_text, video_text)
 
 
-def _load_image_processor(directory: Path, bundle: Manifest, family: Family):
-    path = directory / IMAGE_PROCESSOR
-    if not path.is_file():
+def _processor_section(directory: Path, file: str, key: str, processor_config: dict) -> tuple[dict | None, Path]:
+    """An image / video processor's config: its own file (``preprocessor_config.json``, the older layout) or its
+    section of ``processor_config.json`` (what transformers 5 saves)."""
+    path = directory / file
+    if path.is_file():
+        return _read_json(path), path
+    section = processor_config.get(key)
+    return (dict(section), directory / PROCESSOR) if isinstance(section, dict) else (None, path)
+
+
+def _load_image_processor(directory: Path, bundle: Manifest, family: Family, processor_config: dict):
+    config, path = _processor_section(directory, IMAGE_PROCESSOR, "image_processor", processor_config)
+    if config is None:
         return _default_image_processor(bundle, family, directory)
-    config = _read_json(path)
     name = config.get("image_processor_type")
     if not name:
         raise FastVError(f"{path} names no image_processor_type; restore the checkpoint's image processor config")
     cls = image_processor_class(name)
+    config = {k: v for k, v in config.items() if k not in ("image_processor_type", "processor_class", "auto_map")}
     try:
-        return cls.from_pretrained(directory, local_files_only=True)
+        return cls.from_dict(config)
     except Exception as exc:  # noqa: BLE001 - any loading failure is the same user problem
         raise FastVError(f"{path} cannot be loaded as {cls.__name__} ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
