@@ -459,3 +459,79 @@ def _frames_dir(folder: Path, frames) -> str:
     for i, f in enumerate(frames):
         f.save(folder / f"{i:02d}.png")
     return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def test_calibration_text_prompts_go_through_the_front_end(llava_dir, images, tmp_path):
+    """calibrate's folder format with text prompts: ids and pixels equal to the checkpoint's LlavaProcessor."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from fastv_export.adapters import get_adapter
+    from fastv_export.calibrate import dataset
+
+    proc = AutoProcessor.from_pretrained(llava_dir)
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=CLIPVisionConfig(image_size=28, patch_size=7, hidden_size=16, intermediate_size=32,
+                                                        num_hidden_layers=1, num_attention_heads=2),
+                         text_config=LlamaConfig(vocab_size=image_id + 8, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                                 eos_token_id=2, pad_token_id=0),
+                         image_token_id=image_id, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    adapter = get_adapter(LlavaForConditionalGeneration(config).eval())
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    prompt = "USER: <image>\nWhat is it? ASSISTANT:"
+    (folder / "prompts.jsonl").write_text("\n".join(json.dumps({"image": p.name, "prompt": prompt, "answer": "a cat"})
+                                                    for p in images))
+    items = dataset.load_items(str(folder), adapter, 10, model=str(llava_dir))
+    assert len(items) == 3
+    for item, p in zip(items, images):
+        ref = proc(images=[Image.open(p).convert("RGB")], text=prompt, return_tensors="np")
+        assert item.input_ids.tolist() == ref["input_ids"].tolist()
+        np.testing.assert_allclose(item.vision["pixel_values"].numpy(), ref["pixel_values"], atol=1e-6, rtol=0)
+        assert item.answer == proc.tokenizer("a cat", add_special_tokens=False)["input_ids"] + [2]
+
+
+# ---------------------------------------------------------------------------------------------- the run command
+def test_run_bad_requests_exit_2_with_one_line(tmp_path, images, capsys):
+    from tests.helpers import run_cli
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{\"messages\": [")
+    robot = tmp_path / "robot.json"
+    robot.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}))
+    audio = tmp_path / "audio.json"
+    audio.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]}))
+    checks = [
+        (["--request", str(bad_json)], "is not valid JSON"),
+        (["--request", str(robot)], "messages[0]: unknown role 'robot'"),
+        (["--request", str(audio)], "unknown content type 'audio'"),
+        (["--image", str(tmp_path / "none.png"), "--prompt", "hi"], f"image {tmp_path / 'none.png'} does not exist"),
+        (["--video", str(tmp_path / "none.mp4"), "--prompt", "hi"], "does not exist"),
+        (["--request", str(robot), "--prompt", "hi"], "drop --prompt"),
+        (["--image", str(images[0])], "give --prompt TEXT"),
+    ]
+    for argv, message in checks:
+        rc, err = run_cli(capsys, ["run", str(tmp_path / "bundle"), *argv])
+        assert rc == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+
+
+@pytest.mark.slow
+def test_run_placeholder_mismatch_and_wrong_size_exit_2(exported_bundle, llava_dir, images, tmp_path, capsys):
+    """tiny-llava's bundle with a LLaVA checkpoint's processing files (--model): media / placeholder mismatch
+    and an image the processor makes into another size than the bundle takes, one line each."""
+    from tests.helpers import run_cli
+
+    bundle = str(exported_bundle("tiny-llava", 2, "1/2"))
+    rc, err = run_cli(capsys, ["run", bundle, "--model", str(llava_dir), "--raw", "--image", str(images[0]),
+                               "--prompt", "<image> and <image>"])
+    assert rc == 2 and "2 image placeholder(s) (<image>) but 1 image(s)" in err and len(err.splitlines()) == 1
+    rc, err = run_cli(capsys, ["run", bundle, "--model", str(llava_dir), "--image", str(images[0]),
+                               "--prompt", "What is it?"])
+    assert rc == 2 and "makes pixel values [1, 3, 28, 28]; this bundle's vision graph takes [1, 3, 56, 56]" in err
+    assert len(err.splitlines()) == 1

@@ -79,6 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------- requests
 def _requests(args: argparse.Namespace) -> list:
+    """The requests, their media checked to exist before anything is loaded."""
+    requests = _parse_requests(args)
+    for i, request in enumerate(requests):
+        for part in request.media:
+            path = Path(part.value)
+            if not (path.is_file() or (part.kind == "video" and path.is_dir())):
+                where = f"request {i}: " if len(requests) > 1 else ""
+                raise FastVError(f"{where}{part.kind} {part.value} does not exist")
+    return requests
+
+
+def _parse_requests(args: argparse.Namespace) -> list:
     from fastv_export.frontend import from_cli, load_requests
 
     if args.request:

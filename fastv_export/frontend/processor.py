@@ -511,3 +511,60 @@ def _default_image_processor(bundle: Manifest, family: Family, directory: Path):
         kwargs = {"min_pixels": pixels, "max_pixels": pixels} if layout["kind"] == "fixed" else {}
         return transformers.Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, **kwargs)
     raise FastVError(f"{directory} has no {IMAGE_PROCESSOR}; add the checkpoint's image processor config")
+
+
+# ---------------------------------------------------------------------------------------------- a loaded model
+def model_view(adapter) -> Manifest:
+    """The manifest fields the front end reads, for a loaded model instead of a bundle (calibration, validation
+    against the model): its image tokens, vision layout and positions sections as export writes them."""
+    import torch
+
+    from fastv_export.bundle.view import Manifest
+    from fastv_export.bundle.write import image_tokens_section, positions_section
+
+    pixels = adapter.vision_units([Media()], adapter.vision_inputs(1, torch.Generator()))[0]   # one graph call
+    text = adapter.text_config
+    raw = {"source_model": {"architecture": type(adapter.model).__name__, "eos_token_id": text.eos_token_id,
+                            "pad_token_id": text.pad_token_id},
+           "image_tokens": image_tokens_section(adapter, {"shape": list(pixels.shape)}),
+           "positions": positions_section(adapter), "engines": None}
+    return Manifest(raw)
+
+
+def model_vision_inputs(processed: Sequence[Processed], family: Family) -> dict[str, np.ndarray]:
+    """The vision inputs of the HF model's forward for ``processed`` (one prompt's media, prompt order), as its
+    processor returns them: LLaVA / InternVL ``pixel_values``; Qwen ``pixel_values`` + ``image_grid_thw`` (and
+    the video's); OneVision ``pixel_values`` [images, most tiles, 3, s, s] (zero-padded) + ``image_sizes``."""
+    images = [p for p in processed if p.kind == "image"]
+    videos = [p for p in processed if p.kind == "video"]
+    out: dict[str, np.ndarray] = {}
+    if family.name in QWEN:
+        for kind, chosen, px, grid in (("image", images, "pixel_values", "image_grid_thw"),
+                                       ("video", videos, "pixel_values_videos", "video_grid_thw")):
+            if not chosen:
+                continue
+            out[px] = np.concatenate([u for p in chosen for u in p.units])
+            grids = []
+            for p in chosen:
+                rows = p.units[0].shape[0]
+                h, w = p.media.size
+                patch = int(round(math.sqrt(h * w / rows)))
+                grids.append([len(p.units), h // patch, w // patch])
+            out[grid] = np.asarray(grids, dtype=np.int64)
+            if kind == "video" and all(p.seconds is not None for p in chosen):
+                out["second_per_grid_ts"] = np.asarray([p.seconds for p in chosen], dtype=np.float32)
+        return out
+    if family.name == "llava_onevision":
+        if images:
+            most = max(p.units[0].shape[0] for p in images)
+            px = np.zeros((len(images), most, *images[0].units[0].shape[1:]), dtype=np.float32)
+            for i, p in enumerate(images):
+                px[i, :p.units[0].shape[0]] = p.units[0]
+            out["pixel_values"] = px
+            out["image_sizes"] = np.asarray([p.media.size for p in images], dtype=np.int64)
+        if videos:
+            out["pixel_values_videos"] = np.stack([p.units[0] for p in videos])
+        return out
+    if images:
+        out["pixel_values"] = np.concatenate([u for p in images for u in p.units])
+    return out
