@@ -369,6 +369,7 @@ class Frontend:
         for i, request in enumerate(requests):
             where = f"request {i}: " if len(requests) > 1 else ""
             text = self.render(request, raw)
+            self._check_marks(text, [p.kind for p in request.media], where)
             media = [self.process_image(p.value) if p.kind == "image" else self.process_video(p.value)
                      for p in request.media]
             ids, ordered = self._tokenize(text, media, where)
@@ -402,14 +403,7 @@ class Frontend:
     def _tokenize(self, text: str, media: list[Processed], where: str) -> tuple[list[int], list[Processed]]:
         """The placeholders of ``text`` expanded (media of each kind in order), then the whole text tokenized."""
         tokens = self._placeholders()
-        marks = self._count_marks(text)
-        given = {kind: sum(m.kind == kind for m in media) for kind in ("image", "video")}
-        for kind in ("image", "video"):
-            if marks.get(kind, 0) != given[kind]:
-                token = tokens.get(kind, GENERIC_MARKS[kind])
-                raise FastVError(f"{where}the prompt holds {marks.get(kind, 0)} {kind} placeholder(s) ({token}) but "
-                                 f"{given[kind]} {kind}(s) were given; give one placeholder per {kind} (or none with "
-                                 f"--raw: the media then come first)")
+        self._check_marks(text, [m.kind for m in media], where)
         queues = {kind: iter([m for m in media if m.kind == kind]) for kind in ("image", "video")}
         pattern = "|".join(f"(?P<{k}>{re.escape(t)})" for k, t in tokens.items())
         ordered: list[Processed] = []
@@ -429,6 +423,19 @@ class Frontend:
                              f"the tokenizer does not keep the placeholder {tokens['image']} as one token (id "
                              f"{self.bundle.image_token_ids}), or the text holds placeholder ids of its own")
         return [int(t) for t in ids], ordered
+
+    def _check_marks(self, text: str, kinds: list[str], where: str) -> None:
+        """One placeholder in ``text`` per image and per video given, as the HF processor requires."""
+        if "video" in kinds:
+            self._require_video()
+        tokens, marks = self._placeholders(), self._count_marks(text)
+        for kind in ("image", "video"):
+            given = kinds.count(kind)
+            if marks.get(kind, 0) != given:
+                token = tokens.get(kind, GENERIC_MARKS[kind])
+                raise FastVError(f"{where}the prompt holds {marks.get(kind, 0)} {kind} placeholder(s) ({token}) but "
+                                 f"{given} {kind}(s) were given; give one placeholder per {kind} (or none with "
+                                 f"--raw: the media then come first)")
 
     def _expansion(self, kind: str, count: int) -> str:
         token = self.family.video_token if kind == "video" else self.family.image_token
