@@ -535,3 +535,88 @@ def test_run_placeholder_mismatch_and_wrong_size_exit_2(exported_bundle, llava_d
                                "--prompt", "What is it?"])
     assert rc == 2 and "makes pixel values [1, 3, 28, 28]; this bundle's vision graph takes [1, 3, 56, 56]" in err
     assert len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- OneVision
+def test_onevision_tiles_and_token_counts_equal_the_processor_rule(images, tmp_path):
+    """LLaVA-OneVision anyres: tiles from the checkpoint's image processor, token counts (the bundle's anyres
+    layout) equal to LlavaOnevisionProcessor._get_number_of_features for each image size."""
+    from transformers import LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    d = tmp_path / "onevision"
+    tok = _qwen_style_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                         "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'video' %}<video>\n"
+                         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(d)
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip.save_pretrained(d)
+    layout = {"kind": "tiles", "tile": 28, "patches_per_side": 4, "pinpoints": pinpoints, "max_num_patches": 9,
+              "pooled_side": 2, "default_size": [56, 56], "default_tiles": 5}
+    bundle = _bundle(tok, "LlavaOnevisionForConditionalGeneration", image_tokens=["<image>", "<video>"],
+                     vision_layout=layout)
+    front = Frontend.load(d, bundle)
+    ns = SimpleNamespace(image_processor=ip, num_image_tokens=16, vision_aspect_ratio="anyres_max_9")
+    ns._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(ns, *a)
+    from PIL import Image
+
+    for p in images:
+        got = front.prepare(from_cli("What is it?", [str(p)]))
+        w, h = Image.open(p).size
+        (medium,) = got.processed[0]
+        assert medium.media.size == (h, w)
+        assert medium.count == LlavaOnevisionProcessor._get_number_of_features(ns, h, w, 28, 28)
+        assert (got.input_ids == tok.convert_tokens_to_ids("<image>")).sum() == medium.count
+        ref = ip(images=Image.open(p).convert("RGB"), return_tensors="np")["pixel_values"][0]
+        assert got.images[0].shape[1:] == (3, 28, 28) and got.images[0].shape[0] <= ref.shape[0]
+        np.testing.assert_array_equal(got.images[0], ref[:len(got.images[0])])
+
+
+def test_run_streams_and_stops_and_writes_one_json_record(llava_dir, images, monkeypatch, capsys):
+    """run over the front end with a scripted generation (the graphs are tested elsewhere): the text is streamed
+    as it comes, cut at the stop string, and --json gives one record."""
+    import fastv_export.bundle
+    import fastv_export.runtime.generate
+    import fastv_export.runtime.runners
+    from fastv_export.cli import main as cli
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llava_dir)
+    bundle = _llava_bundle(tok)
+    bundle.path = llava_dir
+    script = tok("Café ✓ done### more words", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    seen = {}
+
+    def fake_generate(runner, input_ids, attention_mask, pixels, max_new_tokens, *, eos_token_id=None, media=None,
+                      video_seconds=None, sampler=None, on_token=None):
+        seen.update(ids=input_ids, sampler=sampler, max_new=max_new_tokens)
+        out = []
+        for step, t in enumerate(script[:max_new_tokens]):
+            out.append(t)
+            if on_token(step, np.array([t])):
+                break
+        return SimpleNamespace(tokens=np.array([out]), kept=np.array([[0, 1, 2]]), timings={"prefill": 0.25})
+
+    monkeypatch.setattr(fastv_export.bundle, "load_bundle", lambda path: bundle)
+    monkeypatch.setattr(fastv_export.runtime.runners, "open_runner", lambda b, name: None)
+    monkeypatch.setattr(fastv_export.runtime.generate, "generate", fake_generate)
+    argv = ["run", "b", "--image", str(images[0]), "--prompt", "What is it?", "--stop", "###"]
+    capsys.readouterr()
+    assert cli(argv + ["--stream"]) == 0
+    assert capsys.readouterr().out == "Café ✓ done\n"
+    assert seen["sampler"] is None and seen["max_new"] == 32
+    assert cli(argv + ["--json", "--max-new-tokens", "40"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    (row,) = record["rows"]
+    assert row["text"] == "Café ✓ done" and row["finish_reason"] == "stop"
+    assert row["tokens"] == script[:len(row["tokens"])] and len(row["tokens"]) < len(script)
+    assert row["prompt_tokens"] == seen["ids"].shape[1] and row["kept_positions"] == [0, 1, 2]
+    assert record["timings_ms"] == {"prefill": 250.0}
+    assert cli(["run", "b", "--image", str(images[0]), "--prompt", "What is it?", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["text"] == "Café ✓ done### more words" and row["tokens"] == script     # ends at EOS
