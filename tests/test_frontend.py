@@ -290,7 +290,8 @@ def test_llava_prompt_ids_and_pixels_equal_the_processor(llava_dir, images):
         got = front.prepare(request)
         assert got.prompts == [text]
         assert got.input_ids.tolist() == ref["input_ids"].tolist()
-        assert got.input_ids[0, 0] == proc.tokenizer.bos_token_id and (got.input_ids == proc.tokenizer.convert_tokens_to_ids("<image>")).sum() == 16 * count
+        image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+        assert got.input_ids[0, 0] == proc.tokenizer.bos_token_id and (got.input_ids == image_id).sum() == 16 * count
         np.testing.assert_allclose(np.concatenate(got.images), ref["pixel_values"], atol=1e-6, rtol=0)
         assert [u.shape for u in got.images] == [(1, 3, 28, 28)] * count
 
@@ -473,8 +474,9 @@ def test_calibration_text_prompts_go_through_the_front_end(llava_dir, images, tm
 
     proc = AutoProcessor.from_pretrained(llava_dir)
     image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(vision_config=CLIPVisionConfig(image_size=28, patch_size=7, hidden_size=16, intermediate_size=32,
-                                                        num_hidden_layers=1, num_attention_heads=2),
+    vision = CLIPVisionConfig(image_size=28, patch_size=7, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2)
+    config = LlavaConfig(vision_config=vision,
                          text_config=LlamaConfig(vocab_size=image_id + 8, hidden_size=32, intermediate_size=64,
                                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                                  eos_token_id=2, pad_token_id=0),

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a request (or a list: one batch) in the OpenAI chat format, instead of the above")
     sampling = parser.add_argument_group("generation (override the request's)")
     sampling.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                          help=f"tokens to generate at most (default: the request's max_tokens, else {DEFAULT_NEW_TOKENS})")
+                          help="tokens to generate at most (default: the request's max_tokens, else "
+                               f"{DEFAULT_NEW_TOKENS})")
     sampling.add_argument("--temperature", type=float, default=None, help="0 (default): greedy")
     sampling.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest (0: all)")
     sampling.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling (1: off)")

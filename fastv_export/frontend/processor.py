@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -109,6 +109,10 @@ class PreparedInputs:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -165,7 +169,7 @@ class Frontend:
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any loading failure is the same user problem
             raise FastVError(f"{directory} holds no usable tokenizer ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}); restore its tokenizer files") from None
+                             f"{_first_line(exc)}); restore its tokenizer files") from None
         processor_config = _read_json(directory / PROCESSOR) if (directory / PROCESSOR).is_file() else {}
         family = _own_tokens(family, tokenizer, processor_config)
         image_processor = _load_image_processor(directory, bundle, family, processor_config)
@@ -210,7 +214,7 @@ class Frontend:
                                                       continue_final_message=last_is_assistant)
         except Exception as exc:  # noqa: BLE001 - a template error is the user's conversation or template
             raise FastVError(f"the chat template cannot render this conversation ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the messages or use --raw") from None
+                             f"{_first_line(exc)}); fix the messages or use --raw") from None
 
     def _template_part(self, part: Part) -> dict:
         if part.kind == "text":
@@ -308,13 +312,13 @@ class Frontend:
         _, h0, w0 = self.bundle.grid_thw
         if grid != (h0, w0):
             raise FastVError(f"{kind} {source} ({size[1]}x{size[0]} px): the checkpoint's processor makes it "
-                             f"{grid[1] * patch}x{grid[0] * patch} px ({grid[0]}x{grid[1]} patches); this bundle's vision "
-                             f"graph takes only {w0 * patch}x{h0 * patch} px (fixed layout): give an image that "
+                             f"{grid[1] * patch}x{grid[0] * patch} px ({grid[0]}x{grid[1]} patches); this bundle's "
+                             f"vision graph takes only {w0 * patch}x{h0 * patch} px (fixed layout): give an image that "
                              f"resizes to that, or export the model with a dynamic vision layout")
 
     def _wrong_size(self, source: str, size: tuple[int, int], got: list[int], want: list[int]) -> None:
-        raise FastVError(f"image {source} ({size[1]}x{size[0]} px): the checkpoint's image processor makes pixel values "
-                         f"{got}; this bundle's vision graph takes {want} (the exported size): re-export with "
+        raise FastVError(f"image {source} ({size[1]}x{size[0]} px): the checkpoint's image processor makes pixel "
+                         f"values {got}; this bundle's vision graph takes {want} (the exported size): re-export with "
                          f"the processor's size, or use the image processor config the bundle was exported for")
 
     def process_video(self, path: str) -> Processed:
@@ -369,7 +373,13 @@ class Frontend:
         for i, request in enumerate(requests):
             where = f"request {i}: " if len(requests) > 1 else ""
             text = self.render(request, raw)
-            self._check_marks(text, [p.kind for p in request.media], where)
+            kinds = [p.kind for p in request.media]
+            self._check_marks(text, kinds, where)
+            if self.family.name == "llava_onevision" and kinds.count("image") > 1:
+                # the processor gives each image of a multi-image prompt its base tile only, the bundle's
+                # anyres layout all of its tiles: refuse rather than answer differently from the model
+                raise FastVError(f"{where}LLaVA-OneVision takes one image per prompt here (several images are "
+                                 "encoded differently by its processor); send them as separate requests")
             media = [self.process_image(p.value) if p.kind == "image" else self.process_video(p.value)
                      for p in request.media]
             ids, ordered = self._tokenize(text, media, where)
@@ -450,9 +460,9 @@ class Frontend:
         if engines is None:
             return
         if n > engines.lengths.prompt:
-            raise FastVError(f"the prompt takes {n} tokens; this bundle's engines take at most {engines.lengths.prompt} "
-                             "(--max-prompt of `fastv-export build`): shorten the prompt, use smaller images, or "
-                             "rebuild with a larger --max-prompt")
+            raise FastVError(f"the prompt takes {n} tokens; this bundle's engines take at most "
+                             f"{engines.lengths.prompt} (--max-prompt of `fastv-export build`): shorten the prompt, use "
+                             "smaller images, or rebuild with a larger --max-prompt")
         most = int(engines.limits.get("max_batch", 1))
         if batch > most:
             raise FastVError(f"a batch of {batch} requests; this bundle's engines take at most {most} (--max-batch of "
@@ -495,7 +505,7 @@ def _load_image_processor(directory: Path, bundle: Manifest, family: Family, pro
         return cls.from_dict(config)
     except Exception as exc:  # noqa: BLE001 - any loading failure is the same user problem
         raise FastVError(f"{path} cannot be loaded as {cls.__name__} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                         f"{_first_line(exc)})") from None
 
 
 def _default_image_processor(bundle: Manifest, family: Family, directory: Path):

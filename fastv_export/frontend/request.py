@@ -188,12 +188,14 @@ def _number(d: dict, key: str, where: str, kind: type, low: float | None = None,
     value = d.get(key)
     if value is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = numeric and (kind is float or float(value).is_integer())
     if not ok:
         raise FastVError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, got {_kind(value)}")
     value = kind(value)
     if (low is not None and (value < low or (open_low and value == low))) or (high is not None and value > high):
-        rng = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        upper = f"{high}]" if high is not None else "inf)"
+        rng = f"{'(' if open_low else '['}{low}, {upper}"
         raise FastVError(f"{where}.{key}: {value} is out of range {rng}")
     return value
 

@@ -41,10 +41,10 @@ class Sampling:
 
     @classmethod
     def from_config(cls, config: Mapping, qwen_rule: bool) -> Sampling:
-        tp = config.get("temporal_patch_size") or 2 if qwen_rule else None
+        tp = (config.get("temporal_patch_size") or 2) if qwen_rule else None
         return cls(bool(config.get("do_sample_frames", False)), config.get("fps"), config.get("num_frames"),
-                   config.get("min_frames", 4 if qwen_rule else None), config.get("max_frames", 768 if qwen_rule else None),
-                   int(tp) if tp else None)
+                   config.get("min_frames", 4 if qwen_rule else None),
+                   config.get("max_frames", 768 if qwen_rule else None), int(tp) if tp else None)
 
 
 def qwen_sample_indices(total: int, video_fps: float, *, fps: float | None, num_frames: int | None,
