@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
                           help="stop a row when its text contains TEXT, cut there (repeatable)")
     out = parser.add_argument_group("output")
-    out.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    out.add_argument("--stream", action="store_true", help="print the text as it is generated (one request)")
     out.add_argument("--json", action="store_true",
                      help="print one JSON record: tokens, text, kept positions, prompt tokens, per-stage times")
     add_runner_argument(parser)
@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
         dump_inputs(args.dump_inputs, prepared.input_ids, prepared.attention_mask, prepared.images,
                     find_candidates(prepared.input_ids, bundle.image_token_ids), prepared.video_seconds or None)
     eos = front.eos_token_ids
-    rows = Rows(front.decode, stops, eos, sys.stdout if args.stream and not args.json else None)
+    streamed = args.stream and not args.json and len(requests) == 1     # a batch prints its rows at the end
+    rows = Rows(front.decode, stops, eos, sys.stdout if streamed else None)
     sampler = _sampler(params, len(requests))
     gen = generate(open_runner(bundle, args.runner), prepared.input_ids, prepared.attention_mask, prepared.images,
                    max_new, eos_token_id=eos[0] if eos else None, media=prepared.media,
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                   "timings_ms": {k: round(v * 1e3, 3) for k, v in gen.timings.items()}}
         print(json.dumps(record, ensure_ascii=False))
         return 0
-    if args.stream and len(requests) == 1:
+    if streamed:
         _stats(gen, bundle, prepared, sys.stderr, verbose_only=True)
         return 0
     _stats(gen, bundle, prepared, sys.stdout)
