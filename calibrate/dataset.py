@@ -7,7 +7,8 @@ Three sources:
   preset, without answers (quality is then agreement with the unpruned model only);
 - a folder with ``prompts.jsonl`` and images: one JSON object per line,
   ``{"image": "cat.png", "prompt": "USER: <image>\\nWhat is it? ASSISTANT:", "answer": "a cat"}``
-  (``prompt``/``answer`` text needs the checkpoint's processor: ``--model DIR`` with tokenizer files) or
+  (``prompt``/``answer`` text, sent as written, needs the checkpoint's processing: ``--model DIR`` with its
+  tokenizer and processor files, read by fastv_export.frontend) or
   ``{"image": "cat.png", "prompt_ids": [1, 32000, ...], "answer_ids": [...]}`` (token ids; one image
   placeholder is expanded to the image's tokens). ``answer`` is optional.
 """
@@ -67,17 +68,22 @@ def synthetic_items(adapter, size: int, text_tokens: int = 12, images: int = 1) 
     return items
 
 
-def _processor(model_dir: Path | None):
-    if model_dir is None or not Path(model_dir).is_dir():
+def _frontend(model_dir: Path | None, adapter):
+    """The checkpoint's processing (fastv_export.frontend) for the loaded model."""
+    from fastv_export.frontend.processor import Frontend, has_serving_files, model_view
+
+    if model_dir is None or not Path(model_dir).is_dir() or not has_serving_files(model_dir):
         raise FastVError("prompts.jsonl gives text ('prompt'/'answer'), which needs the checkpoint's processor: "
                          "pass --model DIR with its tokenizer files, or give 'prompt_ids'/'answer_ids' instead")
-    from transformers import AutoProcessor
+    return Frontend.load(model_dir, model_view(adapter))
 
-    try:
-        return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is the same user problem
-        raise FastVError(f"cannot load a processor from {model_dir} ({type(exc).__name__}: {exc}); "
-                         "give 'prompt_ids'/'answer_ids' in prompts.jsonl instead of text") from None
+
+def _expand_placeholder(ids: list[int], image_ids: set[int], count: int) -> list[int]:
+    """The one image placeholder of ``ids`` repeated ``count`` times (ids already expanded are kept)."""
+    at = [i for i, t in enumerate(ids) if t in image_ids]
+    if len(at) != 1 or count == 1:
+        return ids
+    return ids[:at[0]] + [ids[at[0]]] * count + ids[at[0] + 1:]
 
 
 def folder_items(folder: str | Path, adapter, model_dir: str | Path | None = None,
@@ -90,8 +96,12 @@ def folder_items(folder: str | Path, adapter, model_dir: str | Path | None = Non
     if not path.is_file():
         raise FastVError(f"{folder} has no {PROMPTS_FILE}: a calibration folder holds images and a {PROMPTS_FILE} "
                          "with one {\"image\": ..., \"prompt\": ...} object per line")
+    import numpy as np
+
+    from fastv_export.frontend.processor import model_vision_inputs
+
     items: list[CalibrationItem] = []
-    processor = None
+    front = None
     image_ids = set(adapter.image_token_ids())
     eos = adapter.text_config.eos_token_id
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -113,22 +123,28 @@ def folder_items(folder: str | Path, adapter, model_dir: str | Path | None = Non
                              "give a PNG or JPEG file inside the folder") from None
         if "prompt_ids" in rec:
             ids = [int(t) for t in rec["prompt_ids"]]
-            found = [t for t in ids if t in image_ids]
-            if len(found) == 1 and adapter.image_tokens_per_image() > 1:
-                at = next(i for i, t in enumerate(ids) if t in image_ids)
-                ids = ids[:at] + adapter.image_prompt_tokens() + ids[at + 1:]
-            pixels = torch.as_tensor(adapter.preprocess_image(image))
-            vision = {"pixel_values": pixels}
+            if model_dir is not None and Path(model_dir).is_dir():     # the checkpoint's image processor
+                front = front or _frontend(Path(model_dir), adapter)
+                medium = front.process_image(str(image_path))
+                ids = _expand_placeholder(ids, image_ids, medium.count)
+                vision = {k: torch.from_numpy(np.ascontiguousarray(v))
+                          for k, v in model_vision_inputs([medium], front.family).items()}
+            else:   # no checkpoint files (the built-in presets): the exported image size
+                ids = _expand_placeholder(ids, image_ids, len(adapter.image_prompt_tokens()))
+                vision = {"pixel_values": torch.as_tensor(adapter.preprocess_image(image))}
             input_ids = torch.tensor([ids])
             answer = [int(t) for t in rec["answer_ids"]] if rec.get("answer_ids") is not None else None
         else:
-            processor = processor or _processor(Path(model_dir) if model_dir else None)
-            enc = processor(images=image, text=str(rec["prompt"]), return_tensors="pt")
-            input_ids = enc["input_ids"][:1]
-            vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+            from fastv_export.frontend import from_cli
+
+            front = front or _frontend(Path(model_dir) if model_dir else None, adapter)
+            prepared = front.prepare(from_cli(str(rec["prompt"]), [str(image_path)]), raw=True)
+            input_ids = torch.from_numpy(prepared.input_ids[:1])
+            vision = {k: torch.from_numpy(np.ascontiguousarray(v))
+                      for k, v in model_vision_inputs(prepared.processed[0], front.family).items()}
             answer = None
             if rec.get("answer") is not None:
-                answer = processor.tokenizer(str(rec["answer"]), add_special_tokens=False)["input_ids"]
+                answer = front.tokenizer(str(rec["answer"]), add_special_tokens=False)["input_ids"]
                 answer = list(answer) + ([int(eos)] if eos is not None else [])
         if not any(int(t) in image_ids for t in input_ids[0]):
             raise FastVError(f"{where}: the prompt holds no image token; put the image placeholder in it")

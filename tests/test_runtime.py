@@ -185,15 +185,16 @@ def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_pat
               "--max-new-tokens", "6"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    # the prompt built by hand from the vocabulary: BOS, USER:, 64 image tokens, the words
-    ids = np.array([[1, 10] + [500] * 64 + [12, 13, 14, 15, 11]], dtype=np.int64)
+    # the prompt built by hand from the vocabulary: USER:, 64 image tokens, the words (no chat template: the text as
+    # written; no BOS: this tokenizer adds none, as its processor's call would not either)
+    ids = np.array([[10] + [500] * 64 + [12, 13, 14, 15, 11]], dtype=np.int64)
     _, adapter = model_and_adapter("tiny-llava")
     pixels = adapter.preprocess_image(Image.open(png))
     gen = generate(OrtRunner(load_bundle(out)), ids, np.ones_like(ids), [pixels], 6, eos_token_id=2)
     assert f"prompt: {ids.shape[1]} tokens" in printed
     assert f"tokens: {gen.tokens[0].tolist()}" in printed
     rc, err = run_cli(capsys, ["run", str(out), "--image", str(png), "--prompt", "<image> and <image>"])
-    assert rc == 2 and "marks 2 <image> but 1 --image" in err
+    assert rc == 2 and "2 image placeholder(s) (<image>) but 1 image(s)" in err
     # the bundle moved away from its checkpoint: one line naming the way out, then --model finds it
     moved = tmp_path / "elsewhere" / "bundle"
     moved.parent.mkdir()

@@ -1,183 +1,279 @@
-"""`fastv-export run`: generate with a bundle's graphs in ONNX Runtime from an image and a prompt."""
+"""`fastv-export run`: answer a request with a bundle's graphs, the checkpoint's own processing in front."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Callable
 
 from fastv_export.commands.common import add_runner_argument
 from fastv_export.errors import FastVError
 
-if TYPE_CHECKING:
-    import numpy as np
+log = logging.getLogger(__name__)
 
-HELP = "generate from PNG image(s) and a text prompt with a bundle's graphs (ONNX Runtime)"
+HELP = "answer a prompt with images / videos, or a chat request, with a bundle's graphs"
 DESCRIPTION = """\
-Drive the bundle exactly as a deployment runtime would: vision -> embed -> pre-K (TokenSelect)
--> post-K, then decode steps over the two KV caches. CPU provider by default, CUDA when
-onnxruntime-gpu is installed.
+Drive the bundle exactly as a deployment runtime would: vision -> embed -> pre-K (TokenSelect) -> post-K,
+then decode steps over the two KV caches. The request goes through the checkpoint's own processing, read
+from the bundle (or --model DIR): its chat template, its image / video processor (resize, crop, normalize,
+smart resize, tiles) and its tokenizer on the whole prompt, each image or video placeholder expanded to
+that medium's tokens, as the Hugging Face processor does.
 
-Each `<image>` in the prompt becomes one image's tokens, in the order of --image; a prompt without
-`<image>` gets the images first. No chat template is applied: write the model's own format (e.g.
-LLaVA-1.5: "USER: <image>\nWhat is in the image? ASSISTANT:"). A bundle exported from a checkpoint
-directory uses that directory's tokenizer (it must still be there); the built-in presets have none,
-so their text is encoded byte by byte (id = 10 + byte mod 390) and decoded back the same way,
-except the trained demo tiny-llava-shapes, whose words are its own vocabulary (e.g. "what colour
-at row 1 col 2 ?", "how many red ?", "where is blue ?").
+The short form makes one user turn: the images, then the videos, then --prompt (after a --system turn).
+--raw sends --prompt as written, without the chat template: write the model's own placeholders in it
+(e.g. "<image>" or "<|vision_start|><|image_pad|><|vision_end|>"; none: the media come first). A typed
+\\n in --prompt / --system is a line break.
+--request FILE takes the OpenAI chat format (a list of requests is one batch, left-padded):
+  {"messages": [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                             {"type": "text", "text": "What is this?"}]}],
+   "max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\\n"]}
+Options given on the command line override the request's. Temperature 0 (the default) is greedy.
 
 examples:
-  fastv-export run bundle --image cat.png --prompt "What is in the image?" --max-new-tokens 16
-  fastv-export -v run bundle --image a.png --image b.png --prompt "<image> and <image>: compare them."
+  fastv-export run bundle --image photo.jpg --prompt "What is in the image?" --stream
+  fastv-export run bundle --image a.png --image b.jpg --prompt "Compare the two images." --max-new-tokens 64
+  fastv-export run bundle --video clip.mp4 --prompt "What happens?" --temperature 0.7 --top-p 0.9 --seed 3
+  fastv-export run bundle --raw --image cat.png --prompt "USER: <image>\\nWhat is it? ASSISTANT:"
+  fastv-export run bundle --request req.json --json
   fastv-export run bundle --image cat.png --prompt "Describe it." --dump-inputs in/   # + fastv-run --inputs in/
 """
-IMAGE_MARK = "<image>"
-BYTE_OFFSET, BYTE_RANGE = 10, 390
+DEFAULT_NEW_TOKENS = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `fastv-export export`")
-    parser.add_argument("--image", action="append", default=[], metavar="PNG", help="an image (repeatable)")
-    parser.add_argument("--prompt", required=True, help="the instruction text")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    what = parser.add_argument_group("the request")
+    what.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    what.add_argument("--video", action="append", default=[], metavar="PATH",
+                      help="a video file, or a folder of frames (repeatable)")
+    what.add_argument("--prompt", default=None, help="the user's text")
+    what.add_argument("--system", default=None, metavar="TEXT", help="a system message before the user's turn")
+    what.add_argument("--raw", action="store_true",
+                      help="send --prompt as written, without the chat template")
+    what.add_argument("--request", default=None, metavar="JSON",
+                      help="a request (or a list: one batch) in the OpenAI chat format, instead of the above")
+    sampling = parser.add_argument_group("generation (override the request's)")
+    sampling.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                          help="tokens to generate at most (default: the request's max_tokens, else "
+                               f"{DEFAULT_NEW_TOKENS})")
+    sampling.add_argument("--temperature", type=float, default=None, help="0 (default): greedy")
+    sampling.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest (0: all)")
+    sampling.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling (1: off)")
+    sampling.add_argument("--seed", type=int, default=None, help="the sampler's seed (default 0)")
+    sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                          help="stop a row when its text contains TEXT, cut there (repeatable)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--stream", action="store_true", help="print the text as it is generated (one request)")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON record: tokens, text, kept positions, prompt tokens, per-stage times")
     add_runner_argument(parser)
     parser.add_argument("--model", default=None, metavar="DIR",
-                        help="the checkpoint directory whose tokenizer to use (default: the one the bundle was "
-                             "exported from, found relative to the bundle)")
+                        help="the directory whose tokenizer, processor and chat template files to use instead of "
+                             "the bundle's (e.g. the checkpoint)")
     parser.add_argument("--dump-inputs", metavar="DIR", default=None,
                         help="also write the inputs fed to the graphs (token ids, attention mask, pixel values per "
-                             "image, candidate positions) as inputs.json + raw .bin files for the C++ runtime's "
+                             "vision call, candidate positions) as inputs.json + raw .bin files for the C++ runtime's "
                              "`fastv-run --inputs DIR` (format: runtime/README.md), then generate as usual")
 
 
-def _load_images(paths: list[str], adapter) -> list[np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    out = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise FastVError(f"image {p} does not exist")
-        try:
-            with Image.open(p) as im:
-                out.append(adapter.preprocess_image(im))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise FastVError(f"image {p} cannot be read as an image ({exc})") from None
-    return out
+# ---------------------------------------------------------------------------------------------- requests
+def _requests(args: argparse.Namespace) -> list:
+    """The requests, their media checked to exist before anything is loaded."""
+    requests = _parse_requests(args)
+    for i, request in enumerate(requests):
+        for part in request.media:
+            path = Path(part.value)
+            if not (path.is_file() or (part.kind == "video" and path.is_dir())):
+                where = f"request {i}: " if len(requests) > 1 else ""
+                raise FastVError(f"{where}{part.kind} {part.value} does not exist")
+    return requests
 
 
-@dataclass
-class TextCodec:
-    """Prompt text <-> token ids for the bundle's source model."""
+def _parse_requests(args: argparse.Namespace) -> list:
+    from fastv_export.frontend import from_cli, load_requests
 
-    encode: Callable[[str], list[int]]
-    decode: Callable[[list[int]], str]
-    bos_token_id: int | None
-    config: object
-
-
-def _byte_codec(source: str) -> TextCodec:
-    from fastv_export.presets import build_preset_config
-
-    config = build_preset_config(source)
-    return TextCodec(encode=lambda text: [BYTE_OFFSET + b % BYTE_RANGE for b in text.encode()],
-                     decode=lambda ids: bytes((t - BYTE_OFFSET) % 256 for t in ids
-                                              if BYTE_OFFSET <= t < BYTE_OFFSET + BYTE_RANGE).decode("utf-8", "replace"),
-                     bos_token_id=config.text_config.bos_token_id, config=config)
+    if args.request:
+        if args.prompt is not None or args.image or args.video or args.system is not None:
+            raise FastVError("--request FILE holds the whole request; drop --prompt / --image / --video / --system "
+                             "(or drop --request)")
+        return load_requests(args.request)
+    if args.prompt is None:
+        raise FastVError("give --prompt TEXT (with --image / --video), or --request FILE")
+    if not args.prompt.strip():
+        raise FastVError("--prompt is empty; give the instruction text")
+    return [from_cli(_line_breaks(args.prompt), args.image, args.video, _line_breaks(args.system))]
 
 
-def _word_codec(source: str) -> TextCodec:
-    """The demo preset's word vocabulary (presets/shapes.py): one token per space-separated word."""
-    from fastv_export.presets import shapes
-    from fastv_export.presets import build_preset_config
-
-    def encode(text: str) -> list[int]:
-        unknown = [w for w in text.split() if w not in shapes.TOKEN_ID]
-        if unknown:
-            raise FastVError(f"{source} knows only the words {' '.join(shapes.VOCAB[4:])}; "
-                             f"{', '.join(map(repr, unknown))} is not among them")
-        return [shapes.TOKEN_ID[w] for w in text.split()]
-
-    config = build_preset_config(source)
-    def decode(ids: list[int]) -> str:
-        return " ".join(shapes.VOCAB[t] for t in ids if 0 <= t < len(shapes.VOCAB))
-
-    return TextCodec(encode=encode, decode=decode, bos_token_id=config.text_config.bos_token_id, config=config)
+def _line_breaks(text: str | None) -> str | None:
+    """A typed backslash-n in --prompt / --system is a line break (shells pass it as two characters)."""
+    return None if text is None else text.replace("\\n", "\n")
 
 
-def _checkpoint_codec(source: str) -> TextCodec:
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = Path(source)
-    if not (path / "config.json").is_file():
-        raise FastVError(f"this bundle was exported from {source}, which is not a checkpoint directory here; `run` "
-                         "needs it for the tokenizer: pass --model DIR (or use the Python API "
-                         "fastv_export.runtime.generate.generate with token ids)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise FastVError(f"{path} holds no usable tokenizer ({str(exc).splitlines()[0]}); add its tokenizer files "
-                         "or use the Python API fastv_export.runtime.generate.generate with token ids") from None
-    return TextCodec(encode=lambda text: tok.encode(text, add_special_tokens=False),
-                     decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                     bos_token_id=tok.bos_token_id, config=AutoConfig.from_pretrained(path, local_files_only=True))
+def _pick(cli_value, request_values: list, default, name: str):
+    """The command line's value, else the requests' (the same in every request of a batch), else ``default``."""
+    if cli_value is not None:
+        return cli_value
+    given = {v for v in request_values if v is not None}
+    if len(given) > 1:
+        raise FastVError(f"the requests of this batch ask for different {name} ({sorted(given)}); one batch samples "
+                         f"with one setting: give --{name.replace('_', '-')} or run them separately")
+    return given.pop() if given else default
 
 
-def prompt_ids(prompt: str, codec: TextCodec, image_tokens: list[int], num_images: int) -> list[int]:
-    """[BOS] + text with each <image> replaced by one image's tokens (images first if none is marked)."""
-    parts = prompt.split(IMAGE_MARK)
-    if len(parts) == 1:
-        parts = [""] * num_images + parts
-    elif len(parts) - 1 != num_images:
-        raise FastVError(f"the prompt marks {len(parts) - 1} {IMAGE_MARK} but {num_images} --image were given; "
-                         f"give one {IMAGE_MARK} per image (or none: the images then come first)")
-    ids = [] if codec.bos_token_id is None else [codec.bos_token_id]
-    for i, part in enumerate(parts):
-        if i:
-            ids += image_tokens
-        ids += codec.encode(part) if part else []
-    return ids
+def _sampling(args: argparse.Namespace, requests: list) -> dict:
+    """temperature, top_k, top_p and seed (the keywords of fastv_export.runtime.sampling.SamplingParams)."""
+    values = {"temperature": _pick(args.temperature, [r.temperature for r in requests], 0.0, "temperature"),
+              "top_k": _pick(args.top_k, [r.top_k for r in requests], 0, "top_k"),
+              "top_p": _pick(args.top_p, [r.top_p for r in requests], 1.0, "top_p"),
+              "seed": _pick(args.seed, [r.seed for r in requests], 0, "seed")}
+    if values["temperature"] < 0 or values["top_k"] < 0 or not 0 < values["top_p"] <= 1:
+        raise FastVError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    return values
 
 
+def _frontend(args: argparse.Namespace, bundle):
+    """The front end over --model DIR, else the bundle's own files, else (bundles exported before they carried
+    them) the checkpoint directory they were exported from."""
+    from fastv_export.frontend import Frontend, has_serving_files
+
+    if args.model:
+        if not Path(args.model).is_dir():
+            raise FastVError(f"--model {args.model} is not a directory")
+        return Frontend.load(args.model, bundle)
+    if has_serving_files(bundle.path):
+        return Frontend.load(bundle.path, bundle)
+    if bundle.source_checkpoint is not None:
+        source = Path(bundle.source)
+        if not source.is_dir():
+            raise FastVError(f"this bundle holds no tokenizer files and was exported from {bundle.source}, which is "
+                             "not a directory here: pass --model DIR (the checkpoint), or re-export the bundle")
+        return Frontend.load(source, bundle)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- output
+class Rows:
+    """Per row: its text as it comes (detokenized incrementally), its stop strings and whether it is done."""
+
+    def __init__(self, decode, stops: list[list[str]], eos: list[int], stream) -> None:
+        from fastv_export.frontend import StopStrings, StreamDecoder
+
+        self.decoders = [StreamDecoder(decode) for _ in stops]
+        self.stops = [StopStrings(s) for s in stops]
+        self.eos = set(eos)
+        self.done = [False] * len(stops)
+        self.reason = ["length"] * len(stops)
+        self.length = [0] * len(stops)           # tokens that count for each row
+        self.stream = stream                     # a text file to stream row 0 to, or None
+        self.shown = 0
+
+    def on_token(self, step: int, tokens) -> bool:
+        for r, token in enumerate(tokens):
+            if self.done[r]:
+                continue
+            self.length[r] = step + 1
+            if int(token) in self.eos:
+                self.done[r], self.reason[r] = True, "stop"
+                continue
+            self.decoders[r].push(int(token))
+            if self.stops[r].cut(self.decoders[r].text) is not None:
+                self.done[r], self.reason[r] = True, "stop"
+        self._show(False)
+        return all(self.done)
+
+    def text(self, r: int) -> str:
+        d = self.decoders[r]
+        return self.stops[r].visible(d.text + d.flush(), True)
+
+    def _show(self, final: bool) -> None:
+        if self.stream is None:
+            return
+        d = self.decoders[0]
+        text = self.stops[0].visible(d.text, final or self.done[0])
+        if len(text) > self.shown:
+            self.stream.write(text[self.shown:])
+            self.stream.flush()
+            self.shown = len(text)
+
+    def finish(self) -> list[str]:
+        texts = [self.text(r) for r in range(len(self.decoders))]
+        if self.stream is not None:
+            if len(texts[0]) > self.shown:
+                self.stream.write(texts[0][self.shown:])
+            self.stream.write("\n")
+            self.stream.flush()
+        return texts
+
+
+# ---------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from fastv_export.adapters import adapter_class_for
     from fastv_export.bundle import load_bundle
-    from fastv_export.presets import PRESETS, TRAINED_PRESETS
     from fastv_export.runtime.generate import generate
     from fastv_export.runtime.runners import open_runner
 
-    if not args.prompt.strip():
-        raise FastVError("--prompt is empty; give the instruction text")
-    if args.max_new_tokens < 1:
-        raise FastVError("--max-new-tokens must be >= 1")
+    requests = _requests(args)
     bundle = load_bundle(args.bundle)
-    source = args.model or bundle.source
-    if source in TRAINED_PRESETS:
-        codec = _word_codec(source)
-    else:
-        codec = _byte_codec(source) if source in PRESETS else _checkpoint_codec(source)
-    # the adapter needs only the config here (image tokens, preprocessing), not the weights
-    adapter = adapter_class_for(bundle.architecture)(SimpleNamespace(config=codec.config))
-    images = _load_images(args.image, adapter)
-    ids = prompt_ids(args.prompt, codec, bundle.image_prompt_tokens(), len(images))
-    ids = np.array([ids], dtype=np.int64)
+    front = _frontend(args, bundle)
+    if front is None:   # LEGACY: a preset bundle written before bundles carried tokenizer files; delete then
+        from fastv_export.commands import _run_legacy
+        return _run_legacy.run(args, bundle, requests)
+    max_new = _pick(args.max_new_tokens, [r.max_tokens for r in requests], DEFAULT_NEW_TOKENS, "max_tokens")
+    if max_new < 1:
+        raise FastVError("--max-new-tokens must be >= 1")
+    params = _sampling(args, requests)
+    stops = [list(args.stop) if args.stop is not None else list(r.stop) for r in requests]
+    prepared = front.prepare(requests, raw=args.raw, check_engines=args.runner == "tensorrt")
     if args.dump_inputs:
         from fastv_export.runtime.dump import dump_inputs
         from fastv_export.runtime.generate import find_candidates
 
-        dump_inputs(args.dump_inputs, ids, np.ones_like(ids), images, find_candidates(ids, bundle.image_token_ids))
-    gen = generate(open_runner(bundle, args.runner), ids, np.ones_like(ids), images, args.max_new_tokens,
-                   eos_token_id=bundle.eos_token_id)
-    tokens = gen.tokens[0].tolist()
-    f = bundle.fastv
-    print(f"prompt: {ids.shape[1]} tokens ({len(images)} image(s)); kept {gen.kept.shape[1]} after "
-          f"TokenSelect (K={f.k}, R={f.r.numerator}/{f.r.denominator}, {f.ranking})")
-    print(f"tokens: {tokens}")
-    print(f"text  : {codec.decode(tokens)!r}")
-    if logging.getLogger(__name__).isEnabledFor(logging.INFO):   # -v
+        dump_inputs(args.dump_inputs, prepared.input_ids, prepared.attention_mask, prepared.images,
+                    find_candidates(prepared.input_ids, bundle.image_token_ids), prepared.video_seconds or None)
+    eos = front.eos_token_ids
+    streamed = args.stream and not args.json and len(requests) == 1     # a batch prints its rows at the end
+    rows = Rows(front.decode, stops, eos, sys.stdout if streamed else None)
+    sampler = _sampler(params, len(requests))
+    gen = generate(open_runner(bundle, args.runner), prepared.input_ids, prepared.attention_mask, prepared.images,
+                   max_new, eos_token_id=eos[0] if eos else None, media=prepared.media,
+                   video_seconds=prepared.video_seconds or None, sampler=sampler, on_token=rows.on_token)
+    texts = rows.finish()
+    tokens = [gen.tokens[r, :rows.length[r] or gen.tokens.shape[1]].tolist() for r in range(len(requests))]
+    if args.json:
+        record = {"rows": [{"tokens": tokens[r], "text": texts[r], "finish_reason": rows.reason[r],
+                            "prompt_tokens": prepared.prompt_tokens[r],
+                            "kept_positions": gen.kept[r].tolist()} for r in range(len(requests))],
+                  "timings_ms": {k: round(v * 1e3, 3) for k, v in gen.timings.items()}}
+        print(json.dumps(record, ensure_ascii=False))
+        return 0
+    if streamed:
+        _stats(gen, bundle, prepared, sys.stderr, verbose_only=True)
+        return 0
+    _stats(gen, bundle, prepared, sys.stdout)
+    for r in range(len(requests)):
+        prefix = f"[{r}] " if len(requests) > 1 else ""
+        print(f"{prefix}tokens: {tokens[r]}")
+        print(f"{prefix}text  : {texts[r]!r}")
+    if log.isEnabledFor(logging.INFO):   # -v
         for stage, sec in gen.timings.items():
             print(f"  {stage:>16}: {sec * 1e3:8.2f} ms")
     return 0
+
+
+def _sampler(values: dict, batch: int):
+    """None (greedy, the graphs' argmax as before) for temperature 0, else the seeded host sampler."""
+    if values["temperature"] == 0:
+        return None
+    from fastv_export.runtime.sampling import Sampler, SamplingParams
+
+    return Sampler(SamplingParams(**values), batch)
+
+
+def _stats(gen, bundle, prepared, out, verbose_only: bool = False) -> None:
+    if verbose_only and not log.isEnabledFor(logging.INFO):
+        return
+    f = bundle.fastv
+    media = len(prepared.media) // max(1, len(prepared.prompts))
+    print(f"prompt: {prepared.input_ids.shape[1]} tokens ({media} image(s)/video(s)); kept {gen.kept.shape[1]} "
+          f"after TokenSelect (K={f.k}, R={f.r.numerator}/{f.r.denominator}, {f.ranking})", file=out)
