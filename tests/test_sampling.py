@@ -75,6 +75,8 @@ def test_sampler_checks_the_logits_shape():
         Sampler(SamplingParams(temperature=1.0), 2)(np.zeros((3, 8), np.float32))
     with pytest.raises(FastVError, match="NaN"):
         Sampler(SamplingParams(temperature=1.0), 1)(np.array([[0.0, np.nan]], np.float32))
+    with pytest.raises(FastVError, match="temperature 1e-320 is too small"):
+        Sampler(SamplingParams(temperature=1e-320), 1)(np.array([[1.0, 2.0]], np.float32))
 
 
 def test_temperature_zero_is_argmax_with_the_lowest_id_on_ties():

@@ -94,9 +94,13 @@ def kept_order(z: np.ndarray, top_k: int) -> np.ndarray:
 
 def sample_row(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     """The token of one row for the uniform draw ``u`` in [0, 1) (docs/design.md §8, steps 2-6)."""
-    z = logits.astype(np.float64) / params.temperature
+    with np.errstate(over="ignore"):
+        z = logits.astype(np.float64) / params.temperature
     order = kept_order(z, params.top_k)
     zs = z[order]
+    if not np.isfinite(zs[0]):
+        raise FastVError(f"sampling parameter temperature {params.temperature!r} is too small for logits up to "
+                         f"{float(np.max(logits))!r} (they overflow); use temperature 0 for greedy")
     e = np.exp(zs - zs[0])
     p = e / np.cumsum(e)[-1]                                      # sequential sums, as a loop writes them
     n = len(p)
