@@ -212,7 +212,7 @@ def decode(runner: Runner, state: DecodeState, max_new_tokens: int, *,
             finished |= nxt == eos_token_id
         tokens.append(nxt)
         step_logits.append(state.logits)
-        stop = on_token is not None and on_token(i, nxt.copy()) is True
+        stop = on_token is not None and bool(on_token(i, nxt.copy()))
         if stop or i == max_new_tokens - 1 or finished.all():
             break
         emb = runner.infer("embed", {spec.INPUT_IDS: nxt[:, None], **no_media})
