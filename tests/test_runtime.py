@@ -227,3 +227,41 @@ def test_a_repeated_decode_state_decodes_every_row_as_the_single_prompt(exported
     assert np.stack(tokens, axis=1).tolist() == [whole.tokens[0].tolist()] * 3
     assert state.positions.shape == (3, 3, ids.shape[1]) and state.post_mask.shape == (3, kept + 7)
     assert all(v.shape[0] == 3 and v.shape[2] == kept + 7 for v in state.post_past.values())
+
+
+# ---- sampling and the per-token callback -----------------------------------------------------------------
+@pytest.mark.slow
+def test_sampler_and_per_token_callback_in_generate(exported_bundle, model_and_adapter):
+    """generate(..., sampler, on_token) on a bundle (batch 2): temperature 0 gives the greedy tokens; a seeded
+    sampler's tokens are those a fresh sampler of the same seed draws from the returned step logits; the
+    callback sees exactly the tokens returned, in order; returning True stops after that token and the
+    tokens are the prefix of the full generation."""
+    from fastv_export.runtime.generate import generate
+    from fastv_export.runtime.ort import OrtRunner
+    from fastv_export.runtime.sampling import Sampler, SamplingParams
+    from fastv_export.validate import _images
+
+    runner = OrtRunner(load_bundle(exported_bundle("tiny-llava", 2, "1/2")))
+    _, adapter = model_and_adapter("tiny-llava")
+    prompt = make_prompt(adapter, [9, 12], num_images=1, seed=3)
+    ids, mask, images = prompt.input_ids.numpy(), prompt.attention_mask.numpy(), _images(prompt, adapter)
+
+    greedy = generate(runner, ids, mask, images, 8)
+    zero = generate(runner, ids, mask, images, 8, sampler=Sampler(SamplingParams(temperature=0.0, seed=9), 2))
+    assert np.array_equal(zero.tokens, greedy.tokens)
+    assert greedy.tokens.tolist() == np.stack([x.argmax(-1) for x in greedy.step_logits], axis=1).tolist()
+
+    params = SamplingParams(temperature=1.5, top_k=50, top_p=0.95, seed=11)
+    seen: list[tuple[int, list[int]]] = []
+    full = generate(runner, ids, mask, images, 8, sampler=Sampler(params, 2),
+                    on_token=lambda step, tok: seen.append((step, tok.tolist())))
+    assert seen == [(i, full.tokens[:, i].tolist()) for i in range(8)]
+    again = Sampler(params, 2)
+    assert full.tokens.tolist() == np.stack([again(x) for x in full.step_logits], axis=1).tolist()
+    assert not np.array_equal(full.tokens, greedy.tokens)       # sampling at temperature 1.5 left the greedy path
+
+    calls = []
+    stopped = generate(runner, ids, mask, images, 8, sampler=Sampler(params, 2),
+                       on_token=lambda step, tok: calls.append(step) or step == 2)
+    assert calls == [0, 1, 2] and stopped.tokens.tolist() == full.tokens[:, :3].tolist()
+    assert len(stopped.step_logits) == 3

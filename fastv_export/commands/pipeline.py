@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     gpu = gpu_target()
     lines = ["", f"summary of {out}", *(_flops_lines(args.model, bundle, section)),
              f"validation: {len(report['cases'])} cases (batch 1 and 3, {args.validate_tokens} tokens), greedy tokens "
-             f"identical, worst logits error {worst:.2e} (tolerance {report['tolerances']['logits']})",
+             f"identical, worst logits error {worst:.2e} (tolerance {report['tolerances']['logits']} + "
+             f"{report['tolerances']['rtol']} x |reference|)",
              format_summary(section),
              "verified on this machine: the graphs in ONNX Runtime against the PyTorch reference; the engines "
              f"were built ({section.backend} {section.backend_version})",

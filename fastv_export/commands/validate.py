@@ -12,8 +12,12 @@ Load the bundle (checksums verified), rebuild the source model it names, and run
 reference FastV and the ONNX graphs (ONNX Runtime) on the same synthetic prompts, for each batch
 size: every graph's outputs (Polygraphy comparator, RunResults files saved), the selection
 (tie-aware: borderline swaps are reported and the generation is repeated with the reference's
-selection forced), logits at every step and the greedy tokens. Writes validation.json (and the
-Polygraphy files) into BUNDLE/validation/ or --report-dir and prints a table.
+selection forced), logits at every step and the greedy tokens. Float tensors (logits, graph outputs)
+pass when every element is close: |a - b| <= atol + rtol x |b|, b the reference (defaults by
+precision: fp32 atol 1e-4, rtol 1e-4; fp16 logits atol 1e-1, graph outputs atol 1e-2 x max(1,
+max|b|), rtol 1e-2; --atol/--rtol replace them); tokens and selection are exact. Writes
+validation.json (and the Polygraphy files) into BUNDLE/validation/ or --report-dir and prints a
+table with the worst absolute and relative errors.
 
 The prompts hold one image of the exported size, or the images and videos of --media (every row the
 same): images of other sizes and videos for the families whose bundles take them (Qwen2.5-VL,
@@ -24,6 +28,7 @@ examples:
   fastv-export validate bundle --max-new-tokens 8 --batch-sizes 1
   fastv-export validate qwen25_bundle --media image@112x224,image@224x168
   fastv-export validate onevision_bundle --media video:4,image@40x30
+  fastv-export validate qwen25_bundle --atol 1e-4 --rtol 1e-4
 """
 
 
@@ -35,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--media", default=None,
                         help="the prompts' images and videos in order: image, image@HxW, video:FRAMES, "
                              "video:FRAMES@HxW, comma-separated (default: one image of the exported size)")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="absolute term of the logits and graph-output comparisons (default by precision: "
+                             "fp32 1e-4; fp16 1e-1 logits, 1e-2 x max(1, max|reference|) graph outputs)")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help="relative term: |a - b| <= atol + rtol x |reference| (default fp32 1e-4, fp16 1e-2)")
     add_runner_argument(parser)
     parser.add_argument("--model", default=None, metavar="PRESET|DIR",
                         help="the source model to compare with (default: the bundle's preset, or the checkpoint "
@@ -57,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
     media = parse_media(args.media) if args.media else None
     runner = open_runner(load_bundle(args.bundle), args.runner)
     report = validate_bundle(runner.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner, media=media,
-                             model=args.model)
+                             model=args.model, atol=args.atol, rtol=args.rtol)
     print(format_report(report))
     return 0 if report["passed"] else 1

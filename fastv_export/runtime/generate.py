@@ -1,4 +1,5 @@
-"""Greedy generation over any :class:`~fastv_export.runtime.runner.Runner`, written once:
+"""Generation over any :class:`~fastv_export.runtime.runner.Runner`, written once (greedy, or a
+:class:`~fastv_export.runtime.sampling.Sampler` over the logits, a callback per token):
 vision -> embed -> pre_k (TokenSelect) -> post_k in prefill, then decode steps over the two KV
 caches (layers < K hold n prompt tokens, layers >= K the n' kept ones), exactly as the manifest's
 ``pipeline`` section describes. The prefill's feeds and outputs of every graph are kept
@@ -22,6 +23,10 @@ from fastv_export.runtime.vision_feeds import vision_calls
 #: how the prefill's pre_k call is made: (runner, feeds) -> outputs. The default runs the graph; a
 #: comparator may substitute a selection of its own (see fastv_export.validate.forced_selection).
 PreKStep = Callable[[Runner, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+#: chooses the next token of each row: logits [B, V] float32 -> ids [B] int64 (e.g. a runtime.sampling.Sampler)
+ChooseToken = Callable[[np.ndarray], np.ndarray]
+#: called once per chosen token, in order: (step, tokens [B]); returning True stops after that token
+OnToken = Callable[[int, np.ndarray], "bool | None"]
 
 
 @dataclass
@@ -125,8 +130,10 @@ def _run_pre_k(runner: Runner, feeds: Mapping[str, np.ndarray]) -> dict[str, np.
 def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, images: list[np.ndarray],
              max_new_tokens: int, *, eos_token_id: int | None = None,
              pre_k_step: PreKStep = _run_pre_k, video_seconds: Sequence[float] | None = None,
-             media: Sequence[Media] | None = None) -> Generation:
-    """Greedy generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``).
+             media: Sequence[Media] | None = None, sampler: ChooseToken | None = None,
+             on_token: OnToken | None = None) -> Generation:
+    """Generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``), greedy or chosen by
+    ``sampler``, ``on_token`` called for each (see :func:`decode`).
     ``images``: the pixels of each vision-graph call in prompt order (rows in order): one per image, and per
     temporal patch (Qwen2-VL family) or per whole video (tiles layout) of a video; ``media``: every row's
     media, rows in order, for bundles with a dynamic vision layout or images of other sizes (None: images
@@ -173,17 +180,22 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
 
     state = DecodeState(pre_past, post_past, attention_mask, post_mask, positions, logits)
     t3 = time.perf_counter()
-    tokens, step_logits = decode(runner, state, max_new_tokens, eos_token_id=eos_token_id)
+    tokens, step_logits = decode(runner, state, max_new_tokens, eos_token_id=eos_token_id, sampler=sampler,
+                                 on_token=on_token)
     timings["decode_per_token"] = (time.perf_counter() - t3) / max(1, len(tokens) - 1)
     return Generation(np.stack(tokens, axis=1), step_logits, kept, record, timings, state)
 
 
 def decode(runner: Runner, state: DecodeState, max_new_tokens: int, *,
-           eos_token_id: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Greedy decoding from ``state`` (advanced in place): the next ``max_new_tokens`` tokens [B] and the
+           eos_token_id: int | None = None, sampler: ChooseToken | None = None,
+           on_token: OnToken | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Decoding from ``state`` (advanced in place): the next ``max_new_tokens`` tokens [B] and the
     logits [B, V] that chose each. The first token comes from ``state.logits``; each further one costs one
     decode step (embed, pre_k, post_k) on the token before it; the last token chosen is not fed, so
-    ``state.logits`` stays the logits that chose it. A row stops at ``eos_token_id`` (then pads)."""
+    ``state.logits`` stays the logits that chose it. A row stops at ``eos_token_id`` (then pads).
+    ``sampler`` chooses each token from the logits (None: greedy argmax, the lowest id among equal maxima);
+    ``on_token(step, tokens)`` is called once per chosen token (step 0, 1, ..., the tokens as returned, pads
+    included), and its returning True stops decoding after that token."""
     bundle = runner.bundle
     b = state.logits.shape[0]
     hidden = bundle.hidden_size
@@ -194,13 +206,14 @@ def decode(runner: Runner, state: DecodeState, max_new_tokens: int, *,
     finished = np.zeros(b, dtype=bool)
     tokens, step_logits = [], []
     for i in range(max_new_tokens):
-        nxt = state.logits.argmax(-1).astype(np.int64)
+        nxt = (state.logits.argmax(-1) if sampler is None else sampler(state.logits)).astype(np.int64)
         if eos_token_id is not None:
             nxt = np.where(finished, bundle.pad_token_id, nxt)
             finished |= nxt == eos_token_id
         tokens.append(nxt)
         step_logits.append(state.logits)
-        if i == max_new_tokens - 1 or finished.all():
+        stop = on_token is not None and bool(on_token(i, nxt.copy()))
+        if stop or i == max_new_tokens - 1 or finished.all():
             break
         emb = runner.infer("embed", {spec.INPUT_IDS: nxt[:, None], **no_media})
         state.attention_mask = np.concatenate([state.attention_mask, ones], axis=1)
