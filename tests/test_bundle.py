@@ -36,7 +36,7 @@ def test_what_is_not_a_bundle_is_named(tmp_path):
     with pytest.raises(FastVError, match="'schema_version' is 99"):
         load_bundle(tmp_path)
     man.write_text(json.dumps({"schema_version": 1, "image_tokens": {"prompt_tokens_per_image": [500] * 64}}))
-    with pytest.raises(FastVError, match="'schema_version' is 1, this fastv-export reads 2; re-export"):
+    with pytest.raises(FastVError, match="'schema_version' is 1, this fastv-export reads 3; re-export"):
         load_bundle(tmp_path)
     fields = {key: {} for key in REQUIRED}
     fields["schema_version"] = SCHEMA_VERSION

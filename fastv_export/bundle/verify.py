@@ -16,7 +16,7 @@ from fastv_export.files import sha256
 from fastv_export.graphs import op, spec
 from fastv_export.bundle.view import MANIFEST, Bundle, Manifest
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: the manifest's JSON Schema (draft 2020-12), installed with the package
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 

@@ -77,13 +77,13 @@ struct Bundle {
   bool has_engines() const { return manifest.contains("engines") && !manifest["engines"].is_null(); }
 };
 
-inline constexpr int kSchemaVersion = 2;   // fastv_export.bundle.SCHEMA_VERSION (the golden vectors check they agree)
+inline constexpr int kSchemaVersion = 3;   // fastv_export.bundle.SCHEMA_VERSION (the golden vectors check they agree)
 inline constexpr const char* kManifest = "manifest.json";
 inline constexpr const char* kPluginLibrary = "libfastv_plugins.so";
 /// The manifest's required top-level fields (fastv_export/manifest.schema.json 'required'; golden vectors)
 inline constexpr const char* kRequiredFields[] = {"schema_version", "producer", "source_model", "fastv", "precision",
                                                   "image_tokens", "graphs", "pipeline", "kv_cache", "positions",
-                                                  "plugin", "engines", "files"};
+                                                  "plugin", "engines", "serving", "files"};
 
 /// Verify a bundle directory (schema_version, required fields, every file of 'files': present, size,
 /// sha256; the engines section's checksums) and read it. Throws Error naming the file and field.
