@@ -312,6 +312,26 @@ def test_checkpoint_files_are_copied_and_described(tmp_path):
     assert section["chat"]["image"] == "<image>\n" and section["chat"]["generation_prompt"] == "ASSISTANT:"
 
 
+def test_checkpoint_with_a_word_vocabulary_without_unknown_token_is_described(tmp_path):
+    """The demo's word-level tokenizer cannot encode arbitrary text (no unknown token): the copy check and the
+    BOS probe use words it knows instead of failing with the tokenizers library's own exception."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fastv_export.presets import build_preset_config
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    build_preset_config("tiny-llava-shapes").save_pretrained(ckpt)
+    preset_serving.write_preset_files("tiny-llava-shapes", ckpt)
+    with pytest.raises(Exception, match="UNK|unk|Unk"):
+        AutoTokenizer.from_pretrained(ckpt).encode("Hello, wörld")
+    out = tmp_path / "bundle"
+    out.mkdir()
+    section = write_serving_files(ckpt, AutoConfig.from_pretrained(ckpt), out)
+    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert section["tokenizer_adds_bos"] is True          # the demo's prompts start with <s> (shapes.py)
+
+
 def test_checkpoint_without_tokenizer_exports_with_a_warning(tmp_path, caplog):
     from transformers import AutoConfig
 

@@ -83,10 +83,23 @@ def _copy_checkpoint_files(checkpoint: Path, config, out: Path) -> None:
                     "given token ids", checkpoint)
         return
     again = _load_tokenizer(out)
-    if again is None or again.encode(PROBE) != tokenizer.encode(PROBE):
+    probe = probe_text(tokenizer)
+    if again is None or again.encode(probe) != tokenizer.encode(probe):
         raise FastVError(f"the tokenizer of {checkpoint} does not load the same from the files a bundle holds "
                          f"({', '.join(copied)}); save it with save_pretrained (which writes tokenizer.json) and "
                          "export again")
+
+
+def probe_text(tokenizer) -> str:
+    """A text ``tokenizer`` encodes: :data:`PROBE`, or for a tokenizer without an unknown token that cannot
+    encode it (a word-level vocabulary), its first ordinary tokens decoded."""
+    try:
+        tokenizer.encode(PROBE)
+        return PROBE
+    except Exception:      # the tokenizers library raises its own Exception for words it cannot encode
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in sorted(tokenizer.get_vocab().values()) if i not in special][:8]
+        return tokenizer.decode(ids)
 
 
 def _load_tokenizer(directory: Path):
@@ -168,6 +181,7 @@ def serving_section(out: Path, config, name: str) -> dict:
     adds_bos = None
     if tokenizer is not None:
         bos = tokenizer.bos_token_id
-        adds_bos = bos is not None and tokenizer.encode("a")[:1] == [bos] != tokenizer.encode(
-            "a", add_special_tokens=False)[:1]
+        probe = probe_text(tokenizer)
+        adds_bos = bos is not None and tokenizer.encode(probe)[:1] == [bos] != tokenizer.encode(
+            probe, add_special_tokens=False)[:1]
     return {**roles, "tokenizer_adds_bos": adds_bos, "generation": generation_section(out, config), "chat": chat}
