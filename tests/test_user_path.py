@@ -219,6 +219,20 @@ def test_bundle_stops_at_the_generation_configs_eos_ids(family, bundle, checkpoi
     assert sorted(_front(bundle(family, "0")).eos_token_ids) == want
 
 
+@pytest.mark.slow
+def test_run_stops_where_hugging_face_stops(bundle, checkpoint, images, capsys):
+    """Qwen2.5-VL's generation config stops at <|im_end|> and <|endoftext|>; on this picture and question the model
+    says <|endoftext|> as its 22nd token: HF generate stops there (keeping it), and so does ``run``."""
+    ckpt = checkpoint("qwen2_5_vl")
+    endoftext = uc.hf_processor(ckpt).tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ref = uc.hf_prompt(ckpt, _chat("image"), [images[0]])
+    want = uc.hf_generate(ckpt, ref, 30)
+    assert len(want) < 30 and want[-1] == endoftext           # the case this test is about
+    row = _cli_json(capsys, ["run", str(bundle("qwen2_5_vl", "0")), "--image", str(images[0]), "--system", SYSTEM,
+                             "--prompt", QUESTION, "--max-new-tokens", "30"])
+    assert row["tokens"] == want and row["finish_reason"] == "stop"
+
+
 # ---------------------------------------------------------------------------------------------- images
 @pytest.mark.slow
 @pytest.mark.parametrize("ratio", ["0", "1/2"])
