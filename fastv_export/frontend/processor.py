@@ -187,7 +187,12 @@ class Frontend:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """The bundle's end-of-sequence ids (the checkpoint's generation config), else the tokenizer's."""
+        """The ids generation stops at: the checkpoint's generation config (the bundle's ``serving.generation``, every
+        id ``model.generate`` stops at), else the model config's, else the tokenizer's."""
+        serving = (getattr(self.bundle, "raw", None) or {}).get("serving") or {}
+        ids = (serving.get("generation") or {}).get("eos_token_ids")
+        if ids:
+            return [int(e) for e in ids]
         eos = self.bundle.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
