@@ -134,23 +134,17 @@ def _sampling(args: argparse.Namespace, requests: list) -> dict:
 
 
 def _frontend(args: argparse.Namespace, bundle):
-    """The front end over --model DIR, else the bundle's own files, else (bundles exported before they carried
-    them) the checkpoint directory they were exported from."""
-    from fastv_export.frontend import Frontend, has_serving_files
+    """The front end over --model DIR, else over the bundle's own serving files (every bundle carries them)."""
+    from fastv_export.frontend import Frontend
 
     if args.model:
         if not Path(args.model).is_dir():
             raise FastVError(f"--model {args.model} is not a directory")
         return Frontend.load(args.model, bundle)
-    if has_serving_files(bundle.path):
-        return Frontend.load(bundle.path, bundle)
-    if bundle.source_checkpoint is not None:
-        source = Path(bundle.source)
-        if not source.is_dir():
-            raise FastVError(f"this bundle holds no tokenizer files and was exported from {bundle.source}, which is "
-                             "not a directory here: pass --model DIR (the checkpoint), or re-export the bundle")
-        return Frontend.load(source, bundle)
-    return None
+    if bundle.serving.tokenizer is None:
+        raise FastVError(f"{bundle.path} carries no tokenizer (its checkpoint had none when it was exported): pass "
+                         "--model DIR with the model's tokenizer and processor files")
+    return Frontend.load(bundle.path, bundle)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -216,9 +210,6 @@ def run(args: argparse.Namespace) -> int:
     requests = _requests(args)
     bundle = load_bundle(args.bundle)
     front = _frontend(args, bundle)
-    if front is None:   # LEGACY: a preset bundle written before bundles carried tokenizer files; delete then
-        from fastv_export.commands import _run_legacy
-        return _run_legacy.run(args, bundle, requests)
     max_new = _pick(args.max_new_tokens, [r.max_tokens for r in requests], DEFAULT_NEW_TOKENS, "max_tokens")
     if max_new < 1:
         raise FastVError("--max-new-tokens must be >= 1")

@@ -167,7 +167,17 @@ def serving_section(out: Path, config, name: str) -> dict:
         chat = None if form is None else form.to_dict()
     adds_bos = None
     if tokenizer is not None:
-        bos = tokenizer.bos_token_id
-        adds_bos = bos is not None and tokenizer.encode("a")[:1] == [bos] != tokenizer.encode(
-            "a", add_special_tokens=False)[:1]
+        adds_bos = _adds_bos(tokenizer)
     return {**roles, "tokenizer_adds_bos": adds_bos, "generation": generation_section(out, config), "chat": chat}
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer writes its BOS token before a text (probed on its EOS token's text, which every
+    vocabulary holds: a word-level vocabulary cannot encode an arbitrary word)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    probe = tokenizer.eos_token or tokenizer.pad_token or "a"
+    with_special = tokenizer.encode(probe)
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    return len(with_special) > len(plain) and with_special[:1] == [bos]
