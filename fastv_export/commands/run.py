@@ -150,13 +150,13 @@ def _sampling(args: argparse.Namespace, requests: list) -> dict:
 
 def _frontend(args: argparse.Namespace, bundle):
     """The front end over --model DIR, else over the bundle's own serving files (every bundle carries them)."""
-    from fastv_export.frontend import Frontend
+    from fastv_export.frontend import Frontend, has_serving_files
 
     if args.model:
         if not Path(args.model).is_dir():
             raise FastVError(f"--model {args.model} is not a directory")
         return Frontend.load(args.model, bundle)
-    if bundle.serving.tokenizer is None:
+    if not has_serving_files(bundle.path):        # serving.tokenizer null: the checkpoint had none
         raise FastVError(f"{bundle.path} carries no tokenizer (its checkpoint had none when it was exported): pass "
                          "--model DIR with the model's tokenizer and processor files")
     return Frontend.load(bundle.path, bundle)
