@@ -28,7 +28,7 @@ from typing import Callable
 
 from fastv_export.errors import FastVError
 
-BYTE_OFFSET = 10                       # byte b -> id 10 + b (commands/run.py's byte codec)
+BYTE_OFFSET = 10                       # byte b -> id 10 + b (the presets' synthetic text ids start there)
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHATML_IDS = {IM_START: 266, IM_END: 267}
