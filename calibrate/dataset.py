@@ -7,10 +7,11 @@ Three sources:
   preset, without answers (quality is then agreement with the unpruned model only);
 - a folder with ``prompts.jsonl`` and images: one JSON object per line,
   ``{"image": "cat.png", "prompt": "USER: <image>\\nWhat is it? ASSISTANT:", "answer": "a cat"}``
-  (``prompt``/``answer`` text, sent as written, needs the checkpoint's processing: ``--model DIR`` with its
-  tokenizer and processor files, read by fastv_export.frontend) or
+  (``prompt``/``answer`` text, sent as written) or
   ``{"image": "cat.png", "prompt_ids": [1, 32000, ...], "answer_ids": [...]}`` (token ids; one image
-  placeholder is expanded to the image's tokens). ``answer`` is optional.
+  placeholder is expanded to the image's tokens). ``answer`` is optional. Images and text go through the
+  model's processing (fastv_export.frontend): a checkpoint's files (``--model DIR``), or a preset's, the ones
+  its bundle carries.
 """
 from __future__ import annotations
 
@@ -68,14 +69,20 @@ def synthetic_items(adapter, size: int, text_tokens: int = 12, images: int = 1) 
     return items
 
 
-def _frontend(model_dir: Path | None, adapter):
-    """The checkpoint's processing (fastv_export.frontend) for the loaded model."""
+def _frontend(model: str | Path | None, adapter):
+    """The model's processing (fastv_export.frontend) for the loaded model: a checkpoint directory's files, or a
+    built-in preset's (the ones its bundle carries)."""
     from fastv_export.frontend.processor import Frontend, has_serving_files, model_view
+    from fastv_export.presets import PRESETS
 
-    if model_dir is None or not Path(model_dir).is_dir() or not has_serving_files(model_dir):
-        raise FastVError("prompts.jsonl gives text ('prompt'/'answer'), which needs the checkpoint's processor: "
-                         "pass --model DIR with its tokenizer files, or give 'prompt_ids'/'answer_ids' instead")
-    return Frontend.load(model_dir, model_view(adapter))
+    if model is not None and str(model) in PRESETS:
+        from fastv_export.presets.serving import preset_frontend
+
+        return preset_frontend(str(model), model_view(adapter))
+    if model is None or not Path(model).is_dir() or not has_serving_files(model):
+        raise FastVError(f"{PROMPTS_FILE}'s images and text go through the checkpoint's processor: pass --model DIR "
+                         "with its tokenizer and image processor files")
+    return Frontend.load(model, model_view(adapter))
 
 
 def _expand_placeholder(ids: list[int], image_ids: set[int], count: int) -> list[int]:
@@ -117,27 +124,23 @@ def folder_items(folder: str | Path, adapter, model_dir: str | Path | None = Non
         image_path = folder / str(rec["image"])
         try:
             with Image.open(image_path) as im:
-                image = im.convert("RGB")
+                im.load()                                                   # readable, before any model work
         except (OSError, UnidentifiedImageError) as exc:
             raise FastVError(f"{where}: cannot read image {image_path} ({exc.__class__.__name__}); "
                              "give a PNG or JPEG file inside the folder") from None
         if "prompt_ids" in rec:
             ids = [int(t) for t in rec["prompt_ids"]]
-            if model_dir is not None and Path(model_dir).is_dir():     # the checkpoint's image processor
-                front = front or _frontend(Path(model_dir), adapter)
-                medium = front.process_image(str(image_path))
-                ids = _expand_placeholder(ids, image_ids, medium.count)
-                vision = {k: torch.from_numpy(np.ascontiguousarray(v))
-                          for k, v in model_vision_inputs([medium], front.family).items()}
-            else:   # no checkpoint files (the built-in presets): the exported image size
-                ids = _expand_placeholder(ids, image_ids, len(adapter.image_prompt_tokens()))
-                vision = {"pixel_values": torch.as_tensor(adapter.preprocess_image(image))}
+            front = front or _frontend(model_dir, adapter)                # the model's image processor
+            medium = front.process_image(str(image_path))
+            ids = _expand_placeholder(ids, image_ids, medium.count)
+            vision = {k: torch.from_numpy(np.ascontiguousarray(v))
+                      for k, v in model_vision_inputs([medium], front.family).items()}
             input_ids = torch.tensor([ids])
             answer = [int(t) for t in rec["answer_ids"]] if rec.get("answer_ids") is not None else None
         else:
             from fastv_export.frontend import from_cli
 
-            front = front or _frontend(Path(model_dir) if model_dir else None, adapter)
+            front = front or _frontend(model_dir, adapter)
             prepared = front.prepare(from_cli(str(rec["prompt"]), [str(image_path)]), raw=True)
             input_ids = torch.from_numpy(prepared.input_ids[:1])
             vision = {k: torch.from_numpy(np.ascontiguousarray(v))

@@ -312,11 +312,27 @@ def _demo_folder(tmp_path, n=3, bad_image=False):
 def test_folder_calibration_set_matches_the_demo_items(tmp_path):
     model = load_model("tiny-llava-shapes")
     samples = _demo_folder(tmp_path)
-    got = dataset.load_items(str(tmp_path), get_adapter(model), 10)
+    got = dataset.load_items(str(tmp_path), get_adapter(model), 10, model="tiny-llava-shapes")   # its processor
     assert len(got) == len(samples)
     for item, s in zip(got, samples):
         assert item.input_ids[0].tolist() == s.prompt and item.answer == s.answer
         assert np.abs(item.vision["pixel_values"][0].numpy() - s.pixels).max() < 0.02   # uint8 rounding
+    with pytest.raises(FastVError, match="go through the checkpoint's processor: pass --model DIR"):
+        dataset.load_items(str(tmp_path), get_adapter(model), 10)
+
+
+def test_folder_text_prompts_of_a_preset_go_through_its_serving_files(tmp_path):
+    """Text prompts in the demo's words: the preset's tokenizer and template-free text make the trained prompt."""
+    model = load_model("tiny-llava-shapes")
+    samples = _demo_folder(tmp_path, n=2)
+    lines = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for rec, s in zip(lines, samples):
+            f.write(json.dumps({"image": rec["image"], "prompt": "<image> " + s.question,
+                                "answer": s.answer_text.replace(" </s>", "")}) + "\n")
+    got = dataset.load_items(str(tmp_path), get_adapter(model), 10, model="tiny-llava-shapes")
+    for item, s in zip(got, samples):
+        assert item.input_ids[0].tolist() == s.prompt and item.answer == s.answer
 
 
 def _cli_error(argv, capsys) -> str:

@@ -114,8 +114,8 @@ def test_dump_inputs_round_trip_and_cli(exported_bundle, tmp_path):
     bundle = exported_bundle("tiny-llava")
     png = tmp_path / "img.png"
     Image.fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype("uint8")).save(png)
-    proc = subprocess.run(["fastv-export", "run", str(bundle), "--image", str(png), "--prompt", "USER: <image> hi",
-                           "--max-new-tokens", "2", "--dump-inputs", str(tmp_path / "in")],
+    proc = subprocess.run(["fastv-export", "run", str(bundle), "--image", str(png), "--raw", "--prompt",
+                           "USER: <image> hi", "--max-new-tokens", "2", "--dump-inputs", str(tmp_path / "in")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "in" / "inputs.json").read_text())

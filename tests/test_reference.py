@@ -403,18 +403,32 @@ def test_media_errors_are_clear(model_and_adapter):
         make_prompt(onevision, [5], media=[Media("video", frames=4), Media("video", frames=6)])
 
 
-def test_preprocessed_image_is_one_vision_graph_input(preset, model_and_adapter):
-    """A real image through the adapter's preprocessing has the shape of one vision-graph call and
-    encodes to the image-token count of the prompt."""
+def test_processed_image_is_one_vision_graph_input(preset, model_and_adapter, tmp_path):
+    """A real image through the preset's front end (the processor its bundle carries) has the shape of one
+    vision-graph call and encodes to the image-token count of the prompt."""
     from PIL import Image
 
+    from fastv_export.frontend.processor import model_view
+    from fastv_export.presets.serving import preset_frontend
+
     _, adapter = model_and_adapter(preset)
-    px = adapter.preprocess_image(Image.new("RGB", (50, 40), (30, 60, 200)))
+    if adapter.name == "llava_onevision":
+        h, w = adapter.default_size()
+    elif hasattr(adapter, "image_grid"):
+        h = w = adapter.image_grid[1] * adapter.config.vision_config.patch_size
+    elif hasattr(adapter, "tile"):
+        h = w = adapter.tile                                               # one InternVL tile
+    else:
+        h, w = 50, 40                                                      # resized and cropped to the exported size
+    Image.new("RGB", (w, h), (30, 60, 200)).save(tmp_path / "img.png")       # the size the bundle's graph takes
+    processed = preset_frontend(preset, model_view(adapter)).process_image(str(tmp_path / "img.png"))
+    px = processed.units[0]
     media = [Media()]
     unit = adapter.vision_units(media, adapter.media_inputs(media, torch.Generator().manual_seed(0)))[0]
     assert tuple(px.shape) == tuple(unit.shape)
     with torch.no_grad():
         assert adapter.encode_image(torch.from_numpy(px).float()).shape[0] == adapter.image_tokens_per_image()
+    assert processed.count == adapter.image_tokens_per_image()
 
 
 # ---- Qwen3-VL DeepStack: K inside the DeepStack layers (tiny-qwen3-vl injects after layers 0 and 1) ----

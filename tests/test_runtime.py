@@ -1,12 +1,13 @@
 """fastv_export.runtime (OrtRunner, generate, encode_images) and the `run` command: generation driven
-by manifest.json alone (plain onnxruntime), `run` from a PNG with the preset's byte codec or a
-checkpoint's tokenizer, and bad run arguments.
+by manifest.json alone (plain onnxruntime), `run` from a PNG through the front end (a preset's serving
+files, the trained demo's answers, a checkpoint's tokenizer), and bad run arguments.
 
 All but the first test drive an exported bundle (the session's ``exported_bundle`` fixture, or an
 export of their own), hence slow."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -188,23 +189,28 @@ def test_run_uses_the_checkpoint_tokenizer_and_places_images_at_the_mark(tmp_pat
     # the prompt built by hand from the vocabulary: USER:, 64 image tokens, the words (no chat template: the text as
     # written; no BOS: this tokenizer adds none, as its processor's call would not either)
     ids = np.array([[10] + [500] * 64 + [12, 13, 14, 15, 11]], dtype=np.int64)
-    _, adapter = model_and_adapter("tiny-llava")
-    pixels = adapter.preprocess_image(Image.open(png))
+    # the checkpoint has no image processor config: the family's CLIP processor for the exported size (HF's class)
+    from transformers import CLIPImageProcessorPil
+
+    side = load_bundle(out).vision_input_shape[-1]
+    processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    pixels = processor(images=Image.open(png).convert("RGB"), return_tensors="np")["pixel_values"]
     gen = generate(OrtRunner(load_bundle(out)), ids, np.ones_like(ids), [pixels], 6, eos_token_id=2)
     assert f"prompt: {ids.shape[1]} tokens" in printed
     assert f"tokens: {gen.tokens[0].tolist()}" in printed
     rc, err = run_cli(capsys, ["run", str(out), "--image", str(png), "--prompt", "<image> and <image>"])
     assert rc == 2 and "2 image placeholder(s) (<image>) but 1 image(s)" in err
-    # the bundle moved away from its checkpoint: one line naming the way out, then --model finds it
+    # the bundle moved away and its checkpoint deleted: it serves from its own files, the same tokens
     moved = tmp_path / "elsewhere" / "bundle"
     moved.parent.mkdir()
     out.rename(moved)
+    shutil.rmtree(ckpt)
     argv = ["run", str(moved), "--image", str(png), "--prompt", "USER: <image> what is it ? ASSISTANT:",
             "--max-new-tokens", "6"]
-    rc, err = run_cli(capsys, argv)
-    assert rc == 2 and "pass --model DIR" in err
-    assert cli(argv + ["--model", str(ckpt)]) == 0
+    assert cli(argv) == 0
     assert f"tokens: {gen.tokens[0].tolist()}" in capsys.readouterr().out
+    rc, err = run_cli(capsys, argv + ["--model", str(tmp_path / "elsewhere")])     # --model: a dir without files
+    assert rc == 2 and "holds no tokenizer files" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -265,3 +271,42 @@ def test_sampler_and_per_token_callback_in_generate(exported_bundle, model_and_a
                        on_token=lambda step, tok: calls.append(step) or step == 2)
     assert calls == [0, 1, 2] and stopped.tokens.tolist() == full.tokens[:, :3].tolist()
     assert len(stopped.step_logits) == 3
+
+
+# ---- the trained demo through `run`: its words, its answers ------------------------------------------------
+@pytest.mark.slow
+def test_run_gives_the_trained_demo_its_answers(exported_bundle, tmp_path, capsys):
+    """tiny-llava-shapes' bundle served like any other: a PNG of a held-out sample and its question in the demo's
+    words (the chat template renders ``<image> question``) make exactly the prompt the model was trained on
+    (``<s>``, 64 image tokens, the words), and `run` answers what the reference FastV (the bundle's K and R)
+    answers from the same pixels, which are the trained answers on most questions."""
+    from PIL import Image
+
+    from fastv_export.presets import demo, load_model, shapes
+    from fastv_export.reference.fastv import apply_fastv
+
+    bundle = exported_bundle("tiny-llava-shapes", 2, "1/2")
+    model = load_model("tiny-llava-shapes")
+    samples = [shapes.make_sample(shapes.TEST_SEED_OFFSET + i, kind) for i, kind in
+               enumerate(["colour", "count", "where", "colour", "count", "where"])]
+    right = 0
+    for i, s in enumerate(samples + [samples[0]]):
+        question = s.question if i < len(samples) else "what colour at row 1 col 2 ?"
+        rgb = (np.clip(s.pixels.transpose(1, 2, 0) * shapes.CLIP_STD + shapes.CLIP_MEAN, 0, 1) * 255).round()
+        png = tmp_path / f"{i}.png"
+        Image.fromarray(rgb.astype(np.uint8)).save(png)
+        capsys.readouterr()
+        assert cli(["run", str(bundle), "--image", str(png), "--prompt", question, "--max-new-tokens", "6",
+                    "--json"]) == 0
+        row = json.loads(capsys.readouterr().out)["rows"][0]
+        prompt = [shapes.BOS_ID] + [shapes.IMAGE_ID] * shapes.IMAGE_TOKENS + shapes.encode(question)
+        assert row["prompt_tokens"] == len(prompt)
+        # the reference: the same prompt ids, the PNG's pixels normalised independently of the front end
+        pixels = shapes.normalise(rgb.astype(np.float32) / 255.0)
+        sample = shapes.Sample(s.seed, s.kind, pixels, prompt, [])
+        with apply_fastv(model, FastVConfig(k=2, ratio="1/2")):
+            want = demo.greedy_answers(model, [sample])[0]
+        assert row["tokens"] == want, (question, row, want)
+        assert row["text"] == " ".join(shapes.VOCAB[t] for t in want if t != shapes.EOS_ID)
+        right += i < len(samples) and want == s.answer
+    assert right >= 4, right                                   # the trained answers, on most held-out questions

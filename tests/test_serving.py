@@ -4,10 +4,12 @@ manifest's ``serving`` section.
 - the pre-rendered chat template renders exactly what the Jinja template renders (through
   ``apply_chat_template``), for the presets' templates and real-style ones written here (llava-hf's LLaVA-1.5,
   Qwen2-VL's ChatML), and is null where it cannot;
-- the presets' tokenizers (written by code) encode and decode as the byte / word codecs of commands/run.py do,
-  and their image processor configs give what the adapters' ``preprocess_image`` gives;
-- a checkpoint directory's files are copied byte for byte, and the bundle loads its tokenizer after the
-  checkpoint is deleted;
+- the presets' tokenizers (written by code) encode and decode as their byte / word codes say (byte b: id 10 + b;
+  the demo's word vocabulary), and their image processor configs, loaded by the front end, give what the
+  bundle's vision graph takes (CLIP-style pixels against an independent normalisation); InternVL's image
+  expansion holds the bundle's image prompt tokens, ``<img>`` and ``</img>`` included;
+- a checkpoint directory's files are copied byte for byte (a template kept in tokenizer_config.json gets its own
+  chat_template.jinja), and the bundle loads its tokenizer after the checkpoint is deleted;
 - the schema: a manifest missing a serving field fails with one line naming it.
 """
 from __future__ import annotations
@@ -185,40 +187,65 @@ def preset_files(tmp_path_factory):
     return get
 
 
+BYTE_OFFSET = 10       # the random presets' byte code: byte b has id 10 + b
+
+
+def _byte_ids(text: str) -> list[int]:
+    return [BYTE_OFFSET + b for b in text.encode()]
+
+
+def _word_ids(text: str) -> list[int]:
+    from fastv_export.presets import shapes
+
+    return [shapes.VOCAB.index(w) for w in text.split()]
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_preset_tokenizer_encodes_and_decodes_as_the_run_codec(name, preset_files):
+def test_preset_tokenizer_encodes_and_decodes_as_its_code_says(name, preset_files):
     from transformers import AutoTokenizer
 
-    from fastv_export.commands.run import _byte_codec, _word_codec, prompt_ids
+    from fastv_export.presets import build_preset_config
 
     d = preset_files(name)
     assert sorted(p.name for p in d.iterdir()) == sorted(preset_serving.FILES)
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    cfg = build_preset_config(name)
+    bos = cfg.text_config.bos_token_id
     trained = name in TRAINED_PRESETS
-    codec = _word_codec(name) if trained else _byte_codec(name)
+    code = _word_ids if trained else _byte_ids
     for prompt in WORD_PROMPTS if trained else PROMPTS:
         ids = tok.encode(prompt, add_special_tokens=False)
-        assert ids == codec.encode(prompt), prompt
-        assert tok.encode(prompt) == prompt_ids(prompt, codec, [], 0)          # with BOS, as `run` builds it
-        assert tok.decode(ids) == codec.decode(ids)
+        assert ids == code(prompt), prompt
+        assert tok.encode(prompt) == [bos] + code(prompt)                      # every preset adds its BOS
         assert tok.decode(tok.encode(prompt), skip_special_tokens=True) == (
             prompt.replace(" </s>", "") if trained else prompt)
     if trained:
         with pytest.raises(Exception):                                         # an unknown word does not encode
             tok.encode("what is a dog ?")
     # the special tokens sit at the config's ids
-    from fastv_export.presets import build_preset_config
-
-    cfg = build_preset_config(name)
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (
-        cfg.text_config.pad_token_id, cfg.text_config.bos_token_id, cfg.text_config.eos_token_id)
+        cfg.text_config.pad_token_id, bos, cfg.text_config.eos_token_id)
     image_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
     form = prerender(tok, tok.chat_template, name)
     assert form is not None
     assert image_id in tok.encode(form.image, add_special_tokens=False)         # the image part's text holds it
 
 
-#: the image processor class each family's adapter uses (the PIL classes: no torchvision here)
+def test_internvl_preset_names_its_image_tokens_as_internvl_checkpoints_do(preset_files):
+    """InternVL's processor reads <img> / </img> / <IMG_CONTEXT> from tokenizer attributes; the preset's tokenizer
+    has them, at the config's ids."""
+    from transformers import AutoTokenizer
+
+    from fastv_export.presets import build_preset_config
+
+    cfg = build_preset_config("tiny-internvl")
+    tok = AutoTokenizer.from_pretrained(preset_files("tiny-internvl"), local_files_only=True)
+    assert (tok.start_image_token, tok.end_image_token, tok.context_image_token) == ("<img>", "</img>", "<IMG_CONTEXT>")
+    assert tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [
+        cfg.start_image_token_id, cfg.end_image_token_id, cfg.image_token_id]
+
+
+#: the image processor class of each family's preset config (the PIL classes: no torchvision here)
 PIL_CLASSES = {
     "llava": "transformers.models.clip.image_processing_pil_clip.CLIPImageProcessorPil",
     "qwen2_vl": "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
@@ -228,33 +255,69 @@ PIL_CLASSES = {
 }
 
 
-@pytest.mark.parametrize("name", [p for p in PRESETS if not p.startswith("bench")])
-def test_preset_image_processor_config_gives_the_exported_pixels(name, preset_files, model_and_adapter):
-    """The config loaded by the family's processor class turns an image of the exported size into what the
-    adapter's preprocess_image (what `run` uses today) makes of it."""
-    import importlib
+#: an image of the exported size per family: (height, width)
+def _exported_size(adapter) -> tuple[int, int]:
+    if adapter.name == "llava_onevision":
+        return adapter.default_size()
+    if hasattr(adapter, "image_grid"):
+        side = adapter.image_grid[1] * adapter.config.vision_config.patch_size
+        return side, side
+    side = adapter.tile if hasattr(adapter, "tile") else adapter.config.vision_config.image_size
+    return side, side
 
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if not p.startswith("bench")])
+def test_preset_image_processor_config_gives_the_exported_pixels(name, preset_files, model_and_adapter, tmp_path):
+    """The config names the family's processor class, and the front end, loaded from the preset's files, turns
+    an image of the exported size into the vision-graph calls the bundle takes (their shapes, the tokens they
+    encode to); CLIP-style families' pixels equal an independent normalisation of the image."""
+    import torch
     from PIL import Image
+
+    from fastv_export.adapters import Media
+    from fastv_export.frontend.processor import model_view
 
     _, adapter = model_and_adapter(name)
     d = preset_files(name)
-    family = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl"}.get(adapter.name, adapter.name)
-    module, cls = PIL_CLASSES[family].rsplit(".", 1)
-    processor = getattr(importlib.import_module(module), cls).from_pretrained(d)
     config = json.loads((d / "preprocessor_config.json").read_text())
-    assert config["image_processor_type"] == cls.removesuffix("Pil")
-    if adapter.name == "llava_onevision":
-        h, w = adapter.default_size()
-    elif hasattr(adapter, "image_grid"):
-        h = w = adapter.image_grid[1] * adapter.config.vision_config.patch_size
-    else:
-        h = w = adapter.tile if hasattr(adapter, "tile") else adapter.config.vision_config.image_size
+    family = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl"}.get(adapter.name, adapter.name)
+    assert config["image_processor_type"] == PIL_CLASSES[family].rsplit(".", 1)[1].removesuffix("Pil")
+    h, w = _exported_size(adapter)
     rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    image = Image.fromarray(rgb)
-    want = adapter.preprocess_image(image)
-    got = processor(images=image, return_tensors="np")["pixel_values"]
-    got = got[0] if adapter.name == "llava_onevision" else got
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    front = preset_serving.preset_frontend(name, model_view(adapter))
+    got = front.process_image(str(tmp_path / "img.png"))
+    want = adapter.vision_units([Media()], adapter.media_inputs([Media()], torch.Generator().manual_seed(0)))
+    assert [tuple(u.shape) for u in got.units] == [tuple(u.shape) for u in want]
+    assert got.count == sum(t in adapter.image_token_ids() for t in adapter.image_prompt_tokens())
+    if family == "llava":
+        mean, std = np.array(config["image_mean"]), np.array(config["image_std"])
+        independent = ((rgb / 255.0 - mean) / std).transpose(2, 0, 1)[None]
+        np.testing.assert_allclose(got.units[0], independent, atol=1e-5)
+
+
+def test_internvl_expansion_holds_the_bundles_image_prompt_tokens(model_and_adapter, tmp_path):
+    """The front end writes an image as InternVL's processor does (<img>, the context tokens of its tiles,
+    </img>), and that is exactly the image prompt tokens the bundle records (adapter.media_prompt_tokens)."""
+    from PIL import Image
+
+    from fastv_export.adapters import Media
+    from fastv_export.frontend import from_cli
+    from fastv_export.frontend.processor import model_view
+
+    _, adapter = model_and_adapter("tiny-internvl")
+    front = preset_serving.preset_frontend("tiny-internvl", model_view(adapter))
+    cfg = adapter.config
+    for size in ((56, 56), (56, 112), (100, 60)):                         # 1, 3 (+thumbnail) and 7 tiles
+        Image.new("RGB", size[::-1], (20, 90, 200)).save(tmp_path / "img.png")
+        ids = front.prepare(from_cli("What is it?", [str(tmp_path / "img.png")], [])).input_ids[0].tolist()
+        start, end = ids.index(cfg.start_image_token_id), ids.index(cfg.end_image_token_id)
+        block = ids[start:end + 1]
+        tiles = (len(block) - 2) // adapter.tokens_per_tile()
+        assert block == [cfg.start_image_token_id] + [cfg.image_token_id] * (len(block) - 2) + [cfg.end_image_token_id]
+        medium = Media("image", size)
+        assert block == adapter.media_prompt_tokens(medium) and tiles == adapter.tiles(medium)
+    assert adapter.image_prompt_tokens() == [502] + [500] * 16 + [503]
 
 
 def test_role_names_agree():
@@ -330,6 +393,27 @@ def test_checkpoint_with_a_word_vocabulary_without_unknown_token_is_described(tm
     section = write_serving_files(ckpt, AutoConfig.from_pretrained(ckpt), out)
     assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
     assert section["tokenizer_adds_bos"] is True          # the demo's prompts start with <s> (shapes.py)
+
+
+def test_a_template_kept_in_tokenizer_config_gets_its_own_file(tmp_path):
+    """An older checkpoint keeps its chat template inside tokenizer_config.json: the bundle copies that file as it
+    is and writes the template as chat_template.jinja too, which serving.chat_template names."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    (ckpt / "chat_template.jinja").unlink()
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config["chat_template"] = LLAVA_HF
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(ckpt).chat_template == LLAVA_HF
+    out = tmp_path / "bundle"
+    out.mkdir()
+    section = write_serving_files(ckpt, AutoConfig.from_pretrained(ckpt), out)
+    assert (out / "tokenizer_config.json").read_bytes() == (ckpt / "tokenizer_config.json").read_bytes()
+    assert section["chat_template"] == "chat_template.jinja"
+    assert (out / "chat_template.jinja").read_text(encoding="utf-8") == LLAVA_HF
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True).chat_template == LLAVA_HF
+    assert section["chat"]["generation_prompt"] == "ASSISTANT:"
 
 
 def test_checkpoint_without_tokenizer_exports_with_a_warning(tmp_path, caplog):

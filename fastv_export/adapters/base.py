@@ -75,10 +75,6 @@ class ModelAdapter:
         """Language-model features [M, D] of ONE default-sized image (what vision.onnx computes)."""
         raise NotImplementedError
 
-    def preprocess_image(self, image):
-        """A PIL image -> the pixel input of ONE default-sized image (what vision.onnx takes)."""
-        raise NotImplementedError
-
     # --- media: images of other sizes and videos (families that support them override) ----------
     def media_prompt_tokens(self, media: Media) -> list[int]:
         """Token ids that stand for ``media`` inside a prompt; the default serves default-sized images."""

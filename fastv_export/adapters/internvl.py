@@ -7,10 +7,15 @@ so ONE tile is the unit of the exported vision graph: a bundle takes images of a
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
 from fastv_export.adapters.base import Media, ModelAdapter, register
 from fastv_export.errors import FastVError
+
+log = logging.getLogger(__name__)
 
 MAX_TILES = 6   # tiles per image (min 1), as the processor's max_patches; the thumbnail comes on top
 
@@ -61,10 +66,28 @@ class InternVLAdapter(ModelAdapter):
     def vision_inputs(self, num_images: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return self.media_inputs([Media()] * num_images, generator)
 
+    def image_delimiters(self) -> tuple[int, int] | None:
+        """The ids of ``<img>`` / ``</img>``, which InternVL's processor writes around an image's context tokens:
+        the config's ``start_image_token_id`` / ``end_image_token_id`` (the presets set them), else the
+        checkpoint's tokenizer (``start_image_token`` / ``end_image_token``); None when neither names them."""
+        if not hasattr(self, "_delimiters"):
+            c = self.config
+            start, end = getattr(c, "start_image_token_id", None), getattr(c, "end_image_token_id", None)
+            self._delimiters = (int(start), int(end)) if start is not None and end is not None else \
+                _tokenizer_delimiters(getattr(c, "_name_or_path", None))
+        return self._delimiters
+
     def media_prompt_tokens(self, media: Media) -> list[int]:
+        """An image: ``<img>``, the context tokens of all its tiles, ``</img>``; a video: that block per frame
+        (one tile each; the processor's ``FrameN:`` label text between them is left out), as InternVL's
+        processor writes them (no delimiters when :meth:`image_delimiters` finds none)."""
         if media.kind == "video" and media.size is not None:
             raise FastVError(f"{media}: InternVL video frames are one tile each; leave size unset")
-        return [int(self.config.image_token_id)] * (self.tiles(media) * self.tokens_per_tile())
+        blocks = media.frames if media.kind == "video" else 1
+        tokens = [int(self.config.image_token_id)] * (self.tiles(media) // blocks * self.tokens_per_tile())
+        delimiters = self.image_delimiters()
+        block = tokens if delimiters is None else [delimiters[0], *tokens, delimiters[1]]
+        return block * blocks
 
     def media_inputs(self, media: list[Media], generator: torch.Generator) -> dict[str, torch.Tensor]:
         s, total = self.tile, sum(self.tiles(m) for m in media)
@@ -79,9 +102,20 @@ class InternVLAdapter(ModelAdapter):
         feats = self.model.model.get_image_features(pixel_values=pixel_values).pooler_output
         return feats.reshape(-1, feats.shape[-1])
 
-    def preprocess_image(self, image):
-        """One tile: the image resized to the tile size (a bundle's image unit)."""
-        s = self.tile
-        proc = self._processor()
-        return proc(images=image.convert("RGB").resize((s, s)), crop_to_patches=False,
-                    return_tensors="np")["pixel_values"]
+
+def _tokenizer_delimiters(directory: str | None) -> tuple[int, int] | None:
+    """``<img>`` / ``</img>`` ids of the tokenizer in checkpoint directory ``directory`` (None: none there)."""
+    if not directory or not Path(directory).is_dir() or not (Path(directory) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the prompt then lacks the delimiters, as the config says nothing
+        log.warning("%s: no tokenizer to find <img> / </img> in (%s)", directory, type(exc).__name__)
+        return None
+    ids = [tok.convert_tokens_to_ids(getattr(tok, attr, None) or default)
+           for attr, default in (("start_image_token", "<img>"), ("end_image_token", "</img>"))]
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        return None
+    return int(ids[0]), int(ids[1])

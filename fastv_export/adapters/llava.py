@@ -31,10 +31,3 @@ class LlavaAdapter(ModelAdapter):
         feats = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
         feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
         return feats.reshape(-1, feats.shape[-1])
-
-    def preprocess_image(self, image):
-        from transformers import CLIPImageProcessor
-
-        size = self.config.vision_config.image_size
-        proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return proc(images=image.convert("RGB"), return_tensors="np")["pixel_values"]

@@ -190,12 +190,3 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, tile, tile] of one image of the default size -> [M, D]."""
         return self.encode_unit(*self.vision_example(pixel_values[None]))
-
-    def preprocess_image(self, image):
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil)
-
-        h, w = self.default_size()
-        proc = LlavaOnevisionImageProcessorPil(size={"height": self.tile, "width": self.tile},
-                                               image_grid_pinpoints=self.config.image_grid_pinpoints)
-        return proc(images=image.convert("RGB").resize((w, h)), return_tensors="np")["pixel_values"][0]

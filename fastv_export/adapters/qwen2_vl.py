@@ -138,13 +138,3 @@ class Qwen2VLAdapter(ModelAdapter):
     def vision_grid_kwargs(self, grid: torch.Tensor) -> dict:
         """Further grid-derived inputs the vision tower takes precomputed (none for Qwen2-VL)."""
         return {}
-
-    def preprocess_image(self, image):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        v = self.config.vision_config
-        t, h, w = self.image_grid
-        side = h * v.patch_size
-        proc = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=v.patch_size,
-                                        merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
-        return proc(images=image.convert("RGB").resize((side, side)), return_tensors="np")["pixel_values"]

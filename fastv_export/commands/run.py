@@ -15,28 +15,41 @@ log = logging.getLogger(__name__)
 HELP = "answer a prompt with images / videos, or a chat request, with a bundle's graphs"
 DESCRIPTION = """\
 Drive the bundle exactly as a deployment runtime would: vision -> embed -> pre-K (TokenSelect) -> post-K,
-then decode steps over the two KV caches. The request goes through the checkpoint's own processing, read
-from the bundle (or --model DIR): its chat template, its image / video processor (resize, crop, normalize,
-smart resize, tiles) and its tokenizer on the whole prompt, each image or video placeholder expanded to
-that medium's tokens, as the Hugging Face processor does.
+then decode steps over the two KV caches. The request goes through the model's own processing, which every
+bundle carries (the presets' included; --model DIR uses another directory's files): its chat template, its
+image / video processor (resize, crop, normalize, smart resize, tiles; videos sampled at its fps / frame
+count) and its tokenizer on the whole prompt, each image or video placeholder expanded to that medium's
+tokens, as the Hugging Face processor does.
 
-The short form makes one user turn: the images, then the videos, then --prompt (after a --system turn).
---raw sends --prompt as written, without the chat template: write the model's own placeholders in it
-(e.g. "<image>" or "<|vision_start|><|image_pad|><|vision_end|>"; none: the media come first). A typed
-\\n in --prompt / --system is a line break.
---request FILE takes the OpenAI chat format (a list of requests is one batch, left-padded):
+The prompt: the chat template is applied by default. The short form makes one user turn: the images, then
+the videos, then --prompt (after a --system turn, where the template takes one); write no placeholders.
+--raw sends --prompt as written, without the chat template, in the model's own format: put the model's
+placeholders in it (e.g. "<image>" or "<|vision_start|><|image_pad|><|vision_end|>"; none: the media come
+first). A typed \\n in --prompt / --system is a line break.
+--request FILE takes the OpenAI chat format instead (a list of requests is one batch, left-padded):
   {"messages": [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
                                              {"type": "text", "text": "What is this?"}]}],
    "max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\\n"]}
-Options given on the command line override the request's. Temperature 0 (the default) is greedy.
+
+Generation: greedy by default (--temperature 0); --temperature T samples on the host from the tempered
+softmax, within --top-k / --top-p, from a seeded generator (--seed: the same seed, the same tokens;
+docs/design.md gives the algorithm). --stop TEXT ends a row at TEXT. Options given on the command line
+override the request's.
+
+Output: the prompt's size and what TokenSelect kept, then per row its tokens and text; --stream prints the
+text as it is generated instead (one request); --json prints one record (per row: tokens, text,
+finish_reason, prompt_tokens, kept_positions; per-stage times in ms).
 
 examples:
   fastv-export run bundle --image photo.jpg --prompt "What is in the image?" --stream
+  fastv-export run bundle --image photo.jpg --system "Answer in one word." --prompt "What animal is it?"
   fastv-export run bundle --image a.png --image b.jpg --prompt "Compare the two images." --max-new-tokens 64
   fastv-export run bundle --video clip.mp4 --prompt "What happens?" --temperature 0.7 --top-p 0.9 --seed 3
+  fastv-export run bundle --video frames/ --prompt "Describe the scene." --top-k 40 --temperature 0.8
   fastv-export run bundle --raw --image cat.png --prompt "USER: <image>\\nWhat is it? ASSISTANT:"
   fastv-export run bundle --request req.json --json
+  fastv-export run demo --image shapes.png --prompt "what colour at row 1 col 2 ?"   # demo: tiny-llava-shapes
   fastv-export run bundle --image cat.png --prompt "Describe it." --dump-inputs in/   # + fastv-run --inputs in/
 """
 DEFAULT_NEW_TOKENS = 32
@@ -48,10 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
     what.add_argument("--video", action="append", default=[], metavar="PATH",
                       help="a video file, or a folder of frames (repeatable)")
-    what.add_argument("--prompt", default=None, help="the user's text")
+    what.add_argument("--prompt", default=None,
+                      help="the user's text (the chat template is applied to it; --raw: sent as written)")
     what.add_argument("--system", default=None, metavar="TEXT", help="a system message before the user's turn")
     what.add_argument("--raw", action="store_true",
-                      help="send --prompt as written, without the chat template")
+                      help="send --prompt as written, without the chat template (the model's own format and "
+                           "placeholders)")
     what.add_argument("--request", default=None, metavar="JSON",
                       help="a request (or a list: one batch) in the OpenAI chat format, instead of the above")
     sampling = parser.add_argument_group("generation (override the request's)")
@@ -134,23 +149,17 @@ def _sampling(args: argparse.Namespace, requests: list) -> dict:
 
 
 def _frontend(args: argparse.Namespace, bundle):
-    """The front end over --model DIR, else the bundle's own files, else (bundles exported before they carried
-    them) the checkpoint directory they were exported from."""
+    """The front end over --model DIR, else over the bundle's own serving files (every bundle carries them)."""
     from fastv_export.frontend import Frontend, has_serving_files
 
     if args.model:
         if not Path(args.model).is_dir():
             raise FastVError(f"--model {args.model} is not a directory")
         return Frontend.load(args.model, bundle)
-    if has_serving_files(bundle.path):
-        return Frontend.load(bundle.path, bundle)
-    if bundle.source_checkpoint is not None:
-        source = Path(bundle.source)
-        if not source.is_dir():
-            raise FastVError(f"this bundle holds no tokenizer files and was exported from {bundle.source}, which is "
-                             "not a directory here: pass --model DIR (the checkpoint), or re-export the bundle")
-        return Frontend.load(source, bundle)
-    return None
+    if not has_serving_files(bundle.path):        # serving.tokenizer null: the checkpoint had none
+        raise FastVError(f"{bundle.path} carries no tokenizer (its checkpoint had none when it was exported): pass "
+                         "--model DIR with the model's tokenizer and processor files")
+    return Frontend.load(bundle.path, bundle)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -216,9 +225,6 @@ def run(args: argparse.Namespace) -> int:
     requests = _requests(args)
     bundle = load_bundle(args.bundle)
     front = _frontend(args, bundle)
-    if front is None:   # LEGACY: a preset bundle written before bundles carried tokenizer files; delete then
-        from fastv_export.commands import _run_legacy
-        return _run_legacy.run(args, bundle, requests)
     max_new = _pick(args.max_new_tokens, [r.max_tokens for r in requests], DEFAULT_NEW_TOKENS, "max_tokens")
     if max_new < 1:
         raise FastVError("--max-new-tokens must be >= 1")

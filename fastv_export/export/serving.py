@@ -3,10 +3,11 @@ at the bundle's top level under their Hugging Face names (so that ``AutoTokenize
 the image processor classes load from the bundle alone), and the manifest's ``serving`` section describing
 them (docs/manifest.md).
 
-A checkpoint's files are copied byte for byte; a checkpoint without ``tokenizer.json`` whose tokenizer loads
-gets the one that tokenizer saves; one without ``generation_config.json`` gets the one its config implies; one
-without a tokenizer exports with ``serving.tokenizer`` null (and a warning). Presets write theirs by code
-(fastv_export/presets/serving.py). The section is read back from the bundle's own copies.
+A checkpoint's files are copied byte for byte; a template kept inside ``tokenizer_config.json`` (or
+``processor_config.json``) is also written as ``chat_template.jinja``; a checkpoint without ``tokenizer.json``
+whose tokenizer loads gets the one that tokenizer saves; one without ``generation_config.json`` gets the one its
+config implies; one without a tokenizer exports with ``serving.tokenizer`` null (and a warning). Presets write
+theirs by code (fastv_export/presets/serving.py). The section is read back from the bundle's own copies.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def _copy_checkpoint_files(checkpoint: Path, config, out: Path) -> None:
     copied += [f for f in TOKENIZER_EXTRAS if (checkpoint / f).is_file()]
     for f in copied:
         shutil.copyfile(checkpoint / f, out / f)
+    _template_file(out)
     tokenizer = _load_tokenizer(checkpoint)
     with tempfile.TemporaryDirectory() as scratch:
         if tokenizer is not None and not (out / "tokenizer.json").is_file():
@@ -100,6 +102,24 @@ def probe_text(tokenizer) -> str:
         special = set(tokenizer.all_special_ids)
         ids = [i for i in sorted(tokenizer.get_vocab().values()) if i not in special][:8]
         return tokenizer.decode(ids)
+
+
+def _template_file(out: Path) -> None:
+    """A checkpoint that keeps its chat template inside ``tokenizer_config.json`` or ``processor_config.json``
+    (older checkpoints) gets it written as ``chat_template.jinja`` too, the file transformers reads first: the
+    template then has a file of its own (``serving.chat_template``) whatever the checkpoint's layout."""
+    if any((out / f).is_file() for f in ROLE_FILES["chat_template"]):
+        return
+    for holder in ("tokenizer_config.json", "processor_config.json"):
+        if (out / holder).is_file():
+            try:
+                template = _chat_template_text(out, holder)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue
+            if template:
+                (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+                log.info("the chat template of %s is written as chat_template.jinja", holder)
+                return
 
 
 def _load_tokenizer(directory: Path):
@@ -165,9 +185,6 @@ def serving_section(out: Path, config, name: str) -> dict:
     if roles["tokenizer"] and tokenizer is None:
         raise FastVError(f"the tokenizer files of {name} do not load (AutoTokenizer.from_pretrained); "
                          "check them with transformers and export again")
-    if roles["chat_template"] is None and roles["tokenizer_config"] is not None and \
-            _chat_template_text(out, roles["tokenizer_config"]):
-        roles["chat_template"] = roles["tokenizer_config"]       # older checkpoints keep it in tokenizer_config
     template = _chat_template_text(out, roles["chat_template"])
     chat = None
     if template is None:
@@ -180,8 +197,17 @@ def serving_section(out: Path, config, name: str) -> dict:
         chat = None if form is None else form.to_dict()
     adds_bos = None
     if tokenizer is not None:
-        bos = tokenizer.bos_token_id
-        probe = probe_text(tokenizer)
-        adds_bos = bos is not None and tokenizer.encode(probe)[:1] == [bos] != tokenizer.encode(
-            probe, add_special_tokens=False)[:1]
+        adds_bos = _adds_bos(tokenizer)
     return {**roles, "tokenizer_adds_bos": adds_bos, "generation": generation_section(out, config), "chat": chat}
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer writes its BOS token before a text (probed on its EOS token's text, which every
+    vocabulary holds: a word-level vocabulary cannot encode an arbitrary word)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    probe = tokenizer.eos_token or tokenizer.pad_token or "a"
+    with_special = tokenizer.encode(probe)
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    return len(with_special) > len(plain) and with_special[:1] == [bos]

@@ -430,7 +430,11 @@ class Frontend:
 
         expanded = re.sub(pattern, expand, text)
         bos = self.tokenizer.bos_token
-        ids = self.tokenizer(expanded, add_special_tokens=not (bos and expanded.startswith(bos)))["input_ids"]
+        try:
+            ids = self.tokenizer(expanded, add_special_tokens=not (bos and expanded.startswith(bos)))["input_ids"]
+        except Exception as exc:  # noqa: BLE001 - e.g. a word-level vocabulary without an unknown token
+            raise FastVError(f"{where}the model's tokenizer cannot encode this prompt ({_first_line(exc)})"
+                             f"{self._unknown_words(text)}") from None
         want = sum(m.count for m in media)
         got = int(np.isin(ids, self.bundle.image_token_ids).sum())
         if got != want:
@@ -438,6 +442,16 @@ class Frontend:
                              f"the tokenizer does not keep the placeholder {tokens['image']} as one token (id "
                              f"{self.bundle.image_token_ids}), or the text holds placeholder ids of its own")
         return [int(t) for t in ids], ordered
+
+    def _unknown_words(self, text: str) -> str:
+        """``: words it lacks: ...`` for the whitespace-separated words of ``text`` outside the vocabulary."""
+        for token in self.tokenizer.get_added_vocab():
+            text = text.replace(token, " ")
+        vocab = self.tokenizer.get_vocab()
+        unknown = list(dict.fromkeys(w for w in text.split() if w not in vocab))
+        if not unknown:
+            return "; write the text in words its vocabulary holds"
+        return f": its vocabulary lacks {', '.join(map(repr, unknown[:8]))}; write the prompt in words it knows"
 
     def _check_marks(self, text: str, kinds: list[str], where: str) -> None:
         """One placeholder in ``text`` per image and per video given, as the HF processor requires."""

@@ -110,7 +110,8 @@ def _tiny_llava_onevision_config():
 
 def _tiny_internvl_config():
     """InternVL: 56 px tiles of 7 px patches (8 x 8), pixel shuffle 0.5 -> 16 tokens per tile; an image
-    is 1 to 6 tiles (+ a thumbnail), a video one tile per frame; Qwen2 text model."""
+    is 1 to 6 tiles (+ a thumbnail) between <img> (502) and </img> (503), a video one tile per frame; Qwen2
+    text model."""
     from transformers import InternVLConfig
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[56, 56],
@@ -119,8 +120,11 @@ def _tiny_internvl_config():
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                 initializer_range=TINY_INIT_RANGE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 use_sliding_window=False, tie_word_embeddings=False)
+    # <img> / </img>, which the processor writes around an image's context tokens, are tokenizer tokens in
+    # InternVL checkpoints; the preset names their ids in its config (adapters/internvl.py image_delimiters)
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=500, downsample_ratio=0.5,
-                          image_seq_length=16, initializer_range=TINY_INIT_RANGE, tie_word_embeddings=False)
+                          image_seq_length=16, initializer_range=TINY_INIT_RANGE, tie_word_embeddings=False,
+                          start_image_token_id=502, end_image_token_id=503)
 
 
 def _bench_llava_config():

@@ -4,14 +4,18 @@
 a preset's bundle is served exactly like a checkpoint's (fastv_export/export/serving.py).
 
 - random presets: byte-level, byte ``b`` has id ``10 + b`` (no merges), the special tokens at the config's
-  ids (pad 0, ``<s>`` 1, ``</s>`` 2, the vision tokens), ChatML's ``<|im_start|>`` / ``<|im_end|>`` at 266 / 267
-  for the families that use it; the tokenizer adds ``<s>`` before a text as the presets' prompts always had;
+  ids (pad 0, ``<s>`` 1, ``</s>`` 2, the vision tokens; InternVL's ``<img>`` / ``</img>`` at its config's start /
+  end image token ids), ChatML's ``<|im_start|>`` / ``<|im_end|>`` at 266 / 267 for the families that use it.
+  Every one adds ``<s>`` before a text, the Qwen-style ones included (a real Qwen tokenizer adds none): the
+  random presets are exported, validated and benchmarked on prompts that start with their config's BOS
+  (fastv_export/prompts.py), and their serving files keep to that;
 - ``tiny-llava-shapes``: its word vocabulary (:mod:`.shapes`) as a WordLevel model split on whitespace (an
   unknown word is an encoding error), and a template that makes exactly the prompts it was trained on
   (``<s> <image> question words``; the processor expands ``<image>`` to the 64 image tokens).
 Each family's chat template is in that family's style (LLaVA-1.5 ``USER: <image>\\n... ASSISTANT:``, Qwen's
-ChatML with ``<|vision_start|><|image_pad|><|vision_end|>``, ...); its image processor config gives the
-exported size, as the adapter's ``preprocess_image`` has it.
+ChatML with ``<|vision_start|><|image_pad|><|vision_end|>``, ...); its image processor config (the family's
+processor class, as its checkpoints name it) gives the exported size: an image of that size (any size for the
+families whose vision layout takes several) makes what the bundle's vision graph takes.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Callable
 
 from fastv_export.errors import FastVError
 
-BYTE_OFFSET = 10                       # byte b -> id 10 + b (commands/run.py's byte codec)
+BYTE_OFFSET = 10                       # byte b -> id 10 + b (the presets' synthetic text ids start there)
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHATML_IDS = {IM_START: 266, IM_END: 267}
@@ -120,8 +124,11 @@ FAMILIES = {
                               True, _onevision),
     "internvl": Family(INTERNVL, {"image_token_id": "<IMG_CONTEXT>"}, True, _internvl),
 }
-#: InternVL's other vision tokens, at the free ids after the image token (the processor writes <img> ... </img>)
-INTERNVL_EXTRA = {"<video>": 1, "<img>": 2, "</img>": 3}
+#: InternVL's tokenizer attributes (``extra_special_tokens``, as InternVL checkpoints name them) and their texts;
+#: ``<img>`` / ``</img>`` at the config's start / end image token ids, ``<video>`` at the free id after the image
+#: token
+INTERNVL_TOKENS = {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>", "end_image_token": "</img>",
+                   "video_token": "<video>"}
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
@@ -171,8 +178,8 @@ def _preset_tokenizer(name: str, config, family: Family):
     for attr, token in family.vision_tokens.items():
         special[token] = int(getattr(config, attr))
     if family is FAMILIES["internvl"]:
-        base = int(config.image_token_id)
-        special.update({token: base + offset for token, offset in INTERNVL_EXTRA.items()})
+        special.update({"<video>": int(config.image_token_id) + 1, "<img>": int(config.start_image_token_id),
+                        "</img>": int(config.end_image_token_id)})
     if family.chatml:
         special.update(CHATML_IDS)
     if len(set(special.values())) != len(special) or max(special.values()) >= int(text.vocab_size):
@@ -192,9 +199,10 @@ def write_preset_files(name: str, out: str | Path) -> None:
     family = FAMILIES[adapter.name]
     backend, template = _preset_tokenizer(name, config, family)
     text = config.text_config
+    extra = {"extra_special_tokens": dict(INTERNVL_TOKENS)} if family is FAMILIES["internvl"] else {}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                         clean_up_tokenization_spaces=False, chat_template=template,
-                                        model_max_length=int(text.max_position_embeddings))
+                                        model_max_length=int(text.max_position_embeddings), **extra)
     generation = GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
                                   pad_token_id=text.pad_token_id)
     with tempfile.TemporaryDirectory() as scratch:
@@ -203,3 +211,14 @@ def write_preset_files(name: str, out: str | Path) -> None:
         generation.save_pretrained(scratch)
         for f in FILES:
             shutil.copyfile(Path(scratch) / f, Path(out) / f)
+
+
+def preset_frontend(name: str, manifest):
+    """The front end (:class:`fastv_export.frontend.Frontend`) of preset ``name`` from its serving files, as its
+    bundle serves it; ``manifest``: the bundle's manifest or :func:`fastv_export.frontend.processor.model_view`
+    of the loaded preset."""
+    from fastv_export.frontend import Frontend
+
+    with tempfile.TemporaryDirectory() as scratch:
+        write_preset_files(name, scratch)
+        return Frontend.load(scratch, manifest)       # reads every file while loading
