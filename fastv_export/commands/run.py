@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt", default=None,
                       help="the user's text (the chat template is applied to it; --raw: sent as written)")
     what.add_argument("--system", default=None, metavar="TEXT", help="a system message before the user's turn")
-    what.add_argument("--raw", action="store_true",
+    what.add_argument("--raw", action="store_true", dest="as_written",
                       help="send --prompt as written, without the chat template (the model's own format and "
                            "placeholders)")
     what.add_argument("--request", default=None, metavar="JSON",
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         raise FastVError("--max-new-tokens must be >= 1")
     params = _sampling(args, requests)
     stops = [list(args.stop) if args.stop is not None else list(r.stop) for r in requests]
-    prepared = front.prepare(requests, raw=args.raw, check_engines=args.runner == "tensorrt")
+    prepared = front.prepare(requests, raw=args.as_written, check_engines=args.runner == "tensorrt")
     if args.dump_inputs:
         from fastv_export.runtime.dump import dump_inputs
         from fastv_export.runtime.generate import find_candidates
