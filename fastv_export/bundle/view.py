@@ -280,6 +280,11 @@ class Manifest:
         return Serving.from_dict(self.raw["serving"])
 
     @property
+    def has_serving(self) -> bool:
+        """Whether this manifest has a ``serving`` section (a bundle's always; a view of a loaded model has none)."""
+        return "serving" in self.raw
+
+    @property
     def files(self) -> dict[str, dict]:
         """Every file of the bundle but manifest.json: name -> {"sha256", "bytes"}."""
         return dict(self.raw["files"])

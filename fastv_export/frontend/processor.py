@@ -189,8 +189,7 @@ class Frontend:
     def eos_token_ids(self) -> list[int]:
         """The ids generation stops at: the checkpoint's generation config (the bundle's ``serving.generation``, every
         id ``model.generate`` stops at), else the model config's, else the tokenizer's."""
-        serving = (getattr(self.bundle, "raw", None) or {}).get("serving") or {}
-        ids = (serving.get("generation") or {}).get("eos_token_ids")
+        ids = self.bundle.serving.generation.eos_token_ids if getattr(self.bundle, "has_serving", False) else None
         if ids:
             return [int(e) for e in ids]
         eos = self.bundle.eos_token_id
