@@ -265,13 +265,15 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, ru
 def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 3),
                     report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None,
                     media: list[Media] | None = None, model: str | Path | None = None, atol: float | None = None,
-                    rtol: float | None = None) -> dict:
+                    rtol: float | None = None, requests: list | None = None) -> dict:
     """Compare ``runner`` (default: ONNX Runtime on ``bundle``, a verified Bundle or a directory verified
     here) with the PyTorch reference; writes validation.json (+ Polygraphy RunResults) and returns the
     report. ``media``: the images and videos of every prompt (default: one image of the exported size);
     ``model``: where the source model is (default: the preset, or the checkpoint the bundle records);
     ``atol``/``rtol``: the float comparisons' absolute and relative terms (default: by precision,
-    ``TOLERANCES``)."""
+    ``TOLERANCES``); ``requests``: real requests (:class:`fastv_export.frontend.Request`, e.g. from
+    ``load_requests``) instead of synthetic prompts, each one case, through the front end loaded from the
+    bundle (its own tokenizer, processor and chat template)."""
     if runner is not None:
         bundle = runner.bundle                        # a runner holds a verified bundle
     elif not isinstance(bundle, Bundle):
@@ -294,8 +296,11 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
     out_dir = Path(report_dir) if report_dir else bundle.path / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = []
-    for b in batch_sizes:
-        prompt = make_prompt(adapter, [12 + 5 * i for i in range(b)], num_images=1, seed=seed + b, media=media)
+    prompts = (_request_prompts(bundle, adapter, requests) if requests
+               else [make_prompt(adapter, [12 + 5 * i for i in range(b)], num_images=1, seed=seed + b, media=media)
+                     for b in batch_sizes])
+    for prompt in prompts:
+        b = int(prompt.input_ids.shape[0])
         ref_tokens, ref_logits, ref_kept, scores, cands = _reference(model, cfg, prompt, max_new_tokens)
         images, seconds = _images(prompt, adapter), _video_seconds(prompt)
         ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
@@ -328,11 +333,31 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
         case.passed = ok and not failure
         cases.append(case)
     report = {"bundle": str(bundle.path), "model": bundle.source_name, "runner": runner.name,
-              "media": None if media is None else [asdict(x) for x in media],
+              "media": ([asdict(x) for x in prompts[0].media] if requests and prompts[0].media else
+                        None if media is None else [asdict(x) for x in media]),
+              "requests": len(requests) if requests else 0,
               "fastv": cfg.to_manifest(), "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
               "cases": [asdict(c) for c in cases], "passed": all(c.passed for c in cases)}
     atomic_write_json(out_dir / "validation.json", report)
     return report
+
+
+def _request_prompts(bundle: Bundle, adapter, requests: list) -> list[Prompt]:
+    """One prompt (batch 1) per request, as the front end makes it from the bundle's own serving files, with
+    the vision inputs of the HF model's forward (what its processor returns) for the reference."""
+    from fastv_export.frontend import Frontend
+    from fastv_export.frontend.processor import model_vision_inputs
+
+    front = Frontend.load(bundle.path, bundle)
+    prompts = []
+    for request in requests:
+        prepared = front.prepare(request)
+        ids = torch.from_numpy(prepared.input_ids)
+        vision = {k: torch.from_numpy(np.ascontiguousarray(v))
+                  for k, v in model_vision_inputs(prepared.processed[0], front.family).items()}
+        prompts.append(Prompt(ids, torch.from_numpy(prepared.attention_mask), vision, adapter.text_inputs(ids),
+                              media=list(prepared.media)))
+    return prompts
 
 
 def _why(case: CaseReport, tol: dict) -> str:

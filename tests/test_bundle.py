@@ -162,3 +162,22 @@ def test_bad_bundles_fail_with_one_line(exported_bundle, tmp_path, capsys):
         rc, err = run_cli(capsys, ["validate", str(path), "--max-new-tokens", "2", "--batch-sizes", "1"])
         assert rc == 2 and message in err and len(err.splitlines()) == 1, (what, err)
         assert sorted(p.name for p in path.iterdir()) == before, what
+
+
+def test_config_hash_ignores_where_the_checkpoint_was_loaded_from(tmp_path):
+    """A checkpoint moved to another directory is the same model (validate --model NEWDIR must not call the bundle
+    stale); a changed config value is not."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from fastv_export.bundle import config_hash
+    from fastv_export.presets import build_preset_config
+
+    build_preset_config("tiny-qwen2.5-vl").save_pretrained(tmp_path / "a")
+    build_preset_config("tiny-qwen2.5-vl").save_pretrained(tmp_path / "b")
+    a, b = (AutoConfig.from_pretrained(tmp_path / d) for d in "ab")
+    assert a._name_or_path != b._name_or_path
+    assert config_hash(SimpleNamespace(config=a)) == config_hash(SimpleNamespace(config=b))
+    b.text_config.rope_parameters["rope_theta"] = 5000.0
+    assert config_hash(SimpleNamespace(config=a)) != config_hash(SimpleNamespace(config=b))

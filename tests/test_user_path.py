@@ -289,6 +289,35 @@ def test_short_cli_form_equals_hugging_face(family, bundle, checkpoint, images, 
     assert row["tokens"] == _hf_tokens(ckpt, ref, "1/2")
 
 
+@pytest.mark.slow
+def test_validate_on_real_requests(bundle, checkpoint, images, media, tmp_path, capsys):
+    """``validate --request`` (two requests: a PNG with a system turn, the video) and ``validate --image --prompt``
+    on the R=1/2 Qwen2.5-VL bundle whose checkpoint was deleted (``--model`` names the directory): each request is
+    one case, its prompt exactly the processor's, and every comparison passes."""
+    import json
+
+    family = "qwen2_5_vl"
+    ckpt, path = checkpoint(family), bundle(family, "1/2")
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps([_request_json(_chat("image"), str(images[0])),
+                               _request_json(_chat("video"), str(media / "moving.mp4"))]))
+    rc, err = run_cli(capsys, ["validate", str(path), "--model", str(ckpt), "--request", str(req),
+                               "--max-new-tokens", "4", "--report-dir", str(tmp_path / "v")])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "v" / "validation.json").read_text())
+    assert report["requests"] == 2 and [c["batch"] for c in report["cases"]] == [1, 1]
+    for case, (kind, medium) in zip(report["cases"], (("image", images[0]), ("video", media / "moving.mp4"))):
+        ref = uc.hf_prompt(ckpt, _chat(kind), [medium] if kind == "image" else [], [medium] if kind == "video"
+                           else None)
+        assert case["prompt_tokens"] == ref["input_ids"].shape[1] and case["passed"]
+        assert case["kept_tokens"] < case["prompt_tokens"]
+    rc, err = run_cli(capsys, ["validate", str(path), "--model", str(ckpt), "--image", str(images[1]), "--prompt",
+                               QUESTION, "--max-new-tokens", "4", "--report-dir", str(tmp_path / "v2")])
+    assert rc == 0, err
+    rc, err = run_cli(capsys, ["validate", str(path), "--request", str(req), "--media", "image"])
+    assert rc == 2 and len(err.splitlines()) == 1 and "--media" in err
+
+
 # ---------------------------------------------------------------------------------------------- videos
 VIDEO_CASES = [("qwen2_5_vl", "moving.mp4"), ("qwen2_5_vl", "frames"), ("onevision", "moving.mp4")]
 

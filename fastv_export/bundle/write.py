@@ -7,6 +7,7 @@ will (JSON Schema and consistency) and only then writes it, atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -35,9 +36,20 @@ def encode_runs(tokens: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+#: config keys that say where a model was loaded from, not what it is (a moved checkpoint is the same model)
+LOCATION_KEYS = ("_name_or_path", "_commit_hash")
+
+
 def config_hash(adapter: ModelAdapter) -> str:
-    """sha256 of the model's full config JSON (validation refuses a bundle whose source model changed)."""
-    return hashlib.sha256(adapter.config.to_json_string(use_diff=False).encode()).hexdigest()
+    """sha256 of the model's full config JSON, without where it was loaded from (validation refuses a bundle whose
+    source model changed, not one whose checkpoint directory moved)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in LOCATION_KEYS}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    config = json.loads(adapter.config.to_json_string(use_diff=False))
+    return hashlib.sha256(json.dumps(strip(config), sort_keys=True).encode()).hexdigest()
 
 
 def source_fields(model: str | Path, bundle_dir: Path) -> dict:

@@ -29,6 +29,11 @@ examples:
   fastv-export validate qwen25_bundle --media image@112x224,image@224x168
   fastv-export validate onevision_bundle --media video:4,image@40x30
   fastv-export validate qwen25_bundle --atol 1e-4 --rtol 1e-4
+  fastv-export validate bundle --request req.json     # your own images and text (the `run --request` format)
+  fastv-export validate bundle --image photo.jpg --prompt "What is in the image?"
+
+--request / --image / --video / --prompt validate on real inputs instead: each request is one case, made
+by the bundle's own tokenizer, processor and chat template exactly as `fastv-export run` makes it.
 """
 
 
@@ -45,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp32 1e-4; fp16 1e-1 logits, 1e-2 x max(1, max|reference|) graph outputs)")
     parser.add_argument("--rtol", type=float, default=None,
                         help="relative term: |a - b| <= atol + rtol x |reference| (default fp32 1e-4, fp16 1e-2)")
+    real = parser.add_argument_group("real inputs instead of synthetic prompts (as `fastv-export run` takes them)")
+    real.add_argument("--request", default=None, metavar="JSON",
+                      help="requests in the OpenAI chat format (one or a list): one case each")
+    real.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    real.add_argument("--video", action="append", default=[], metavar="PATH",
+                      help="a video file, or a folder of frames (repeatable)")
+    real.add_argument("--prompt", default=None, help="the user's text (with --image / --video)")
     add_runner_argument(parser)
     parser.add_argument("--model", default=None, metavar="PRESET|DIR",
                         help="the source model to compare with (default: the bundle's preset, or the checkpoint "
@@ -65,8 +77,26 @@ def run(args: argparse.Namespace) -> int:
     from fastv_export.runtime.runners import open_runner
 
     media = parse_media(args.media) if args.media else None
+    requests = _requests(args)
+    if requests and media:
+        raise FastVError("--media describes synthetic prompts; with --request / --image / --prompt leave it out")
     runner = open_runner(load_bundle(args.bundle), args.runner)
     report = validate_bundle(runner.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner, media=media,
-                             model=args.model, atol=args.atol, rtol=args.rtol)
+                             model=args.model, atol=args.atol, rtol=args.rtol, requests=requests)
     print(format_report(report))
     return 0 if report["passed"] else 1
+
+
+def _requests(args: argparse.Namespace) -> list | None:
+    """The real requests of --request, or the one of --image / --video / --prompt (None: synthetic prompts)."""
+    from fastv_export.frontend.request import from_cli, load_requests
+
+    if args.request:
+        if args.prompt is not None or args.image or args.video:
+            raise FastVError("give either --request or --image / --video / --prompt, not both")
+        return load_requests(args.request)
+    if args.prompt is None:
+        if args.image or args.video:
+            raise FastVError("--image / --video need --prompt (the user's text)")
+        return None
+    return [from_cli(args.prompt, args.image, args.video)]
