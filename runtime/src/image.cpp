@@ -118,6 +118,14 @@ struct PngGuard {
 };
 
 Image decode_png(const uint8_t* data, size_t size, const std::string& name) {
+  // the size first, from the IHDR (the first chunk), before libpng reads further
+  if (size >= 24 && std::memcmp(data + 12, "IHDR", 4) == 0) {
+    auto be32 = [&](size_t i) {
+      return (uint64_t{data[i]} << 24) | (uint64_t{data[i + 1]} << 16) | (uint64_t{data[i + 2]} << 8) | data[i + 3];
+    };
+    const uint64_t w = be32(16), h = be32(20);
+    if (w && h) check_dimensions(w, h, name);
+  }
   PngState st;
   st.data = data;
   st.size = size;
@@ -141,7 +149,7 @@ Image decode_png(const uint8_t* data, size_t size, const std::string& name) {
     for (int x = 0; x < im.width; ++x, out += 3) {
       if (st.color_type == PNG_COLOR_TYPE_PALETTE) {
         std::memcpy(out, &st.palette[3 * in[x]], 3);
-      } else if (grey && st.bit_depth == 16) {
+      } else if (st.color_type == PNG_COLOR_TYPE_GRAY && st.bit_depth == 16) {
         // PIL opens 16-bit grey as I;16; its conversion to RGB clips at 255
         const unsigned v = (unsigned(in[2 * x * st.channels]) << 8) | in[2 * x * st.channels + 1];
         out[0] = out[1] = out[2] = uint8_t(v > 255 ? 255 : v);

@@ -58,9 +58,10 @@ struct ResampleCoeffs {
 inline constexpr int kResamplePrecisionBits = 32 - 8 - 2;
 ResampleCoeffs resample_coeffs(int in_size, int out_size, Resample filter);
 
-/// ``image`` resized to width x height as Pillow does on an RGB image: horizontal pass then vertical pass,
-/// each on uint8 with the fixed-point coefficients (a pass is skipped when its size is unchanged); Nearest as
-/// Pillow's affine nearest-neighbour scale.
+/// ``image`` resized to width x height as Pillow (13) does on an RGB image: a horizontal and a vertical pass, each
+/// on uint8 with the fixed-point coefficients, the vertical one first when the height shrinks by more than twice
+/// what the width shrinks (Pillow <= 12 always ran the horizontal one first); a pass is skipped when its size is
+/// unchanged; Nearest as Pillow's affine nearest-neighbour scale.
 Image resize(const Image& image, int width, int height, Resample filter);
 
 // ---- the checkpoint's image processor --------------------------------------------------------------------
