@@ -84,7 +84,8 @@ def png_bytes(rows: np.ndarray, color_type: int, bit_depth: int, extra: bytes = 
     stride = len(raw) // h
     data = b"".join(b"\0" + raw[i * stride:(i + 1) * stride] for i in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + extra + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + extra + chunk(b"IDAT", zlib.compress(data))
+            + chunk(b"IEND", b""))
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -172,11 +172,13 @@ Image decode_png(const uint8_t* data, size_t size, const std::string& name) {
         else if (st.trns_alpha[i] != 255) opaque_rest = false;
       }
       if (zeros == 1 && opaque_rest)
-        im.transparent = std::array<uint8_t, 3>{st.palette[3 * zero], st.palette[3 * zero + 1], st.palette[3 * zero + 2]};
+        im.transparent = std::array<uint8_t, 3>{st.palette[3 * zero], st.palette[3 * zero + 1],
+                                                st.palette[3 * zero + 2]};
     } else if (grey && st.bit_depth <= 8) {
       const unsigned v = st.trns_color.gray;
-      if (st.bit_depth == 1) throw Error(error_prefix(name) + "a 1-bit grey PNG with a transparent colour is not served; "
-                                         "convert it to 8-bit RGB");
+      if (st.bit_depth == 1)
+        throw Error(error_prefix(name) + "a 1-bit grey PNG with a transparent colour is not served; convert it to "
+                    "8-bit RGB");
       if (v <= 255) im.transparent = std::array<uint8_t, 3>{uint8_t(v), uint8_t(v), uint8_t(v)};
     } else if (grey) {
       throw Error(error_prefix(name) + "a 16-bit grey PNG with a transparent colour is not served; convert it to "

@@ -1,6 +1,6 @@
 // Pillow's resize on uint8 RGB (libImaging/Resample.c, Geometry.c) and the transformers PIL image processors
 // of the served families (CLIPImageProcessor, Qwen2VLImageProcessor), in the arithmetic they use:
-//   resize: separable, two passes (the order as Pillow 13 picks it), each output = clip8((2^21 + sum in * k_fixed) >> 22)
+//   resize: separable, two passes (in the order Pillow 13 picks), each output = clip8((2^21 + sum in * k_fixed) >> 22)
 //           with k_fixed = round-half-away(k * 2^22) of the normalized double filter weights;
 //   rescale: float32(double(v) * rescale_factor)   (transformers' rescale: float64 product, cast to float32);
 //   normalize: (x - float32(mean)) / float32(std) in float32.
@@ -137,7 +137,8 @@ bool is_any(const std::string& type, std::initializer_list<const char*> bases) {
 int64_t get_int(const nlohmann::json& j, const char* key, const std::string& where) {
   const auto& v = j.at(key);
   if (v.is_number_integer()) return v.get<int64_t>();
-  if (v.is_number_float() && v.get<double>() == std::floor(v.get<double>())) return static_cast<int64_t>(v.get<double>());
+  if (v.is_number_float() && v.get<double>() == std::floor(v.get<double>()))
+    return static_cast<int64_t>(v.get<double>());
   throw Error(where + ": '" + key + "' must be an integer, got " + v.dump());
 }
 
@@ -246,7 +247,8 @@ Image resize(const Image& image, int width, int height, Resample filter) {
   // pass first when the height shrinks by more than twice what the width shrinks, else the horizontal pass first
   // (found equal to Pillow 13.0 on every size pair tried, both orders being told apart on each)
   const bool vertical_first =
-      horizontal && vertical && height < image.height && 2 * (int64_t{image.width} - width) < int64_t{image.height} - height;
+      horizontal && vertical && height < image.height &&
+      2 * (int64_t{image.width} - width) < int64_t{image.height} - height;
   Image out;
   if (!horizontal) {
     out = pass(image, resample_coeffs(image.height, height, filter), false);
@@ -316,8 +318,10 @@ ImageProcessor ImageProcessor::from_config(const nlohmann::json& c, const std::s
     }
     if (c.contains("min_pixels") && !c["min_pixels"].is_null()) p.min_pixels_ = get_int(c, "min_pixels", where);
     if (c.contains("max_pixels") && !c["max_pixels"].is_null()) p.max_pixels_ = get_int(c, "max_pixels", where);
-    if (c.contains("patch_size") && !c["patch_size"].is_null()) p.patch_ = static_cast<int>(get_int(c, "patch_size", where));
-    if (c.contains("merge_size") && !c["merge_size"].is_null()) p.merge_ = static_cast<int>(get_int(c, "merge_size", where));
+    if (c.contains("patch_size") && !c["patch_size"].is_null())
+      p.patch_ = static_cast<int>(get_int(c, "patch_size", where));
+    if (c.contains("merge_size") && !c["merge_size"].is_null())
+      p.merge_ = static_cast<int>(get_int(c, "merge_size", where));
     if (c.contains("temporal_patch_size") && !c["temporal_patch_size"].is_null())
       p.temporal_ = static_cast<int>(get_int(c, "temporal_patch_size", where));
     if (p.patch_ < 1 || p.patch_ > 1024 || p.merge_ < 1 || p.merge_ > 64 || p.temporal_ < 1 || p.temporal_ > 64)
@@ -443,7 +447,8 @@ Pixels ImageProcessor::process(const Image& source) const {
       nh = height_, nw = width_;
     }
     if (nh < 1 || nw < 1 || nh > 65536 || nw > 65536 || nh * nw > kMaxImagePixels)
-      throw Error(type_ + ": a " + std::to_string(im.width) + "x" + std::to_string(im.height) + " px image resizes to " +
+      throw Error(type_ + ": a " + std::to_string(im.width) + "x" + std::to_string(im.height) +
+                  " px image resizes to " +
                   std::to_string(nw) + "x" + std::to_string(nh) + " px, which fastv-run does not serve");
     im = resize(im, static_cast<int>(nw), static_cast<int>(nh), resample_);
   }

@@ -155,8 +155,8 @@ void processor_checks() {
                                                  {"do_normalize", false}}, "test");
   const auto px = raw.process(im);
   const float* v = px.pixel_values.as<float>();
-  check(px.pixel_values.shape == std::vector<int64_t>{16, 3 * 2 * 14 * 14} && px.grid_thw == std::vector<int64_t>{1, 4, 4} &&
-            px.tokens == 4,
+  check(px.pixel_values.shape == std::vector<int64_t>{16, 3 * 2 * 14 * 14} &&
+            px.grid_thw == std::vector<int64_t>{1, 4, 4} && px.tokens == 4,
         "qwen 56x56: 16 patches of 1176, grid (1, 4, 4), 4 tokens");
   // row 1 is patch (0, 1) of merge block (0, 0): x0 = 14; element (c=0, t=1, ph=2, pw=3) = pixel (y=2, x=17)
   check(v[1 * 1176 + (0 * 2 + 1) * 196 + 2 * 14 + 3] == float((2 * 56 + 17) % 256), "qwen patch order (mw, then t)");
@@ -167,8 +167,8 @@ void processor_checks() {
   check(throws_with([] { fastv::ImageProcessor::from_config({{"image_processor_type", "LlavaOnevisionImageProcessor"}},
                                                             "cfg"); }, "not served"),
         "OneVision tiles refused");
-  check(throws_with([] { fastv::ImageProcessor::from_config({{"image_processor_type", "SiglipImageProcessor"}}, "cfg"); },
-                    "not served"),
+  check(throws_with([] { fastv::ImageProcessor::from_config({{"image_processor_type", "SiglipImageProcessor"}},
+                                                            "cfg"); }, "not served"),
         "unknown processor refused");
   check(throws_with([] { fastv::ImageProcessor::from_config({{"image_processor_type", "CLIPImageProcessor"},
                                                              {"resample", 9}}, "cfg"); }, "resample"),
