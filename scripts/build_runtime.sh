@@ -4,8 +4,8 @@
 # Usage: scripts/build_runtime.sh [--build-dir DIR] [--tensorrt-include DIR] [--with-tensorrt ON|OFF|AUTO]
 #                                 [--jobs N] [--no-deps] [--clean]
 #
-# Prerequisites (installed here unless --no-deps): cmake, a C++17 compiler, nlohmann-json3-dev and
-# libssl-dev (apt-get, when available: run as root), pybind11 (pip, into .venv or the python3 found) for
+# Prerequisites (installed here unless --no-deps): cmake, a C++17 compiler, nlohmann-json3-dev, libssl-dev and
+# libicu-dev (apt-get, when available: run as root), pybind11 (pip, into .venv or the python3 found) for
 # the cpu executor, which runs the graphs in the onnxruntime Python package embedded in fastv-run.
 # TensorRT: the executor is always compiled against the TensorRT headers (scripts/fetch_trt_headers.sh:
 # --tensorrt-include, $TENSORRT_INCLUDE_DIR, $TensorRT_ROOT, else the fetched 10.14 headers) and linked
@@ -44,6 +44,7 @@ if [ "$deps" -eq 1 ]; then
   command -v c++ >/dev/null 2>&1 || missing+=(g++)
   [ -f /usr/include/nlohmann/json.hpp ] || [ -f /usr/local/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
   [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+  [ -f /usr/include/unicode/regex.h ] || missing+=(libicu-dev)
   if [ "${#missing[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
       echo "build_runtime.sh: apt-get install ${missing[*]}" >&2

@@ -154,7 +154,7 @@ Result Session::generate(const std::vector<Request>& batch, const Overrides& o, 
   std::vector<Stops> stops;
   for (const auto& r : batch) stops.emplace_back(o.stop ? *o.stop : r.stop);
   std::vector<StreamDecoder> decoders;
-  for (size_t r = 0; r < rows; ++r) decoders.emplace_back(frontend_->tokenizer());
+  for (size_t r = 0; r < rows; ++r) decoders.emplace_back(frontend_->tokenizer(), true);   // special tokens skipped, as Python decodes
   std::vector<std::string> text(rows);
   std::vector<size_t> shown(rows, 0);
   std::vector<bool> done(rows, false);
