@@ -4,9 +4,7 @@
 // token count, the WHOLE text tokenized once, the BOS token added unless the text already starts with it.
 #include "fastv/request.hpp"
 
-#if __has_include("fastv/tokenizer.hpp")
 #include "fastv/tokenizer.hpp"
-#endif
 #if __has_include("fastv/image.hpp")
 #include "fastv/image.hpp"
 #endif

@@ -1,9 +1,7 @@
 // The Session: `fastv-export run` (fastv_export/commands/run.py) in C++ over a bundle loaded once.
 #include "fastv/session.hpp"
 
-#if __has_include("fastv/tokenizer.hpp")
 #include "fastv/tokenizer.hpp"
-#endif
 #include "standin/standin21.hpp"
 
 #include <algorithm>

@@ -19,7 +19,7 @@ namespace {
 const char* kUsage =
     "usage: fastv-run --bundle DIR (--request JSON | --prompt TEXT [--image PATH]... [--system TEXT] [--raw]\n"
     "                 | --inputs DIR) [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
-    "                 [--stop TEXT]... [--stream] [--json] [--dry-run] [--executor trt|cpu]\n"
+    "                 [--stop TEXT]... [--stream] [--json] [--dry-run] [--each] [--executor trt|cpu]\n"
     "  --bundle DIR          a bundle written by `fastv-export export` (engines: `fastv-export build`)\n"
     "  --request JSON        a request (or a list: one batch) in the OpenAI chat format, as `fastv-export run` takes\n"
     "  --prompt TEXT         the user's text (a typed \\n is a line break); with --image PATH (repeatable, PNG or\n"
@@ -32,6 +32,8 @@ const char* kUsage =
     "  --stop TEXT           stop a row when its text contains TEXT, cut there (repeatable)\n"
     "  --stream              print the text as it is generated (one request)\n"
     "  --json                print one JSON record: tokens, text, finish reason, kept positions, per-stage times\n"
+    "  --each                answer the requests of a --request list one after another (not as one batch):\n"
+    "                        one output (one --json line) per request, the bundle and executor loaded once\n"
     "  --dry-run             print the prompt token ids and the sha256 of the float32 pixel values; run no graph\n"
     "  --executor trt|cpu    TensorRT engines (GPU), or the ONNX graphs in ONNX Runtime on the CPU\n"
     "                        (default: trt when this build has TensorRT and the bundle has engines, else cpu)\n";
@@ -73,7 +75,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> prompt, system;
   std::vector<std::string> images, videos;
   fastv::Overrides o;
-  bool as_json = false, stream = false, dry_run = false;
+  bool as_json = false, stream = false, dry_run = false, each = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -84,6 +86,8 @@ int main(int argc, char** argv) {
       as_json = true;
     } else if (a == "--stream") {
       stream = true;
+    } else if (a == "--each") {
+      each = true;
     } else if (a == "--dry-run") {
       dry_run = true;
     } else if (a == "--raw") {
@@ -222,6 +226,18 @@ int main(int argc, char** argv) {
         }
         return false;
       };
+    if (each) {   // one request at a time through the same session
+      for (const auto& request : batch) {
+        const fastv::Result res = session.generate(request, o);
+        if (as_json) {
+          std::cout << answer_record(res, session.executor_name()).dump() << "\n";
+        } else {
+          std::cout << "tokens: " << json(res.rows[0].tokens).dump() << "\n";
+          std::cout << "text  : " << json(res.rows[0].text).dump() << "\n";
+        }
+      }
+      return 0;
+    }
     const fastv::Result res = session.generate(batch, o, on_token);
     if (as_json) {
       std::cout << answer_record(res, session.executor_name()).dump() << "\n";
