@@ -4,9 +4,10 @@
 # Usage: scripts/build_runtime.sh [--build-dir DIR] [--tensorrt-include DIR] [--with-tensorrt ON|OFF|AUTO]
 #                                 [--jobs N] [--no-deps] [--clean]
 #
-# Prerequisites (installed here unless --no-deps): cmake, a C++17 compiler, nlohmann-json3-dev, libssl-dev and
-# libicu-dev (apt-get, when available: run as root), pybind11 (pip, into .venv or the python3 found) for
-# the cpu executor, which runs the graphs in the onnxruntime Python package embedded in fastv-run.
+# Prerequisites (installed here unless --no-deps): cmake, a C++17 compiler, nlohmann-json3-dev, libssl-dev,
+# libicu-dev, libpng-dev and libjpeg-dev (libjpeg-turbo) (apt-get, when available: run as root), pybind11 (pip,
+# into .venv or the python3 found) for the cpu executor, which runs the graphs in the onnxruntime Python package
+# embedded in fastv-run.
 # TensorRT: the executor is always compiled against the TensorRT headers (scripts/fetch_trt_headers.sh:
 # --tensorrt-include, $TENSORRT_INCLUDE_DIR, $TensorRT_ROOT, else the fetched 10.14 headers) and linked
 # when libnvinfer is found ($TensorRT_ROOT/lib, $TENSORRT_LIB_DIR or the system paths; Jetson: JetPack's).
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --jobs) jobs="$2"; shift 2 ;;
     --no-deps) deps=0; shift ;;
     --clean) clean=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "build_runtime.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -45,6 +46,9 @@ if [ "$deps" -eq 1 ]; then
   [ -f /usr/include/nlohmann/json.hpp ] || [ -f /usr/local/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
   [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
   [ -f /usr/include/unicode/regex.h ] || missing+=(libicu-dev)
+  [ -f /usr/include/png.h ] || missing+=(libpng-dev)
+  # libjpeg-dev: libjpeg-turbo's headers (Debian: libjpeg62-turbo-dev; Ubuntu / JetPack: libjpeg-turbo8-dev)
+  [ -f /usr/include/jpeglib.h ] || ls /usr/include/*/jpeglib.h >/dev/null 2>&1 || missing+=(libjpeg-dev)
   if [ "${#missing[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
       echo "build_runtime.sh: apt-get install ${missing[*]}" >&2

@@ -4,11 +4,8 @@
 // token count, the WHOLE text tokenized once, the BOS token added unless the text already starts with it.
 #include "fastv/request.hpp"
 
-#include "fastv/tokenizer.hpp"
-#if __has_include("fastv/image.hpp")
 #include "fastv/image.hpp"
-#endif
-#include "standin/standin21.hpp"
+#include "fastv/tokenizer.hpp"
 
 #include <openssl/evp.h>
 
@@ -259,8 +256,8 @@ Frontend Frontend::load(const Bundle& b) {
   // the chat form: null with a template present is a template this runtime cannot reproduce
   const json& chat = serving.contains("chat") ? serving["chat"] : json();
   if (!chat.is_null()) f.chat_ = ChatForm::from_json(chat, where + " field 'serving.chat'");
-  if (auto t = serving_file(serving, "image_processor"))
-    f.images_ = std::make_unique<ImageProcessor>(ImageProcessor::load(b.dir / *t));
+  if (serving_file(serving, "image_processor") || serving_file(serving, "processor"))
+    f.images_ = std::make_unique<ImageProcessor>(ImageProcessor::load(b.dir));
   // EOS: serving.generation.eos_token_ids (else source_model.eos_token_id); pad: the tokenizer's, else the model's
   if (serving.contains("generation") && serving["generation"].is_object() &&
       serving["generation"].contains("eos_token_ids") && serving["generation"]["eos_token_ids"].is_array())

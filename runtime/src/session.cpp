@@ -2,7 +2,6 @@
 #include "fastv/session.hpp"
 
 #include "fastv/tokenizer.hpp"
-#include "standin/standin21.hpp"
 
 #include <algorithm>
 #include <cmath>
