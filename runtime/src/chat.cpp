@@ -312,7 +312,8 @@ std::string Frontend::render(const Request& request, bool raw) const {
   return chat_->render(messages, messages.back().role != "assistant");
 }
 
-std::vector<Tensor> Frontend::process_image(const std::string& path, int64_t& tokens) const {
+std::vector<Tensor> Frontend::process_image(const std::string& path, int64_t& tokens,
+                                            std::vector<std::vector<int64_t>>& grids) const {
   if (!fs::is_regular_file(path)) throw Error("image " + path + " does not exist");
   if (!images_)
     throw Error((bundle_->dir / kManifest).string() + ": field 'serving.image_processor' is null: the bundle holds no "
@@ -321,20 +322,24 @@ std::vector<Tensor> Frontend::process_image(const std::string& path, int64_t& to
   Pixels px = images_->process(im);
   const Bundle& b = *bundle_;
   if (family_.name == "qwen2_vl" || family_.name == "qwen3_vl") {
-    if (px.grid_thw.size() != 3 || b.grid_thw.size() != 3 || px.grid_thw[1] != b.grid_thw[1] ||
-        px.grid_thw[2] != b.grid_thw[2]) {
-      const int64_t patch = b.manifest["image_tokens"].contains("vision_layout") &&
-                                    b.manifest["image_tokens"]["vision_layout"].contains("patch_size")
-                                ? b.manifest["image_tokens"]["vision_layout"].value("patch_size", int64_t{14})
-                                : int64_t{14};
+    // a fixed layout takes its exported grid only (the Python front end's rule); patch_grid: see Session::generate
+    const bool same = px.grid_thw.size() == 3 && b.grid_thw.size() == 3 && px.grid_thw[1] == b.grid_thw[1] &&
+                      px.grid_thw[2] == b.grid_thw[2];
+    if (b.vision_layout == "fixed" && !same) {
+      const int64_t patch = images_->patch_size();
       const int64_t gh = px.grid_thw.size() == 3 ? px.grid_thw[1] : 0, gw = px.grid_thw.size() == 3 ? px.grid_thw[2] : 0;
       throw Error("image " + path + " (" + std::to_string(im.width) + "x" + std::to_string(im.height) +
                   " px): the checkpoint's processor makes it " + std::to_string(gw * patch) + "x" +
                   std::to_string(gh * patch) + " px (" + std::to_string(gh) + "x" + std::to_string(gw) +
-                  " patches); fastv-run serves only images that resize to the exported " +
-                  std::to_string(b.grid_thw[2] * patch) + "x" + std::to_string(b.grid_thw[1] * patch) +
-                  " px: give an image that resizes to that, or run it with fastv-export run");
+                  " patches); this bundle's vision graph takes only " + std::to_string(b.grid_thw[2] * patch) + "x" +
+                  std::to_string(b.grid_thw[1] * patch) + " px (fixed layout): give an image that resizes to that, "
+                  "or export the model with a dynamic vision layout");
     }
+    tokens = px.tokens;
+    grids.push_back(px.grid_thw);
+    std::vector<Tensor> out;
+    out.push_back(std::move(px.pixel_values));
+    return out;
   }
   if (px.pixel_values.shape != b.vision_input_shape)
     throw Error("image " + path + " (" + std::to_string(im.width) + "x" + std::to_string(im.height) +
@@ -374,7 +379,7 @@ Prompt Frontend::prepare(const Request& request, bool raw, const std::string& wh
     if (m.kind == "video")
       throw Error(where + "video " + m.value + ": fastv-run takes images only so far; run videos with fastv-export run");
     int64_t tokens = 0;
-    for (auto& t : process_image(m.value, tokens)) p.pixels.push_back(std::move(t));
+    for (auto& t : process_image(m.value, tokens, p.grids)) p.pixels.push_back(std::move(t));
     counts.push_back(tokens);
   }
   // expand the placeholders in text order (images in order), then tokenize the whole text

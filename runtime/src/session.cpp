@@ -136,6 +136,13 @@ Result Session::generate(const std::vector<Request>& batch, const Overrides& o, 
   std::vector<Prompt> prompts;
   for (size_t i = 0; i < batch.size(); ++i)
     prompts.push_back(frontend_->prepare(batch[i], o.raw, batch.size() > 1 ? "request " + std::to_string(i) + ": " : ""));
+  for (const auto& p : prompts)   // the C++ loop computes the patch_grid feeds and positions of the exported grid
+    for (const auto& g : p.grids)
+      if (g.size() != 3 || g[1] != bundle_.grid_thw[1] || g[2] != bundle_.grid_thw[2])
+        throw Error("an image of " + std::to_string(g.size() == 3 ? g[1] : 0) + "x" +
+                    std::to_string(g.size() == 3 ? g[2] : 0) + " patches: fastv-run serves images that the processor "
+                    "resizes to the exported grid of " + std::to_string(bundle_.grid_thw[1]) + "x" +
+                    std::to_string(bundle_.grid_thw[2]) + " patches so far; run other sizes with fastv-export run");
   const Inputs in = batch_inputs(prompts, frontend_->pad_token_id());
   if (executor_name_ != "cpu" && bundle_.has_engines()) {   // the engines' limits (fastv-export build)
     const auto& eng = bundle_.manifest["engines"];

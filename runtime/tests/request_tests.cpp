@@ -3,7 +3,7 @@
 // format and their one-line errors, and the pre-rendered chat template.
 //
 // usage: fastv_request_tests [unit | draws FILE]
-//   draws FILE: {"cases": [{"logits": [[...]], "temperature", "top_k", "top_p", "seed", "steps",
+//   draws FILE: {"cases": [{"logits": [[... (null: -inf)]], "temperature", "top_k", "top_p", "seed", "steps",
 //                           "tokens": [[row tokens per step]]}]} written by tests/test_cpp_request.py
 #include "fastv/request.hpp"
 #include "fastv/sampler.hpp"
@@ -211,7 +211,11 @@ int draws(const std::string& path) {
     p.top_k = c["top_k"].get<int64_t>();
     p.top_p = c["top_p"].get<double>();
     p.seed = c["seed"].get<uint64_t>();
-    const auto logits = c["logits"].get<std::vector<std::vector<float>>>();
+    std::vector<std::vector<float>> logits;   // null: -inf
+    for (const auto& row : c["logits"]) {
+      logits.emplace_back();
+      for (const auto& x : row) logits.back().push_back(x.is_null() ? -INFINITY : x.get<float>());
+    }
     const int64_t rows = static_cast<int64_t>(logits.size()), vocab = static_cast<int64_t>(logits[0].size());
     std::vector<float> flat;
     for (const auto& row : logits) flat.insert(flat.end(), row.begin(), row.end());

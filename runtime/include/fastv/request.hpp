@@ -92,6 +92,7 @@ struct Prompt {
   std::vector<int64_t> ids;
   std::vector<Tensor> pixels;             // float32, the bundle's vision input shape
   int64_t media_tokens = 0;
+  std::vector<std::vector<int64_t>> grids;   // Qwen family: each image's (t, h, w) patch grid
 };
 
 /// The request path's view of a bundle: its chat form, family, tokenizer and image processor.
@@ -128,7 +129,8 @@ class Frontend {
   int64_t pad_ = 0;
 
   std::string marks_to_own(const std::string& text) const;
-  std::vector<Tensor> process_image(const std::string& path, int64_t& tokens) const;
+  std::vector<Tensor> process_image(const std::string& path, int64_t& tokens,
+                                    std::vector<std::vector<int64_t>>& grids) const;
 };
 
 /// sha256 (hex) of the pixel values' float32 bytes, vision calls in order (fastv-run --dry-run).
