@@ -421,3 +421,31 @@ def test_stream_prints_the_json_text(runtime_build, demo):
     cut = fastv_run(runtime_build, *args, "--json", "--stop", "col")
     row = json.loads(cut.stdout)["rows"][0]
     assert "col" not in row["text"] and row["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_user_checkpoint_tokens_equal_fastv_export_run(runtime_build, user_bundle, pictures, tmp_path, family):
+    """User-style checkpoints exported to bundles: greedy and seeded tokens equal Python's (the images fastv-run
+    serves: any for LLaVA's fixed size, those the processor resizes to the exported grid for Qwen2.5-VL)."""
+    bundle = user_bundle(family)
+    user = sorted(p for name, p in pictures.items() if name.startswith("user/"))
+    requests = []
+    for p in user + [pictures["square.png"]]:
+        req = {"messages": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": [{"type": "image", "image": str(p)},
+                                                         {"type": "text", "text": "What is in the image?"}]}],
+               "max_tokens": 8}
+        (tmp_path / "one.json").write_text(json.dumps(req))
+        if fastv_run(runtime_build, "--bundle", bundle, "--request", tmp_path / "one.json", "--max-new-tokens", "1",
+                     "--executor", "cpu").returncode == 0:
+            requests.append(req)
+    assert requests, "no picture this bundle serves"
+    for sampling in ({}, {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 3}):
+        batch = [dict(r, **sampling) for r in requests]
+        path = tmp_path / "batch.json"
+        path.write_text(json.dumps(batch))
+        proc = fastv_run(runtime_build, "--bundle", bundle, "--request", path, "--each", "--json")
+        assert proc.returncode == 0, proc.stderr
+        cpp = [json.loads(line)["rows"][0] for line in proc.stdout.splitlines()]
+        assert cpp == _python_answers(bundle, batch, **sampling), sampling
