@@ -127,10 +127,13 @@ std::string lossy_utf8(const std::string& s) {
 
 bool is_white_space(UChar32 c) { return u_hasBinaryProperty(c, UCHAR_WHITE_SPACE); }
 
-bool is_alphanumeric(UChar32 c) {   // Rust's char::is_alphanumeric: Alphabetic or Numeric (Nd, Nl, No)
-  if (u_hasBinaryProperty(c, UCHAR_ALPHABETIC)) return true;
+// a word character for added tokens' single_word: \w as Unicode regexes define it (UTS #18: Alphabetic, Mark,
+// Decimal_Number, Connector_Punctuation, Join_Control), the rule tokenizers applies
+bool is_word_char(UChar32 c) {
+  if (u_hasBinaryProperty(c, UCHAR_ALPHABETIC) || u_hasBinaryProperty(c, UCHAR_JOIN_CONTROL)) return true;
   const int8_t t = u_charType(c);
-  return t == U_DECIMAL_DIGIT_NUMBER || t == U_LETTER_NUMBER || t == U_OTHER_NUMBER;
+  return t == U_NON_SPACING_MARK || t == U_COMBINING_SPACING_MARK || t == U_ENCLOSING_MARK ||
+         t == U_DECIMAL_DIGIT_NUMBER || t == U_CONNECTOR_PUNCTUATION;
 }
 
 std::string escape_for_message(const std::string& s) {
@@ -936,7 +939,7 @@ Model make_model(const json& j, const std::string& where) {
 // ------------------------------------------------------------------------------------------------ added tokens
 struct AddedToken {
   std::string content;   // as written
-  std::string pattern;   // matched in the text: the content, normalized for `normalized` tokens
+  std::string pattern;   // matched in the text and decoded: the content, normalized for `normalized` tokens
   int64_t id;
   bool special, single_word, lstrip, rstrip, normalized;
 };
@@ -971,9 +974,9 @@ void split_added(const Segment& seg, const std::vector<AddedToken>& all, const s
     size_t start = i, stop = i + best->pattern.size();
     i = stop;   // the next search starts after this match, used or not
     if (best->single_word) {
-      const bool start_space = start == 0 || !is_alphanumeric(last_cp(s, start));
+      const bool start_space = start == 0 || !is_word_char(last_cp(s, start));
       size_t k = stop;
-      const bool stop_space = stop == s.size() || !is_alphanumeric(next_cp(s, k));
+      const bool stop_space = stop == s.size() || !is_word_char(next_cp(s, k));
       if (!start_space || !stop_space) continue;
     }
     if (best->lstrip) {
@@ -994,8 +997,7 @@ void split_added(const Segment& seg, const std::vector<AddedToken>& all, const s
         if (!is_white_space(next_cp(s, nk))) break;
         k = nk;
       }
-      stop = k;
-      i = stop;
+      stop = k;   // the next search still starts at the end of the match itself
     }
     emit_text(start_offset, start);
     out.push_back({s.substr(start, stop - start), best->id, seg.at_start && start == 0});
@@ -1018,6 +1020,7 @@ struct Tokenizer::Impl {
   DecoderPtr decoder;
   std::vector<std::vector<int64_t>> post_before, post_after;   // each post-processor's ids around the sequence
   int64_t vocab_size = 0;
+  bool byte_fallback_decoder = false;   // the decoder holds a ByteFallback step
 
   void post_processor(const json& j, const std::string& where) {
     if (j.is_null()) return;
@@ -1089,6 +1092,7 @@ Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& 
     impl->pre_tokenizer = make_pre_tokenizer(j.value("pre_tokenizer", json()), where + " pre_tokenizer");
     impl->model = make_model(j["model"], where + " model");
     impl->decoder = make_decoder(j.value("decoder", json()), where + " decoder");
+    impl->byte_fallback_decoder = j.value("decoder", json()).dump().find("\"ByteFallback\"") != std::string::npos;
     impl->post_processor(j.value("post_processor", json()), where + " post_processor");
     for (const auto& a : j.value("added_tokens", json::array())) {
       AddedToken t;
@@ -1163,7 +1167,7 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special
     auto a = m.added_by_id.find(id);
     if (a != m.added_by_id.end()) {
       if (skip_special_tokens && m.added[a->second].special) continue;
-      tokens.push_back(m.added[a->second].content);
+      tokens.push_back(m.added[a->second].pattern);   // HF decodes a `normalized` added token in its normalized form
       continue;
     }
     auto t = m.model.tokens.find(id);
@@ -1190,7 +1194,7 @@ std::optional<int64_t> Tokenizer::token_id(const std::string& token) const {
 
 std::optional<std::string> Tokenizer::id_token(int64_t id) const {
   auto a = impl_->added_by_id.find(id);
-  if (a != impl_->added_by_id.end()) return impl_->added[a->second].content;
+  if (a != impl_->added_by_id.end()) return impl_->added[a->second].pattern;
   auto t = impl_->model.tokens.find(id);
   if (t != impl_->model.tokens.end()) return t->second;
   return std::nullopt;
@@ -1202,6 +1206,12 @@ bool Tokenizer::is_special(int64_t id) const {
 }
 
 int64_t Tokenizer::vocab_size() const { return impl_->vocab_size; }
+
+bool Tokenizer::is_fallback_byte(int64_t id) const {
+  if (!impl_->byte_fallback_decoder || impl_->added_by_id.count(id)) return false;
+  auto t = impl_->model.tokens.find(id);
+  return t != impl_->model.tokens.end() && byte_token(t->second).has_value();
+}
 
 bool valid_utf8(const std::string& s) {
   for (size_t i = 0; i < s.size();) {
@@ -1218,6 +1228,9 @@ StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_special_token
 
 std::string StreamDecoder::push(int64_t id) {
   ids_.push_back(id);
+  // a ByteFallback decoder turns a whole run of byte tokens into U+FFFD when the run is not valid UTF-8: the run's
+  // text is only final once a token that is not a byte token ends it
+  if (tok_->is_fallback_byte(id)) return "";
   const std::string text = tok_->decode(ids_, skip_);
   const bool pending = text.size() >= 3 && text.compare(text.size() - 3, 3, kReplacementChar) == 0;
   if (text.size() <= prefix_.size() || pending) return "";

@@ -37,6 +37,7 @@ class Tokenizer {
   std::optional<std::string> id_token(int64_t id) const;
   bool is_special(int64_t id) const;                                     // an added token marked special
   int64_t vocab_size() const;                                            // largest id + 1
+  bool is_fallback_byte(int64_t id) const;   // a "<0xNN>" token that the decoder's ByteFallback step merges
 
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
