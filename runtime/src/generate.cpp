@@ -76,9 +76,31 @@ std::vector<int64_t> argmax_last(const Tensor& logits) {
   return out;
 }
 
+// the last position's logits [rows, seq, vocab] as float32 [rows, vocab]
+std::vector<float> last_logits(const Tensor& logits) {
+  const int64_t rows = logits.shape[0], seq = logits.shape[1], vocab = logits.shape[2];
+  std::vector<float> out(static_cast<size_t>(rows * vocab));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t v = 0; v < vocab; ++v) out[r * vocab + v] = logits.float_at(static_cast<size_t>((r * seq + seq - 1) * vocab + v));
+  return out;
+}
+
 }  // namespace
 
 Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new_tokens) {
+  return generate(b, ex, in, max_new_tokens, GenerateOptions{});
+}
+
+Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new_tokens,
+                    const GenerateOptions& options) {
+  const std::optional<int64_t> eos = options.eos_token_id ? options.eos_token_id : b.eos_token_id;
+  auto choose = [&](const Tensor& logits) {
+    if (!options.choose) return argmax_last(logits);
+    const std::vector<float> last = last_logits(logits);
+    std::vector<int64_t> ids = options.choose(last.data(), logits.shape[0], logits.shape[2]);
+    if (static_cast<int64_t>(ids.size()) != logits.shape[0]) throw std::logic_error("choose: one id per row");
+    return ids;
+  };
   if (max_new_tokens < 1) throw Error("--max-new-tokens must be >= 1");
   Generation g;
   const auto t0 = Clock::now();
@@ -143,7 +165,7 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
     for (const char* kind : kKvKinds) feeds[past_name(i, kind)] = &empty_kv;
   add_levels(feeds, pre, kKeptDeepstackEmbeds);
   TensorMap post = ex.run("post_k", feeds);
-  std::vector<int64_t> next = argmax_last(output(post, "post_k", kLogits));
+  std::vector<int64_t> next = choose(output(post, "post_k", kLogits));
   TensorMap post_past = next_past(post);
   g.timings_ms["post_k"] = ms_since(t2);
   g.timings_ms["prefill"] = ms_since(t0);
@@ -159,16 +181,17 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
     bool all = true;
     for (int64_t r = 0; r < rows; ++r) {
       int64_t tok = next[r];
-      if (b.eos_token_id) {
+      if (eos) {
         if (finished[r]) tok = b.pad_token_id;
-        if (tok == *b.eos_token_id) finished[r] = true;
+        if (tok == *eos) finished[r] = true;
       }
       next[r] = tok;
       g.tokens[r].push_back(tok);
       all = all && finished[r];
     }
     g.steps = step + 1;
-    if (step == max_new_tokens - 1 || (b.eos_token_id && all)) break;
+    const bool stop = options.on_token && options.on_token(step, next);
+    if (stop || step == max_new_tokens - 1 || (eos && all)) break;
     const Tensor ids = Tensor::from_i64({rows, 1}, next);
     Feeds ef{{kInputIds, &ids}};
     for (const auto& name : vision_outputs) ef[name] = &no_features;
@@ -190,7 +213,7 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
     for (auto& [name, t] : post_past) p[name] = &t;
     add_levels(p, o, kKeptDeepstackEmbeds);
     TensorMap res = ex.run("post_k", p);
-    next = argmax_last(output(res, "post_k", kLogits));
+    next = choose(output(res, "post_k", kLogits));
     pre_past = std::move(new_pre_past);
     post_past = next_past(res);
   }

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -146,7 +147,22 @@ struct Generation {
   int steps = 0;
 };
 
-/// Greedy generation of up to max_new_tokens tokens; a row stops at source_model.eos_token_id.
+/// How generate() chooses tokens and reports them (docs/design.md §8).
+struct GenerateOptions {
+  /// the next token of each row from the step's last-position logits [rows, vocab] (float32, row-major);
+  /// empty: greedy (the lowest id among equal maxima)
+  std::function<std::vector<int64_t>(const float* logits, int64_t rows, int64_t vocab)> choose;
+  /// called once per chosen token (step 0, 1, ..., the [rows] tokens as returned, pads included) before the
+  /// next decode step; returning true stops the generation after that token
+  std::function<bool(int step, const std::vector<int64_t>& tokens)> on_token;
+  /// a row that chose it is finished and gets the pad id after it (unset: source_model.eos_token_id)
+  std::optional<int64_t> eos_token_id;
+};
+
+/// Generation of up to max_new_tokens tokens; a row stops at source_model.eos_token_id (greedy).
 Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new_tokens);
+/// The same with a token chooser, a per-token callback and the EOS id of ``options``.
+Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new_tokens,
+                    const GenerateOptions& options);
 
 }  // namespace fastv
