@@ -11,12 +11,15 @@ namespace {
 
 const char* kUsage =
     "usage: fastv-run --bundle DIR --inputs DIR [--max-new-tokens N] [--executor trt|cpu] [--json]\n"
+    "       fastv-run --bundle DIR --check [--inputs DIR]\n"
     "  --bundle DIR          a bundle written by `fastv-export export` (engines: `fastv-export build`)\n"
     "  --inputs DIR          inputs.json + .bin files written by `fastv-export run ... --dump-inputs DIR`\n"
     "  --max-new-tokens N    tokens to generate at most (default 32; stops earlier at EOS)\n"
     "  --executor trt|cpu    TensorRT engines (GPU), or the ONNX graphs in ONNX Runtime on the CPU\n"
     "                        (default: trt when this build has TensorRT and the bundle has engines, else cpu)\n"
-    "  --json                print one JSON object: tokens, kept positions, per-stage times\n";
+    "  --json                print one JSON object: tokens, kept positions, per-stage times\n"
+    "  --check               verify the bundle (manifest, files, graphs) and, with --inputs, the inputs;\n"
+    "                        run nothing (exit 0: verified)\n";
 
 int usage_error(const std::string& msg) {
   std::cerr << "fastv-run: " << msg << " (see --help)\n";
@@ -28,7 +31,7 @@ int usage_error(const std::string& msg) {
 int main(int argc, char** argv) {
   std::string bundle_dir, inputs_dir, executor;
   int max_new_tokens = 32;
-  bool as_json = false;
+  bool as_json = false, check_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -49,15 +52,23 @@ int main(int argc, char** argv) {
       }
     } else if (a == "--json") {
       as_json = true;
+    } else if (a == "--check") {
+      check_only = true;
     } else {
       return usage_error("unknown argument '" + a + "'");
     }
   }
-  if (bundle_dir.empty() || inputs_dir.empty()) return usage_error("--bundle and --inputs are required");
+  if (bundle_dir.empty() || (inputs_dir.empty() && !check_only))
+    return usage_error("--bundle and --inputs are required");
   if (!executor.empty() && executor != "trt" && executor != "cpu")
     return usage_error("--executor must be trt or cpu, got '" + executor + "'");
   try {
     const fastv::Bundle bundle = fastv::load_bundle(bundle_dir);
+    if (check_only) {
+      if (!inputs_dir.empty()) fastv::read_inputs(inputs_dir, bundle);
+      std::cout << bundle_dir << ": verified\n";
+      return 0;
+    }
     if (executor.empty()) executor = fastv::tensorrt_available() && bundle.has_engines() ? "trt" : "cpu";
     if (executor == "trt") fastv::check_tensorrt_bundle(bundle);   // before reading inputs or any GPU work
     const fastv::Inputs inputs = fastv::read_inputs(inputs_dir, bundle);
