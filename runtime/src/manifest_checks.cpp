@@ -228,9 +228,12 @@ void check_engines(const json& m, const SpecTables& spec, const Failer& fail) {
     for (size_t i = 0; i < e["profiles"].size(); ++i) {
       const json& shapes = e["profiles"][i]["shapes"];
       const std::string pat = at + ".profiles[" + std::to_string(i) + "].shapes";
-      json got = json::array();
+      // nlohmann::json keeps object keys sorted: the names are compared as a set (Python also checks their order,
+      // which no reader of the engines section depends on)
+      json got = json::array(), want_sorted = dyn_names;
       for (auto s = shapes.begin(); s != shapes.end(); ++s) got.push_back(s.key());
-      if (got != dyn_names)
+      std::sort(want_sorted.begin(), want_sorted.end());
+      if (got != want_sorted)
         fail(pat, "name " + short_json(got) + ", the graph's dynamic inputs are " + short_json(dyn_names));
       for (const auto& [tensor, dims] : dynamic) {
         const json& r = shapes[tensor];

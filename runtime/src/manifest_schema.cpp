@@ -132,26 +132,61 @@ std::string fix_for(const std::string& path) {
   return path.rfind("engines", 0) == 0 ? "rebuild the engines with `fastv-export build`" : "re-export the bundle";
 }
 
+// std::regex (valijson's pattern engine) recurses once per character: a long string under a pattern would run
+// out of stack. No field but the chat template's text (serving.chat, no patterns) holds more than this.
+constexpr size_t kMaxField = 1024;
+
+void check_lengths(const json& v, const std::string& path, const std::string& where) {
+  auto refuse = [&](const std::string& at, const std::string& what, size_t n) {
+    throw Error(where + " field '" + (at.empty() ? "(top level)" : at) + "': " + what + " of " + std::to_string(n) +
+                " bytes, longer than any field of this schema (" + std::to_string(kMaxField) + "); " + fix_for(at));
+  };
+  if (path == "serving.chat") return;
+  if (v.is_string() && v.get_ref<const std::string&>().size() > kMaxField)
+    refuse(path, "a string", v.get_ref<const std::string&>().size());
+  if (v.is_object()) {
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      if (it.key().size() > kMaxField) refuse(path, "a field name", it.key().size());
+      check_lengths(it.value(), path.empty() ? it.key() : path + "." + it.key(), where);
+    }
+  } else if (v.is_array()) {
+    for (size_t i = 0; i < v.size(); ++i) check_lengths(v[i], path + "[" + std::to_string(i) + "]", where);
+  }
+}
+
 }  // namespace
 
 void check_manifest_schema(const json& m, const std::string& where) {
+  check_lengths(m, "", where);
   valijson::Validator validator(valijson::Validator::kStrongTypes);   // 64.0 is not an integer
   valijson::ValidationResults results;
   valijson::adapters::NlohmannJsonAdapter target(m);
   if (validator.validate(compiled_schema(), target, &results)) return;
-  valijson::ValidationResults::Error first;
-  results.popError(first);   // the innermost failure comes first (a combinator's summary follows its children)
+  // the deepest failure (a combinator's summary sits above its children), the first of those
+  valijson::ValidationResults::Error first, e;
+  while (results.popError(e))
+    if (first.context.empty() || e.context.size() > first.context.size()) first = e;
   const Located at = locate(m, first.context);
   std::string what = first.description;
   while (!what.empty() && (what.back() == '.' || what.back() == ' ')) what.pop_back();
+  if (what.size() > 160) what = what.substr(0, 157) + "...";
   const std::string missing = "Missing required property '";
   if (what.rfind(missing, 0) == 0) {
     const std::string key = what.substr(missing.size(), what.size() - missing.size() - 1);
     throw Error(where + ": required field '" + (at.path.empty() ? key : at.path + "." + key) + "' is missing; " +
                 fix_for(at.path));
   }
+  const std::string named = "Failed to validate against schema associated with property name '";
+  if (what.rfind(named, 0) == 0) {   // the deepest error: nothing was recorded below it
+    // valijson records nothing below a failed propertyNames rule: name the object whose entry names fail it
+    const std::string key = what.substr(named.size(), what.find('\'', named.size()) - named.size());
+    const std::string path = at.path.empty() ? key : at.path + "." + key;
+    throw Error(where + " field '" + path + "': an entry's name fails the schema (for 'files': a plain file name "
+                "inside the bundle, at most 255 bytes, not manifest.json) or its value does (manifest.schema.json); " +
+                fix_for(path));
+  }
   const std::string path = at.path.empty() ? "(top level)" : at.path;
-  throw Error(where + " field '" + path + "': " + (at.value ? short_value(*at.value) + ": " : std::string()) +
+  throw Error(where + " field '" + path + "': " + (at.value && !at.path.empty() ? short_value(*at.value) + ": " : std::string()) +
               what + " (manifest.schema.json); " + fix_for(at.path));
 }
 
