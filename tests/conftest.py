@@ -179,8 +179,8 @@ def runtime_sanitize_build(tmp_path_factory) -> Path:
         assert exe.is_file(), proc.stdout
         return exe
 
-    return _build_once(Path(os.environ.get("FASTV_SANITIZE_BUILD_DIR") or shared_dir(tmp_path_factory) / "runtime-asan"),
-                       make)
+    build_dir = os.environ.get("FASTV_SANITIZE_BUILD_DIR") or shared_dir(tmp_path_factory) / "runtime-asan"
+    return _build_once(Path(build_dir), make)
 
 
 @pytest.fixture(scope="session")
