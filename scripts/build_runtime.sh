@@ -2,12 +2,16 @@
 # Build the C++ runtime (runtime/: libfastv_runtime, fastv-run, unit tests) with CMake and run its ctest.
 #
 # Usage: scripts/build_runtime.sh [--build-dir DIR] [--tensorrt-include DIR] [--with-tensorrt ON|OFF|AUTO]
-#                                 [--jobs N] [--no-deps] [--clean]
+#                                 [--jobs N] [--no-deps] [--clean] [--sanitize]
+#
+# --sanitize: AddressSanitizer + UndefinedBehaviorSanitizer build (FASTV_SANITIZE=ON; use its own --build-dir)
+# of the library, fastv-run and the unit tests, without the cpu executor (its embedded Python interpreter is not
+# built for the sanitizers) and, unless --with-tensorrt says otherwise, without the TensorRT executor.
 #
 # Prerequisites (installed here unless --no-deps): cmake, a C++17 compiler, nlohmann-json3-dev, libssl-dev,
-# libicu-dev, libpng-dev and libjpeg-dev (libjpeg-turbo) (apt-get, when available: run as root), pybind11 (pip,
-# into .venv or the python3 found) for the cpu executor, which runs the graphs in the onnxruntime Python package
-# embedded in fastv-run.
+# libicu-dev, libpng-dev, libjpeg-dev (libjpeg-turbo) and libvalijson-dev (apt-get, when available: run as root),
+# pybind11 (pip, into .venv or the python3 found) for the cpu executor, which runs the graphs in the onnxruntime
+# Python package embedded in fastv-run.
 # TensorRT: the executor is always compiled against the TensorRT headers (scripts/fetch_trt_headers.sh:
 # --tensorrt-include, $TENSORRT_INCLUDE_DIR, $TensorRT_ROOT, else the fetched 10.14 headers) and linked
 # when libnvinfer is found ($TensorRT_ROOT/lib, $TENSORRT_LIB_DIR or the system paths; Jetson: JetPack's).
@@ -18,10 +22,11 @@ root="$(pwd)"
 
 build_dir="build/runtime"
 trt_include="${TENSORRT_INCLUDE_DIR:-}"
-with_trt="${FASTV_WITH_TENSORRT:-AUTO}"
+with_trt="${FASTV_WITH_TENSORRT:-}"
 jobs="${FASTV_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 deps=1
 clean=0
+sanitize=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --build-dir) build_dir="$2"; shift 2 ;;
@@ -30,10 +35,13 @@ while [ $# -gt 0 ]; do
     --jobs) jobs="$2"; shift 2 ;;
     --no-deps) deps=0; shift ;;
     --clean) clean=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --sanitize) sanitize=1; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "build_runtime.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+
+[ -z "$with_trt" ] && { [ "$sanitize" -eq 1 ] && with_trt=OFF || with_trt=AUTO; }
 
 py="python3"
 [ -x "$root/.venv/bin/python" ] && py="$root/.venv/bin/python"
@@ -49,10 +57,13 @@ if [ "$deps" -eq 1 ]; then
   [ -f /usr/include/png.h ] || missing+=(libpng-dev)
   # libjpeg-dev: libjpeg-turbo's headers (Debian: libjpeg62-turbo-dev; Ubuntu / JetPack: libjpeg-turbo8-dev)
   [ -f /usr/include/jpeglib.h ] || ls /usr/include/*/jpeglib.h >/dev/null 2>&1 || missing+=(libjpeg-dev)
+  [ -f /usr/include/valijson/validator.hpp ] || [ -f /usr/local/include/valijson/validator.hpp ] ||
+    missing+=(libvalijson-dev)
   if [ "${#missing[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
       echo "build_runtime.sh: apt-get install ${missing[*]}" >&2
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >&2
+      (apt-get update -qq &&
+       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}") >&2
     else
       echo "build_runtime.sh: missing ${missing[*]}: install them (Debian/Ubuntu: apt-get install ${missing[*]})" >&2
       exit 2
@@ -60,7 +71,8 @@ if [ "$deps" -eq 1 ]; then
   fi
   if ! "$py" -c "import pybind11" >/dev/null 2>&1; then
     echo "build_runtime.sh: pip install pybind11 (cpu executor)" >&2
-    "$py" -m pip install -q pybind11 >&2 || echo "build_runtime.sh: pybind11 not installed: the cpu executor is left out" >&2
+    "$py" -m pip install -q pybind11 >&2 ||
+      echo "build_runtime.sh: pybind11 not installed: the cpu executor is left out" >&2
   fi
 fi
 
@@ -83,6 +95,7 @@ if [ "$with_trt" != "OFF" ]; then
     echo "build_runtime.sh: no CUDA toolkit found: the TensorRT executor is not compiled" >&2
   fi
 fi
+[ "$sanitize" -eq 1 ] && cmake_args+=(-DFASTV_SANITIZE=ON -DFASTV_WITH_ORT_PYTHON=OFF)
 [ -n "${TENSORRT_LIB_DIR:-}" ] && cmake_args+=("-DTENSORRT_LIB_DIR=$TENSORRT_LIB_DIR")
 start=$(date +%s)
 cmake "${cmake_args[@]}" >&2

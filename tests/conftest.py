@@ -167,6 +167,23 @@ def runtime_build(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def runtime_sanitize_build(tmp_path_factory) -> Path:
+    """fastv-run built with AddressSanitizer + UndefinedBehaviorSanitizer (scripts/build_runtime.sh --sanitize:
+    no cpu executor, no TensorRT executor; its ctest runs the C++ unit tests under the sanitizers), once per test
+    run, in $FASTV_SANITIZE_BUILD_DIR or the run's shared temporary directory."""
+    def make(build_dir: Path) -> Path:
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_runtime.sh"), "--sanitize", "--build-dir",
+                               str(build_dir)], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, f"build_runtime.sh --sanitize failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+        exe = Path(proc.stdout.strip().splitlines()[-1])
+        assert exe.is_file(), proc.stdout
+        return exe
+
+    build_dir = os.environ.get("FASTV_SANITIZE_BUILD_DIR") or shared_dir(tmp_path_factory) / "runtime-asan"
+    return _build_once(Path(build_dir), make)
+
+
+@pytest.fixture(scope="session")
 def host_math(tmp_path_factory):
     """The plugin's host-side math (plugins/tests/math_host.cpp + token_select_host.cpp) built with g++
     as a shared library, every entry point's ctypes signature declared (no CUDA, no TensorRT)."""

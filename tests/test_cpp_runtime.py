@@ -244,10 +244,11 @@ def test_engine_bundle_checks_come_before_any_gpu_work(runtime_build, good, plug
     (b / op.PLUGIN_LIBRARY).unlink()
     line = fail_line(run_cpp(runtime_build, b, inputs, "--executor", "trt"))
     assert f"{op.PLUGIN_LIBRARY} is missing (listed in manifest.json field 'files')" in line
-    # ... and dropped from 'files' as well: the TensorRT check names it (before the backend, before any GPU work)
+    # ... and dropped from 'files' as well: the manifest check names it (as the Python loader does: engines.plugin
+    # is set without the library in 'files'), before the backend, before any GPU work
     _edit_manifest(b, lambda m: m["files"].pop(op.PLUGIN_LIBRARY))
     line = fail_line(run_cpp(runtime_build, b, inputs, "--executor", "trt"))
-    assert f"{op.PLUGIN_LIBRARY} is missing: the pre_k engine uses the fastv::TokenSelect plugin" in line
+    assert f"field 'engines.plugin': is set but 'files' does not list {op.PLUGIN_LIBRARY}" in line
     # a missing engine
     b = variant("engine-deleted")
     (b / "pre_k.engine").unlink()

@@ -1,7 +1,9 @@
 """Seeded corruptions of a tiny-llava bundle WITH engines (TensorRT-RTX, function body): manifest fields
 removed, retyped, out of range, nested values replaced; files truncated, swapped, flipped, missing.
 Every case must fail ``load_bundle`` with exactly one FastVError line naming the file and the field:
-never a traceback, never accepted, and loading never changes the bundle.
+never a traceback, never accepted, and loading never changes the bundle. The same cases go through the C++
+loader (`fastv-run --check`), in the release build and in the AddressSanitizer + UBSan build: one error line
+and exit 1 each, never accepted, never a signal or a sanitizer report.
 
 One export and one engine build per session (fixtures); each case edits one working copy and
 restores it afterwards (the manifest, or the files it touched)."""
@@ -12,6 +14,7 @@ import hashlib
 import json
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,8 +110,9 @@ def remove_field(m, rng):
 
 
 def remove_item(m, rng):
+    # eos ids may be none (a model without EOS stops at max_new_tokens only): removing one is no corruption
     paths = [p for p, _ in _nodes(m) if p and isinstance(p[-1], int) and "targets" not in p
-             and "eos_token_id" not in p]
+             and "eos_token_id" not in p and "eos_token_ids" not in p]
     path = _pick(rng, paths)
     del _get(m, path[:-1])[path[-1]]
     return f"removed item {path}"
@@ -278,20 +282,28 @@ def _restore(work: Path, good: Path, names) -> None:
         shutil.copy2(good / n, work / n)
 
 
-@pytest.mark.parametrize("case", range(CASES))
-def test_corruption_gives_one_clear_line(case, engine_bundle, work):
+def _corrupt(case: int, good: Path, work: Path) -> tuple[str, list[str], bool]:
+    """Apply case ``case`` to ``work`` (a copy of ``good``): (what, the names touched, whether the manifest
+    itself was corrupted)."""
     rng = random.Random(1000 + case)
     kind = case % 6
+    if kind < len(MANIFEST_KINDS):
+        good_manifest = json.loads((good / MANIFEST).read_text())
+        m = copy.deepcopy(good_manifest)
+        what = MANIFEST_KINDS[kind](m, rng)
+        assert m != good_manifest, what
+        (work / MANIFEST).write_text(json.dumps(m, indent=1))
+        return what, [MANIFEST], True
+    what, touched = corrupt_files(work, rng)
+    return what, touched, False
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_corruption_gives_one_clear_line(case, engine_bundle, work):
     good_manifest = json.loads((engine_bundle / MANIFEST).read_text())
     touched = [MANIFEST]
     try:
-        if kind < len(MANIFEST_KINDS):
-            m = copy.deepcopy(good_manifest)
-            what = MANIFEST_KINDS[kind](m, rng)
-            assert m != good_manifest, what
-            (work / MANIFEST).write_text(json.dumps(m, indent=1))
-        else:
-            what, touched = corrupt_files(work, rng)
+        what, touched, manifest_case = _corrupt(case, engine_bundle, work)
         before = _snapshot(work)
         try:
             load_bundle(work)
@@ -304,11 +316,56 @@ def test_corruption_gives_one_clear_line(case, engine_bundle, work):
         assert len(message) < 400, (what, message)
         named = [MANIFEST] + list(good_manifest["files"])
         assert any(n in message for n in named), f"case {case} ({what}) names no file: {message}"
-        if kind < len(MANIFEST_KINDS) and MANIFEST in message and "not valid JSON" not in message:
+        if manifest_case and MANIFEST in message and "not valid JSON" not in message:
             assert "field" in message, f"case {case} ({what}) names no field: {message}"
     finally:
         _restore(work, engine_bundle, touched)
     load_bundle(work, check_onnx=False)                 # restored
+
+
+def _fastv_run_refuses_every_case(exe: Path, good: Path, work: Path) -> dict[str, int]:
+    """Every case through ``exe --bundle work --check``: exactly one 'fastv-run: error:' line naming a file of
+    the bundle, exit 1; tallies the outcomes (a failure lists every case that was not refused cleanly)."""
+    names = [MANIFEST] + list(json.loads((good / MANIFEST).read_text())["files"])
+    tally = {"refused": 0, "accepted": 0, "crashed": 0, "other": 0}
+    bad = []
+    for case in range(CASES):
+        touched = [MANIFEST]
+        try:
+            what, touched, _ = _corrupt(case, good, work)
+            proc = subprocess.run([str(exe), "--bundle", str(work), "--check"], capture_output=True, text=True,
+                                  timeout=120)
+        finally:
+            _restore(work, good, touched)
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode == 0:
+            outcome = "accepted"
+        elif proc.returncode < 0 or "Sanitizer" in proc.stderr or "runtime error:" in proc.stderr:
+            outcome = "crashed"
+        elif (proc.returncode == 1 and proc.stdout == "" and len(lines) == 1
+              and lines[0].startswith("fastv-run: error: ") and any(n in lines[0] for n in names)
+              and len(lines[0]) < 500):
+            outcome = "refused"
+        else:
+            outcome = "other"
+        tally[outcome] += 1
+        if outcome != "refused":
+            bad.append(f"case {case} ({what}): {outcome}, exit {proc.returncode}: {proc.stderr.strip()[-400:]}")
+    assert not bad, f"{exe}: {tally}\n" + "\n".join(bad)
+    assert tally["refused"] == CASES
+    # the good bundle itself is verified
+    proc = subprocess.run([str(exe), "--bundle", str(work), "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("verified"), proc.stderr
+    return tally
+
+
+def test_fastv_run_refuses_every_corruption(runtime_build, engine_bundle, work):
+    _fastv_run_refuses_every_case(runtime_build, engine_bundle, work)
+
+
+def test_fastv_run_refuses_every_corruption_under_the_sanitizers(runtime_sanitize_build, engine_bundle, work):
+    """The sanitizer build (ASan + UBSan, leaks detected: it embeds no Python) through the same cases."""
+    _fastv_run_refuses_every_case(runtime_sanitize_build, engine_bundle, work)
 
 
 def test_the_fuzzed_bundle_loads_and_reads(engine_bundle):

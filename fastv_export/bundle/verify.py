@@ -69,10 +69,66 @@ def load_bundle(path: str | Path, check_onnx: bool = True) -> Bundle:
     return Bundle(root, manifest)
 
 
+def _leaves_directory(name: str) -> bool:
+    """Whether a file name of the manifest points outside the bundle directory: absolute, or through '..'."""
+    return (name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":")
+            or ".." in name.replace("\\", "/").split("/"))
+
+
+def bundle_file(root: Path, name: str, field: str) -> Path:
+    """``root / name`` where it stays inside ``root`` (no absolute path, no '..', no symbolic link resolving
+    outside it); FastVError naming ``field`` otherwise."""
+    if _leaves_directory(name):
+        raise FastVError(f"{root / MANIFEST} field '{field}' names {_short(name)}, a file outside the bundle "
+                         "directory; re-export the bundle")
+    f = root / name
+    if f.is_symlink():
+        target = f.resolve()
+        if not target.is_relative_to(root.resolve()):
+            raise FastVError(f"{f} is a symbolic link to {target}, outside the bundle directory ({MANIFEST} field "
+                             f"'{field}'): copy the file into the bundle or re-export it")
+    return f
+
+
+def _check_paths(m: Mapping, mpath: Path) -> None:
+    """No file name of the manifest leaves the bundle directory (before the schema, whose file-name pattern
+    refuses them too, so that the line says what is wrong)."""
+    def check(value: Any, parts: Sequence) -> None:
+        if isinstance(value, str) and _leaves_directory(value):
+            raise _field_error(mpath, parts, f"{_short(value)} names a file outside the bundle directory (an "
+                                             "absolute path or one through '..'); every file of a bundle is a plain "
+                                             "name inside it")
+
+    files = m.get("files")
+    if isinstance(files, dict):
+        for name in files:
+            if _leaves_directory(name):
+                raise _field_error(mpath, ["files"], f"the entry {_short(name)} names a file outside the bundle "
+                                                     "directory (an absolute path or one through '..'); every file "
+                                                     "of a bundle is a plain name inside it")
+    graphs = m.get("graphs")
+    if isinstance(graphs, dict):
+        for graph, entry in graphs.items():
+            if isinstance(entry, dict):
+                check(entry.get("file"), ["graphs", graph, "file"])
+    engines = m.get("engines")
+    if isinstance(engines, dict):
+        for key in ("timing_cache", "trtexec_script"):
+            check(engines.get(key), ["engines", key])
+        if isinstance(engines.get("engines"), dict):
+            for graph, e in engines["engines"].items():
+                if isinstance(e, dict):
+                    check(e.get("file"), ["engines", "engines", graph, "file"])
+    serving = m.get("serving")
+    if isinstance(serving, dict):
+        for role in SERVING_ROLES:
+            check(serving.get(role), ["serving", role])
+
+
 def _verify_files(root: Path, manifest: Mapping) -> None:
-    """Every file the manifest lists exists in ``root`` with its recorded size and sha256."""
+    """Every file the manifest lists exists in ``root`` (inside it) with its recorded size and sha256."""
     for name, meta in manifest["files"].items():
-        f = root / name
+        f = bundle_file(root, name, "files")
         if not f.is_file():
             raise FastVError(f"{f} is missing (listed in {MANIFEST} field 'files'); re-export the bundle")
         size = f.stat().st_size
@@ -95,6 +151,10 @@ def _check_graph_files(root: Path, manifest: Mapping) -> None:
             found = {"inputs": onnx_io(model.graph.input), "outputs": onnx_io(model.graph.output)}
         except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
             raise FastVError(f"{f} is not a readable ONNX file ({type(exc).__name__}); re-export") from None
+        for t in model.graph.initializer:
+            location = next((e.value for e in t.external_data if e.key == "location"), None)
+            if t.data_location == onnx.TensorProto.EXTERNAL and location is not None:
+                bundle_file(root, location, f"graphs.{graph}.file: {f.name} initializer '{t.name}' external data")
         for io in ("inputs", "outputs"):
             if found[io] != entry[io]:
                 raise FastVError(f"{f}: its {io} {_short([t['name'] for t in found[io]])} are not those of "
@@ -246,6 +306,7 @@ def _schema_error(error, mpath: Path) -> FastVError:
 def check_manifest(manifest: dict, mpath: Path = Path(MANIFEST)) -> None:
     """The manifest against the JSON Schema, then against itself and the graph spec; raises FastVError
     for the first problem (one line: the file, the field, what to do)."""
+    _check_paths(manifest, mpath)
     error = next(iter(_validator().iter_errors(manifest)), None)
     if error is not None:
         raise _schema_error(error, mpath)

@@ -1,4 +1,6 @@
-// manifest.json: parse (nlohmann-json), verify (schema, fields, sizes, sha256 via OpenSSL), read.
+// manifest.json: parse (nlohmann-json), verify (the JSON Schema and its cross-checks: manifest_schema.cpp,
+// manifest_checks.cpp; files inside the bundle, sizes, sha256 via OpenSSL; the ONNX graphs: onnx_graph_check.cpp),
+// read.
 #include "fastv/runtime.hpp"
 
 #include <openssl/evp.h>
@@ -55,6 +57,12 @@ std::vector<int64_t> int_list(const json& m, const std::string& path, const std:
 }
 
 }  // namespace
+
+void check_manifest(const json& m, const std::string& where) {
+  check_manifest_paths(m, where);          // before the schema: a name leaving the bundle says so
+  check_manifest_schema(m, where);
+  check_manifest_consistency(m, where);
+}
 
 TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window) {
   // each patch's (row, column), merge x merge blocks row-major, patches row-major inside a block
@@ -146,31 +154,15 @@ Bundle load_bundle(const fs::path& dir) {
     throw Error(dir.string() + " is not a bundle directory (run `fastv-export export --out " + dir.string() +
                 "` first)");
   if (!fs::is_regular_file(mpath)) throw Error(where + " is missing: not a fastv-export bundle");
-  json m;
-  {
-    std::ifstream f(mpath);
-    try {
-      m = json::parse(f);
-    } catch (const json::parse_error& e) {
-      throw Error(where + " is not valid JSON (" + std::string(e.what()) + "); re-export the bundle");
-    }
-  }
-  if (!m.is_object()) throw Error(where + ": top level must be an object");
+  const json m = read_manifest(mpath);
   if (!m.contains("schema_version") || m["schema_version"] != kSchemaVersion)
     throw Error(where + ": field 'schema_version' is " + (m.contains("schema_version") ? m["schema_version"].dump()
                                                                                        : std::string("missing")) +
                 ", this runtime reads " + std::to_string(kSchemaVersion) + "; re-export the bundle");
-  for (const char* key : kRequiredFields)
-    if (!m.contains(key)) throw Error(where + ": required field '" + key + "' is missing; re-export the bundle");
+  check_manifest(m, where);
   const json& files = m["files"];
-  if (!files.is_object()) throw Error(where + ": field 'files' must be an object");
-  for (const char* g : kGraphs) {
-    const json& file = field(m, std::string("graphs.") + g + ".file", where);
-    if (!file.is_string() || !files.contains(file.get<std::string>()))
-      throw Error(where + ": field 'graphs." + g + ".file' names " + file.dump() + ", which 'files' does not list");
-  }
   for (auto it = files.begin(); it != files.end(); ++it) {
-    const fs::path f = dir / it.key();
+    const fs::path f = bundle_file(dir, it.key(), "files");
     const json& meta = it.value();
     if (!fs::is_regular_file(f))
       throw Error(f.string() + " is missing (listed in " + kManifest + " field 'files'); " +
@@ -185,6 +177,7 @@ Bundle load_bundle(const fs::path& dir) {
       throw Error(f.string() + ": sha256 does not match " + kManifest + " field 'files." + it.key() +
                   ".sha256': the file was modified after export");
   }
+  check_graph_files(dir, m);
   // the engines section (when engines were built) must name files whose checksums are those of 'files'
   const json& section = m["engines"];
   if (!section.is_null()) {

@@ -47,6 +47,24 @@ bool throws_with(const std::function<void()>& f, const std::string& needle) {
 
 // ------------------------------------------------------------------------------- hand-written unit checks
 void unit_checks() {
+  // the manifest's JSON Schema (compiled in) loads: every keyword it uses is one the C++ validator reads
+  try {
+    fastv::check_manifest_schema_loads();
+    check(true, "manifest schema loads");
+  } catch (const fastv::Error& e) {
+    check(false, std::string("manifest schema loads: ") + e.what());
+  }
+  check(throws_with([] { fastv::check_manifest_schema(json::object(), "m.json"); }, "m.json: required field '"),
+        "schema: an empty manifest misses a required field");
+  check(throws_with([] { fastv::check_manifest_paths({{"graphs", {{"embed", {{"file", "../x.onnx"}}}}}}, "m.json"); },
+                    "m.json field 'graphs.embed.file': \"../x.onnx\" names a file outside the bundle directory"),
+        "paths: '..' in graphs.embed.file");
+  check(throws_with([] { fastv::check_manifest_paths({{"files", {{"/etc/passwd", json::object()}}}}, "m.json"); },
+                    "the entry \"/etc/passwd\" names a file outside"),
+        "paths: an absolute 'files' entry");
+  check(throws_with([] { fastv::bundle_file("/tmp", "a/../../x", "files"); }, "a file outside the bundle directory"),
+        "bundle_file: '..' inside a name");
+  check(fastv::bundle_file("/tmp", "x.onnx", "files") == std::filesystem::path("/tmp/x.onnx"), "bundle_file: a plain name");
   fastv::Bundle rope;
   rope.position_rank = 2;
   rope.image_token_ids = {500};

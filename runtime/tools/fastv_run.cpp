@@ -1,5 +1,6 @@
 // fastv-run: answer a request with a fastv-export bundle (runtime/README.md): the request path in C++ (chat template,
-// image preprocessing, tokenizer, sampling, streaming), or inputs written by `fastv-export run ... --dump-inputs`.
+// image preprocessing, tokenizer, sampling, streaming), or inputs written by `fastv-export run ... --dump-inputs`;
+// --check verifies a bundle (and inputs) and runs nothing.
 #include "fastv/request.hpp"
 #include "fastv/runtime.hpp"
 #include "fastv/sampler.hpp"
@@ -20,6 +21,7 @@ const char* kUsage =
     "usage: fastv-run --bundle DIR (--request JSON | --prompt TEXT [--image PATH]... [--system TEXT] [--raw]\n"
     "                 | --inputs DIR) [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "                 [--stop TEXT]... [--stream] [--json] [--dry-run] [--each] [--executor trt|cpu]\n"
+    "       fastv-run --bundle DIR --check [--inputs DIR]\n"
     "  --bundle DIR          a bundle written by `fastv-export export` (engines: `fastv-export build`)\n"
     "  --request JSON        a request (or a list: one batch) in the OpenAI chat format, as `fastv-export run` takes\n"
     "  --prompt TEXT         the user's text (a typed \\n is a line break); with --image PATH (repeatable, PNG or\n"
@@ -36,7 +38,9 @@ const char* kUsage =
     "                        one output (one --json line) per request, the bundle and executor loaded once\n"
     "  --dry-run             print the prompt token ids and the sha256 of the float32 pixel values; run no graph\n"
     "  --executor trt|cpu    TensorRT engines (GPU), or the ONNX graphs in ONNX Runtime on the CPU\n"
-    "                        (default: trt when this build has TensorRT and the bundle has engines, else cpu)\n";
+    "                        (default: trt when this build has TensorRT and the bundle has engines, else cpu)\n"
+    "  --check               verify the bundle (manifest, files, graphs) and, with --inputs, the inputs;\n"
+    "                        run nothing (exit 0: verified)\n";
 
 int usage_error(const std::string& msg) {
   std::cerr << "fastv-run: " << msg << " (see --help)\n";
@@ -75,7 +79,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> prompt, system;
   std::vector<std::string> images, videos;
   fastv::Overrides o;
-  bool as_json = false, stream = false, dry_run = false, each = false;
+  bool as_json = false, stream = false, dry_run = false, each = false, check_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -125,6 +129,8 @@ int main(int argc, char** argv) {
         if (!parse_double(v, d)) return usage_error(a + " must be a number");
         (a == "--temperature" ? o.temperature : o.top_p) = d;
       }
+    } else if (a == "--check") {
+      check_only = true;
     } else {
       return usage_error("unknown argument '" + a + "'");
     }
@@ -135,8 +141,18 @@ int main(int argc, char** argv) {
   const bool request_mode = !request_file.empty() || prompt || !images.empty() || !videos.empty() || system;
   if (!inputs_dir.empty() && request_mode)
     return usage_error("--inputs DIR holds the whole input; drop --request / --prompt / --image / --system");
-  if (inputs_dir.empty() && !request_mode) return usage_error("give --prompt TEXT (with --image), --request FILE or --inputs DIR");
+  if (check_only && (request_mode || dry_run || stream || each || o.stop || o.raw))
+    return usage_error("--check verifies the bundle (with --inputs DIR, the inputs) and runs nothing; drop the "
+                       "request options");
+  if (inputs_dir.empty() && !request_mode && !check_only)
+    return usage_error("give --prompt TEXT (with --image), --request FILE or --inputs DIR");
   try {
+    if (check_only) {   // the manifest, the files, the graphs (and the inputs): nothing is run
+      const fastv::Bundle bundle = fastv::load_bundle(bundle_dir);
+      if (!inputs_dir.empty()) fastv::read_inputs(inputs_dir, bundle);
+      std::cout << bundle_dir << ": verified\n";
+      return 0;
+    }
     if (!inputs_dir.empty()) {   // the inputs Python wrote: token ids and pixels as they are
       if (dry_run || stream || o.stop || o.raw)
         return usage_error("--dry-run, --stream, --stop and --raw take a request (--request or --prompt)");

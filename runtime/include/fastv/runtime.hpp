@@ -86,9 +86,28 @@ inline constexpr const char* kRequiredFields[] = {"schema_version", "producer", 
                                                   "image_tokens", "graphs", "pipeline", "kv_cache", "positions",
                                                   "plugin", "engines", "serving", "files"};
 
-/// Verify a bundle directory (schema_version, required fields, every file of 'files': present, size,
-/// sha256; the engines section's checksums) and read it. Throws Error naming the file and field.
+/// Verify a bundle directory as fastv_export/bundle/verify.py does (manifest.json strict JSON, schema_version,
+/// the JSON Schema manifest.schema.json and check_manifest's cross-checks; every file of 'files' inside the
+/// bundle directory, present, size, sha256; each ONNX graph's inputs, outputs and TokenSelect node; the engines
+/// section's checksums) and read it. Throws Error naming the file and field.
 Bundle load_bundle(const std::filesystem::path& dir);
+/// manifest.json parsed as strict JSON (UTF-8, no NaN/Infinity, no repeated keys), an object; Error otherwise.
+nlohmann::json read_manifest(const std::filesystem::path& mpath);
+/// The manifest (of any schema_version 3 bundle) checked without its files: no file name leaving the bundle,
+/// then fastv_export/bundle/manifest.schema.json (compiled into the library; the first violation names its JSON
+/// path), then what the schema cannot say (verify.py _check_consistency). ``where`` names the manifest in errors.
+void check_manifest(const nlohmann::json& manifest, const std::string& where);
+void check_manifest_paths(const nlohmann::json& manifest, const std::string& where);
+void check_manifest_schema(const nlohmann::json& manifest, const std::string& where);
+void check_manifest_consistency(const nlohmann::json& manifest, const std::string& where);
+/// Loads the compiled-in schema (Error when it uses a keyword the C++ validator does not read).
+void check_manifest_schema_loads();
+/// ``dir / name`` where ``name`` stays inside ``dir``: not absolute, no '..', not a symbolic link resolving
+/// outside it; Error naming ``field`` otherwise.
+std::filesystem::path bundle_file(const std::filesystem::path& dir, const std::string& name, const std::string& field);
+/// Each graph file of a checked manifest against it: parses as ONNX, the manifest's inputs/outputs, pre_k's one
+/// TokenSelect node with the fastv section's attributes, external data inside the bundle.
+void check_graph_files(const std::filesystem::path& dir, const nlohmann::json& manifest);
 std::string sha256_file(const std::filesystem::path& path);
 /// Read what the position ids and candidate positions follow into ``b``: image_tokens.token_ids, per_image,
 /// grid_thw and the 'positions' section (rank; M-RoPE: spatial_merge_size, video_token_id,
