@@ -48,7 +48,8 @@ struct Failer {
 // ---- the graph spec (graphs/spec.py bundle_graphs + io_table) ----------------------------------------------
 json row(const std::string& name, const std::string& dtype, const json& dims, const json& sizes) {
   json shape = json::array();
-  for (const auto& d : dims) shape.push_back(d.is_string() && sizes.contains(d.get<std::string>()) ? sizes[d.get<std::string>()] : d);
+  for (const auto& d : dims)
+    shape.push_back(d.is_string() && sizes.contains(d.get<std::string>()) ? sizes[d.get<std::string>()] : d);
   return {{"name", name}, {"dtype", dtype}, {"shape", shape}};
 }
 
@@ -160,8 +161,8 @@ Lengths engine_lengths(const json& m, const json& limits, const Failer& fail) {
   const Wide prompt_tokens = images * runs;
   const Wide n = limits["max_prompt"].is_null() ? prompt_tokens + kDefaultTextTokens : num(limits["max_prompt"]);
   if (prompt_tokens >= n)
-    fail("engines.limits", "--max-prompt " + str(n) + " leaves no room for text: " + str(images) +
-                               " image(s) take " + str(prompt_tokens) + " prompt tokens; raise --max-prompt or lower --images");
+    fail("engines.limits", "--max-prompt " + str(n) + " leaves no room for text: " + str(images) + " image(s) take " +
+                               str(prompt_tokens) + " prompt tokens; raise --max-prompt or lower --images");
   const Wide mm = images * num(it["per_image"]);
   const json& fv = m["fastv"];
   const Wide keep = fv["keep"].is_null() ? -1 : num(fv["keep"]);
@@ -173,7 +174,8 @@ void check_engines(const json& m, const SpecTables& spec, const Failer& fail) {
   const json& sec = m["engines"];
   const json& files = m["files"];
   if (sec["precision"] != m["precision"])
-    fail("engines.precision", short_json(sec["precision"]) + " is not the bundle's precision " + short_json(m["precision"]));
+    fail("engines.precision",
+         short_json(sec["precision"]) + " is not the bundle's precision " + short_json(m["precision"]));
   const bool has_plugin = !sec["plugin"].is_null();
   if ((sec["token_select"] == "plugin") != has_plugin)
     fail("engines.token_select", short_json(sec["token_select"]) + " does not agree with engines.plugin (" +
@@ -201,7 +203,8 @@ void check_engines(const json& m, const SpecTables& spec, const Failer& fail) {
       fail(at + ".file", short_json(e["file"]) + " is not \"" + graph + ".engine\"");
     if (!files.contains(file)) fail(at + ".file", "names " + short_json(e["file"]) + ", which 'files' does not list");
     if (num(e["bytes"]) != num(files[file]["bytes"]))
-      fail(at + ".bytes", short_json(e["bytes"]) + " is not files." + file + ".bytes (" + files[file]["bytes"].dump() + ")");
+      fail(at + ".bytes",
+           short_json(e["bytes"]) + " is not files." + file + ".bytes (" + files[file]["bytes"].dump() + ")");
     const int want_plugin = std::string(graph) == "pre_k" && has_plugin ? 1 : 0;
     if (num(e["plugin_layers"]) != want_plugin)
       fail(at + ".plugin_layers", short_json(e["plugin_layers"]) + " is not " + std::to_string(want_plugin));
@@ -222,7 +225,8 @@ void check_engines(const json& m, const SpecTables& spec, const Failer& fail) {
     json names = json::array(), want_names = json::array();
     for (const auto& p : e["profiles"]) names.push_back(p["name"]);
     if (!dynamic.empty()) want_names = std::string(graph) == "vision" ? json{"media"} : json{"prefill", "decode"};
-    if (names != want_names) fail(at + ".profiles", "are " + short_json(names) + ", expected " + short_json(want_names));
+    if (names != want_names)
+      fail(at + ".profiles", "are " + short_json(names) + ", expected " + short_json(want_names));
     json dyn_names = json::array();
     for (const auto& d : dynamic) dyn_names.push_back(d.first);
     for (size_t i = 0; i < e["profiles"].size(); ++i) {
@@ -243,7 +247,8 @@ void check_engines(const json& m, const SpecTables& spec, const Failer& fail) {
           for (size_t d = 0; fits && d < dims.size(); ++d)
             if (dims[d].is_number_integer() && num(dims[d]) != num(shape[d])) fits = false;
           if (!fits)
-            fail(pat + "." + tensor + "." + bound, short_json(shape) + " does not fit the input's shape " + short_json(dims));
+            fail(pat + "." + tensor + "." + bound,
+                 short_json(shape) + " does not fit the input's shape " + short_json(dims));
         }
         for (size_t d = 0; d < r["min"].size() && d < r["opt"].size() && d < r["max"].size(); ++d)
           if (!(num(r["min"][d]) <= num(r["opt"][d]) && num(r["opt"][d]) <= num(r["max"][d])))
@@ -287,7 +292,8 @@ void check_manifest_paths(const json& m, const std::string& where) {
   const json* graphs = m.contains("graphs") && m["graphs"].is_object() ? &m["graphs"] : nullptr;
   if (graphs)
     for (auto it = graphs->begin(); it != graphs->end(); ++it)
-      if (it.value().is_object() && it.value().contains("file")) check(it.value()["file"], "graphs." + it.key() + ".file");
+      if (it.value().is_object() && it.value().contains("file"))
+        check(it.value()["file"], "graphs." + it.key() + ".file");
   if (m.contains("engines") && m["engines"].is_object()) {
     const json& sec = m["engines"];
     for (const char* key : {"timing_cache", "trtexec_script"})
@@ -328,8 +334,10 @@ void check_manifest_consistency(const json& m, const std::string& where) {
   if (rn >= rd)
     fail("fastv.ratio_num", str(rn) + " is not below fastv.ratio_den (" + str(rd) + "): R = ratio_num/ratio_den "
                             "must lie in [0, 1)");
-  if (std::gcd(static_cast<int64_t>(rn), static_cast<int64_t>(rd)) != 1) fail("fastv.ratio_num", ratio + " is not in lowest terms");
-  if (fv["ratio"] != ratio) fail("fastv.ratio", short_json(fv["ratio"]) + " is not ratio_num/ratio_den (" + ratio + ")");
+  if (std::gcd(static_cast<int64_t>(rn), static_cast<int64_t>(rd)) != 1)
+    fail("fastv.ratio_num", ratio + " is not in lowest terms");
+  if (fv["ratio"] != ratio)
+    fail("fastv.ratio", short_json(fv["ratio"]) + " is not ratio_num/ratio_den (" + ratio + ")");
   if (!fv["keep"].is_null() && !(rn == 0 && rd == 1))
     fail("fastv.keep", fv["keep"].dump() + " is given with a ratio of " + ratio + ": a bundle has one or the other");
   // image tokens: compact runs, their image-token count, the vision input
@@ -359,13 +367,14 @@ void check_manifest_consistency(const json& m, const std::string& where) {
   const json& pos = m["positions"];
   if (pos["rank"] == 3) {
     if (!it.contains("grid_thw"))
-      throw Error(where + ": required field 'image_tokens.grid_thw' is missing (rank-3 positions); re-export the bundle");
+      throw Error(where + ": required field 'image_tokens.grid_thw' is missing (rank-3 positions); "
+                  "re-export the bundle");
     const json& g = it["grid_thw"];
     const Wide merge = num(pos["spatial_merge_size"]);
     const Wide merged = num(g[0]) * num(g[1]) * num(g[2]) / (merge * merge);
     if (merged != num(it["per_image"]))
-      fail("image_tokens.grid_thw", short_json(g) + " merges to " + str(merged) + " tokens, image_tokens.per_image says " +
-                                        it["per_image"].dump());
+      fail("image_tokens.grid_thw", short_json(g) + " merges to " + str(merged) +
+                                        " tokens, image_tokens.per_image says " + it["per_image"].dump());
   }
   // the KV cache
   const std::string float_dtype = m["precision"] == "fp16" ? "float16" : "float32";
@@ -374,12 +383,14 @@ void check_manifest_consistency(const json& m, const std::string& where) {
     fail("kv_cache.dtype", short_json(kv["dtype"]) + " is not \"" + float_dtype + "\" (precision " +
                                m["precision"].get<std::string>() + ")");
   if (static_cast<Wide>(kv["layers"].size()) != layers)
-    fail("kv_cache.layers", "has " + std::to_string(kv["layers"].size()) + " entries, source_model.num_layers is " + str(layers));
+    fail("kv_cache.layers",
+         "has " + std::to_string(kv["layers"].size()) + " entries, source_model.num_layers is " + str(layers));
   for (size_t i = 0; i < kv["layers"].size(); ++i) {
     const json& layer = kv["layers"][i];
     const std::string want = static_cast<Wide>(i) < k ? "pre_k" : "post_k";
     const std::string at = "kv_cache.layers[" + std::to_string(i) + "]";
-    if (num(layer["layer"]) != static_cast<Wide>(i)) fail(at + ".layer", layer["layer"].dump() + " is not " + std::to_string(i));
+    if (num(layer["layer"]) != static_cast<Wide>(i))
+      fail(at + ".layer", layer["layer"].dump() + " is not " + std::to_string(i));
     if (layer["graph"] != want)
       fail(at + ".graph", short_json(layer["graph"]) + " is not \"" + want + "\" (K=" + str(k) + ")");
   }

@@ -186,8 +186,8 @@ void check_manifest_schema(const json& m, const std::string& where) {
                 fix_for(path));
   }
   const std::string path = at.path.empty() ? "(top level)" : at.path;
-  throw Error(where + " field '" + path + "': " + (at.value && !at.path.empty() ? short_value(*at.value) + ": " : std::string()) +
-              what + " (manifest.schema.json); " + fix_for(at.path));
+  const std::string value = at.value && !at.path.empty() ? short_value(*at.value) + ": " : std::string();
+  throw Error(where + " field '" + path + "': " + value + what + " (manifest.schema.json); " + fix_for(at.path));
 }
 
 void check_manifest_schema_loads() { (void)compiled_schema(); }
@@ -225,7 +225,8 @@ json read_manifest(const std::filesystem::path& mpath) {
     if (what.size() > 160) what = what.substr(0, 157) + "...";
     throw Error(where + " is not valid JSON (" + what + "); re-export the bundle");
   }
-  if (!limit.empty()) throw Error(where + " holds " + limit + ": not a manifest fastv-export writes; re-export the bundle");
+  if (!limit.empty())
+    throw Error(where + " holds " + limit + ": not a manifest fastv-export writes; re-export the bundle");
   if (!repeated.empty())
     throw Error(where + " is not valid JSON (field " + short_value(json(repeated)) +
                 " appears twice in one object); re-export the bundle");

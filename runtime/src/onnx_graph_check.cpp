@@ -87,7 +87,8 @@ std::string numpy_name(uint64_t elem) {   // onnx.helper.tensor_dtype_to_np_dtyp
   static const char* names[] = {nullptr,  "float32", "uint8",  "int8",    "uint16",    "int16",      "int32",
                                 "int64",  "object",  "bool",   "float16", "float64",   "uint32",     "uint64",
                                 "complex64", "complex128", "bfloat16"};
-  if (elem == 0 || elem >= sizeof(names) / sizeof(names[0])) throw Malformed("tensor element type " + std::to_string(elem));
+  if (elem == 0 || elem >= sizeof(names) / sizeof(names[0]))
+    throw Malformed("tensor element type " + std::to_string(elem));
   return names[elem];
 }
 
@@ -280,8 +281,9 @@ void check_graph_files(const fs::path& dir, const json& m) {
                                      tensor + "' external data");
     if (std::string(graph) != "pre_k") continue;
     if (g.token_select.size() != 1)
-      throw Error(f.string() + " has " + std::to_string(g.token_select.size()) + " fastv::TokenSelect nodes, expected 1 "
-                  "(field 'graphs.pre_k' of " + kManifest + "); re-export the bundle");
+      throw Error(f.string() + " has " + std::to_string(g.token_select.size()) +
+                  " fastv::TokenSelect nodes, expected 1 (field 'graphs.pre_k' of " + kManifest +
+                  "); re-export the bundle");
     const json& fv = m["fastv"];
     const json want = {{"ranking", fv["ranking"]}, {"ratio_num", fv["ratio_num"]}, {"ratio_den", fv["ratio_den"]},
                        {"keep", fv["keep"].is_null() ? json(-1) : fv["keep"]}, {"seed", fv["seed"]}};

@@ -64,7 +64,8 @@ void unit_checks() {
         "paths: an absolute 'files' entry");
   check(throws_with([] { fastv::bundle_file("/tmp", "a/../../x", "files"); }, "a file outside the bundle directory"),
         "bundle_file: '..' inside a name");
-  check(fastv::bundle_file("/tmp", "x.onnx", "files") == std::filesystem::path("/tmp/x.onnx"), "bundle_file: a plain name");
+  check(fastv::bundle_file("/tmp", "x.onnx", "files") == std::filesystem::path("/tmp/x.onnx"),
+        "bundle_file: a plain name");
   fastv::Bundle rope;
   rope.position_rank = 2;
   rope.image_token_ids = {500};
