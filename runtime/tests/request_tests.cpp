@@ -14,20 +14,15 @@
 #include <functional>
 #include <iostream>
 
+#include "check.hpp"
+
 namespace {
 
 using nlohmann::json;
 
-int failed = 0, passed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::cerr << "FAILED: " << what << "\n";
-  }
-}
+using fastv_test::check;
+using fastv_test::failed;
+using fastv_test::passed;
 
 std::string error_of(const std::function<void()>& f) {
   try {

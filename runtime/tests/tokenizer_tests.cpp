@@ -9,18 +9,13 @@
 #include <functional>
 #include <iostream>
 
+#include "check.hpp"
+
 namespace {
 
-int failed = 0, passed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::cerr << "FAILED: " << what << "\n";
-  }
-}
+using fastv_test::check;
+using fastv_test::failed;
+using fastv_test::passed;
 
 bool throws_with(const std::function<void()>& f, const std::string& needle) {
   try {

@@ -16,21 +16,16 @@
 #define FASTV_GOLDEN_FILE "runtime/tests/data/golden.json"
 #endif
 
+#include "check.hpp"
+
 namespace {
 
 using fastv::Tensor;
 using nlohmann::json;
 
-int failed = 0, passed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::cerr << "FAILED: " << what << "\n";
-  }
-}
+using fastv_test::check;
+using fastv_test::failed;
+using fastv_test::passed;
 
 std::vector<int64_t> values(const fastv::Tensor& t) {
   return std::vector<int64_t>(t.as<int64_t>(), t.as<int64_t>() + t.numel());
