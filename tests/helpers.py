@@ -86,3 +86,13 @@ def once_per_run(path: Path, make: Callable[[Path], None]) -> Path:
             make(tmp)
             tmp.rename(path)
     return path
+
+
+def fastv_run_error(proc) -> str:
+    """The one error line of a refused ``fastv-run`` (non-zero exit, nothing on stdout), its prefix included."""
+    assert proc.returncode != 0, proc.stdout
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fastv-run: error: ")
+    return lines[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import once_per_run, shared_dir
+from tests.helpers import fastv_run_error, once_per_run, shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 #: held-out questions of the trained demo answered by both runtimes (the end-to-end test)
@@ -32,13 +32,8 @@ def fastv_run(exe: Path, *args: str, timeout: float = 600) -> subprocess.Complet
 
 
 def fail_line(proc: subprocess.CompletedProcess) -> str:
-    """The one error line of a refused run (non-zero exit, nothing on stdout)."""
-    assert proc.returncode != 0, proc.stdout
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("fastv-run: error: ")
-    return lines[0][len("fastv-run: error: "):]
+    """The message of a refused run's one error line (non-zero exit, nothing on stdout)."""
+    return fastv_run_error(proc)[len("fastv-run: error: "):]
 
 
 def py_error(make) -> str:

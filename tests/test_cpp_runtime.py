@@ -25,7 +25,7 @@ from fastv_export.prompts import make_prompt
 from fastv_export.runtime.dump import dump_inputs, load_inputs
 from fastv_export.runtime.generate import find_candidates, generate
 from fastv_export.validate import _images, _reference
-from tests.helpers import CPP_FAMILIES, PAIRWISE, PAIRWISE_NEW
+from tests.helpers import CPP_FAMILIES, PAIRWISE, PAIRWISE_NEW, fastv_run_error
 
 STEPS = 16
 
@@ -49,14 +49,7 @@ def dump_prompt(adapter, out: Path, text_lengths=12, num_images: int = 1):
     return prompt, images
 
 
-def fail_line(proc: subprocess.CompletedProcess) -> str:
-    """The one error line of a refused run (non-zero exit, nothing on stdout)."""
-    assert proc.returncode != 0, proc.stdout
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("fastv-run: error: ")
-    return lines[0]
+fail_line = fastv_run_error
 
 
 # -------------------------------------------------------------------------------------------- acceptance
