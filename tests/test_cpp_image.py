@@ -370,9 +370,19 @@ def test_bad_files_are_refused_with_one_line(tool, tmp_path):
     assert "not a PNG or JPEG" in refused(run_tool(tool, tmp_path / "t", [files["text.png"]])[0])
 
 
-def test_seeded_corruptions_never_crash(tool, tmp_path):
+@pytest.fixture(scope="module")
+def sanitized_tool(runtime_sanitize_build) -> Path:
+    exe = runtime_sanitize_build.parent / "fastv-preprocess"
+    assert exe.is_file(), f"{exe} was not built"
+    return exe
+
+
+@pytest.mark.parametrize("build", ["release", "asan+ubsan"])
+def test_seeded_corruptions_never_crash(build, request, tmp_path):
     """200 seeded corruptions (bytes flipped, cut, chunks duplicated) of a PNG and a JPEG: each is decoded or
-    refused with one line and exit code 1; no signal, no hang."""
+    refused with one line and exit code 1; no signal, no hang, and in the AddressSanitizer + UBSan build no
+    sanitizer report (a report exits non-zero with more than one line)."""
+    tool = request.getfixturevalue("tool" if build == "release" else "sanitized_tool")
     d = tmp_path / "fuzz"
     d.mkdir()
     good = corrupt_files(d)

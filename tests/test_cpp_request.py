@@ -327,6 +327,16 @@ def test_dry_run_equals_the_python_front_end_on_user_checkpoints(runtime_build, 
     assert n >= 5
 
 
+@pytest.mark.slow
+def test_dry_run_without_the_cpu_executor_equals_the_python_front_end(runtime_sanitize_build, user_bundle, pictures,
+                                                                       tmp_path):
+    """No Python on the request path: the AddressSanitizer + UBSan build has no cpu executor (no embedded Python
+    interpreter) and no TensorRT; its --dry-run gives the Python front end's prompt ids, text and pixel checksum
+    on the user-style LLaVA checkpoint, with no sanitizer report."""
+    user = sorted(p for name, p in pictures.items() if name.startswith("user/"))
+    assert _compare_dry_run(runtime_sanitize_build, user_bundle("llava"), _conversations(user[:2]), tmp_path) >= 3
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def _python_answers(bundle: Path, requests: list[dict], **sampling) -> list[dict]:
     """`fastv-export run --json` for each request, in one process (its front end, runner and Rows)."""
