@@ -272,6 +272,16 @@ def test_sampler_and_per_token_callback_in_generate(exported_bundle, model_and_a
     assert calls == [0, 1, 2] and stopped.tokens.tolist() == full.tokens[:, :3].tolist()
     assert len(stopped.step_logits) == 3
 
+    # several end-of-sequence ids (a generation config's list): each row stops at the first of any of them,
+    # then pads; an id that never comes changes nothing
+    first, third = int(greedy.tokens[0, 0]), int(greedy.tokens[1, 2])
+    ends = generate(runner, ids, mask, images, 8, eos_token_id=[first, third])
+    want = [row[:next(i for i, t in enumerate(row) if t in (first, third)) + 1] for row in greedy.tokens.tolist()]
+    for got, w in zip(ends.tokens.tolist(), want):
+        assert got[:len(w)] == w and set(got[len(w):]) <= {runner.bundle.pad_token_id}
+    unused = next(t for t in range(1000) if t not in greedy.tokens)
+    assert np.array_equal(generate(runner, ids, mask, images, 8, eos_token_id=[unused]).tokens, greedy.tokens)
+
 
 # ---- the trained demo through `run`: its words, its answers ------------------------------------------------
 @pytest.mark.slow

@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     rows = Rows(front.decode, stops, eos, sys.stdout if streamed else None)
     sampler = _sampler(params, len(requests))
     gen = generate(open_runner(bundle, args.runner), prepared.input_ids, prepared.attention_mask, prepared.images,
-                   max_new, eos_token_id=eos[0] if eos else None, media=prepared.media,
+                   max_new, eos_token_id=eos or None, media=prepared.media,
                    video_seconds=prepared.video_seconds or None, sampler=sampler, on_token=rows.on_token)
     texts = rows.finish()
     tokens = [gen.tokens[r, :rows.length[r] or gen.tokens.shape[1]].tolist() for r in range(len(requests))]

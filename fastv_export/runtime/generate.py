@@ -128,11 +128,12 @@ def _run_pre_k(runner: Runner, feeds: Mapping[str, np.ndarray]) -> dict[str, np.
 
 
 def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, images: list[np.ndarray],
-             max_new_tokens: int, *, eos_token_id: int | None = None,
+             max_new_tokens: int, *, eos_token_id: int | Sequence[int] | None = None,
              pre_k_step: PreKStep = _run_pre_k, video_seconds: Sequence[float] | None = None,
              media: Sequence[Media] | None = None, sampler: ChooseToken | None = None,
              on_token: OnToken | None = None) -> Generation:
-    """Generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``), greedy or chosen by
+    """Generation of up to ``max_new_tokens`` tokens (a row stops at ``eos_token_id``: one id or several, as a
+    generation config lists them), greedy or chosen by
     ``sampler``, ``on_token`` called for each (see :func:`decode`).
     ``images``: the pixels of each vision-graph call in prompt order (rows in order): one per image, and per
     temporal patch (Qwen2-VL family) or per whole video (tiles layout) of a video; ``media``: every row's
@@ -187,12 +188,12 @@ def generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, 
 
 
 def decode(runner: Runner, state: DecodeState, max_new_tokens: int, *,
-           eos_token_id: int | None = None, sampler: ChooseToken | None = None,
+           eos_token_id: int | Sequence[int] | None = None, sampler: ChooseToken | None = None,
            on_token: OnToken | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Decoding from ``state`` (advanced in place): the next ``max_new_tokens`` tokens [B] and the
     logits [B, V] that chose each. The first token comes from ``state.logits``; each further one costs one
     decode step (embed, pre_k, post_k) on the token before it; the last token chosen is not fed, so
-    ``state.logits`` stays the logits that chose it. A row stops at ``eos_token_id`` (then pads).
+    ``state.logits`` stays the logits that chose it. A row stops at any id of ``eos_token_id`` (then pads).
     ``sampler`` chooses each token from the logits (None: greedy argmax, the lowest id among equal maxima);
     ``on_token(step, tokens)`` is called once per chosen token (step 0, 1, ..., the tokens as returned, pads
     included), and its returning True stops decoding after that token."""
@@ -204,12 +205,13 @@ def decode(runner: Runner, state: DecodeState, max_new_tokens: int, *,
     no_candidates = np.zeros((b, 0), dtype=np.int64)
     ones = np.ones((b, 1), dtype=np.int64)
     finished = np.zeros(b, dtype=bool)
+    eos = None if eos_token_id is None else np.atleast_1d(np.asarray(eos_token_id, dtype=np.int64))
     tokens, step_logits = [], []
     for i in range(max_new_tokens):
         nxt = (state.logits.argmax(-1) if sampler is None else sampler(state.logits)).astype(np.int64)
-        if eos_token_id is not None:
+        if eos is not None and eos.size:
             nxt = np.where(finished, bundle.pad_token_id, nxt)
-            finished |= nxt == eos_token_id
+            finished |= np.isin(nxt, eos)
         tokens.append(nxt)
         step_logits.append(state.logits)
         stop = on_token is not None and bool(on_token(i, nxt.copy()))
