@@ -37,13 +37,13 @@ from fastv_export.presets import load_model
 from fastv_export.prompts import make_prompt
 from fastv_export.runtime.generate import find_candidates
 from fastv_export.runtime.positions import decode_positions, prefill_positions
-from fastv_export.runtime.vision_feeds import patch_grid_feeds
+from fastv_export.runtime.vision_feeds import media_grid, patch_grid_feeds
 
 GOLDEN = Path(__file__).resolve().parents[1] / "runtime" / "tests" / "data" / "golden.json"
 FORMAT, VERSION = "fastv-golden", 1
 
-#: (case, preset, instruction lengths of the batch rows, the media of every row); media of the exported size
-#: only: the C++ runtime serves images of the exported grid and videos of its frame size
+#: (case, preset, instruction lengths of the batch rows, the media of every row); media without a size are of
+#: the exported size; media with one (patch_grid bundles) come with their patch grids ('media_grids')
 POSITION_CASES = [
     ("rope-llava-left-padded", "tiny-llava", [4, 9], [Media("image")]),
     ("mrope-qwen2-vl-images", "tiny-qwen2-vl", [4, 9], [Media("image"), Media("image")]),
@@ -52,6 +52,8 @@ POSITION_CASES = [
     ("mrope-qwen2.5-vl-timed-videos", "tiny-qwen2.5-vl", [4, 9],
      [Media("video", frames=8, fps=1.0), Media("image"), Media("video", frames=6, fps=3.0)]),
     ("mrope-qwen3-vl-image-video-blocks", "tiny-qwen3-vl", [4, 9], [Media("image"), Media("video", frames=6)]),
+    ("mrope-qwen2.5-vl-media-grids", "tiny-qwen2.5-vl", [4, 9],
+     [Media("image", (56, 112)), Media("video", (84, 56), frames=4, fps=1.0), Media("image", (140, 28))]),
 ]
 DECODE_STEPS = (0, 1, 7)
 #: (h, w) patch grids of the patch_grid cases (tiny-qwen2.5-vl's layout): the exported one, windows cut at edges
@@ -77,9 +79,13 @@ def _positions_case(name: str, adapter: ModelAdapter, lengths: list[int], media:
     seconds = prompt.vision.get("second_per_grid_ts")
     seconds = [] if seconds is None else [float(np.float32(s)) for s in seconds.tolist()]
     manifest = Manifest(rules)
-    pos = prefill_positions(manifest, ids, mask, seconds or None)
+    sized = any(m.size is not None for m in media)
+    row_media = media * len(lengths) if sized else None
+    pos = prefill_positions(manifest, ids, mask, seconds or None, row_media)
+    grids = [[list(media_grid(manifest.vision_layout, m, manifest.grid_thw)) for m in media]] * len(lengths) \
+        if sized else []
     return {"case": name, "manifest": rules, "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-            "video_seconds": seconds, "prefill": pos.tolist(),
+            "video_seconds": seconds, "media_grids": grids, "prefill": pos.tolist(),
             "decode": [{"step": s, "positions": decode_positions(pos, s).tolist()} for s in DECODE_STEPS],
             "candidates": find_candidates(ids, manifest.image_token_ids).tolist()}
 

@@ -84,7 +84,7 @@ def test_tokens_and_kept_positions_equal_the_reference(runtime_build, exported_b
 @pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_left_padded_batch_equals_the_python_loop(runtime_build, exported_bundle, model_and_adapter, tmp_path, model):
     """Batch 2, left-padded: the C++ loop generates what the Python loop does on the same graphs (Qwen2.5-VL:
-    fastv-run computes the patch_grid vision feeds of the exported grid itself)."""
+    fastv-run computes the patch_grid vision feeds itself)."""
     from fastv_export.bundle import load_bundle
     from fastv_export.runtime.ort import OrtRunner
 
@@ -97,6 +97,37 @@ def test_left_padded_batch_equals_the_python_loop(runtime_build, exported_bundle
                    eos_token_id=b.eos_token_id)
     assert out["tokens"] == gen.tokens.tolist()
     assert out["kept_positions"] == gen.kept.tolist()
+
+
+@pytest.mark.slow
+def test_patch_grid_images_of_their_own_grid_equal_python(runtime_build, exported_bundle, tmp_path):
+    """Qwen2.5-VL (patch_grid): images the processor resizes to other grids than the exported one, a batch row
+    with a wide and a tall one. fastv-run computes each image's vision feeds and M-RoPE positions from its own
+    grid: from Python's dumped inputs (`media_grid_thw`) and from the picture files through its own front end,
+    the tokens and kept positions equal `fastv-export run`'s."""
+    from PIL import Image
+
+    bundle = exported_bundle("tiny-qwen2.5-vl")
+    rng = np.random.RandomState(4)
+    files = []
+    for name, (w, h) in {"wide.png": (200, 90), "tall.png": (60, 150)}.items():
+        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(tmp_path / name)
+        files += ["--image", str(tmp_path / name)]
+    args = [*files, "--prompt", "Compare the two pictures.", "--max-new-tokens", "6", "--json"]
+    proc = subprocess.run(["fastv-export", "run", str(bundle), *args, "--dump-inputs", str(tmp_path / "in")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    py = json.loads(proc.stdout)["rows"][0]
+    grids = load_inputs(tmp_path / "in")["media_grid_thw"].tolist()
+    exported = json.loads((bundle / MANIFEST).read_text())["image_tokens"]["grid_thw"]
+    assert len(grids) == 2 and all(g[1:] != exported[1:] for g in grids), (grids, exported)
+    dumped = cpp_json(runtime_build, bundle, tmp_path / "in", steps=6)
+    assert dumped["tokens"] == [py["tokens"]] and dumped["kept_positions"] == [py["kept_positions"]]
+    own = subprocess.run([str(runtime_build), "--bundle", str(bundle), "--executor", "cpu", *args],
+                         capture_output=True, text=True)
+    assert own.returncode == 0, own.stderr
+    row = json.loads(own.stdout)["rows"][0]
+    assert row["tokens"] == py["tokens"] and row["kept_positions"] == py["kept_positions"]
 
 
 @pytest.mark.slow
@@ -304,3 +335,23 @@ def test_tiles_layout_bundles_are_refused_with_one_line(runtime_build, exported_
                 find_candidates(ids, adapter.image_token_ids()))
     line = fail_line(run_cpp(runtime_build, bundle, tmp_path / "in"))
     assert "'image_tokens.vision_layout.kind' is \"tiles\"" in line and "Python runtime" in line
+
+
+@pytest.mark.slow
+def test_patch_grid_merge_sizes_must_agree(runtime_build, exported_bundle, tmp_path):
+    """The vision feeds (image_tokens.vision_layout) and the positions (positions.spatial_merge_size) of a
+    patch_grid bundle follow one merge size: a manifest giving two is refused by both loaders, naming the field."""
+    from fastv_export.bundle import load_bundle
+    from fastv_export.errors import FastVError
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(exported_bundle("tiny-qwen2.5-vl"), dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    m["image_tokens"]["vision_layout"]["spatial_merge_size"] = 1
+    (dst / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(FastVError, match=r"image_tokens\.vision_layout\.spatial_merge_size.*is 1, "
+                                         r"positions\.spatial_merge_size says 2"):
+        load_bundle(dst)
+    line = fail_line(subprocess.run([str(runtime_build), "--bundle", str(dst), "--check"], capture_output=True,
+                                    text=True))
+    assert "image_tokens.vision_layout.spatial_merge_size" in line and "says 2" in line, line

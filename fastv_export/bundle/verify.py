@@ -350,6 +350,10 @@ def _check_consistency(m: dict, mpath: Path) -> None:  # noqa: C901 - a list of 
     if missing:
         fail(["image_tokens", "vision_layout"], f"kind {layout['kind']!r} needs the fields {', '.join(missing)}")
     pos = m["positions"]
+    if layout["kind"] == "patch_grid" and "spatial_merge_size" in pos \
+            and layout["spatial_merge_size"] != pos["spatial_merge_size"]:   # one merge size: feeds and positions
+        fail(["image_tokens", "vision_layout", "spatial_merge_size"],
+             f"is {layout['spatial_merge_size']}, positions.spatial_merge_size says {pos['spatial_merge_size']}")
     if pos["rank"] == 3:
         grid = it.get("grid_thw")
         if grid is None:

@@ -235,8 +235,14 @@ def run(args: argparse.Namespace) -> int:
         from fastv_export.runtime.dump import dump_inputs
         from fastv_export.runtime.generate import find_candidates
 
+        grids = None
+        if bundle.vision_layout["kind"] == "patch_grid":
+            from fastv_export.runtime.vision_feeds import media_grid
+
+            grids = [media_grid(bundle.vision_layout, m, bundle.grid_thw) for m in prepared.media]
         dump_inputs(args.dump_inputs, prepared.input_ids, prepared.attention_mask, prepared.images,
-                    find_candidates(prepared.input_ids, bundle.image_token_ids), prepared.video_seconds or None)
+                    find_candidates(prepared.input_ids, bundle.image_token_ids), prepared.video_seconds or None,
+                    grids)
     eos = front.eos_token_ids
     streamed = args.stream and not args.json and len(requests) == 1     # a batch prints its rows at the end
     rows = Rows(front.decode, stops, eos, sys.stdout if streamed else None)

@@ -27,6 +27,8 @@ from fastv_export.graphs import spec
 FORMAT, VERSION, INPUTS_JSON = "fastv-inputs", 1, "inputs.json"
 #: not a graph input: what the M-RoPE positions of a timed video need (the model's second_per_grid_ts)
 VIDEO_SECONDS = "video_seconds"
+#: not a graph input: each medium's (t, h, w) patch grid, rows in order (bundles whose vision layout is patch_grid)
+MEDIA_GRID_THW = "media_grid_thw"
 _DTYPES = {"int64": "<i8", "float32": "<f4", "float16": "<f2"}
 
 
@@ -40,10 +42,13 @@ def _write(out: Path, name: str, array: np.ndarray) -> dict:
 
 
 def dump_inputs(out: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray, images: Sequence[np.ndarray],
-                candidates: np.ndarray | None = None, video_seconds: Sequence[float] | None = None) -> Path:
+                candidates: np.ndarray | None = None, video_seconds: Sequence[float] | None = None,
+                media_grids: Sequence[Sequence[int]] | None = None) -> Path:
     """Write the inputs of one generation into ``out`` (created); returns ``out/inputs.json``.
     ``video_seconds``: seconds per temporal patch of each video of the batch, rows in order (bundles whose
-    video positions follow time), written as the float32 tensor ``video_seconds``."""
+    video positions follow time), written as the float32 tensor ``video_seconds``. ``media_grids``: the (t, h, w)
+    patch grid of every medium, rows in order (patch_grid bundles), written as the int64 tensor
+    ``media_grid_thw`` [media, 3]."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FastVError(f"--dump-inputs {out}: exists and is not a directory")
@@ -55,6 +60,8 @@ def dump_inputs(out: str | Path, input_ids: np.ndarray, attention_mask: np.ndarr
                                                    np.asarray(candidates, dtype=np.int64))
     if video_seconds is not None:
         tensors[VIDEO_SECONDS] = _write(out, VIDEO_SECONDS, np.asarray(video_seconds, dtype=np.float32))
+    if media_grids is not None:
+        tensors[MEDIA_GRID_THW] = _write(out, MEDIA_GRID_THW, np.asarray(media_grids, dtype=np.int64).reshape(-1, 3))
     for i, px in enumerate(images):
         px = np.asarray(px)
         name = f"{spec.PIXEL_VALUES}.{i}"

@@ -91,7 +91,9 @@ TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window) 
   return feeds;
 }
 
-TensorMap patch_grid_feeds(const json& m, int64_t h, int64_t w, const std::string& where) {
+namespace {
+// merged patches per side of a window attention block (image_tokens.vision_layout), checked against a grid
+int64_t window_of(const json& m, int64_t h, int64_t w, const std::string& where) {
   const int64_t merge = int_field(m, "image_tokens.vision_layout.spatial_merge_size", where);
   const int64_t patch = int_field(m, "image_tokens.vision_layout.patch_size", where);
   const int64_t size = int_field(m, "image_tokens.vision_layout.window_size", where);
@@ -99,7 +101,13 @@ TensorMap patch_grid_feeds(const json& m, int64_t h, int64_t w, const std::strin
     throw Error(where + ": field 'image_tokens.vision_layout' (spatial_merge_size " + std::to_string(merge) +
                 ", patch_size " + std::to_string(patch) + ", window_size " + std::to_string(size) +
                 ") does not fit a " + std::to_string(h) + " x " + std::to_string(w) + " patch grid");
-  return patch_grid_feeds(h, w, merge, size / merge / patch);
+  return size / merge / patch;
+}
+}  // namespace
+
+TensorMap patch_grid_feeds(const json& m, int64_t h, int64_t w, const std::string& where) {
+  const int64_t window = window_of(m, h, w, where);
+  return patch_grid_feeds(h, w, int_field(m, "image_tokens.vision_layout.spatial_merge_size", where), window);
 }
 
 void read_position_rules(const json& m, Bundle& b, const std::string& where) {
@@ -233,6 +241,7 @@ Bundle load_bundle(const fs::path& dir) {
     if (!shape.is_array() || shape.size() != 2 || !shape[1].is_number_integer())
       throw Error(where + ": field 'image_tokens.vision_input.shape' must be [patches, patch_dim] (patch_grid)");
     b.vision_grid_feeds = patch_grid_feeds(m, b.grid_thw[1], b.grid_thw[2], where);
+    b.vision_window = window_of(m, b.grid_thw[1], b.grid_thw[2], where);
     b.vision_input_shape = {b.grid_thw[1] * b.grid_thw[2], shape[1].get<int64_t>()};
   }
   return b;

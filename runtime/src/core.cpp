@@ -168,13 +168,45 @@ Inputs read_inputs(const fs::path& dir, const Bundle& b) {
     throw Error(where + ": tensor '" + kAttentionMask + "' must be int64 " + shape_str(in.input_ids.shape) +
                 " like '" + kInputIds + "', got " + dtype_name(in.attention_mask.dtype) + " " +
                 shape_str(in.attention_mask.shape));
+  const int64_t rows = in.input_ids.shape[0], n = in.input_ids.shape[1];
   const int64_t num_images = j.value("num_images", 0);
+  // patch_grid bundles: each medium's (t, h, w) patch grid, rows in order; a medium makes t vision calls
+  std::vector<std::vector<int64_t>> call_shapes;   // the pixel values shape of each vision call
+  int64_t grid_tokens = 0;
+  if (ts.contains(kMediaGridThw)) {
+    const Tensor g = get(kMediaGridThw);
+    if (b.vision_layout != "patch_grid")
+      throw Error(where + ": tensor '" + std::string(kMediaGridThw) + "' is given, but this bundle's vision layout is \"" +
+                  b.vision_layout + "\" (media grids belong to patch_grid bundles): dump the inputs again");
+    if (g.dtype != DType::I64 || g.shape.size() != 2 || g.shape[1] != 3 || g.shape[0] % rows)
+      throw Error(where + ": tensor '" + std::string(kMediaGridThw) + "' must be int64 [media, 3] with the same media " +
+                  "count in every row, got " + dtype_name(g.dtype) + " " + shape_str(g.shape));
+    const int64_t per = g.shape[0] / rows, merge = b.spatial_merge_size;
+    in.row_grids.resize(static_cast<size_t>(rows));
+    for (int64_t m = 0; m < g.shape[0]; ++m) {
+      const int64_t* v = g.as<int64_t>() + 3 * m;
+      if (v[0] < 1 || v[1] < merge || v[2] < merge || v[1] % merge || v[2] % merge || v[0] * v[1] * v[2] > (1 << 24))
+        throw Error(where + ": tensor '" + std::string(kMediaGridThw) + "' row " + std::to_string(m) + " is [" +
+                    std::to_string(v[0]) + ", " + std::to_string(v[1]) + ", " + std::to_string(v[2]) +
+                    "], not a patch grid of whole " + std::to_string(merge) + " x " + std::to_string(merge) + " blocks");
+      in.row_grids[static_cast<size_t>(m / per)].push_back({v[0], v[1], v[2]});
+      for (int64_t t = 0; t < v[0]; ++t) call_shapes.push_back({v[1] * v[2], b.vision_input_shape[1]});
+      grid_tokens += v[0] * (v[1] / merge) * (v[2] / merge);
+    }
+    if (static_cast<int64_t>(call_shapes.size()) != num_images)
+      throw Error(where + ": tensor '" + std::string(kMediaGridThw) + "' makes " + std::to_string(call_shapes.size()) +
+                  " vision calls (one per image and per temporal patch of a video), field 'num_images' says " +
+                  std::to_string(num_images));
+  }
   for (int64_t i = 0; i < num_images; ++i) {
     const std::string name = std::string(kPixelValues) + "." + std::to_string(i);   // dump.py: <pixel values>.<i>
     Tensor px = get(name);
-    if (px.shape != b.vision_input_shape)
+    const std::vector<int64_t>& want = call_shapes.empty() ? b.vision_input_shape : call_shapes[i];
+    if (px.shape != want)
       throw Error(where + ": tensor '" + name + "' has shape " + shape_str(px.shape) + ", the bundle's vision graph " +
-                  "takes " + shape_str(b.vision_input_shape) + " (manifest field 'image_tokens.vision_input.shape')");
+                  "takes " + shape_str(want) + (call_shapes.empty() ? " (manifest field 'image_tokens.vision_input.shape')"
+                                                                    : " for its patch grid (tensor '" +
+                                                                      std::string(kMediaGridThw) + "')"));
     if (px.dtype == DType::I64) throw Error(where + ": tensor '" + name + "' must be float32 or float16");
     if (px.dtype != b.float_dtype) {   // convert to the bundle's precision
       Tensor c = Tensor::zeros(b.float_dtype, px.shape);
@@ -188,19 +220,21 @@ Inputs read_inputs(const fs::path& dir, const Bundle& b) {
     in.images.push_back(std::move(px));
   }
   if (ts.contains(kCandidatePositions)) in.candidate_positions = get(kCandidatePositions);
-  if (ts.contains("video_seconds")) {
-    const Tensor secs = get("video_seconds");
+  if (ts.contains(kVideoSeconds)) {
+    const Tensor secs = get(kVideoSeconds);
     if (secs.dtype != DType::F32 || secs.shape.size() != 1)
       throw Error(where + ": tensor 'video_seconds' must be float32 [videos], got " + dtype_name(secs.dtype) + " " +
                   shape_str(secs.shape));
     in.video_seconds.assign(secs.as<float>(), secs.as<float>() + secs.numel());
   }
   // the images of the whole batch, in prompt order, give the image tokens of all rows
-  const int64_t rows = in.input_ids.shape[0], n = in.input_ids.shape[1];
   const std::set<int64_t> image_ids(b.image_token_ids.begin(), b.image_token_ids.end());
   int64_t count = 0;
   for (int64_t i = 0; i < rows * n; ++i) count += image_ids.count(in.input_ids.as<int64_t>()[i]);
-  if (count != num_images * b.tokens_per_image)
+  if (!in.row_grids.empty() && count != grid_tokens)
+    throw Error(where + ": tensor '" + kInputIds + "' holds " + std::to_string(count) + " image tokens, but the media " +
+                "grids of tensor '" + kMediaGridThw + "' make " + std::to_string(grid_tokens));
+  if (in.row_grids.empty() && count != num_images * b.tokens_per_image)
     throw Error(where + ": tensor '" + kInputIds + "' holds " + std::to_string(count) + " image tokens, but " +
                 std::to_string(num_images) + " image(s) of " + std::to_string(b.tokens_per_image) +
                 " tokens (manifest field 'image_tokens.per_image') were given");
@@ -229,7 +263,7 @@ Tensor find_candidates(const Bundle& b, const Tensor& input_ids) {
 }
 
 Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask,
-                         const std::vector<float>& video_seconds) {
+                         const std::vector<float>& video_seconds, const RowGrids& row_grids) {
   const int64_t rows = ids.shape[0], n = ids.shape[1];
   const int64_t* mk = mask.as<int64_t>();
   if (b.position_rank == 2) {   // cumsum(mask) - 1, padding 1
@@ -246,8 +280,13 @@ Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask,
   // M-RoPE: text tokens count up; an image block of grid (t, h/merge, w/merge) gets offset + (t_i, h_i, w_i),
   // offset = the position after the previous token, and the token after the block offset + max(h/merge, w/merge);
   // a run of video tokens is t = run / (h/merge * w/merge) temporal patches whose t_i is
-  // floor(i * video_tokens_per_second * seconds per temporal patch) in float32 (i without the scale); padding 0
-  const int64_t tg = b.grid_thw[0], hg = b.grid_thw[1] / b.spatial_merge_size, wg = b.grid_thw[2] / b.spatial_merge_size;
+  // floor(i * video_tokens_per_second * seconds per temporal patch) in float32 (i without the scale); padding 0.
+  // The grid of a medium: its own (row_grids; an image then has t = 1), else the exported one.
+  const int64_t merge = b.spatial_merge_size;
+  const int64_t tg = b.grid_thw[0], hg = b.grid_thw[1] / merge, wg = b.grid_thw[2] / merge;
+  if (!row_grids.empty() && static_cast<int64_t>(row_grids.size()) != rows)
+    throw Error("media grids are given for " + std::to_string(row_grids.size()) + " rows, the batch has " +
+                std::to_string(rows));
   const std::set<int64_t> image_ids(b.image_token_ids.begin(), b.image_token_ids.end());
   Tensor out = Tensor::zeros(DType::I64, {3, rows, n});
   int64_t* p = out.as<int64_t>();
@@ -258,7 +297,7 @@ Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask,
     for (int64_t i = 0; i < n; ++i)
       if (mk[r * n + i]) real.push_back(i);
     auto id_at = [&](size_t i) { return ids.as<int64_t>()[r * n + real[i]]; };
-    size_t i = 0;
+    size_t i = 0, medium = 0;
     int64_t nxt = 0;
     while (i < real.size()) {
       const int64_t tok = id_at(i);
@@ -268,15 +307,27 @@ Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask,
         ++i;
         continue;
       }
+      int64_t hm = hg, wm = wg, per_medium = b.tokens_per_image, image_t = tg;
+      if (!row_grids.empty()) {   // this medium's own grid
+        if (medium >= row_grids[r].size())
+          throw Error("row " + std::to_string(r) + " holds more images and videos than the media grids given for it (" +
+                      std::to_string(row_grids[r].size()) + ")");
+        const auto& g = row_grids[r][medium];
+        hm = g[1] / merge;
+        wm = g[2] / merge;
+        image_t = 1;
+        per_medium = hm * wm;
+      }
+      ++medium;
       std::vector<int64_t> temporal;
       if (b.video_token_id && tok == *b.video_token_id) {   // a video: its whole run of temporal patches
         size_t end = i;
         while (end < real.size() && id_at(end) == tok) ++end;
         const int64_t length = static_cast<int64_t>(end - i);
-        if (length % (hg * wg))
+        if (hm * wm < 1 || length % (hm * wm))
           throw Error("a video block at position " + std::to_string(real[i]) + " of row " + std::to_string(r) +
                       " holds " + std::to_string(length) + " tokens, not a whole number of temporal patches of " +
-                      std::to_string(hg * wg) + " tokens (fastv-run takes video frames of the exported size)");
+                      std::to_string(hm * wm) + " tokens (its frames' patch grid)");
         float interval = 1.0f;
         if (b.video_tokens_per_second) {
           if (video >= video_seconds.size())
@@ -285,25 +336,25 @@ Tensor prefill_positions(const Bundle& b, const Tensor& ids, const Tensor& mask,
           interval = *b.video_tokens_per_second * video_seconds[video];
         }
         ++video;
-        for (int64_t t = 0; t < length / (hg * wg); ++t)
+        for (int64_t t = 0; t < length / (hm * wm); ++t)
           temporal.push_back(static_cast<int64_t>(static_cast<float>(t) * interval));
-      } else {                                             // an image of the exported grid
-        if (i + static_cast<size_t>(b.tokens_per_image) > real.size())
+      } else {                                             // an image: of its own grid, or of the exported one
+        if (i + static_cast<size_t>(per_medium) > real.size())
           throw Error("an image block at position " + std::to_string(real[i]) + " of row " + std::to_string(r) +
-                      " is cut short: the prompt must hold all " + std::to_string(b.tokens_per_image) +
+                      " is cut short: the prompt must hold all " + std::to_string(per_medium) +
                       " tokens of each image");
-        for (int64_t t = 0; t < tg; ++t) temporal.push_back(t);
+        for (int64_t t = 0; t < image_t; ++t) temporal.push_back(t);
       }
       size_t j = i;
       for (const int64_t t : temporal)
-        for (int64_t h = 0; h < hg; ++h)
-          for (int64_t w = 0; w < wg; ++w, ++j) {
+        for (int64_t h = 0; h < hm; ++h)
+          for (int64_t w = 0; w < wm; ++w, ++j) {
             const int64_t at = r * n + real[j];
             p[at] = nxt + t;
             p[plane + at] = nxt + h;
             p[2 * plane + at] = nxt + w;
           }
-      nxt += std::max(hg, wg);   // as the model: the next token follows the larger spatial side
+      nxt += std::max(hm, wm);   // as the model: the next token follows the larger spatial side
       i = j;
     }
   }

@@ -110,16 +110,26 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   std::vector<std::string> vision_outputs{kImageFeatures};
   for (int l = 0; l < b.deepstack_layers; ++l) vision_outputs.push_back(level_name(kDeepstackFeatures, l));
   std::map<std::string, std::vector<Tensor>> parts;
-  for (const Tensor& px : in.images) {
-    Feeds feeds{{kPixelValues, &px}};
-    for (const auto& [name, t] : b.vision_grid_feeds) feeds[name] = &t;   // patch_grid: the exported grid's
+  std::vector<std::array<int64_t, 2>> call_grids;   // patch_grid with media grids: the (h, w) of each vision call
+  for (const auto& row : in.row_grids)
+    for (const auto& g : row)
+      for (int64_t t = 0; t < g[0]; ++t) call_grids.push_back({g[1], g[2]});
+  if (!call_grids.empty() && call_grids.size() != in.images.size())
+    throw Error("the media grids make " + std::to_string(call_grids.size()) + " vision calls (one per image and per "
+                "temporal patch of a video), " + std::to_string(in.images.size()) + " pixel inputs were given");
+  for (size_t i = 0; i < in.images.size(); ++i) {
+    Feeds feeds{{kPixelValues, &in.images[i]}};
+    TensorMap grid;
+    if (!call_grids.empty()) grid = patch_grid_feeds(call_grids[i][0], call_grids[i][1], b.spatial_merge_size,
+                                                     b.vision_window);
+    for (const auto& [name, t] : call_grids.empty() ? b.vision_grid_feeds : grid) feeds[name] = &t;
     TensorMap out = ex.run("vision", feeds);
     for (const auto& name : vision_outputs) parts[name].push_back(std::move(out.at(name)));
   }
   TensorMap vision;   // image_features and the DeepStack levels, [image tokens, hidden]
   for (const auto& name : vision_outputs) vision[name] = concat_rows(parts[name], b.float_dtype, b.hidden_size);
   g.timings_ms["vision"] = ms_since(t0);
-  const Tensor positions = prefill_positions(b, in.input_ids, in.attention_mask, in.video_seconds);
+  const Tensor positions = prefill_positions(b, in.input_ids, in.attention_mask, in.video_seconds, in.row_grids);
   const Tensor candidates = find_candidates(b, in.input_ids);
   if (in.candidate_positions && (in.candidate_positions->shape != candidates.shape ||
                                  in.candidate_positions->data != candidates.data))

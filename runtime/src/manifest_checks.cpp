@@ -365,6 +365,11 @@ void check_manifest_consistency(const json& m, const std::string& where) {
     if (!layout.contains(key)) missing += (missing.empty() ? "" : ", ") + std::string(key);
   if (!missing.empty()) fail("image_tokens.vision_layout", "kind '" + kind + "' needs the fields " + missing);
   const json& pos = m["positions"];
+  if (kind == "patch_grid" && pos.contains("spatial_merge_size") &&
+      layout["spatial_merge_size"] != pos["spatial_merge_size"])   // one merge size for vision feeds and positions
+    fail("image_tokens.vision_layout.spatial_merge_size", "is " + layout["spatial_merge_size"].dump() +
+                                                          ", positions.spatial_merge_size says " +
+                                                          pos["spatial_merge_size"].dump());
   if (pos["rank"] == 3) {
     if (!it.contains("grid_thw"))
       throw Error(where + ": required field 'image_tokens.grid_thw' is missing (rank-3 positions); "

@@ -86,7 +86,7 @@ SamplingParams pick_sampling(const std::vector<Request>& batch, const Overrides&
   return p;
 }
 
-Inputs batch_inputs(const std::vector<Prompt>& prompts, int64_t pad) {
+Inputs batch_inputs(const Bundle& bundle, const std::vector<Prompt>& prompts, int64_t pad) {
   if (prompts.empty()) throw Error("no request to prepare");
   size_t n = 0;
   std::vector<int64_t> counts;
@@ -112,6 +112,11 @@ Inputs batch_inputs(const std::vector<Prompt>& prompts, int64_t pad) {
     }
     for (const auto& t : prompts[r].pixels) in.images.push_back(t);
   }
+  if (bundle.vision_layout == "patch_grid") {   // each image's own patch grid: vision feeds and positions
+    in.row_grids.resize(prompts.size());
+    for (size_t r = 0; r < prompts.size(); ++r)
+      for (const auto& g : prompts[r].grids) in.row_grids[r].push_back({g.at(0), g.at(1), g.at(2)});
+  }
   in.input_ids = Tensor::from_i64({rows, len}, ids);
   in.attention_mask = Tensor::from_i64({rows, len}, mask);
   return in;
@@ -136,14 +141,7 @@ Result Session::generate(const std::vector<Request>& batch, const Overrides& o, 
   std::vector<Prompt> prompts;
   for (size_t i = 0; i < batch.size(); ++i)
     prompts.push_back(frontend_->prepare(batch[i], o.raw, batch.size() > 1 ? "request " + std::to_string(i) + ": " : ""));
-  for (const auto& p : prompts)   // the C++ loop computes the patch_grid feeds and positions of the exported grid
-    for (const auto& g : p.grids)
-      if (g.size() != 3 || g[1] != bundle_.grid_thw[1] || g[2] != bundle_.grid_thw[2])
-        throw Error("an image of " + std::to_string(g.size() == 3 ? g[1] : 0) + "x" +
-                    std::to_string(g.size() == 3 ? g[2] : 0) + " patches: fastv-run serves images that the processor "
-                    "resizes to the exported grid of " + std::to_string(bundle_.grid_thw[1]) + "x" +
-                    std::to_string(bundle_.grid_thw[2]) + " patches so far; run other sizes with fastv-export run");
-  const Inputs in = batch_inputs(prompts, frontend_->pad_token_id());
+  const Inputs in = batch_inputs(bundle_, prompts, frontend_->pad_token_id());
   if (executor_name_ != "cpu" && bundle_.has_engines()) {   // the engines' limits (fastv-export build)
     const auto& eng = bundle_.manifest["engines"];
     const int64_t most = eng.contains("lengths") ? eng["lengths"].value("prompt", int64_t{0}) : 0;

@@ -195,7 +195,8 @@ void golden_positions(const json& cases) {
       fastv::read_position_rules(c.at("manifest"), b, where);
       const Tensor ids = i64_tensor(c.at("input_ids")), mask = i64_tensor(c.at("attention_mask"));
       const auto seconds = c.at("video_seconds").get<std::vector<float>>();
-      expect_equal(fastv::prefill_positions(b, ids, mask, seconds), c.at("prefill"), where + " prefill");
+      const auto grids = c.at("media_grids").get<fastv::RowGrids>();
+      expect_equal(fastv::prefill_positions(b, ids, mask, seconds, grids), c.at("prefill"), where + " prefill");
       const Tensor prompt = i64_tensor(c.at("prefill"));   // decode continues from Python's prompt positions
       for (const auto& d : c.at("decode")) {
         const int64_t step = d.at("step").get<int64_t>();

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -71,9 +72,10 @@ struct Bundle {
   std::optional<int64_t> video_token_id;   // M-RoPE: positions.video_token_id (runs of it are videos)
   std::optional<float> video_tokens_per_second;   // M-RoPE: temporal index scale of a video (Qwen2.5-VL)
   /// image_tokens.vision_layout.kind: "fixed", or "patch_grid" (Qwen2.5-VL), whose grid-derived feeds
-  /// fastv-run computes once for the exported grid (images of the exported size, as with "fixed")
+  /// fastv-run computes per medium from its patch grid (Inputs::row_grids), those of the exported grid once
   std::string vision_layout = "fixed";
-  TensorMap vision_grid_feeds;
+  TensorMap vision_grid_feeds;   // patch_grid: the exported grid's feeds
+  int64_t vision_window = 0;     // patch_grid: merged patches per side of an attention window
   std::filesystem::path graph_file(const std::string& graph) const;
   bool has_engines() const { return manifest.contains("engines") && !manifest["engines"].is_null(); }
 };
@@ -120,6 +122,14 @@ TensorMap patch_grid_feeds(int64_t h, int64_t w, int64_t merge, int64_t window);
 /// The same feeds under a manifest's image_tokens.vision_layout (spatial_merge_size, window_size, patch_size).
 TensorMap patch_grid_feeds(const nlohmann::json& manifest, int64_t h, int64_t w, const std::string& where);
 
+/// --dump-inputs tensors that are not graph inputs (fastv_export/runtime/dump.py): each medium's patch grid
+/// (patch_grid bundles), seconds per temporal patch of each timed video.
+inline constexpr const char* kMediaGridThw = "media_grid_thw";
+inline constexpr const char* kVideoSeconds = "video_seconds";
+
+/// The (t, h, w) patch grid of each medium of each row.
+using RowGrids = std::vector<std::vector<std::array<int64_t, 3>>>;
+
 /// Inputs of one generation (runtime/README.md: the --dump-inputs format).
 struct Inputs {
   Tensor input_ids;                        // int64 [B, n], left-padded
@@ -127,14 +137,18 @@ struct Inputs {
   std::vector<Tensor> images;              // pixel values of one image each, in prompt order
   std::optional<Tensor> candidate_positions;   // int64 [B, M] as Python computed it (cross-checked)
   std::vector<float> video_seconds;        // seconds per temporal patch of each video, rows in order
+  /// patch_grid bundles: each row's media (rows in order, media in prompt order) as (t, h, w) patch grids;
+  /// empty: every image of the exported grid. A medium makes t vision calls (one per temporal patch).
+  RowGrids row_grids;
 };
 Inputs read_inputs(const std::filesystem::path& dir, const Bundle& bundle);
 
 // ---- positions (the manifest's 'positions' rules; fastv_export/runtime/positions.py) ----------
 /// ``video_seconds``: seconds per temporal patch of each video of the batch, rows in order (bundles whose
-/// video positions follow time: positions.video_tokens_per_second).
+/// video positions follow time: positions.video_tokens_per_second). ``row_grids``: each row's media as patch
+/// grids (patch_grid bundles; empty: images of the exported grid, videos of its frame size).
 Tensor prefill_positions(const Bundle& b, const Tensor& input_ids, const Tensor& attention_mask,
-                         const std::vector<float>& video_seconds = {});
+                         const std::vector<float>& video_seconds = {}, const RowGrids& row_grids = {});
 Tensor decode_positions(const Tensor& prompt_positions, int64_t step);
 /// [B, M] ascending positions of the tokens whose id is in image_tokens.token_ids.
 Tensor find_candidates(const Bundle& b, const Tensor& input_ids);

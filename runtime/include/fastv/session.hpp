@@ -78,7 +78,8 @@ class Session {
 int64_t pick_max_new_tokens(const std::vector<Request>& batch, const Overrides& overrides);
 SamplingParams pick_sampling(const std::vector<Request>& batch, const Overrides& overrides);
 
-/// The inputs of a batch of prompts: ids left-padded with ``pad``, the mask, every row's pixels in order.
-Inputs batch_inputs(const std::vector<Prompt>& prompts, int64_t pad);
+/// The inputs of a batch of prompts: ids left-padded with ``pad``, the mask, every row's pixels in order and,
+/// for a patch_grid bundle, every row's media grids.
+Inputs batch_inputs(const Bundle& bundle, const std::vector<Prompt>& prompts, int64_t pad);
 
 }  // namespace fastv
