@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image", "image_url", "video")
+#: the largest max_tokens and top_k a request may ask for (both runtimes hold them in 32 bits' range)
+INT32_MAX = 2 ** 31 - 1
 KNOWN_KEYS = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_k", "top_p", "seed", "stop"}
 
 
@@ -114,11 +116,11 @@ def _request(item: Any, index: int, base: Path | None) -> Request:
     max_tokens = item.get("max_tokens", item.get("max_completion_tokens"))
     return Request(parsed,
                    max_tokens=_number(item, "max_tokens" if "max_tokens" in item else "max_completion_tokens",
-                                      where, int, low=1) if max_tokens is not None else None,
+                                      where, int, low=1, high=INT32_MAX) if max_tokens is not None else None,
                    temperature=_number(item, "temperature", where, float, low=0.0),
-                   top_k=_number(item, "top_k", where, int, low=0),
+                   top_k=_number(item, "top_k", where, int, low=0, high=INT32_MAX),
                    top_p=_number(item, "top_p", where, float, low=0.0, high=1.0, open_low=True),
-                   seed=_number(item, "seed", where, int, low=0),
+                   seed=_seed(item, where),
                    stop=_stop(item.get("stop"), where))
 
 
@@ -198,6 +200,13 @@ def _number(d: dict, key: str, where: str, kind: type, low: float | None = None,
         rng = f"{'(' if open_low else '['}{low}, {upper}"
         raise FastVError(f"{where}.{key}: {value} is out of range {rng}")
     return value
+
+
+def _seed(d: dict, where: str) -> int | None:
+    seed = _number(d, "seed", where, int, low=0)
+    if seed is not None and seed >= 2 ** 64:      # the sampler's state is 64 bits (docs/design.md §8)
+        raise FastVError(f"{where}.seed: {seed} is out of range [0, 2^64)")
+    return seed
 
 
 def _stop(value: Any, where: str) -> list[str]:

@@ -3,6 +3,7 @@
 #include "fastv/request.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -166,6 +167,17 @@ Message message(const json& m, const std::string& where, const fs::path& base) {
   return out;
 }
 
+// the largest max_tokens and top_k a request may ask for (fastv_export/frontend/request.py INT32_MAX)
+constexpr double kInt32Max = 2147483647.0;
+
+// an integral double's exact decimal digits, as Python's int(x) prints them (no int64 overflow)
+std::string whole(double x) {
+  if (x == 0) return "0";
+  char buf[400];
+  std::snprintf(buf, sizeof buf, "%.0f", x);
+  return buf;
+}
+
 // a number field: null or absent -> nothing; integers must be integral; [low, high] with an open low end
 template <class T>
 std::optional<T> number(const json& d, const std::string& key, const std::string& where, bool integer,
@@ -179,16 +191,14 @@ std::optional<T> number(const json& d, const std::string& key, const std::string
   const bool below = low && (x < *low || (open_low && x == *low));
   if (below || (high && x > *high)) {
     auto bound = [&](double b) { return integer ? std::to_string(static_cast<int64_t>(b)) : py_float(b); };
-    const std::string value = integer ? (v.is_number_float() ? std::to_string(static_cast<int64_t>(x))
-                                                             : v.dump())
-                                      : py_float(x);
+    const std::string value = integer ? (v.is_number_float() ? whole(x) : v.dump()) : py_float(x);
     throw Error(where + "." + key + ": " + value + " is out of range " + (open_low ? "(" : "[") + bound(*low) + ", " +
                 (high ? bound(*high) + "]" : std::string("inf)")));
   }
   if constexpr (std::is_same_v<T, uint64_t>) {
     if (v.is_number_unsigned()) return v.get<uint64_t>();
     if (x >= 18446744073709551616.0)
-      throw Error(where + "." + key + ": " + v.dump() + " is out of range [0, 2^64)");
+      throw Error(where + "." + key + ": " + whole(x) + " is out of range [0, 2^64)");
     return static_cast<uint64_t>(x);
   } else if constexpr (std::is_integral_v<T>) {
     if (v.is_number_integer()) return v.get<T>();
@@ -225,9 +235,9 @@ Request request(const json& item, size_t index, const fs::path& base) {
   const bool has_completion = item.contains("max_completion_tokens") && !item["max_completion_tokens"].is_null();
   if (has_max || (!item.contains("max_tokens") && has_completion))
     r.max_tokens = number<int64_t>(item, item.contains("max_tokens") ? "max_tokens" : "max_completion_tokens", where,
-                                   true, 1.0);
+                                   true, 1.0, kInt32Max);
   r.temperature = number<double>(item, "temperature", where, false, 0.0);
-  r.top_k = number<int64_t>(item, "top_k", where, true, 0.0);
+  r.top_k = number<int64_t>(item, "top_k", where, true, 0.0, kInt32Max);
   r.top_p = number<double>(item, "top_p", where, false, 0.0, 1.0, true);
   r.seed = number<uint64_t>(item, "seed", where, true, 0.0);
   r.stop = stops(item, where);

@@ -133,7 +133,7 @@ void request_checks() {
   expect_error([&] { parse(R"({"messages": [{"role": "user", "content": [{"type": "image", "image": "http://x/a.png"}]}]})"); },
                "is not a local file; give a path or a file:// URL (nothing is downloaded)", "http URL");
   const std::string msg = R"({"messages": [{"role": "user", "content": "x"}], )";
-  expect_error([&] { parse(msg + R"("max_tokens": 0})"); }, "request 0.max_tokens: 0 is out of range [1, inf)",
+  expect_error([&] { parse(msg + R"("max_tokens": 0})"); }, "request 0.max_tokens: 0 is out of range [1, 2147483647]",
                "max_tokens 0");
   expect_error([&] { parse(msg + R"("max_tokens": 1.5})"); }, "request 0.max_tokens: expected an integer, got a number",
                "max_tokens 1.5");
