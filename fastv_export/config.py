@@ -72,7 +72,8 @@ class FastVConfig:
             if r.denominator > op.RATIO_DEN_LIMIT:
                 raise FastVError(
                     f"R={self.ratio!r} is {r} as an exact fraction, whose denominator {r.denominator} exceeds "
-                    f"2^31, the largest the TokenSelect plugin accepts; give R with a smaller denominator, "
+                    f"2^31 - 1, the largest the TokenSelect plugin accepts (an int32 attribute); give R with a "
+                    f"smaller denominator, "
                     f"e.g. {r.limit_denominator(op.RATIO_DEN_LIMIT)} (the nearest such fraction) or fewer decimals")
             object.__setattr__(self, "ratio", r)
         object.__setattr__(self, "r", r)

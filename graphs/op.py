@@ -40,8 +40,9 @@ RANDOM_SCORE_SCALE = 2.0**-24
 SEED_LIMIT = 2**31
 
 # ---- the drop ratio R = ratio_num / ratio_den, an exact rational --------------------------------
-#: the plugin refuses larger denominators (its shape expressions are int32-safe up to here)
-RATIO_DEN_LIMIT = 2**31
+#: the largest ratio_den (and so ratio_num + 1): int32, because TensorRT's ONNX parser hands integer node
+#: attributes to plugins as int32 (2^31 would arrive as -2^31); the plugin refuses larger denominators
+RATIO_DEN_LIMIT = 2**31 - 1
 
 
 def keep_count(m: int, ratio_num: int, ratio_den: int, keep: int = -1) -> int:
@@ -72,7 +73,8 @@ def check_attributes(*, ranking: str, ratio_num: int, ratio_den: int, keep: int,
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
     if not 0 < ratio_den <= RATIO_DEN_LIMIT:
-        raise ValueError(f"ratio_den must be in [1, 2^31], got {ratio_den}")
+        raise ValueError(f"ratio_den must be in [1, 2^31 - 1] (an int32: TensorRT passes node attributes to the "
+                         f"plugin as int32), got {ratio_den}")
     if not 0 <= ratio_num < ratio_den:
         raise ValueError(f"ratio_num must satisfy 0 <= ratio_num < ratio_den, got {ratio_num}/{ratio_den}")
     if keep < -1:

@@ -71,7 +71,8 @@ _OUTPUT_DOCS: tuple[tuple[str, str], ...] = (
 _ATTRIBUTE_DOCS: dict[str, tuple[OpSchema.AttrType, object, str]] = {
     "ratio_num": (OpSchema.AttrType.INT, None, "numerator of the drop ratio R = ratio_num / ratio_den, "
                                                "0 <= ratio_num < ratio_den"),
-    "ratio_den": (OpSchema.AttrType.INT, None, "denominator of R; dropped = floor(M * ratio_num / ratio_den)"),
+    "ratio_den": (OpSchema.AttrType.INT, None, "denominator of R, at most 2^31 - 1 (int32); "
+                                               "dropped = floor(M * ratio_num / ratio_den)"),
     "keep": (OpSchema.AttrType.INT, -1, "-1: use the ratio; >= 0: keep min(keep, M) image tokens"),
     "scale": (OpSchema.AttrType.FLOAT, None, "softmax scale of layer K-1 (1/sqrt(head_dim) for Llama/Qwen2)"),
     "seed": (OpSchema.AttrType.INT, 0, "seed of the 'random' ranking, 0 <= seed < 2^31"),

@@ -171,7 +171,8 @@ def test_build_records_engines_for_the_pruned_length(built, preset, use_plugin):
     assert section["lengths"] == {"prompt": 160, "image_tokens": m, "kept": kept, "new_tokens": 24}
     for e in section["engines"].values():
         assert (bundle.path / e["file"]).stat().st_size == e["bytes"] > 0
-    assert (bundle.path / "build_engines.sh").is_file() and (bundle.path / "timing.cache").is_file()
+    assert (bundle.path / "build_engines.sh").is_file() and (bundle.path / section["timing_cache"]).is_file()
+    assert section["timing_cache"] == "timing.tensorrt-rtx-" + section["backend_version"] + "-SM86-SM89.cache"
 
 
 @pytest.mark.slow

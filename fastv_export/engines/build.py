@@ -8,7 +8,12 @@ section in ``manifest.json``. The bundle is replaced atomically: a failed build 
 
 Backends: ``tensorrt-rtx`` (TensorRT for RTX, ahead of time for the named compute capabilities,
 no GPU needed) and ``tensorrt`` (TensorRT 10, a build for the GPU of the machine). Networks are
-strongly typed: the engines' precision is the bundle's.
+strongly typed: the engines' precision is the bundle's; fp32 bundles are built without TF32.
+With the plugin, pre_k reaches the parser without TokenSelect's ONNX function body, so that only
+the plugin can import the node (older TensorRT 10 parsers try a local function before plugins).
+The timing cache is named by backend, version and GPU or targets (:mod:`.timing_cache`): a build
+reuses only its own. The plugin library is not serialized into the engines (they are not built
+version-compatible): a runtime loads ``libfastv_plugins.so`` from the bundle.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import onnx
 
 from fastv_export.bundle import MANIFEST, Bundle, Engine, Engines, Manifest, Profile, load_bundle, write_manifest
 from fastv_export.engines.profiles import BuildLimits, engine_profiles, kv_cache_bytes, lengths, trtexec_shape_flags
+from fastv_export.engines.timing_cache import apply_timing_cache, cache_name, is_cache_name, serialized_timing_cache
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_directory, atomic_write_text, sha256
 from fastv_export.graphs import op, spec
@@ -35,7 +41,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "tensorrt-rtx")
 ENGINE_SUFFIX = ".engine"
-TIMING_CACHE = "timing.cache"
+TIMING_CACHE = "timing.cache"        # the name before caches were named by backend and GPU (never reused)
+#: the shell variable build_engines.sh names its timing cache with (TensorRT version and GPU of the device)
+TRTEXEC_CACHE_VAR = "timing_cache"
 TRTEXEC_SCRIPT = "build_engines.sh"
 #: the layer type an IPluginV3 plugin becomes in a network
 PLUGIN_LAYER = "PLUGIN_V3"
@@ -113,6 +121,24 @@ def default_plugin_library(targets: Sequence[str] = ()) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def without_function_body(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without TokenSelect's ONNX local function: the parser can then import the node only
+    through the plugin (onnx-tensorrt before 10.x tries a local function before the plugin registry,
+    and would expand the body although the plugin is loaded)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [f for f in out.functions if not (f.domain == op.OP_DOMAIN and f.name == op.OP_TYPE)]
+    del out.functions[:]
+    out.functions.extend(keep)
+    return out
+
+
+def model_for_parser(model: onnx.ModelProto, use_plugin: bool) -> onnx.ModelProto:
+    """What a graph hands TensorRT's parser: with the plugin, TokenSelect without its function body;
+    without, TokenSelect without the plugin attributes (its function body is expanded)."""
+    return without_function_body(model) if use_plugin else without_plugin_attributes(model)
+
+
 def without_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose TokenSelect node carries no ``plugin_namespace``/``plugin_version``: TensorRT's
     parser then expands the node's ONNX function body even when the plugin is registered."""
@@ -129,16 +155,21 @@ def without_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
 # ---------------------------------------------------------------------------------------------- trtexec
 def trtexec_lines(manifest: Manifest, limits: BuildLimits, use_plugin: bool = True) -> list[str]:
     """``trtexec`` command lines that build the same engines with TensorRT 10 on the target device
-    (Jetson builds on the device: engines are not portable across GPUs or TensorRT versions)."""
+    (Jetson builds on the device: engines are not portable across GPUs or TensorRT versions).
+    fp32 bundles get ``--noTF32``. The plugin is loaded (``--dynamicPlugins``), not serialized into the
+    engine: TensorRT serializes plugin libraries only into version-compatible engines, which these are
+    not. The timing cache file is ``$timing_cache``, set by :func:`trtexec_script` from the device's
+    TensorRT version and GPU."""
     profiles = engine_profiles(manifest, limits)
     lines = []
     for graph in spec.GRAPHS:
-        args = ["trtexec", f"--onnx={graph}.onnx", f"--saveEngine={graph}{ENGINE_SUFFIX}", "--stronglyTyped",
-                f"--timingCacheFile={TIMING_CACHE}"]
+        args = ["trtexec", f"--onnx={graph}.onnx", f"--saveEngine={graph}{ENGINE_SUFFIX}", "--stronglyTyped"]
+        if manifest.precision == "fp32":
+            args.append("--noTF32")
         args += trtexec_shape_flags(profiles[graph])
         if graph == "pre_k" and use_plugin:
-            args += [f"--dynamicPlugins={op.PLUGIN_LIBRARY}", f"--setPluginsToSerialize={op.PLUGIN_LIBRARY}"]
-        lines.append(" ".join(shlex.quote(a) for a in args))
+            args.append(f"--dynamicPlugins={op.PLUGIN_LIBRARY}")
+        lines.append(" ".join([shlex.quote(a) for a in args] + [f'"--timingCacheFile=${TRTEXEC_CACHE_VAR}"']))
     return lines
 
 
@@ -149,7 +180,17 @@ def trtexec_script(manifest: Manifest, limits: BuildLimits, use_plugin: bool = T
             f"# Limits: {json.dumps(limits.to_dict())}; post_k is built for the pruned length.",
             "set -euo pipefail", 'cd "$(dirname "$0")"']
     if use_plugin:
-        head.append(f"# needs {op.PLUGIN_LIBRARY} here, built for this GPU (plugins/ of fastv-export)")
+        head.append(f"# needs {op.PLUGIN_LIBRARY} here, built for this GPU (plugins/ of fastv-export); it is loaded,")
+        head.append("# not serialized into pre_k.engine: whatever runs the engine loads it too")
+    head += ["# The timing cache is named by this TensorRT version and GPU: a cache of another is never reused.",
+             "trt_version=$( (trtexec --help 2>&1 || true) | grep -o -m1 'TensorRT v[0-9]*' | cut -d' ' -f2 || true)",
+             "gpu=$( (nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null || true) | head -n1)",
+             "if [ -z \"$gpu\" ] && [ -r /proc/device-tree/model ]; then   # Jetson: no nvidia-smi",
+             "  gpu=$(tr -d '\\0' < /proc/device-tree/model)",
+             "fi",
+             f'{TRTEXEC_CACHE_VAR}="timing.tensorrt-${{trt_version:-unknown}}-'
+             "$(printf '%s' \"${gpu:-unknown-gpu}\" | tr -cs 'A-Za-z0-9.+-' '_').cache\"",
+             'case "$timing_cache" in *unknown*) rm -f "$timing_cache" ;; esac   # unnamed: never reused']
     return "\n".join(head + trtexec_lines(manifest, limits, use_plugin)) + "\n"
 
 
@@ -163,6 +204,29 @@ class BuiltEngine:
     #: device memory for activations (TensorRT's device_memory_size_v2) when the engine could be
     #: deserialized here (a full TensorRT build, on its GPU); None for ahead-of-time builds without a GPU
     activation_bytes: int | None = None
+    #: whether the plugin library was serialized into the engine (only version-compatible engines)
+    plugin_serialized: bool = False
+
+
+_trt10_plugins: dict[str, object] = {}
+
+
+def load_plugin_library(backend: str, path: str | os.PathLike):
+    """Register the plugin library in ``backend``'s plugin registry once per process (a second load of
+    the same file would register its creators twice); returns the library handle."""
+    if backend == "tensorrt-rtx":
+        from fastv_export.engines import trt_rtx
+        return trt_rtx.load_plugin_library(path)
+    import tensorrt as trt
+
+    real = os.path.realpath(path)
+    if real not in _trt10_plugins:
+        handle = trt.get_plugin_registry().load_library(real)
+        if handle is None:
+            raise FastVError(f"TensorRT could not load the plugin library {path} (not a plugin library, or built "
+                             "for another TensorRT)")
+        _trt10_plugins[real] = handle
+    return _trt10_plugins[real]
 
 
 def _load_graph(path: Path) -> onnx.ModelProto:
@@ -175,41 +239,42 @@ def _load_graph(path: Path) -> onnx.ModelProto:
 
 
 def _build_rtx(onnx_path: Path, profiles: list[dict], targets: list[str], plugin: Path | None,
-               timing_cache: bytes) -> BuiltEngine:
+               timing_cache: bytes, precision: str) -> BuiltEngine:
     from fastv_export.engines import trt_rtx
 
-    model = _load_graph(onnx_path)
+    model = model_for_parser(_load_graph(onnx_path), plugin is not None)
+    kwargs = dict(compute_capabilities=targets, profiles=profiles or None, timing_cache=timing_cache,
+                  min_severity="WARNING", tf32=precision != "fp32")
     if plugin is None:
-        model = without_plugin_attributes(model)
-        built = trt_rtx.build_engine_aot(model, compute_capabilities=targets, profiles=profiles or None,
-                                         timing_cache=timing_cache, min_severity="WARNING")
+        built = trt_rtx.build_engine_aot(model, **kwargs)
     else:   # registered for this build only (unless the caller had loaded it already)
         with trt_rtx.plugin_library(plugin):
-            built = trt_rtx.build_engine_aot(model, compute_capabilities=targets, profiles=profiles or None,
-                                             timing_cache=timing_cache, min_severity="WARNING")
+            built = trt_rtx.build_engine_aot(model, **kwargs)
     return BuiltEngine(built.engine, built.layer_types, built.timing_cache)
 
 
 def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
-                 timing_cache: bytes) -> BuiltEngine:   # pragma: no cover - needs a GPU
-    """TensorRT 10 on this machine's GPU (not run in CI: no GPU there)."""
+                 timing_cache: bytes, precision: str) -> BuiltEngine:
+    """TensorRT 10 on this machine's GPU (CI drives it with a stand-in TensorRT module: no GPU there)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if plugin is not None:
-        builder.get_plugin_registry().load_library(str(plugin))
+        load_plugin_library("tensorrt", plugin)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    model = _load_graph(onnx_path)
-    if plugin is None:
-        model = without_plugin_attributes(model)
+    model = model_for_parser(_load_graph(onnx_path), plugin is not None)
     if not parser.parse(model.SerializeToString()):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise FastVError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    config.set_timing_cache(config.create_timing_cache(timing_cache), False)
-    if plugin is not None:
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    apply_timing_cache(config, timing_cache)
+    # TensorRT serializes plugin libraries only into version-compatible engines
+    serialize_plugin = plugin is not None and config.get_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if serialize_plugin:
         config.plugins_to_serialize = [str(plugin)]
     for prof in profiles:
         p = builder.create_optimization_profile()
@@ -224,7 +289,7 @@ def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
     activation = None
     if loaded is not None:
         activation = int(getattr(loaded, "device_memory_size_v2", None) or loaded.device_memory_size)
-    return BuiltEngine(bytes(engine), layers, bytes(config.get_timing_cache().serialize()), activation)
+    return BuiltEngine(bytes(engine), layers, serialized_timing_cache(config), activation, bool(serialize_plugin))
 
 
 def _copy_bundle(bundle: Bundle, dst: Path) -> dict[str, dict]:
@@ -232,8 +297,8 @@ def _copy_bundle(bundle: Bundle, dst: Path) -> dict[str, dict]:
     reports; returns the verified checksums of the copied files the manifest lists."""
     listed = bundle.files
     for f in bundle.path.iterdir():
-        if f.is_dir() or f.name.endswith(ENGINE_SUFFIX) or f.name in (TIMING_CACHE, TRTEXEC_SCRIPT,
-                                                                      op.PLUGIN_LIBRARY, MANIFEST):
+        if f.is_dir() or f.name.endswith(ENGINE_SUFFIX) or is_cache_name(f.name) or f.name in (
+                TRTEXEC_SCRIPT, op.PLUGIN_LIBRARY, MANIFEST):
             continue
         try:
             os.link(f, dst / f.name)
@@ -261,8 +326,16 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
         if not plugin.is_file():
             raise FastVError(f"plugin library {plugin} does not exist: build it with scripts/build_plugin.sh, "
                              "or pass --no-plugin to build TokenSelect's ONNX function body")
-    cache_file = bundle.path / TIMING_CACHE
-    cache = cache_file.read_bytes() if cache_file.is_file() else b""
+    gpu = current_gpu() if backend == "tensorrt" else None
+    cache_key = targets if backend == "tensorrt-rtx" else [gpu or "unknown-gpu"]
+    cache_file_name = cache_name(backend, version, cache_key)
+    cache_file = bundle.path / cache_file_name
+    # only a cache of this backend, version and GPU or targets; none when the GPU cannot be named
+    reuse = cache_file.is_file() and (backend == "tensorrt-rtx" or gpu is not None)
+    cache = cache_file.read_bytes() if reuse else b""
+    if reuse:
+        log.info("reusing the timing cache %s", cache_file)
+    serialized = False
     engines: dict[str, Engine] = {}
     with atomic_directory(bundle.path, force=True) as tmp:
         for graph in spec.GRAPHS:
@@ -272,10 +345,11 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
             graph_plugin = plugin if graph == "pre_k" else None
             profs = list(profiles[graph].values())
             if backend == "tensorrt-rtx":
-                built = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache)
+                built = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache, bundle.precision)
             else:
-                built = _build_trt10(bundle.file(graph), profs, graph_plugin, cache)
+                built = _build_trt10(bundle.file(graph), profs, graph_plugin, cache, bundle.precision)
             data, layers, cache = built.data, built.layer_types, built.timing_cache
+            serialized = serialized or built.plugin_serialized
             n_plugin = layers.count(PLUGIN_LAYER)
             if graph == "pre_k" and n_plugin != (1 if plugin else 0):
                 raise FastVError(f"pre_k's engine has {n_plugin} {PLUGIN_LAYER} layers, expected "
@@ -290,21 +364,21 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
                 kv_cache_bytes_at_max=kv_cache_bytes(bundle, options.limits, graph),
                 activation_bytes=built.activation_bytes, layers=len(layers), plugin_layers=n_plugin,
                 build_seconds=round(time.perf_counter() - start, 3))
-        (tmp / TIMING_CACHE).write_bytes(cache)
+        (tmp / cache_file_name).write_bytes(cache)
         # after the builds: a graph's external data must not be hard-linked while onnx reads it
         copied = _copy_bundle(bundle, tmp)
         plugin_entry = None
         if plugin is not None:
             shutil.copy2(plugin, tmp / op.PLUGIN_LIBRARY)
             plugin_entry = dict(op.PLUGIN_IDENTITY, sha256=sha256(tmp / op.PLUGIN_LIBRARY),
-                                serialized_in_engine=backend == "tensorrt")
+                                serialized_in_engine=serialized)
         atomic_write_text(tmp / TRTEXEC_SCRIPT, trtexec_script(bundle, options.limits, plugin is not None))
         section = Engines(
             backend=backend, backend_version=version, targets=targets, precision=bundle.precision, strongly_typed=True,
             token_select="plugin" if plugin is not None else "onnx_function_body", plugin=plugin_entry,
             limits=options.limits.to_dict(),
             lengths=lengths(bundle, options.limits),
-            timing_cache=TIMING_CACHE, trtexec_script=TRTEXEC_SCRIPT, engines=engines)
+            timing_cache=cache_file_name, trtexec_script=TRTEXEC_SCRIPT, engines=engines)
         known = dict(copied, **{e.file: {"sha256": e.sha256, "bytes": e.bytes} for e in engines.values()})
         if plugin_entry is not None:
             known[op.PLUGIN_LIBRARY] = {"sha256": plugin_entry["sha256"],
@@ -336,6 +410,19 @@ def check_engines(bundle: Bundle) -> None:
     if gpu is not None and "CURRENT" not in section.targets and gpu not in section.targets:
         raise FastVError(f"{where}: the engines target {', '.join(section.targets)}, this GPU is {gpu}; rebuild "
                          f"with --compute-capability {gpu[2:-1]}.{gpu[-1]}")
+
+
+def current_gpu() -> str | None:
+    """This machine's first GPU as ``SM<major><minor>-<name>`` (what a TensorRT 10 timing cache is
+    named by); None without one or without torch.cuda."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"SM{major}{minor}-{torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001 - no usable CUDA: the GPU cannot be named
+        return None
 
 
 def gpu_target() -> str | None:

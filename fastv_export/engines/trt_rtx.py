@@ -28,6 +28,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence, Union
 
 import onnx
 
+from fastv_export.engines.timing_cache import apply_timing_cache, serialized_timing_cache
 from fastv_export.errors import FastVError
 
 TRT_RTX_VERSION = "1.7.1.116"
@@ -349,7 +350,7 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
                      compute_capabilities: Sequence[str] = DEFAULT_TARGETS, profiles: Sequence[Profile] | None = None,
                      workspace_bytes: int | None = None, min_severity: str = "INFO",
                      parsed: ParsedNetwork | None = None, capture_stderr: bool = True,
-                     timing_cache: bytes | None = None) -> AotBuild:
+                     timing_cache: bytes | None = None, tf32: bool | None = None) -> AotBuild:
     """Build a serialized TensorRT-RTX engine ahead of time for ``compute_capabilities`` (no GPU needed).
 
     ``profiles``: optimization profiles, each {input name: (min, opt, max)}; required when the model has
@@ -357,6 +358,8 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
     TrtBuildError (a FastVError) with TensorRT's messages when parsing or building fails. ``parsed``: a
     network from :func:`parse_onnx` to build instead of parsing ``model`` again. ``timing_cache``: a
     serialized timing cache to start from (``b""`` for a new one); the result carries it updated.
+    ``tf32``: False clears the builder's TF32 flag (on by default: fp32 matrix products in TF32 on Ampere
+    and later), True sets it, None leaves the builder's default.
     """
     trt = import_trt()
     if not compute_capabilities:
@@ -370,8 +373,10 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
         config.set_compute_capability(cc, i)
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if tf32 is not None and hasattr(trt.BuilderFlag, "TF32"):
+        (config.set_flag if tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
     if timing_cache is not None:
-        config.set_timing_cache(config.create_timing_cache(timing_cache), False)
+        apply_timing_cache(config, timing_cache)
     dynamic = [n for n, s in net.input_shapes.items() if any(d < 0 for d in s)]
     if dynamic and not profiles:
         raise FastVError(f"inputs {', '.join(dynamic)} have dynamic dimensions: pass profiles=[{{name: (min, opt, "
@@ -388,7 +393,7 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
     if serialized is None:
         raise TrtBuildError(f"TensorRT-RTX could not build the engine for {', '.join(compute_capabilities)}",
                             net.messages)
-    cache = b"" if timing_cache is None else bytes(config.get_timing_cache().serialize())
+    cache = b"" if timing_cache is None else serialized_timing_cache(config)
     return AotBuild(bytes(serialized), net.layer_types, list(net.messages), cache)
 
 

@@ -89,14 +89,17 @@ std::string validate_attributes(Attributes const& a)
     {
         return "attribute 'ranking' must be one of last, mean, random";
     }
-    if (a.ratio_den <= 0 || a.ratio_num < 0 || a.ratio_num >= a.ratio_den)
+    // int32: TensorRT's ONNX parser passes integer node attributes as int32, so 2^31 arrives as -2^31
+    if (a.ratio_den <= 0 || a.ratio_den > 2147483647)
+    {
+        return message("attribute 'ratio_den' must be in [1, 2^31 - 1] (an int32; 2^31 and above arrive wrapped "
+                       "to negative values), got ",
+            a.ratio_den);
+    }
+    if (a.ratio_num < 0 || a.ratio_num >= a.ratio_den)
     {
         return message("attributes 'ratio_num'/'ratio_den' must satisfy 0 <= ratio_num < ratio_den, got ",
             a.ratio_num, "/", a.ratio_den);
-    }
-    if (a.ratio_den > (int64_t{1} << 31))
-    {
-        return message("attribute 'ratio_den' must be at most 2^31, got ", a.ratio_den);
     }
     if (a.keep < -1)
     {

@@ -2,6 +2,7 @@
 // and runtime half (enqueue -> the CUDA launcher in token_select_kernels.cu).
 #include "token_select_plugin.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -120,7 +121,20 @@ ts::TensorDims to_tensor_dims(DimsExprs const& d)
     return t;
 }
 
-// the error path of enqueue (kept out of it: building the message allocates)
+// the error paths of enqueue (kept out of it: building the message allocates)
+void log_workspace_error(size_t needed, size_t given) noexcept
+{
+    try
+    {
+        log_error("fastv::TokenSelect plugin: enqueue needs " + std::to_string(needed)
+            + " bytes of workspace for these shapes, but the engine reserved " + std::to_string(given)
+            + "; rebuild the engine with this plugin library");
+    }
+    catch (...)
+    {
+    }
+}
+
 void log_enqueue_error(cudaError_t status) noexcept
 {
     try
@@ -231,8 +245,12 @@ void log_error(std::string const& message) noexcept
     log(ILogger::Severity::kERROR, message);
 }
 
-std::string parse_fields(PluginFieldCollection const* fc, ts::Attributes& out)
+std::string parse_fields(PluginFieldCollection const* fc, ts::Attributes& out, int64_t* workspace_bytes)
 {
+    if (workspace_bytes != nullptr)
+    {
+        *workspace_bytes = -1;
+    }
     bool have_ranking = false, have_num = false, have_den = false, have_keep = false, have_scale = false,
          have_seed = false;
     std::string ranking;
@@ -266,6 +284,15 @@ std::string parse_fields(PluginFieldCollection const* fc, ts::Attributes& out)
             else if (name == "scale")
             {
                 ok = have_scale = field_float(f, out.scale);
+            }
+            else if (name == "workspace_bytes") // written by getFieldsToSerialize, not an ONNX attribute
+            {
+                int64_t v = -1;
+                ok = field_int(f, v) && v >= 0;
+                if (ok && workspace_bytes != nullptr)
+                {
+                    *workspace_bytes = v;
+                }
             }
             else if (name != "plugin_namespace" && name != "plugin_version")
             {
@@ -301,8 +328,9 @@ std::string parse_fields(PluginFieldCollection const* fc, ts::Attributes& out)
 }
 
 // plugin ----------------------------------------------------------------------------------------------------
-TokenSelectPlugin::TokenSelectPlugin(ts::Attributes const& attributes)
+TokenSelectPlugin::TokenSelectPlugin(ts::Attributes const& attributes, int64_t workspaceBytes)
     : mAttr(attributes)
+    , mWorkspaceBytes(workspaceBytes)
     , mRanking(ts::ranking_name(attributes.ranking))
 {
 }
@@ -315,6 +343,7 @@ TokenSelectPlugin::TokenSelectPlugin(TokenSelectPlugin const& other)
     , mAttr(other.mAttr)
     , mCachedShapes(other.mCachedShapes)
     , mCached(other.mCached)
+    , mWorkspaceBytes(other.mWorkspaceBytes)
     , mRanking(other.mRanking)
 {
     for (int i = 0; i < kNbInputs; ++i)
@@ -557,7 +586,10 @@ size_t TokenSelectPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs
         {
             return 0;
         }
-        return ts::workspace_size(mAttr, shapes);
+        size_t const bytes = ts::workspace_size(mAttr, shapes);
+        // what TensorRT reserves for this layer: serialized, so that enqueue can check against it at runtime
+        mWorkspaceBytes = std::max(mWorkspaceBytes, static_cast<int64_t>(bytes));
+        return bytes;
     }
     catch (...)
     {
@@ -670,10 +702,18 @@ int32_t TokenSelectPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
     io.selected_hidden_states = outputs[0];
     io.selected_position_ids = static_cast<int64_t*>(outputs[1]);
     io.kept_indices = static_cast<int64_t*>(outputs[2]);
-    // TensorRT hands over at least getWorkspaceSize() of the profile's maximum shapes, which covers
-    // the (monotone) size of these shapes
-    size_t const bytes = ts::workspace_size(mAttr, shapes);
-    cudaError_t const status = ts::enqueue(mAttr, shapes, element_type(inputDesc[0].type), io, workspace, bytes, stream);
+    // TensorRT hands over the workspace it reserved for this layer, what getWorkspaceSize() answered at build
+    // time (serialized as "workspace_bytes"); these shapes must not need more (a library whose workspace
+    // layout grew since the engine was built would). Unknown (an engine without the field): assumed to fit.
+    size_t const needed = ts::workspace_size(mAttr, shapes);
+    size_t const given = mWorkspaceBytes >= 0 ? static_cast<size_t>(mWorkspaceBytes) : needed;
+    if (needed > given)
+    {
+        log_workspace_error(needed, given);
+        return -1;
+    }
+    cudaError_t const status
+        = ts::enqueue(mAttr, shapes, element_type(inputDesc[0].type), io, workspace, given, stream);
     if (status != cudaSuccess)
     {
         log_enqueue_error(status);
@@ -698,6 +738,10 @@ PluginFieldCollection const* TokenSelectPlugin::getFieldsToSerialize() noexcept
         mFields.emplace_back("keep", &mAttr.keep, PluginFieldType::kINT64, 1);
         mFields.emplace_back("scale", &mAttr.scale, PluginFieldType::kFLOAT32, 1);
         mFields.emplace_back("seed", &mAttr.seed, PluginFieldType::kINT64, 1);
+        if (mWorkspaceBytes >= 0)
+        {
+            mFields.emplace_back("workspace_bytes", &mWorkspaceBytes, PluginFieldType::kINT64, 1);
+        }
         mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
         mFieldCollection.fields = mFields.data();
         return &mFieldCollection;
@@ -726,13 +770,14 @@ IPluginV3* TokenSelectCreator::createPlugin(char const* name, PluginFieldCollect
     try
     {
         ts::Attributes attributes;
-        std::string const err = parse_fields(fc, attributes);
+        int64_t workspace_bytes = -1;
+        std::string const err = parse_fields(fc, attributes, &workspace_bytes);
         if (!err.empty())
         {
             log_error(prefix(name) + err);
             return nullptr;
         }
-        return new TokenSelectPlugin(attributes);
+        return new TokenSelectPlugin(attributes, workspace_bytes);
     }
     catch (std::exception const& e)
     {

@@ -30,7 +30,9 @@ class TokenSelectPlugin final : public nvinfer1::IPluginV3,
                                 public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    explicit TokenSelectPlugin(ts::Attributes const& attributes);
+    // workspaceBytes: the workspace TensorRT reserved for this layer (the serialized field "workspace_bytes"),
+    // -1 when unknown (at build time before getWorkspaceSize, or an engine serialized without the field)
+    explicit TokenSelectPlugin(ts::Attributes const& attributes, int64_t workspaceBytes = -1);
     TokenSelectPlugin(TokenSelectPlugin const& other);
     TokenSelectPlugin& operator=(TokenSelectPlugin const&) = delete;
     ~TokenSelectPlugin() override = default;
@@ -81,6 +83,10 @@ private:
     nvinfer1::Dims mCachedDims[6]{};
     ts::Shapes mCachedShapes{};
     bool mCached{false};
+    // The workspace TensorRT reserves for this layer: the largest size getWorkspaceSize() answered while the
+    // engine was built (for the profiles' maximum shapes), serialized as "workspace_bytes" and read back at
+    // runtime, where enqueue compares what these shapes need with it. -1: unknown (no check possible).
+    mutable int64_t mWorkspaceBytes{-1};
     std::string mRanking;
     std::string mMetadata;
     std::vector<nvinfer1::PluginField> mFields;
@@ -104,7 +110,9 @@ private:
 };
 
 // Parses the creator's fields into attributes; "" or a message naming the missing / malformed field.
-std::string parse_fields(nvinfer1::PluginFieldCollection const* fc, ts::Attributes& out);
+// workspace_bytes (optional): the serialized field "workspace_bytes", -1 when absent.
+std::string parse_fields(
+    nvinfer1::PluginFieldCollection const* fc, ts::Attributes& out, int64_t* workspace_bytes = nullptr);
 
 } // namespace plugin
 } // namespace fastv
