@@ -533,8 +533,8 @@ def markdown(rows: list[Row], layer_rows: list[LayerRow], header: dict) -> str:
              f"ratio = FastV / unpruned (lower is faster). {header['elapsed_s']:.0f} s in all.",
              "",
              "| model | prompt | n | config | n' | prefill ms | prefill ratio | Eq.5 FLOPs ratio | exact FLOPs ratio "
-             "| authors' prefill ms (ratio; their top-k kept by the reference) | decode ms/token | decode ratio | KV-read ratio | bytes-read ratio "
-             "| peak GiB |",
+             "| authors' prefill ms (ratio; their top-k kept by the reference) | decode ms/token | decode ratio "
+             "| KV-read ratio | bytes-read ratio | peak GiB |",
              "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         authors = "-" if r.authors_prefill_ms is None else \
