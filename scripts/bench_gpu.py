@@ -344,6 +344,7 @@ class LayerRow:
     n: int
     sdpa_ms: float
     authors_ms: float
+    authors_max_abs_diff: float           # |eager layer output - SDPA layer output|, max: both causal, same layer
     reference_ranking_ms: float
     tokenselect_ms: float | None
     tokenselect_note: str
@@ -440,6 +441,10 @@ def _layer_row(model: nn.Module, case: Case, inputs: dict, pixels: dict, candida
         sdpa = clock.median(lambda: layer(*cap["args"], **cap["kwargs"]), reps)
         with authors_layer(layer, candidates, keep):
             authors = clock.median(lambda: layer(*cap["args"], **cap["kwargs"]), reps)
+            eager_out = layer(*cap["args"], **cap["kwargs"])
+        eager_out = eager_out[0] if isinstance(eager_out, tuple) else eager_out
+        diff = float((eager_out.float() - cap["out"].float()).abs().max())
+        del eager_out
         valid = torch.ones(1, n, dtype=torch.bool, device=candidates.device)
 
         def reference_ranking() -> torch.Tensor:
@@ -455,15 +460,16 @@ def _layer_row(model: nn.Module, case: Case, inputs: dict, pixels: dict, candida
                                           ratio)
                 ts_ms = clock.median(launch, reps)
                 ts_note = f"R={args.ratios[0]}, ranking last"
-            except FastVError as exc:              # reported in the table, the benchmark goes on
-                ts_note = str(exc)
+            except Exception as exc:              # noqa: BLE001 - reported in the table, the benchmark goes on
+                ts_note = f"{type(exc).__name__}: {exc}"
+                log.warning("TokenSelect kernels: %s", ts_note)
         vision_ms, vision_note = None, "not run (see the notes)"
         if "pixel_values" in pixels:
             vision_ms = clock.median(lambda: model.model.get_image_features(pixel_values=pixels["pixel_values"]),
                                      reps)
             vision_note = f"{pixels['pixel_values'].shape[0]} image(s)"
     del cap
-    return LayerRow(case.model, case.label, n, sdpa, authors, ranking, ts_ms, ts_note, vision_ms, vision_note)
+    return LayerRow(case.model, case.label, n, sdpa, authors, diff, ranking, ts_ms, ts_note, vision_ms, vision_note)
 
 
 def run_case(model: nn.Module, case: Case, args: argparse.Namespace, clock: Clock,
@@ -546,14 +552,15 @@ def markdown(rows: list[Row], layer_rows: list[LayerRow], header: dict) -> str:
     lines += ["",
               f"Layer K-1 (layer {header['k'] - 1}) alone over the whole prompt, ms:",
               "",
-              "| model | prompt | n | SDPA (reference) | eager + weights (authors) | reference ranking + gather "
-              "| TokenSelect kernels | TokenSelect / SDPA layer | vision tower |",
+              "| model | prompt | n | SDPA (reference) | eager + weights (authors; max abs diff of the outputs) "
+              "| reference ranking + gather | TokenSelect kernels | TokenSelect / SDPA layer | vision tower |",
               "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in layer_rows:
         ts = "-" if r.tokenselect_ms is None else f"{r.tokenselect_ms:.3f}"
         ts_ratio = "-" if r.tokenselect_ms is None else f"{r.tokenselect_ms / r.sdpa_ms:.3f}"
         vision = "-" if r.vision_ms is None else f"{r.vision_ms:.2f} ({r.vision_note})"
-        lines.append(f"| {r.model} | {r.prompt} | {r.n} | {r.sdpa_ms:.3f} | {r.authors_ms:.3f} "
+        lines.append(f"| {r.model} | {r.prompt} | {r.n} | {r.sdpa_ms:.3f} "
+                     f"| {r.authors_ms:.3f} ({r.authors_max_abs_diff:.2g}) "
                      f"| {r.reference_ranking_ms:.3f} | {ts} | {ts_ratio} | {vision} |")
     notes = sorted({r.tokenselect_note for r in layer_rows if r.tokenselect_ms is None})
     lines += ["", "Notes: prefill = the language model over the prompt (media tokens as ids, the vision tower not "

@@ -162,6 +162,8 @@ def test_tiny_benchmark_rows_and_ratios(tiny_bench):
         assert r["authors_overlap"] == 1.0
     for lr in result["layer_k_minus_1"]:
         assert lr["sdpa_ms"] > 0 and lr["authors_ms"] > 0 and lr["reference_ranking_ms"] > 0
+        # the authors' eager layer (explicit causal mask) computes what the SDPA layer computes
+        assert lr["authors_max_abs_diff"] < 1e-4
         assert lr["tokenselect_ms"] is None and lr["tokenselect_note"] == "CUDA kernels need a GPU"
         assert (lr["vision_ms"] is not None) == lr["model"].startswith("llava")
 
