@@ -47,7 +47,7 @@ while [ $# -gt 0 ]; do
     --no-bench) bench=0; shift ;;
     --no-tensorrt) tensorrt=0; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
