@@ -48,8 +48,30 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:            # run from a checkout without installing
+
+
+def _checkout_imports() -> None:
+    """Make ``fastv_export`` importable from this checkout when it is not installed (a bare GPU machine): the
+    checkout on sys.path, and its top-level graphs/ and calibrate/ folders found as ``fastv_export.graphs`` /
+    ``fastv_export.calibrate`` (where pyproject.toml's package-dir puts them in an install)."""
+    import importlib.abc
+    import importlib.util
+
+    if importlib.util.find_spec("fastv_export") is not None:
+        return
+
+    class CheckoutFolders(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            prefix, _, name = fullname.partition(".")
+            if prefix != "fastv_export" or name not in ("graphs", "calibrate"):
+                return None
+            return importlib.util.spec_from_file_location(fullname, ROOT / name / "__init__.py",
+                                                          submodule_search_locations=[str(ROOT / name)])
     sys.path.insert(0, str(ROOT))
+    sys.meta_path.append(CheckoutFolders())
+
+
+_checkout_imports()
 
 from fastv_export.adapters import get_adapter  # noqa: E402
 from fastv_export.analysis.flops import decode_read_bytes, estimate  # noqa: E402

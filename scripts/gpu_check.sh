@@ -129,6 +129,13 @@ log "---- machine"
   command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo "compute-sanitizer: not found"
 } 2>&1 | if [ "$dry_run" -eq 1 ]; then cat; else cat >> "$report"; fi
 
+# the kernel tests and the TensorRT steps import the project: a bare machine gets the checkout installed (editable,
+# no dependencies, nothing downloaded); scripts/bench_gpu.py runs from the checkout either way
+if ! "$py" -c 'import fastv_export.graphs' >/dev/null 2>&1; then
+  run "install the checkout (pip -e, no dependencies, offline)" "$py" -m pip install --no-deps --no-build-isolation \
+      --no-index -q -e "$root"
+fi
+
 # ---------------------------------------------------------------------------------------- 1. the library
 if [ -z "$archs" ]; then
   archs="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"

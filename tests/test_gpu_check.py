@@ -188,6 +188,26 @@ def test_benchmark_refuses_cuda_without_a_gpu():
         _load("bench_gpu").main(["--tiny", "--models", "llava-1.5-7b", "--images", "1"])
 
 
+def test_benchmark_imports_from_a_checkout_that_is_not_installed(tmp_path):
+    """A bare GPU machine has the repository, not the installed package: the script still finds fastv_export and
+    its graphs/ folder (here: the editable install's finder removed before the script runs)."""
+    code = ("import runpy, sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            "sys.path_importer_cache.clear()\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('fastv_export') is None, 'still installed'\n"
+            "sys.argv = ['bench_gpu.py', '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({str(ROOT / 'scripts' / 'bench_gpu.py')!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "import fastv_export.graphs.op as op, fastv_export.reference.selection as sel\n"
+            "print(op.__file__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(ROOT / "graphs" / "op.py")
+
+
 def test_benchmark_argument_errors(capsys):
     bench = _load("bench_gpu")
     for argv, msg in ((["--models", "llava"], "unknown model"), (["--ratios", "3/2"], "--ratios"),
