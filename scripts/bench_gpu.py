@@ -93,6 +93,7 @@ PIXEL_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOPS_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 GIB = 1024 ** 3
+TRANSFORMERS_PINNED = "5.23.0"
 
 
 # ------------------------------------------------------------------------------------------ the models
@@ -684,6 +685,9 @@ def main(argv: list[str] | None = None) -> dict:
     log.setLevel(logging.INFO)
     import transformers
 
+    if transformers.__version__ != TRANSFORMERS_PINNED:
+        log.warning("transformers %s: the reference hooks are tested with %s (pyproject.toml's pin)",
+                    transformers.__version__, TRANSFORMERS_PINNED)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py: torch sees no CUDA GPU: run on a GPU machine, or --device cpu --tiny")

@@ -126,6 +126,7 @@ log "---- machine"
   [ -n "$nvcc" ] && "$nvcc" --version | tail -2 || echo "nvcc: not found"
   cmake --version 2>&1 | head -1
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1
+  "$py" -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
   command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo "compute-sanitizer: not found"
 } 2>&1 | if [ "$dry_run" -eq 1 ]; then cat; else cat >> "$report"; fi
 

@@ -276,3 +276,11 @@ def test_without_a_gpu_the_benchmark_still_runs_and_tensorrt_is_skipped(tmp_path
     assert "kernel tests" not in summary
     assert "| qwen2.5-vl-7b | video 8 frames 112x112 |" in report           # the table lands in the report
     assert (out / "bench" / "bench_gpu.json").is_file()
+
+
+def test_benchmark_names_the_pinned_transformers():
+    """bench_gpu.py warns when transformers differs from pyproject.toml's pin: the two must name the same version."""
+    import re
+
+    pin = re.search(r'"transformers==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert _load("bench_gpu").TRANSFORMERS_PINNED == pin
