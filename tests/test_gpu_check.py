@@ -179,6 +179,39 @@ def test_tiny_benchmark_writes_the_table(tiny_bench):
     assert (out / "bench_gpu.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_full_size_models_and_prompts_on_the_meta_device():
+    """The 7B models the GPU run builds, built here on the meta device (no memory): parameter counts of the
+    published checkpoints (llava-1.5-7b-hf 7.06e9, Qwen2.5-VL-7B-Instruct 8.29e9), LLaVA's decoder equal to the
+    paper preset of analysis/flops.py, and the prompts' sizes (576 tokens per image, a 3,072-token video)."""
+    import torch
+
+    from fastv_export.adapters import get_adapter
+    from fastv_export.analysis.flops import PAPER_PRESETS
+    from fastv_export.decoder_shape import DecoderShape
+    from fastv_export.prompts import make_prompt
+
+    bench = _load("bench_gpu")
+    args = bench.parse_args([])
+    want = {"llava-1.5-7b": (7.063e9, {"1 image": 576, "4 images": 2304, "8 images": 4608}),
+            "qwen2.5-vl-7b": (8.292e9, {"video 24 frames 448x448": 3072})}
+    for name, (params, media_tokens) in want.items():
+        model = bench.build_model(name, False, torch.device("meta"), torch.bfloat16)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=1e-3)
+        shape = DecoderShape.from_config(model.config)
+        if name == "llava-1.5-7b":
+            assert shape == PAPER_PRESETS["llava-1.5-7b"]
+        else:
+            assert shape == DecoderShape(3584, 18944, 28, 28, 4, 128, 152064)
+        adapter = get_adapter(model)
+        got = {}
+        for case in (c for c in bench.cases(args) if c.model == name):
+            prompt = make_prompt(adapter, args.text_tokens, media=list(case.media), system_tokens=args.system_tokens)
+            got[case.label] = adapter.find_candidates(prompt.input_ids).shape[1]
+            assert prompt.input_ids.shape[1] - got[case.label] == 1 + args.system_tokens + args.text_tokens + \
+                (2 if name.startswith("qwen") else 0)                                  # <vision_start/end>
+        assert got == media_tokens
+
+
 def test_benchmark_refuses_cuda_without_a_gpu():
     import torch
 
