@@ -613,7 +613,7 @@ def plot(rows: list[Row], path: Path) -> bool:
             ax.scatter(getattr(r, predicted), getattr(r, measured), label=f"{r.model} {r.prompt} {r.config}", s=20)
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
         ax.set_xlim(0, 1.05)
-        ax.set_ylim(0, 1.3)
+        ax.set_ylim(0, 1.05 * max([1.1] + [getattr(r, measured) for r in fast]))
         ax.set_xlabel("predicted ratio (FastV / unpruned)")
         ax.set_ylabel("measured time ratio")
         ax.set_title(title, fontsize=10)
