@@ -605,20 +605,22 @@ def plot(rows: list[Row], path: Path) -> bool:
         log.info("matplotlib not installed: no plot")
         return False
     fast = [r for r in rows if r.config != "unpruned"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
     for ax, measured, predicted, title in (
             (axes[0], "prefill_ratio", "eq5_ratio", "prefill: measured vs Eq. 5 FLOPs ratio"),
             (axes[1], "decode_ratio", "bytes_ratio", "decode: measured vs bytes-read ratio")):
         for r in fast:
-            ax.scatter(getattr(r, predicted), getattr(r, measured), label=f"{r.model} {r.prompt} {r.config}", s=20)
+            ax.scatter(getattr(r, predicted), getattr(r, measured), label=f"{r.model} {r.prompt} {r.config}", s=22,
+                       marker="o" if r.model.startswith("llava") else "^")
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
         ax.set_xlim(0, 1.05)
         ax.set_ylim(0, 1.05 * max([1.1] + [getattr(r, measured) for r in fast]))
         ax.set_xlabel("predicted ratio (FastV / unpruned)")
         ax.set_ylabel("measured time ratio")
         ax.set_title(title, fontsize=10)
-    axes[1].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.025 * ((len(fast) + 2) // 3), 1, 1))
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return True
