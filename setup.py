@@ -77,7 +77,7 @@ class BuildPyWithPlugin(build_py):
         if not _plugin_wanted():
             reason = "FASTV_BUILD_PLUGIN=0 at build time"
         elif nvcc is None:
-            reason = "no nvcc at build time ($CUDACXX, PATH, /usr/local/cuda/bin)"
+            reason = "no nvcc found at build time: $CUDACXX, PATH, /usr/local/cuda/bin"
         else:
             archs = pp.default_archs()
             build_dir = Path(os.environ.get("FASTV_PLUGIN_BUILD_DIR") or ROOT / "build" / "plugins-wheel")
