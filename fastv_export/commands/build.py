@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_trtexec:
         print(trtexec_script(load_bundle(args.bundle), options.limits, use_plugin=options.use_plugin), end="")
         return 0
-    section = build_with_progress(args.bundle, with_plugin_resolved(options)).engines
+    bundle = load_bundle(args.bundle)                      # a wrong bundle first, then a missing plugin
+    section = build_with_progress(bundle, with_plugin_resolved(options)).engines
     print(format_summary(section))
     print(f"wrote the engines into {args.bundle} (manifest.json 'engines'; trtexec lines: "
           f"{args.bundle}/{section.trtexec_script})")
