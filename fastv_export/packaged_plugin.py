@@ -67,8 +67,9 @@ class CudaArchs:
 
 
 def wheel_cmake_archs(archs: Sequence[str] = WHEEL_CUDA_ARCHS) -> str:
-    """CMake's list for ``archs``: machine code of each, PTX of the last ("75-real;...;120")."""
-    return ";".join([f"{a}-real" for a in archs[:-1]] + [archs[-1]])
+    """CMake's list for ``archs``: machine code of each, PTX of the last ("75-real;...;120"); items that
+    already say what they want ("86-real", "90-virtual") are kept."""
+    return ";".join([f"{a}-real" if a.isdigit() else a for a in archs[:-1]] + [archs[-1]])
 
 
 def fatbin_archs(path: str | os.PathLike) -> CudaArchs:

@@ -98,7 +98,7 @@ rm -rf "$work/empty"
 mkdir "$work/empty"
 (
   cd "$work/empty"
-  export PATH="$work/venv/bin:$PATH"
+  export PATH="$work/venv/bin:$PATH" TQDM_DISABLE=1     # no progress bars in the log
   unset PYTHONPATH
   fastv-export --version
   fastv-export pipeline --out b

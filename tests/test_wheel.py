@@ -85,6 +85,7 @@ def test_the_wheel_targets_are_the_readmes_and_plugin_defaults():
     defaults = re.search(r"set\(FASTV_DEFAULT_CUDA_ARCHS ([\d ]+)\)", cmake).group(1).split()
     assert set(pp.WHEEL_CUDA_ARCHS) <= set(defaults)
     assert pp.wheel_cmake_archs(("75", "86", "120")) == "75-real;86-real;120"
+    assert pp.wheel_cmake_archs(("86-real", "89")) == "86-real;89"
 
 
 # ---------------------------------------------------------------------------------------------- lookup
