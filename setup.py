@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent
 
 def _packaged_plugin():
     """fastv_export/packaged_plugin.py, loaded by path (the package's dependencies are not installed here)."""
-    spec = importlib.util.spec_from_file_location("_fastv_packaged_plugin", ROOT / "fastv_export" / "packaged_plugin.py")
+    path = ROOT / "fastv_export" / "packaged_plugin.py"
+    spec = importlib.util.spec_from_file_location("_fastv_packaged_plugin", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module            # dataclasses look their module up there
     spec.loader.exec_module(module)

@@ -214,7 +214,8 @@ def test_the_sdist_installs_without_nvcc_and_says_how_engines_are_built(sdist, t
     pkg = tmp_path / "site" / "fastv_export"
     assert not (pkg / pp.LIB_DIR / pp.LIBRARY).exists()
     assert json.loads((pkg / pp.LIB_DIR / pp.INFO_FILE).read_text())["built"] is False
-    assert (pkg / pp.SRC_DIR / pp.BUILD_SCRIPT).is_file() and (pkg / pp.SRC_DIR / "plugins" / "CMakeLists.txt").is_file()
+    assert (pkg / pp.SRC_DIR / pp.BUILD_SCRIPT).is_file()
+    assert (pkg / pp.SRC_DIR / "plugins" / "CMakeLists.txt").is_file()
     run = subprocess.run([sys.executable, "-c", "import sys; from fastv_export.cli import main; main(sys.argv[1:])",
                           "--version"], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
