@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "flops": "fastv_export.commands.flops",
     "analyze": "fastv_export.commands.analyze",
     "calibrate": "fastv_export.commands.calibrate",
+    "plugin": "fastv_export.commands.plugin",
 }
 
 DESCRIPTION = """\
@@ -97,12 +98,29 @@ def third_party_noise_hidden() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+class VersionAction(argparse.Action):
+    """``--version``: the package version and the TokenSelect plugin library `build` uses (path, sha256,
+    CUDA architectures), computed only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from fastv_export import __version__
+        from fastv_export.commands.plugin import info_lines
+
+        print("\n".join([f"fastv-export {__version__}", *info_lines()]))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand (imports the command modules, which are light)."""
     parser = argparse.ArgumentParser(prog="fastv-export", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress and timings, and show third-party warnings")
+    parser.add_argument("--version", action=VersionAction,
+                        help="print the version and the TokenSelect plugin library (sha256, CUDA architectures)")
     sub = parser.add_subparsers(dest="command", metavar="<subcommand>")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)

@@ -36,6 +36,7 @@ if [ -z "$trt_include" ]; then
   if [ ! -f "$trt_include/NvInferRuntime.h" ]; then
     py="python3"
     [ -x "$root/.venv/bin/python" ] && py="$root/.venv/bin/python"
+    py="${FASTV_PIP_PYTHON:-$py}"     # a Python with pip (set by the wheel's build step, whose own has none)
     wheels="$root/.third_party/wheels"
     mkdir -p "$wheels"
     echo "$me: fetching the TensorRT 10.14 headers (PyPI wheel kernel-lens==$KL_VERSION)" >&2

@@ -18,8 +18,9 @@ saving shows in the engine. The bundle is replaced atomically: a failed build le
 Backends: tensorrt (TensorRT 10 installed here: a build for this machine's GPU, Jetson included)
 and tensorrt-rtx (TensorRT for RTX, ahead of time for --compute-capability, no GPU needed; it
 offers 7.5, 8.0, 8.6, 8.9, 12.0, 12.1). Default: tensorrt when it imports, else tensorrt-rtx.
-The plugin library (TokenSelect) is built from plugins/ unless --plugin-lib is given; --no-plugin
-builds TokenSelect's ONNX function body instead (slower: it materialises the attention map).
+The plugin library (TokenSelect): --plugin-lib, else the one installed with the package (`fastv-export
+plugin` describes it), else one built from the checkout's plugins/; --no-plugin builds TokenSelect's ONNX
+function body instead (slower: it materialises the attention map).
 
 For a device with its own TensorRT (Jetson Orin/Thor, H100: targets TensorRT-RTX cannot build
 for), --print-trtexec prints the equivalent trtexec command lines without building; every build
@@ -48,7 +49,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorRT-RTX targets, e.g. 8.6,8.9 (default 8.6,8.9)")
     plugin = parser.add_mutually_exclusive_group()
     plugin.add_argument("--plugin-lib", default=None, metavar="PATH",
-                        help="libfastv_plugins.so to use (default: build it with scripts/build_plugin.sh)")
+                        help="libfastv_plugins.so to use (default: the one installed with the package, else "
+                             "built from the checkout's plugins/)")
     plugin.add_argument("--no-plugin", action="store_true",
                         help="build TokenSelect's ONNX function body instead of the plugin")
     limits = parser.add_argument_group("limits (the engines' profiles)")
@@ -74,6 +76,26 @@ def build_options_from_args(args: argparse.Namespace):
                          max_new_tokens=args.max_new_tokens)
     return BuildOptions(backend=args.backend, compute_capabilities=ccs, plugin_library=args.plugin_lib,
                         use_plugin=not args.no_plugin, limits=limits)
+
+
+def with_plugin_resolved(options):
+    """``options`` with the plugin library chosen (packaged, or built from the checkout) before any work, so
+    that `build` and `pipeline` stop at once, in one line that offers --no-plugin, when there is none."""
+    import dataclasses
+    from pathlib import Path
+
+    from fastv_export.engines.build import default_plugin_library, resolve_backend, target_names
+
+    if not options.use_plugin:
+        return options
+    if options.plugin_library:
+        if not Path(options.plugin_library).is_file():
+            raise FastVError(f"--plugin-lib {options.plugin_library} does not exist; pass a libfastv_plugins.so "
+                             "(`fastv-export plugin build` makes one) or --no-plugin")
+        return options
+    backend = resolve_backend(options.backend)
+    targets = target_names(options.compute_capabilities) if backend == "tensorrt-rtx" else ["CURRENT"]
+    return dataclasses.replace(options, plugin_library=str(default_plugin_library(targets)))
 
 
 def build_with_progress(bundle, options):
@@ -109,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_trtexec:
         print(trtexec_script(load_bundle(args.bundle), options.limits, use_plugin=options.use_plugin), end="")
         return 0
-    section = build_with_progress(args.bundle, options).engines
+    bundle = load_bundle(args.bundle)                      # a wrong bundle first, then a missing plugin
+    section = build_with_progress(bundle, with_plugin_resolved(options)).engines
     print(format_summary(section))
     print(f"wrote the engines into {args.bundle} (manifest.json 'engines'; trtexec lines: "
           f"{args.bundle}/{section.trtexec_script})")

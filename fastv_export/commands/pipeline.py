@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from fastv_export.commands.build import add_build_arguments, build_options_from_args, build_with_progress
+from fastv_export.commands.build import (add_build_arguments, build_options_from_args, build_with_progress,
+                                         with_plugin_resolved)
 from fastv_export.commands.common import fastv_config_from_args
 from fastv_export.commands.export import add_arguments as add_export_arguments
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from fastv_export.validate import format_report, validate_bundle
 
     cfg = fastv_config_from_args(args)
-    options = build_options_from_args(args)
+    options = with_plugin_resolved(build_options_from_args(args))   # no plugin: stop here, before exporting
     bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
                                                         external_data=args.external_data))
     out = bundle.path

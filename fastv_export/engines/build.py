@@ -101,15 +101,33 @@ def target_names(compute_capabilities: Sequence[str]) -> list[str]:
 
 
 def default_plugin_library(targets: Sequence[str] = ()) -> Path:
-    """The plugin library built from this checkout's plugins/ (scripts/build_plugin.sh), for the CUDA
-    architectures of ``targets`` (SM86 -> 86; none or CURRENT: the script's default list)."""
+    """The plugin library for the TensorRT ``targets`` ("SM86", ...; "CURRENT": this machine's GPU) when
+    --plugin-lib is not given: the one packaged in this installation (a wheel built with nvcc) when it holds
+    code for every target, else one built from this checkout's plugins/ by scripts/build_plugin.sh for those
+    architectures (none or CURRENT: the script's default list). Neither: a one-line FastVError that offers
+    --no-plugin and `fastv-export plugin build`."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[2]
-    script = root / "scripts" / "build_plugin.sh"
-    if not script.is_file():
-        raise FastVError("no plugin library: pass --plugin-lib PATH (a libfastv_plugins.so built with "
-                         "scripts/build_plugin.sh from the fastv-export sources) or --no-plugin")
+    from fastv_export import packaged_plugin
+
+    wanted = [gpu_target() or t if t == "CURRENT" else t for t in targets]
+    packaged = packaged_plugin.packaged_library()
+    missing: list[str] = []
+    if packaged is not None:
+        missing = packaged_plugin.missing_targets(packaged_plugin.fatbin_archs(packaged), wanted)
+        if not missing:
+            log.info("TokenSelect plugin: %s (packaged)", packaged)
+            return packaged
+    root = packaged_plugin.checkout_root()
+    if root is None:
+        archs = ",".join(t[2:] for t in (missing or wanted) if t.startswith("SM")) or "<your GPU, e.g. 87>"
+        why = (f"the packaged TokenSelect plugin holds no code for {', '.join(missing)} "
+               f"({packaged_plugin.fatbin_archs(packaged).describe()})" if packaged is not None else
+               f"no TokenSelect plugin library: {packaged_plugin.no_plugin_reason()}")
+        raise FastVError(f"{why}; pass --no-plugin to build TokenSelect's ONNX function body instead, or build the "
+                         f"plugin with `fastv-export plugin build --archs {archs}` (needs CUDA's nvcc) and pass "
+                         "--plugin-lib PATH")
+    script = root / packaged_plugin.BUILD_SCRIPT
     log.info("building the TokenSelect plugin with %s", script)
     archs = [t[2:] for t in targets if t.startswith("SM")]
     cmd = ["bash", str(script)] + (["--archs", ";".join(archs)] if archs and len(archs) == len(targets) else [])
