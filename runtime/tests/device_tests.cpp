@@ -5,7 +5,8 @@
 // per decode step, exactly the logits come back to the host and exactly the step's token ids, masks and position
 // ids go to the device (no KV cache crosses); kept_indices come back once; no allocation after load; each KV cache
 // has two distinct buffers sized for prompt + new tokens; decode calls run on every engine's 'decode' profile; feed
-// dtypes, unknown (-1) dimensions and shapes outside the profiles are refused with one line.
+// dtypes, unknown (-1) dimensions and shapes outside the profiles are refused with one line. The fake model also has
+// a DeepStack variant (levels linked embed -> pre_k -> post_k).
 //
 // usage: fastv_device_tests
 #include "fastv/device_executor.hpp"
@@ -36,6 +37,9 @@ constexpr int64_t kHidden = 4, kHeads = 2, kHeadDim = 2, kLayers = 3, kK = 1, kV
                   kImageToken = 10;
 constexpr int64_t kBatch = 2, kPrompt = 12, kKept = kPrompt - kPerImage + (kPerImage + 1) / 2, kNew = 8;
 
+// DeepStack levels L of the fake model (0, or 2 > K: levels l < K are added in pre_k, l >= K pass to post_k)
+int g_levels = 0;
+
 using Dims = std::vector<std::string>;   // a tensor's dims: a number, or a dim name of the profiles
 
 struct IoSpec {
@@ -55,13 +59,19 @@ std::vector<IoSpec> io(const std::string& graph) {
         out.push_back({fastv::present_name(i, kind), DType::F32, {"batch", heads, "total_seq", hd}, false});
       }
   };
+  auto levels = [&](const char* prefix, int first, Dims dims, bool input) {
+    for (int l = first; l < g_levels; ++l) out.push_back({fastv::level_name(prefix, l), DType::F32, dims, input});
+  };
   if (graph == "vision") {
     out = {{fastv::kPixelValues, DType::F32, {"1", "3", "2", "2"}, true},
            {fastv::kImageFeatures, DType::F32, {std::to_string(kPerImage), h}, false}};
+    levels(fastv::kDeepstackFeatures, 0, {std::to_string(kPerImage), h}, false);
   } else if (graph == "embed") {
     out = {{fastv::kInputIds, DType::I64, {"batch", "seq"}, true},
            {fastv::kImageFeatures, DType::F32, {"image_tokens", h}, true},
            {fastv::kInputsEmbeds, DType::F32, {"batch", "seq", h}, false}};
+    levels(fastv::kDeepstackFeatures, 0, {"image_tokens", h}, true);
+    levels(fastv::kDeepstackEmbeds, 0, {"batch", "seq", h}, false);
   } else if (graph == "pre_k") {
     out = {{fastv::kInputsEmbeds, DType::F32, {"batch", "seq", h}, true},
            {fastv::kAttentionMask, DType::I64, {"batch", "total_seq"}, true},
@@ -71,12 +81,15 @@ std::vector<IoSpec> io(const std::string& graph) {
            {fastv::kSelectedPositionIds, DType::I64, {"batch", "kept_seq"}, false},
            {fastv::kKeptIndices, DType::I64, {"batch", "kept_seq"}, false}};
     kv(0, kK);
+    levels(fastv::kDeepstackEmbeds, 0, {"batch", "seq", h}, true);
+    levels(fastv::kKeptDeepstackEmbeds, kK, {"batch", "kept_seq", h}, false);
   } else {
     out = {{fastv::kHiddenStates, DType::F32, {"batch", "seq", h}, true},
            {fastv::kAttentionMask, DType::I64, {"batch", "total_seq"}, true},
            {fastv::kPositionIds, DType::I64, {"batch", "seq"}, true},
            {fastv::kLogits, DType::F32, {"batch", "seq", std::to_string(kVocab)}, false}};
     kv(kK, kLayers);
+    levels(fastv::kKeptDeepstackEmbeds, kK, {"batch", "seq", h}, true);
   }
   return out;
 }
@@ -130,6 +143,7 @@ fastv::Bundle fake_bundle() {
   b.tokens_per_image = kPerImage;
   b.vision_input_shape = {1, 3, 2, 2};
   b.pad_token_id = 0;
+  b.deepstack_layers = g_levels;
   return b;
 }
 
@@ -150,6 +164,11 @@ TensorMap fake_run(const std::string& graph, const std::map<std::string, const T
     Tensor f = Tensor::zeros(DType::F32, {kPerImage, kHidden});
     for (int64_t t = 0; t < kPerImage; ++t)
       for (int64_t j = 0; j < kHidden; ++j) f.as<float>()[t * kHidden + j] = 0.01f * sum + 0.3f * t + 0.1f * j;
+    for (int l = 0; l < g_levels; ++l) {
+      Tensor d = f;
+      for (size_t i = 0; i < d.numel(); ++i) d.as<float>()[i] *= static_cast<float>(l + 2);
+      out[fastv::level_name(fastv::kDeepstackFeatures, l)] = std::move(d);
+    }
     out[fastv::kImageFeatures] = std::move(f);
     return out;
   }
@@ -158,17 +177,23 @@ TensorMap fake_run(const std::string& graph, const std::map<std::string, const T
     const Tensor& feats = *in.at(fastv::kImageFeatures);
     const int64_t rows = ids.shape[0], seq = ids.shape[1];
     Tensor e = Tensor::zeros(DType::F32, {rows, seq, kHidden});
+    std::vector<Tensor> ds(g_levels, Tensor::zeros(DType::F32, {rows, seq, kHidden}));   // zero at text tokens
     int64_t next = 0;
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t s = 0; s < seq; ++s) {
         const int64_t id = ids.as<int64_t>()[r * seq + s];
+        const bool image = id == kImageToken && next < feats.shape[0];
         float* x = e.as<float>() + (r * seq + s) * kHidden;
-        for (int64_t j = 0; j < kHidden; ++j)
-          x[j] = id == kImageToken && next < feats.shape[0] ? feats.as<float>()[next * kHidden + j]
-                                                            : std::sin(0.7f * static_cast<float>(id) + j);
+        for (int64_t j = 0; j < kHidden; ++j) {
+          x[j] = image ? feats.as<float>()[next * kHidden + j] : std::sin(0.7f * static_cast<float>(id) + j);
+          for (int l = 0; l < g_levels && image; ++l)
+            ds[l].as<float>()[(r * seq + s) * kHidden + j] =
+                in.at(fastv::level_name(fastv::kDeepstackFeatures, l))->as<float>()[next * kHidden + j];
+        }
         if (id == kImageToken) ++next;
       }
     out[fastv::kInputsEmbeds] = std::move(e);
+    for (int l = 0; l < g_levels; ++l) out[fastv::level_name(fastv::kDeepstackEmbeds, l)] = std::move(ds[l]);
     return out;
   }
   const bool pre = graph == "pre_k";
@@ -212,9 +237,14 @@ TensorMap fake_run(const std::string& graph, const std::map<std::string, const T
               for (int64_t h = 0; h < kHeads; ++h)
                 ctx += t.as<float>()[((r * kHeads + h) * total + s) * kHeadDim] * (0.1f + 0.01f * s);
         }
-      for (int64_t j = 0; j < kHidden; ++j)
+      for (int64_t j = 0; j < kHidden; ++j) {
+        float add = 0;   // DeepStack: pre_k adds the levels l < K, post_k the kept levels K <= l < L
+        for (int l = pre ? 0 : kK; l < (pre ? std::min<int>(kK, g_levels) : g_levels); ++l)
+          add += in.at(fastv::level_name(pre ? fastv::kDeepstackEmbeds : fastv::kKeptDeepstackEmbeds, l))
+                     ->as<float>()[(r * seq + q) * kHidden + j];
         y.as<float>()[(r * seq + q) * kHidden + j] =
-            x.as<float>()[(r * seq + q) * kHidden + j] + std::tanh(0.05f * ctx + static_cast<float>(j));
+            x.as<float>()[(r * seq + q) * kHidden + j] + std::tanh(0.05f * ctx + static_cast<float>(j)) + 0.3f * add;
+      }
     }
   if (!pre) {
     Tensor logits = Tensor::zeros(DType::F32, {rows, seq, kVocab});
@@ -235,6 +265,8 @@ TensorMap fake_run(const std::string& graph, const std::map<std::string, const T
   Tensor hidden = Tensor::zeros(DType::F32, {rows, kept, kHidden});
   Tensor sel = Tensor::zeros(DType::I64, {rows, kept});
   Tensor idx = Tensor::zeros(DType::I64, {rows, kept});
+  std::vector<Tensor> kept_ds;
+  for (int l = kK; l < g_levels; ++l) kept_ds.push_back(Tensor::zeros(DType::F32, {rows, kept, kHidden}));
   for (int64_t r = 0; r < rows; ++r) {
     std::set<int64_t> dropped;
     for (int64_t j = (c + 1) / 2; j < c; ++j) dropped.insert(cand.as<int64_t>()[r * c + j]);
@@ -245,12 +277,18 @@ TensorMap fake_run(const std::string& graph, const std::map<std::string, const T
       sel.as<int64_t>()[r * kept + k] = pos.as<int64_t>()[r * seq + s];
       std::memcpy(hidden.as<float>() + (r * kept + k) * kHidden, y.as<float>() + (r * seq + s) * kHidden,
                   kHidden * sizeof(float));
+      for (int l = kK; l < g_levels; ++l)
+        std::memcpy(kept_ds[l - kK].as<float>() + (r * kept + k) * kHidden,
+                    in.at(fastv::level_name(fastv::kDeepstackEmbeds, l))->as<float>() + (r * seq + s) * kHidden,
+                    kHidden * sizeof(float));
       ++k;
     }
   }
   out[fastv::kHiddenStates] = std::move(hidden);
   out[fastv::kSelectedPositionIds] = std::move(sel);
   out[fastv::kKeptIndices] = std::move(idx);
+  for (int l = kK; l < g_levels; ++l)
+    out[fastv::level_name(fastv::kKeptDeepstackEmbeds, l)] = std::move(kept_ds[l - kK]);
   return out;
 }
 
@@ -488,9 +526,9 @@ void device_generation(const std::string& what, const std::vector<std::vector<in
 
   // prefill: the vision features and, once, kept_indices and the logits come back
   const Traffic pre = at_token.front() - loaded;
-  const size_t features = in.images.size() * kPerImage * kHidden * f32;
+  const size_t features = in.images.size() * kPerImage * kHidden * f32 * (1 + g_levels);   // + DeepStack levels
   const size_t pre_d2h = features + rows * kept * sizeof(int64_t) + rows * kept * kVocab * f32;
-  check(pre.d2h == pre_d2h, what + ": prefill device -> host = image features + kept_indices + logits (" +
+  check(pre.d2h == pre_d2h, what + ": prefill device -> host = vision features + kept_indices + logits (" +
                                 std::to_string(pre.d2h) + " vs " + std::to_string(pre_d2h) + ")");
   check(pre.allocations == 0 && pre.d2d == 0, what + ": prefill allocates nothing");
 
@@ -580,6 +618,9 @@ int main() {
     device_generation("two rows left-padded, one image each",
                       {cat(cat({1, 2}, image()), {4, 5, 6}), cat(cat({7}, image()), {8})}, kNew);
     device_generation("one token", {cat({3}, image())}, 1);
+    g_levels = 2;   // DeepStack: level 0 added in pre_k, level 1 passed to post_k
+    device_generation("DeepStack, two rows", {cat(cat({1, 2}, image()), {4, 5, 6}), cat(cat({7}, image()), {8})}, 5);
+    g_levels = 0;
     refusals();
   } catch (const std::exception& e) {
     check(false, std::string("uncaught: ") + e.what());
