@@ -3,6 +3,7 @@
 // (layers < K hold the n prompt tokens, layers >= K the n' kept ones).
 #include "fastv/runtime.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -15,12 +16,10 @@ double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
 }
 
-// present.{i}.key -> past_key_values.{i}.key, moved out of a graph's outputs
-TensorMap next_past(TensorMap& outputs) {
-  TensorMap past;
-  for (auto& [name, t] : outputs)
-    if (is_present(name)) past[present_to_past(name)] = std::move(t);
-  return past;
+// past_key_values.{i}.{kind} <- present.{i}.{kind} of the same graph's latest call, layers [first, last)
+void link_caches(Links& links, const std::string& graph, int first, int last) {
+  for (int i = first; i < last; ++i)
+    for (const char* kind : kKvKinds) links[past_name(i, kind)] = {graph, present_name(i, kind)};
 }
 
 const Tensor& output(const TensorMap& m, const std::string& graph, const std::string& name) {
@@ -42,10 +41,9 @@ Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype, int64_t width)
   return out;
 }
 
-// DeepStack (graphs/spec.py): the per-level tensors of a graph's outputs whose names start with prefix + "."
-void add_levels(Feeds& feeds, const TensorMap& outputs, const std::string& prefix) {
-  for (const auto& [name, t] : outputs)
-    if (is_level(name, prefix)) feeds[name] = &t;
+// DeepStack (graphs/spec.py): levels [first, last) of prefix, linked to the outputs of the same name of graph
+void link_levels(Links& links, const std::string& graph, const std::string& prefix, int first, int last) {
+  for (int l = first; l < last; ++l) links[level_name(prefix, l)] = {graph, level_name(prefix, l)};
 }
 
 // [rows, n] int64 with one column appended (ones)
@@ -137,24 +135,27 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
                 shape_str(in.candidate_positions->shape) + " is not the positions of the image tokens (manifest field " +
                 "'image_tokens.token_ids') in '" + kInputIds + "' " + shape_str(candidates.shape));
 
-  // embed -> pre_k (TokenSelect) over the n prompt tokens
+  // embed -> pre_k (TokenSelect) over the n prompt tokens. Executor::call keeps the tensors passed from graph to
+  // graph and the KV caches where the graphs ran (TensorRT: on the GPU); only kept_indices and the logits come back.
+  // pre_links / post_links: the inputs of pre_k / post_k that earlier graphs of the same step produce
+  Links pre_links{{kInputsEmbeds, {"embed", kInputsEmbeds}}};
+  link_levels(pre_links, "embed", kDeepstackEmbeds, 0, b.deepstack_layers);
+  Links post_links{{kHiddenStates, {"pre_k", kHiddenStates}}, {kPositionIds, {"pre_k", kSelectedPositionIds}}};
+  link_levels(post_links, "pre_k", kKeptDeepstackEmbeds, b.k, std::max(b.k, b.deepstack_layers));
   auto t1 = Clock::now();
   Feeds embed_feeds{{kInputIds, &in.input_ids}};
   for (const auto& [name, t] : vision) embed_feeds[name] = &t;
-  TensorMap emb = ex.run("embed", embed_feeds);
+  ex.call("embed", Phase::Prefill, embed_feeds, {}, {});
   g.timings_ms["embed"] = ms_since(t1);
   t1 = Clock::now();
   const Tensor empty_kv = Tensor::zeros(b.float_dtype, {rows, b.num_kv_heads, 0, b.head_dim});
-  Feeds feeds{{kInputsEmbeds, &output(emb, "embed", kInputsEmbeds)},
-              {kAttentionMask, &in.attention_mask},
+  Feeds feeds{{kAttentionMask, &in.attention_mask},
               {kPositionIds, &positions},
               {kCandidatePositions, &candidates}};
   for (int i = 0; i < b.k; ++i)
     for (const char* kind : kKvKinds) feeds[past_name(i, kind)] = &empty_kv;
-  add_levels(feeds, emb, kDeepstackEmbeds);
-  TensorMap pre = ex.run("pre_k", feeds);
+  TensorMap pre = ex.call("pre_k", Phase::Prefill, feeds, pre_links, {kKeptIndices});
   g.kept = output(pre, "pre_k", kKeptIndices);
-  TensorMap pre_past = next_past(pre);
   // post-K attention mask: the prompt mask gathered at the kept positions
   const int64_t n = in.attention_mask.shape[1], kept_n = g.kept.shape[1];
   Tensor post_mask = Tensor::zeros(DType::I64, {rows, kept_n});
@@ -168,19 +169,18 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
 
   // post_k over the n' kept tokens, with their original position ids
   const auto t2 = Clock::now();
-  feeds = {{kHiddenStates, &output(pre, "pre_k", kHiddenStates)},
-           {kAttentionMask, &post_mask},
-           {kPositionIds, &output(pre, "pre_k", kSelectedPositionIds)}};
+  feeds = {{kAttentionMask, &post_mask}};
   for (int i = b.k; i < b.num_layers; ++i)
     for (const char* kind : kKvKinds) feeds[past_name(i, kind)] = &empty_kv;
-  add_levels(feeds, pre, kKeptDeepstackEmbeds);
-  TensorMap post = ex.run("post_k", feeds);
+  TensorMap post = ex.call("post_k", Phase::Prefill, feeds, post_links, {kLogits});
   std::vector<int64_t> next = choose(output(post, "post_k", kLogits));
-  TensorMap post_past = next_past(post);
   g.timings_ms["post_k"] = ms_since(t2);
   g.timings_ms["prefill"] = ms_since(t0);
 
-  // greedy decode
+  // greedy decode: each step's present of a cache becomes the next step's past (linked, never copied to the host)
+  Links pre_decode = pre_links, post_decode = post_links;
+  link_caches(pre_decode, "pre_k", 0, b.k);
+  link_caches(post_decode, "post_k", b.k, b.num_layers);
   g.tokens.assign(rows, {});
   std::vector<bool> finished(rows, false);
   Tensor mask = in.attention_mask;
@@ -205,27 +205,15 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
     const Tensor ids = Tensor::from_i64({rows, 1}, next);
     Feeds ef{{kInputIds, &ids}};
     for (const auto& name : vision_outputs) ef[name] = &no_features;
-    TensorMap e = ex.run("embed", ef);
+    ex.call("embed", Phase::Decode, ef, {}, {});
     mask = append_ones(mask);
     post_mask = append_ones(post_mask);
     const Tensor pos = decode_positions(positions, step);
-    Feeds f{{kInputsEmbeds, &output(e, "embed", kInputsEmbeds)},
-            {kAttentionMask, &mask},
-            {kPositionIds, &pos},
-            {kCandidatePositions, &no_candidates}};
-    for (auto& [name, t] : pre_past) f[name] = &t;
-    add_levels(f, e, kDeepstackEmbeds);
-    TensorMap o = ex.run("pre_k", f);
-    TensorMap new_pre_past = next_past(o);
-    Feeds p{{kHiddenStates, &output(o, "pre_k", kHiddenStates)},
-            {kAttentionMask, &post_mask},
-            {kPositionIds, &output(o, "pre_k", kSelectedPositionIds)}};
-    for (auto& [name, t] : post_past) p[name] = &t;
-    add_levels(p, o, kKeptDeepstackEmbeds);
-    TensorMap res = ex.run("post_k", p);
+    const Feeds f{{kAttentionMask, &mask}, {kPositionIds, &pos}, {kCandidatePositions, &no_candidates}};
+    ex.call("pre_k", Phase::Decode, f, pre_decode, {});
+    const Feeds p{{kAttentionMask, &post_mask}};
+    TensorMap res = ex.call("post_k", Phase::Decode, p, post_decode, {kLogits});
     next = choose(output(res, "post_k", kLogits));
-    pre_past = std::move(new_pre_past);
-    post_past = next_past(res);
   }
   g.timings_ms["decode_per_token"] = ms_since(t3) / std::max(1, g.steps - 1);
   g.timings_ms["total"] = ms_since(t0);

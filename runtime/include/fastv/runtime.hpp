@@ -154,12 +154,30 @@ Tensor decode_positions(const Tensor& prompt_positions, int64_t step);
 Tensor find_candidates(const Bundle& b, const Tensor& input_ids);
 
 // ---- execution ----------------------------------------------------------------------------------
+/// Which optimization profile of an engine a call of the generation loop runs on.
+enum class Phase { Prefill, Decode };
+/// An input taken from an output of the latest call of a graph, where the executor keeps it.
+struct Link {
+  std::string graph, output;
+};
+using Links = std::map<std::string, Link>;   // input name -> output
+
 /// Runs one graph of the bundle by name with named inputs; returns every output by name.
 class Executor {
  public:
   virtual ~Executor() = default;
   virtual std::string name() const = 0;
   virtual TensorMap run(const std::string& graph, const Feeds& inputs) = 0;
+  /// One call of the generation loop: ``graph`` in ``phase`` with the host ``inputs`` and the ``links`` (a decode
+  /// step's past_key_values.{i}.{kind} linked to the same graph's present.{i}.{kind}, the tensors passed from graph
+  /// to graph linked to the outputs that made them); returns the outputs named in ``fetch`` on the host. This
+  /// default keeps every graph's latest outputs on the host and calls run(); the TensorRT executor
+  /// (fastv/device_executor.hpp) keeps them on the GPU and copies back only ``fetch``.
+  virtual TensorMap call(const std::string& graph, Phase phase, const Feeds& inputs, const Links& links,
+                         const std::vector<std::string>& fetch);
+
+ private:
+  std::map<std::string, TensorMap> latest_;   // the default call(): each graph's outputs of its latest call
 };
 
 /// TensorRT 10 engines of the bundle (built with FASTV_WITH_TENSORRT). Checks that need no GPU
