@@ -121,6 +121,7 @@ def fatbin_archs(path: str | os.PathLike) -> CudaArchs:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    # fastv_export.files.sha256's twin: setup.py loads this module by path, before the package can be imported
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
