@@ -779,3 +779,48 @@ def test_video_answers_equal_fastv_export_run(runtime_build, exported_bundle, us
         cpp = json.loads(proc.stdout.strip().splitlines()[-1])["rows"][0]
         for key in ("tokens", "text", "finish_reason", "prompt_tokens", "kept_positions"):
             assert cpp[key] == py[key], (args, key, cpp, py)
+
+
+#: video processor settings over the user-style checkpoint's (frame sampling by count and bounds, the temporal patch,
+#: the frames' pixel bounds and resampling filter)
+VIDEO_CONFIG_VARIANTS = [
+    {"max_frames": 6},
+    {"num_frames": 5},
+    {"num_frames": 7},
+    {"num_frames": 40},                                   # more than the folder holds: refused
+    {"do_sample_frames": False},
+    {"fps": 3.0, "min_frames": 30},
+    {"temporal_patch_size": 3, "max_frames": 9},
+    {"size": {"shortest_edge": 28 * 28 * 8, "longest_edge": 28 * 28 * 8}, "resample": 2},
+    {"size": None, "min_pixels": 28 * 28 * 2},            # no size of its own: the image processor's
+]
+
+
+@pytest.mark.slow
+def test_video_sampling_variants_equal_the_python_front_end(runtime_build, user_bundle, frame_folders, tmp_path):
+    """The user-style Qwen2.5-VL bundle with its video_preprocessor_config.json changed (VIDEO_CONFIG_VARIANTS): the
+    frames kept, their size and layout (--dry-run ids and pixel sha256) equal the Python front end's, refusals too."""
+    import shutil
+
+    source = user_bundle("qwen2_5_vl")
+    compared = 0
+    for i, change in enumerate(VIDEO_CONFIG_VARIANTS):
+        bundle = tmp_path / f"bundle{i}"
+        shutil.copytree(source, bundle)
+        path = bundle / "video_preprocessor_config.json"
+        config = json.loads(path.read_text())
+        for key, value in change.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        path.write_text(json.dumps(config, indent=2))
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        data = path.read_bytes()
+        manifest["files"][path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for name in ("many", "scene", "three"):
+            request = {"messages": [{"role": "user", "content": [{"type": "video", "video": str(frame_folders[name])},
+                                                                 {"type": "text", "text": "What happens?"}]}]}
+            compared += _compare_dry_run(runtime_build, bundle, [(request, False)], tmp_path / f"r{i}-{name}")
+    assert compared >= 20

@@ -386,12 +386,11 @@ std::string py_path(const std::string& s) {
   fs::path out;
   for (const auto& part : fs::path(s)) {
     const std::string name = part.string();
-    if (name.empty() || (name == "." && !out.empty())) continue;
+    if (name.empty() || name == ".") continue;
     out /= part;
   }
   std::string r = out.string();
   if (r.empty()) return ".";
-  if (r.size() > 2 && r.compare(r.size() - 2, 2, "/.") == 0) r.resize(r.size() - 2);
   return r;
 }
 
@@ -486,8 +485,10 @@ std::vector<Tensor> Frontend::process_video(const std::string& path, int64_t& to
     throw Error("video " + path + ": fastv-run serves videos for the Qwen2-VL / Qwen2.5-VL families only; run " + arch +
                 " videos with fastv-export run");
   const std::string shown = py_path(path);
-  if (!fs::is_directory(path)) {
-    if (!fs::exists(path)) throw Error("video " + shown + " does not exist; give a video file or a folder of frames");
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) {
+    if (!fs::exists(path, ec))
+      throw Error("video " + shown + " does not exist; give a video file or a folder of frames");
     throw Error("video " + shown + ": fastv-run reads videos given as a folder of frames (PNG / JPEG files); extract "
                 "its frames into a folder, or run video files with fastv-export run");
   }
