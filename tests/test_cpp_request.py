@@ -824,3 +824,21 @@ def test_video_sampling_variants_equal_the_python_front_end(runtime_build, user_
                                                                  {"type": "text", "text": "What happens?"}]}]}
             compared += _compare_dry_run(runtime_build, bundle, [(request, False)], tmp_path / f"r{i}-{name}")
     assert compared >= 20
+
+
+@pytest.mark.slow
+def test_video_dry_run_under_sanitizers(runtime_sanitize_build, user_bundle, pictures, frame_folders, tmp_path):
+    """The AddressSanitizer + UBSan build (no cpu executor): folders of frames and bad ones through --dry-run on the
+    user-style Qwen2.5-VL bundle give the Python front end's ids and pixels or one line, with no sanitizer report."""
+    bundle = user_bundle("qwen2_5_vl")
+    image = sorted(p for name, p in pictures.items() if name.startswith("user/"))[0]
+    n = 0
+    for name in ("three", "mixed", "many", "jpeg"):
+        n += _compare_dry_run(runtime_sanitize_build, bundle, _video_conversations(frame_folders[name], image)[:3],
+                              tmp_path / name)
+    assert n >= 9
+    for name in ("empty", "junk", "cut", "one"):
+        proc = fastv_run(runtime_sanitize_build, "--bundle", bundle, "--video", frame_folders[name], "--prompt", "x",
+                         "--dry-run")
+        assert proc.returncode == 1 and "Sanitizer" not in proc.stderr, proc.stderr[-2000:]
+        fail_line(proc)
