@@ -842,3 +842,24 @@ def test_video_dry_run_under_sanitizers(runtime_sanitize_build, user_bundle, pic
                          "--dry-run")
         assert proc.returncode == 1 and "Sanitizer" not in proc.stderr, proc.stderr[-2000:]
         fail_line(proc)
+
+
+@pytest.mark.slow
+def test_video_batch_equals_fastv_export_run(runtime_build, exported_bundle, frame_folders, tmp_path):
+    """A left-padded batch of two video requests (tiny-qwen2.5-vl, cpu executor): each row's tokens, text and kept
+    positions equal `fastv-export run --request`'s (the seconds per temporal patch and grids of every row)."""
+    bundle = exported_bundle("tiny-qwen2.5-vl")
+    video = str(frame_folders["four"])
+    requests = [{"messages": [{"role": "user", "content": [{"type": "video", "video": video},
+                                                           {"type": "text", "text": text}]}], "max_tokens": 6}
+                for text in ("What happens?", "Describe the colours of every frame in one short sentence.")]
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(requests))
+    py = _python_run_json(bundle, "--request", path)["rows"]
+    proc = fastv_run(runtime_build, "--bundle", bundle, "--request", path, "--json", "--executor", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpp = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert len(cpp) == len(py) == 2
+    for c, p in zip(cpp, py):
+        for key in ("tokens", "text", "finish_reason", "prompt_tokens", "kept_positions"):
+            assert c[key] == p[key], (key, c, p)
