@@ -9,6 +9,10 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <set>
@@ -258,6 +262,21 @@ Frontend Frontend::load(const Bundle& b) {
   if (!chat.is_null()) f.chat_ = ChatForm::from_json(chat, where + " field 'serving.chat'");
   if (serving_file(serving, "image_processor") || serving_file(serving, "processor"))
     f.images_ = std::make_unique<ImageProcessor>(ImageProcessor::load(b.dir));
+  if (f.images_ && f.images_->kind() == ImageProcessor::Kind::Qwen2VL && f.family_.video_token) {
+    // what the Python front end reads for videos: {**image_processor.to_dict(), **video config}: of the image
+    // processor's settings as it resolves them, those the video path reads (size, temporal_patch_size, resample);
+    // the video processor's file (else processor_config.json's section)
+    json image_cfg = json::object(), video_cfg = json::object();
+    if (auto t = serving_file(serving, "video_processor")) video_cfg = read_json_file(b.dir / *t);
+    else if (pcfg.is_object() && pcfg.contains("video_processor")) video_cfg = pcfg["video_processor"];
+    if (!video_cfg.is_object())
+      throw Error(where + ": the video processor config must be a JSON object; restore the checkpoint's");
+    image_cfg["size"] = {{"shortest_edge", f.images_->min_pixels()}, {"longest_edge", f.images_->max_pixels()}};
+    image_cfg["temporal_patch_size"] = f.images_->temporal_patch_size();
+    image_cfg["resample"] = static_cast<int>(f.images_->resample());
+    for (auto it = video_cfg.begin(); it != video_cfg.end(); ++it) image_cfg[it.key()] = it.value();
+    f.video_config_ = std::move(image_cfg);
+  }
   // EOS: serving.generation.eos_token_ids (else source_model.eos_token_id); pad: the tokenizer's, else the model's
   if (serving.contains("generation") && serving["generation"].is_object() &&
       serving["generation"].contains("eos_token_ids") && serving["generation"]["eos_token_ids"].is_array())
@@ -353,6 +372,199 @@ std::vector<Tensor> Frontend::process_image(const std::string& path, int64_t& to
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------- videos
+namespace {
+
+std::optional<double> opt_number(const json& c, const char* key, const std::string& where) {
+  if (!c.contains(key) || c[key].is_null()) return std::nullopt;
+  if (!c[key].is_number()) throw Error(where + ": '" + key + "' must be a number, got " + c[key].dump());
+  return c[key].get<double>();
+}
+
+// a path as Python's pathlib prints it (no trailing slash, "//" collapsed, "." parts dropped)
+std::string py_path(const std::string& s) {
+  fs::path out;
+  for (const auto& part : fs::path(s)) {
+    const std::string name = part.string();
+    if (name.empty() || name == ".") continue;
+    out /= part;
+  }
+  std::string r = out.string();
+  if (r.empty()) return ".";
+  return r;
+}
+
+// Python's round(): half to even
+double py_round(double x) { return std::nearbyint(x); }
+
+}  // namespace
+
+VideoSampling VideoSampling::from_config(const json& c, const std::string& where) {
+  VideoSampling s;
+  if (!c.is_object()) throw Error(where + ": the video processor config must be a JSON object");
+  if (c.contains("do_sample_frames") && !c["do_sample_frames"].is_null()) {
+    const json& v = c["do_sample_frames"];
+    if (!v.is_boolean() && !v.is_number()) throw Error(where + ": 'do_sample_frames' must be a boolean");
+    s.do_sample_frames = v.is_boolean() ? v.get<bool>() : v.get<double>() != 0;
+  }
+  s.fps = opt_number(c, "fps", where);
+  s.num_frames = opt_number(c, "num_frames", where);
+  s.min_frames = opt_number(c, "min_frames", where);
+  s.max_frames = opt_number(c, "max_frames", where);
+  if (auto tp = opt_number(c, "temporal_patch_size", where); tp && *tp != 0) {
+    if (*tp != std::floor(*tp) || *tp < 1 || *tp > 64)
+      throw Error(where + ": 'temporal_patch_size' must be an integer between 1 and 64");
+    s.temporal_patch_size = static_cast<int64_t>(*tp);
+  }
+  for (const auto& v : {s.fps, s.num_frames, s.min_frames, s.max_frames})
+    if (v && !(std::fabs(*v) < 1e12)) throw Error(where + ": the video frame settings must be finite numbers");
+  return s;
+}
+
+std::vector<int64_t> sample_frame_indices(int64_t total, double video_fps, const VideoSampling& s) {
+  // fastv_export/frontend/video.py sample_indices / qwen_sample_indices
+  if (total < 1) throw Error("the video holds no frames");
+  std::vector<int64_t> all(static_cast<size_t>(total));
+  for (int64_t i = 0; i < total; ++i) all[static_cast<size_t>(i)] = i;
+  if (!s.do_sample_frames) return all;
+  const double tp = static_cast<double>(s.temporal_patch_size);
+  const double min_frames = s.min_frames && *s.min_frames != 0 ? *s.min_frames : 4;
+  const double max_frames_cfg = s.max_frames && *s.max_frames != 0 ? *s.max_frames : 768;
+  std::optional<double> n;
+  if (s.num_frames) {
+    n = py_round(*s.num_frames / tp) * tp;
+  } else if (s.fps) {
+    const double max_frames = std::floor(std::min(max_frames_cfg, static_cast<double>(total)) / tp) * tp;
+    double v = static_cast<double>(total) / video_fps * *s.fps;
+    v = std::min({std::max(v, min_frames), max_frames, static_cast<double>(total)});
+    n = std::floor(v / tp) * tp;
+  }
+  if (!n) return all;
+  auto num = [](double x) {   // Python's str() of an int-valued number
+    return x == std::floor(x) && std::fabs(x) < 1e15 ? std::to_string(static_cast<int64_t>(x)) : std::to_string(x);
+  };
+  if (*n > static_cast<double>(total))
+    throw Error("the video has " + std::to_string(total) + " frames, fewer than the " + num(*n) +
+                " the video processor samples; give a longer video or lower num_frames / fps in "
+                "video_preprocessor_config.json");
+  if (*n < 1)
+    throw Error("the video has " + std::to_string(total) + " frames: too few to sample whole temporal patches of " +
+                std::to_string(s.temporal_patch_size) + " frames; give a longer video");
+  const double step = static_cast<double>(total) / *n;   // torch.arange(0, total, step): values in float32
+  const auto count = static_cast<int64_t>(std::ceil(static_cast<double>(total) / step));
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < count; ++i)
+    out.push_back(static_cast<int64_t>(static_cast<float>(static_cast<double>(i) * step)));
+  return out;
+}
+
+std::vector<fs::path> frame_files(const fs::path& dir) {
+  static const std::set<std::string> suffixes{".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"};
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string ext = it->path().extension().string();
+    for (auto& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (suffixes.count(ext)) names.push_back(it->path().filename().string());
+  }
+  if (ec) throw Error("video folder " + py_path(dir.string()) + " cannot be listed (" + ec.message() + ")");
+  std::sort(names.begin(), names.end());   // UTF-8 bytes sort as Python's str (code points)
+  std::vector<fs::path> out;
+  for (const auto& n : names) out.push_back(dir / n);
+  return out;
+}
+
+std::vector<Tensor> Frontend::process_video(const std::string& path, int64_t& tokens, Prompt& prompt) const {
+  const std::string arch = bundle_->manifest["source_model"].value("architecture", "");
+  if (!family_.video_token)
+    throw Error(arch + " bundles take images only; give images (or frames as images)");
+  if (!images_)
+    throw Error((bundle_->dir / kManifest).string() + ": field 'serving.image_processor' is null: the bundle holds no "
+                "preprocessor_config.json for fastv-run to process videos with; re-export with the checkpoint's");
+  if (images_->kind() != ImageProcessor::Kind::Qwen2VL || video_config_.is_null())
+    throw Error("video " + path + ": fastv-run serves videos for the Qwen2-VL / Qwen2.5-VL families only; run " + arch +
+                " videos with fastv-export run");
+  const std::string shown = py_path(path);
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) {
+    if (!fs::exists(path, ec))
+      throw Error("video " + shown + " does not exist; give a video file or a folder of frames");
+    throw Error("video " + shown + ": fastv-run reads videos given as a folder of frames (PNG / JPEG files); extract "
+                "its frames into a folder, or run video files with fastv-export run");
+  }
+  const VideoSampling sampling = VideoSampling::from_config(video_config_, "the video processor config");
+  const auto files = frame_files(path);
+  if (files.empty())
+    throw Error("video folder " + shown + " holds no image files (.png, .jpg, .jpeg, .bmp, .webp, .gif, .tif, .tiff)");
+  const double fps = sampling.fps && *sampling.fps != 0 ? *sampling.fps : 2.0;   // a folder: the processor's fps
+  const auto kept = sample_frame_indices(static_cast<int64_t>(files.size()), fps, sampling);
+  const double sampled_fps = fps * static_cast<double>(kept.size()) / static_cast<double>(files.size());
+  // the target size: the smart resize of the first kept frame with the video processor's pixel bounds
+  const json& c = video_config_;
+  const json size = c.contains("size") && c["size"].is_object() ? c["size"] : json::object();
+  auto bound = [&](const char* size_key, const char* key, int64_t fallback) -> int64_t {
+    for (const json* j : {&size, &c}) {
+      const char* k = j == &size ? size_key : key;
+      if (j->contains(k) && !(*j)[k].is_null()) {
+        const json& v = (*j)[k];
+        if (!v.is_number() || v.get<double>() < 0 || v.get<double>() > 1e12)
+          throw Error("the video processor config: '" + std::string(k) + "' must be a non-negative number");
+        if (v.get<double>() != 0) return static_cast<int64_t>(v.get<double>());
+      }
+    }
+    return fallback;
+  };
+  const int64_t lo = bound("shortest_edge", "min_pixels", 56 * 56), hi = bound("longest_edge", "max_pixels",
+                                                                                 28 * 28 * 1280);
+  Resample filter = Resample::Bicubic;
+  if (c.contains("resample") && !c["resample"].is_null()) {
+    if (!c["resample"].is_number_integer()) throw Error("the video processor config: 'resample' must be an integer");
+    filter = resample_from_int(c["resample"].get<int>(), "the video processor config");
+  }
+  std::vector<Image> frames;
+  for (int64_t i : kept) {
+    const fs::path& file = files[static_cast<size_t>(i)];
+    try {
+      frames.push_back(read_image(file));
+    } catch (const Error& e) {
+      std::string why = e.what();
+      const std::string prefix = "image " + file.string() + ": ";
+      if (why.rfind(prefix, 0) == 0) why = why.substr(prefix.size());
+      throw Error("frame " + py_path(file.string()) + " cannot be read as an image (" + why + ")");
+    }
+  }
+  const int w = frames[0].width, h = frames[0].height;
+  if (std::max(h, w) > 200 * std::min(h, w))
+    throw Error("a " + std::to_string(w) + "x" + std::to_string(h) +
+                " px image or frame is too elongated (aspect ratio over 200)");
+  const auto [rh, rw] = images_->smart_resize(h, w, lo, hi);
+  Pixels px = images_->process_frames(frames, rw, rh, filter, static_cast<int>(sampling.temporal_patch_size));
+  const Bundle& b = *bundle_;
+  const int64_t t = px.grid_thw[0], gh = px.grid_thw[1], gw = px.grid_thw[2];
+  const int64_t patch = images_->patch_size();
+  if (b.vision_layout == "fixed" && (b.grid_thw.size() != 3 || gh != b.grid_thw[1] || gw != b.grid_thw[2]))
+    throw Error("video " + path + " (" + std::to_string(w) + "x" + std::to_string(h) +
+                " px): the checkpoint's processor makes it " + std::to_string(gw * patch) + "x" +
+                std::to_string(gh * patch) + " px (" + std::to_string(gh) + "x" + std::to_string(gw) +
+                " patches); this bundle's vision graph takes only " + std::to_string(b.grid_thw.at(2) * patch) + "x" +
+                std::to_string(b.grid_thw.at(1) * patch) + " px (fixed layout): give an image that resizes to that, "
+                "or export the model with a dynamic vision layout");
+  // one vision call per temporal patch
+  const int64_t rows = gh * gw, dim = px.pixel_values.shape[1];
+  const size_t bytes = static_cast<size_t>(rows * dim) * sizeof(float);
+  std::vector<Tensor> out;
+  for (int64_t i = 0; i < t; ++i) {
+    Tensor unit = Tensor::zeros(DType::F32, {rows, dim});
+    std::memcpy(unit.data.data(), px.pixel_values.data.data() + static_cast<size_t>(i) * bytes, bytes);
+    out.push_back(std::move(unit));
+  }
+  tokens = px.tokens;
+  prompt.grids.push_back(px.grid_thw);
+  if (b.video_tokens_per_second)
+    prompt.video_seconds.push_back(static_cast<float>(static_cast<double>(sampling.temporal_patch_size) / sampled_fps));
+  return out;
+}
+
 Prompt Frontend::prepare(const Request& request, bool raw, const std::string& where) const {
   Prompt p;
   p.text = render(request, raw);
@@ -374,26 +586,54 @@ Prompt Frontend::prepare(const Request& request, bool raw, const std::string& wh
                   " (or none with --raw: the media then come first)");
     }
   }
-  std::vector<int64_t> counts;
-  for (const auto& m : media) {
-    if (m.kind == "video")
-      throw Error(where + "video " + m.value + ": fastv-run takes images only so far; run videos with fastv-export run");
+  // each medium processed (media in conversation order), its pixels and grid kept for its place in the text
+  struct Done {
     int64_t tokens = 0;
-    for (auto& t : process_image(m.value, tokens, p.grids)) p.pixels.push_back(std::move(t));
-    counts.push_back(tokens);
+    std::vector<Tensor> pixels;
+    std::vector<std::vector<int64_t>> grids;
+    std::vector<float> seconds;
+  };
+  std::map<std::string, std::vector<Done>> done{{"image", {}}, {"video", {}}};
+  for (const auto& m : media) {
+    Done d;
+    if (m.kind == "video") {
+      Prompt one;
+      d.pixels = process_video(m.value, d.tokens, one);
+      d.grids = std::move(one.grids);
+      d.seconds = std::move(one.video_seconds);
+    } else {
+      d.pixels = process_image(m.value, d.tokens, d.grids);
+    }
+    done[m.kind].push_back(std::move(d));
   }
-  // expand the placeholders in text order (images in order), then tokenize the whole text
+  // expand the placeholders in text order (each kind's media in order; the pixels follow the text order, as the
+  // Python front end's), then tokenize the whole text
   std::string expanded;
-  size_t at = 0, next_image = 0;
+  size_t at = 0;
+  std::map<std::string, size_t> next{{"image", 0}, {"video", 0}};
+  std::vector<int64_t> counts;
   const std::string& token = family_.image_token;
-  for (size_t hit = p.text.find(token); hit != std::string::npos; hit = p.text.find(token, at)) {
+  for (;;) {
+    size_t hit = p.text.find(token, at);
+    std::string kind = "image";
+    if (family_.video_token) {
+      const size_t v = p.text.find(*family_.video_token, at);
+      if (v < hit) hit = v, kind = "video";
+    }
+    if (hit == std::string::npos) break;
+    const std::string& mark = kind == "video" ? *family_.video_token : token;
+    Done& d = done[kind].at(next[kind]++);
     expanded += p.text.substr(at, hit - at);
     std::string block;
-    for (int64_t i = 0; i < counts[next_image]; ++i) block += token;
+    block.reserve(mark.size() * static_cast<size_t>(d.tokens));
+    for (int64_t i = 0; i < d.tokens; ++i) block += mark;
     if (family_.name == "internvl") block = img_start_ + block + img_end_;
     expanded += block;
-    ++next_image;
-    at = hit + token.size();
+    counts.push_back(d.tokens);
+    for (auto& t : d.pixels) p.pixels.push_back(std::move(t));
+    for (auto& g : d.grids) p.grids.push_back(std::move(g));
+    for (float sec : d.seconds) p.video_seconds.push_back(sec);
+    at = hit + mark.size();
   }
   expanded += p.text.substr(at);
   const bool starts_with_bos = bos_ && !bos_->empty() && expanded.rfind(*bos_, 0) == 0;

@@ -384,6 +384,10 @@ ImageProcessor ImageProcessor::load(const std::filesystem::path& dir) {
 }
 
 std::pair<int, int> ImageProcessor::smart_resize(int height, int width) const {
+  return smart_resize(height, width, min_pixels_, max_pixels_);
+}
+
+std::pair<int, int> ImageProcessor::smart_resize(int height, int width, int64_t min_pixels, int64_t max_pixels) const {
   const double factor = static_cast<double>(patch_) * merge_;
   const double h = height, w = width;
   if (std::max(h, w) / std::min(h, w) > 200)
@@ -391,12 +395,12 @@ std::pair<int, int> ImageProcessor::smart_resize(int height, int width) const {
                 " px image is too elongated for " + type_ + " (aspect ratio over 200)");
   double h_bar = std::nearbyint(h / factor) * factor;   // Python round(): half to even
   double w_bar = std::nearbyint(w / factor) * factor;
-  if (h_bar * w_bar > static_cast<double>(max_pixels_)) {
-    const double beta = std::sqrt((h * w) / static_cast<double>(max_pixels_));
+  if (h_bar * w_bar > static_cast<double>(max_pixels)) {
+    const double beta = std::sqrt((h * w) / static_cast<double>(max_pixels));
     h_bar = std::max(factor, std::floor(h / beta / factor) * factor);
     w_bar = std::max(factor, std::floor(w / beta / factor) * factor);
-  } else if (h_bar * w_bar < static_cast<double>(min_pixels_)) {
-    const double beta = std::sqrt(static_cast<double>(min_pixels_) / (h * w));
+  } else if (h_bar * w_bar < static_cast<double>(min_pixels)) {
+    const double beta = std::sqrt(static_cast<double>(min_pixels) / (h * w));
     h_bar = std::ceil(h * beta / factor) * factor;
     w_bar = std::ceil(w * beta / factor) * factor;
   }
@@ -502,6 +506,63 @@ Pixels ImageProcessor::process(const Image& source) const {
               }
   out.grid_thw = {1, gh, gw};
   out.tokens = int64_t{gh} * gw / (int64_t{m} * m);
+  return out;
+}
+
+Pixels ImageProcessor::process_frames(const std::vector<Image>& frames, int width, int height, Resample filter,
+                                      int temporal_patch) const {
+  if (kind_ != Kind::Qwen2VL) throw Error(type_ + ": videos are served for Qwen2-VL image processors only");
+  if (frames.empty()) throw Error("process_frames: no frames");
+  const int p = patch_, m = merge_, tp = temporal_patch;
+  if (tp < 1 || tp > 64) throw Error("the video's temporal_patch_size must be between 1 and 64");
+  if (height < 1 || width < 1 || height % (p * m) || width % (p * m) || int64_t{height} * width > kMaxImagePixels)
+    throw Error(type_ + ": video frames of " + std::to_string(width) + "x" + std::to_string(height) +
+                " px are not served (sides must be positive multiples of patch x merge, " + std::to_string(p * m) +
+                " px)");
+  const int H = height, W = width, gh = H / p, gw = W / p;
+  const size_t frame_floats = static_cast<size_t>(3) * H * W;
+  const size_t count = frames.size() + (tp - frames.size() % tp) % tp;   // the last frame repeated
+  // rescaled, normalized planar frames [3, H, W], one after another
+  std::vector<float> planar(frame_floats * frames.size());
+  for (size_t f = 0; f < frames.size(); ++f) {
+    if (frames[f].width < 1 || frames[f].height < 1 ||
+        frames[f].rgb.size() != size_t(frames[f].width) * frames[f].height * 3)
+      throw Error("process_frames: an empty or malformed frame");
+    Image im = resize(frames[f], W, H, filter);
+    if (do_convert_rgb_) composite_key(im);   // convert_to_rgb of the resized frame: the colour key onto white
+    float* dst = planar.data() + f * frame_floats;
+    for (int c = 0; c < 3; ++c)
+      for (int y = 0; y < H; ++y)
+        for (int x = 0; x < W; ++x) {
+          const uint8_t v = im.at(x, y, c);
+          float val = do_rescale_ ? static_cast<float>(static_cast<double>(v) * rescale_factor_) : static_cast<float>(v);
+          if (do_normalize_) val = (val - mean_[c]) / std_[c];
+          dst[(static_cast<size_t>(c) * H + y) * W + x] = val;
+        }
+  }
+  const int64_t t_count = static_cast<int64_t>(count) / tp, rows = int64_t{gh} * gw;
+  const int64_t dim = int64_t{3} * tp * p * p;
+  Pixels out;
+  out.pixel_values = Tensor::zeros(DType::F32, {t_count * rows, dim});
+  float* dst = out.pixel_values.as<float>();
+  // rows (t, bh, bw, mh, mw), each (c, frame in the temporal patch, ph, pw)
+  for (int64_t ti = 0; ti < t_count; ++ti)
+    for (int bh = 0; bh < gh / m; ++bh)
+      for (int bw = 0; bw < gw / m; ++bw)
+        for (int mh = 0; mh < m; ++mh)
+          for (int mw = 0; mw < m; ++mw)
+            for (int c = 0; c < 3; ++c)
+              for (int t = 0; t < tp; ++t) {
+                const size_t f = std::min(static_cast<size_t>(ti * tp + t), frames.size() - 1);
+                const float* src = planar.data() + f * frame_floats;
+                for (int ph = 0; ph < p; ++ph) {
+                  const int y = (bh * m + mh) * p + ph, x0 = (bw * m + mw) * p;
+                  std::memcpy(dst, &src[(static_cast<size_t>(c) * H + y) * W + x0], sizeof(float) * p);
+                  dst += p;
+                }
+              }
+  out.grid_thw = {t_count, gh, gw};
+  out.tokens = t_count * rows / (int64_t{m} * m);
   return out;
 }
 

@@ -111,6 +111,7 @@ Inputs batch_inputs(const Bundle& bundle, const std::vector<Prompt>& prompts, in
       mask[r * len + off + i] = 1;
     }
     for (const auto& t : prompts[r].pixels) in.images.push_back(t);
+    for (float s : prompts[r].video_seconds) in.video_seconds.push_back(s);
   }
   if (bundle.vision_layout == "patch_grid") {   // each image's own patch grid: vision feeds and positions
     in.row_grids.resize(prompts.size());

@@ -18,14 +18,15 @@ using nlohmann::json;
 namespace {
 
 const char* kUsage =
-    "usage: fastv-run --bundle DIR (--request JSON | --prompt TEXT [--image PATH]... [--system TEXT] [--raw]\n"
-    "                 | --inputs DIR) [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
-    "                 [--stop TEXT]... [--stream] [--json] [--dry-run] [--each] [--executor trt|cpu]\n"
+    "usage: fastv-run --bundle DIR (--request JSON | --prompt TEXT [--image PATH]... [--video DIR]... [--system TEXT]\n"
+    "                 [--raw] | --inputs DIR) [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
+    "                 [--seed S] [--stop TEXT]... [--stream] [--json] [--dry-run] [--each] [--executor trt|cpu]\n"
     "       fastv-run --bundle DIR --check [--inputs DIR]\n"
     "  --bundle DIR          a bundle written by `fastv-export export` (engines: `fastv-export build`)\n"
     "  --request JSON        a request (or a list: one batch) in the OpenAI chat format, as `fastv-export run` takes\n"
     "  --prompt TEXT         the user's text (a typed \\n is a line break); with --image PATH (repeatable, PNG or\n"
-    "                        JPEG) and --system TEXT: one user turn, the images then the text\n"
+    "                        JPEG), --video DIR (repeatable: a folder of frames; Qwen2-VL / Qwen2.5-VL bundles) and\n"
+    "                        --system TEXT: one user turn, the images, then the videos, then the text\n"
     "  --raw                 send --prompt as written, without the chat template (the model's own placeholders)\n"
     "  --inputs DIR          inputs.json + .bin files written by `fastv-export run ... --dump-inputs DIR`\n"
     "  --max-new-tokens N    tokens to generate at most (default: the request's max_tokens, else 32)\n"

@@ -90,14 +90,26 @@ class ImageProcessor {
   static ImageProcessor from_config(const nlohmann::json& config, const std::string& where);
 
   Pixels process(const Image& image) const;
+  /// Qwen2-VL: the frames of a video as the Python front end lays them out (fastv_export/frontend/pixels.py
+  /// qwen_video_patches): each frame resized to width x height with ``filter`` (Pillow, on uint8), rescaled and
+  /// normalized by this processor (do_resize off), the frame count padded to a multiple of ``temporal_patch`` by
+  /// repeating the last frame; pixel_values [t * grid_h * grid_w, 3 * temporal_patch * patch * patch], each row
+  /// holding the patch of ``temporal_patch`` consecutive frames; grid_thw {t, grid_h, grid_w}.
+  Pixels process_frames(const std::vector<Image>& frames, int width, int height, Resample filter,
+                        int temporal_patch) const;
 
   Kind kind() const { return kind_; }
   std::string type_name() const { return type_; }
   int patch_size() const { return patch_; }
   int merge_size() const { return merge_; }
   int temporal_patch_size() const { return temporal_; }
+  Resample resample() const { return resample_; }
+  int64_t min_pixels() const { return min_pixels_; }
+  int64_t max_pixels() const { return max_pixels_; }
   /// Qwen2-VL: the (height, width) the smart resize gives an image of height x width.
   std::pair<int, int> smart_resize(int height, int width) const;
+  /// The Qwen smart resize with explicit bounds (a video's: its processor's min / max pixels).
+  std::pair<int, int> smart_resize(int height, int width, int64_t min_pixels, int64_t max_pixels) const;
 
  private:
   Kind kind_ = Kind::Clip;

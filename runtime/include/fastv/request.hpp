@@ -92,8 +92,28 @@ struct Prompt {
   std::vector<int64_t> ids;
   std::vector<Tensor> pixels;             // float32, the bundle's vision input shape
   int64_t media_tokens = 0;
-  std::vector<std::vector<int64_t>> grids;   // Qwen family: each image's (t, h, w) patch grid
+  std::vector<std::vector<int64_t>> grids;   // Qwen family: each image's and video's (t, h, w) patch grid
+  /// seconds per temporal patch of each video (bundles whose video positions follow time:
+  /// positions.video_tokens_per_second), in prompt order
+  std::vector<float> video_seconds;
 };
+
+// ---- videos -------------------------------------------------------------------------------------
+/// What a video processor config says about frame sampling (fastv_export/frontend/video.py Sampling, the
+/// Qwen2-VL family's rule: Qwen2VLVideoProcessor.sample_frames).
+struct VideoSampling {
+  bool do_sample_frames = false;
+  std::optional<double> fps;
+  std::optional<double> num_frames;
+  std::optional<double> min_frames, max_frames;   // unset (or 0): 4 and 768
+  int64_t temporal_patch_size = 2;
+  /// From the merged image + video processor config (``where`` names it in errors).
+  static VideoSampling from_config(const nlohmann::json& config, const std::string& where);
+};
+/// The indices of the frames the video processor keeps of ``total`` frames at ``video_fps`` (Error: too few).
+std::vector<int64_t> sample_frame_indices(int64_t total, double video_fps, const VideoSampling& sampling);
+/// The frame files of a folder as the Python front end lists them: image suffixes (any case), sorted by name.
+std::vector<std::filesystem::path> frame_files(const std::filesystem::path& dir);
 
 /// The request path's view of a bundle: its chat form, family, tokenizer and image processor.
 class Frontend {
@@ -129,8 +149,10 @@ class Frontend {
   int64_t pad_ = 0;
 
   std::string marks_to_own(const std::string& text) const;
+  nlohmann::json video_config_;          // the image processor's settings overlaid with the video processor's
   std::vector<Tensor> process_image(const std::string& path, int64_t& tokens,
                                     std::vector<std::vector<int64_t>>& grids) const;
+  std::vector<Tensor> process_video(const std::string& path, int64_t& tokens, Prompt& prompt) const;
 };
 
 /// sha256 (hex) of the pixel values' float32 bytes, vision calls in order (fastv-run --dry-run).
