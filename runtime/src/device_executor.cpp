@@ -1,9 +1,10 @@
-// Executor::call (the default: outputs kept on the host) and the device-resident executor over DeviceGraph and
-// DeviceMemory (fastv/device_executor.hpp): which buffers exist, how a call binds them, the two buffers of each KV
-// cache, and what crosses between host and device.
+// Executor::call and call_stacked (the defaults: outputs kept on the host) and the device-resident executor over
+// DeviceGraph and DeviceMemory (fastv/device_executor.hpp): which buffers exist, how a call binds them, the two
+// buffers of each KV cache, the stacked vision rows, and what crosses between host and device.
 #include "fastv/device_executor.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -11,8 +12,26 @@
 namespace fastv {
 
 // ------------------------------------------------------------------------------ Executor::call (host)
+namespace {
+
+// [rows, seq, ...] -> [rows, 1, ...]: the last position of each row
+Tensor last_position(const Tensor& t, const std::string& what) {
+  if (t.shape.size() < 2 || t.shape[1] < 1)
+    throw Error(what + " has the shape " + shape_str(t.shape) + ", which has no last position to fetch");
+  std::vector<int64_t> shape = t.shape;
+  shape[1] = 1;
+  Tensor out = Tensor::zeros(t.dtype, shape);
+  if (t.shape[0] == 0) return out;
+  const size_t row = out.nbytes() / static_cast<size_t>(t.shape[0]);   // one position's bytes
+  for (int64_t r = 0; r < t.shape[0]; ++r)
+    std::memcpy(out.data.data() + r * row, t.data.data() + (r * t.shape[1] + t.shape[1] - 1) * row, row);
+  return out;
+}
+
+}  // namespace
+
 TensorMap Executor::call(const std::string& graph, Phase, const Feeds& inputs, const Links& links,
-                         const std::vector<std::string>& fetch) {
+                         const std::vector<Fetch>& fetch) {
   Feeds feeds = inputs;
   for (const auto& [name, link] : links) {
     auto g = latest_.find(link.graph);
@@ -25,13 +44,38 @@ TensorMap Executor::call(const std::string& graph, Phase, const Feeds& inputs, c
   }
   TensorMap out = run(graph, feeds);
   TensorMap fetched;
-  for (const auto& name : fetch) {
-    auto t = out.find(name);
-    if (t == out.end()) throw Error("graph '" + graph + "' returned no output '" + name + "'");
-    fetched[name] = t->second;
+  for (const auto& f : fetch) {
+    auto t = out.find(f.name);
+    if (t == out.end()) throw Error("graph '" + graph + "' returned no output '" + f.name + "'");
+    fetched[f.name] =
+        f.last_position ? last_position(t->second, "graph '" + graph + "' output '" + f.name + "'") : t->second;
   }
   latest_[graph] = std::move(out);   // after run(): the feeds may point into the previous outputs
   return fetched;
+}
+
+void Executor::call_stacked(const std::string& graph, Phase, const Feeds& inputs, size_t index) {
+  TensorMap out = run(graph, inputs);
+  auto g = latest_.find(graph);
+  if (index == 0 || g == latest_.end()) {
+    if (index != 0) throw std::logic_error("call_stacked: call " + std::to_string(index) + " of graph '" + graph +
+                                           "' without its call 0");
+    latest_[graph] = std::move(out);
+    return;
+  }
+  for (auto& [name, t] : out) {
+    const std::string where = "graph '" + graph + "' output '" + name + "'";
+    auto acc = g->second.find(name);
+    if (acc == g->second.end()) throw Error(where + ": returned by call " + std::to_string(index) + " only");
+    Tensor& a = acc->second;
+    if (t.shape.empty() || a.shape.empty() || a.dtype != t.dtype ||
+        !std::equal(t.shape.begin() + 1, t.shape.end(), a.shape.begin() + 1, a.shape.end()))
+      throw Error(where + ": call " + std::to_string(index) + " returned " + dtype_name(t.dtype) + " " +
+                  shape_str(t.shape) + ", which does not stack under " + dtype_name(a.dtype) + " " +
+                  shape_str(a.shape));
+    a.shape[0] += t.shape[0];
+    a.data.insert(a.data.end(), t.data.begin(), t.data.end());
+  }
 }
 
 // ------------------------------------------------------------------------------------ DeviceMemory
@@ -67,9 +111,16 @@ void DeviceMemory::on_device(void* dst, const void* src, size_t bytes) {
   counters_.device_to_device_bytes += bytes;
 }
 
+void DeviceMemory::to_host_strided(void* dst, const void* src, size_t width, size_t rows, size_t src_pitch) {
+  do_copy_strided(dst, width, src, src_pitch, width, rows, Copy::DeviceToHost);
+  ++counters_.device_to_host_copies;
+  counters_.device_to_host_bytes += width * rows;
+}
+
 namespace {
 
-constexpr std::align_val_t kHostAlignment{256};   // cudaMalloc's alignment
+constexpr size_t kAddressAlignment = 256;   // cudaMalloc's alignment; TensorRT's setTensorAddress takes no less
+constexpr std::align_val_t kHostAlignment{kAddressAlignment};
 
 class HostMemory final : public DeviceMemory {
  public:
@@ -83,6 +134,11 @@ class HostMemory final : public DeviceMemory {
   }
   void do_free(void* ptr) noexcept override { ::operator delete(ptr, kHostAlignment); }
   void do_copy(void* dst, const void* src, size_t bytes, Copy) override { std::memcpy(dst, src, bytes); }
+  void do_copy_strided(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
+                       Copy) override {
+    for (size_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width);
+  }
 };
 
 std::string past_to_present(const std::string& past) {
@@ -121,10 +177,12 @@ DeviceExecutor::DeviceExecutor(const Bundle& b, std::string name, std::unique_pt
       if (it == graphs.end() || !it->second) throw Error(std::string("no engine for graph '") + g + "'");
       load(g, records.at(g), std::move(it->second));
     }
+    allocate_buffers();
     memory_->synchronize();
   } catch (...) {
     for (auto& [n, g] : graphs_) {
       for (auto& [t, buf] : g.buffers) memory_->free(buf.ptr, buf.bytes);
+      for (auto& [t, buf] : g.own_size) memory_->free(buf.ptr, buf.bytes);
       for (auto& [t, kv] : g.kv)
         for (auto& s : kv.slot) memory_->free(s.ptr, s.bytes);
     }
@@ -139,6 +197,7 @@ DeviceExecutor::~DeviceExecutor() {
   }
   for (auto& [n, g] : graphs_) {
     for (auto& [t, buf] : g.buffers) memory_->free(buf.ptr, buf.bytes);
+    for (auto& [t, buf] : g.own_size) memory_->free(buf.ptr, buf.bytes);
     for (auto& [t, kv] : g.kv)
       for (auto& s : kv.slot) memory_->free(s.ptr, s.bytes);
   }
@@ -202,15 +261,35 @@ void DeviceExecutor::load(const std::string& graph_name, const nlohmann::json& r
     }
   }
   g.current_profile = n_prof - 1;
-  std::map<std::string, bool> paired_present;
-  for (const auto& [past, present] : g.past_of) paired_present[present] = true;
-  for (const auto& [name, bytes] : need) {
-    if (paired_present.count(name)) {
-      KvPair& kv = g.kv[name];
-      for (auto& s : kv.slot) s = allocate(bytes);
-    } else {
-      g.buffers[name] = allocate(bytes);
+  g.need = std::move(need);
+}
+
+void DeviceExecutor::allocate_buffers() {
+  // an output that an input of the same name of another engine reads (a link) is sized for that input's maxima
+  // too: a stacked run of calls (the vision calls of a prefill) fills it with the rows of every call
+  std::map<std::string, size_t> input_need;
+  for (const auto& [name, g] : graphs_)
+    for (const auto& in : g.inputs)
+      if (!g.past_of.count(in)) input_need[in] = std::max(input_need[in], g.need.at(in));
+  for (auto& [graph_name, g] : graphs_) {
+    std::map<std::string, bool> paired_present;
+    for (const auto& [past, present] : g.past_of) paired_present[present] = true;
+    for (const auto& [name, bytes] : g.need) {
+      if (paired_present.count(name)) {
+        KvPair& kv = g.kv[name];
+        for (auto& s : kv.slot) s = allocate(bytes);
+        continue;
+      }
+      const bool output = std::find(g.outputs.begin(), g.outputs.end(), name) != g.outputs.end();
+      auto in = input_need.find(name);
+      if (output && in != input_need.end() && in->second > bytes) {
+        g.buffers[name] = allocate(in->second);
+        g.own_size[name] = allocate(bytes);
+      } else {
+        g.buffers[name] = allocate(bytes);
+      }
     }
+    g.need.clear();
   }
 }
 
@@ -242,12 +321,18 @@ TensorMap DeviceExecutor::run(const std::string& graph, const Feeds& inputs) {
 }
 
 TensorMap DeviceExecutor::call(const std::string& graph, Phase phase, const Feeds& inputs, const Links& links,
-                               const std::vector<std::string>& fetch) {
+                               const std::vector<Fetch>& fetch) {
   return invoke(graph, phase, inputs, links, &fetch);
 }
 
+void DeviceExecutor::call_stacked(const std::string& graph, Phase phase, const Feeds& inputs, size_t index) {
+  const std::vector<Fetch> none;
+  invoke(graph, phase, inputs, {}, &none, index);
+}
+
 TensorMap DeviceExecutor::invoke(const std::string& graph_name, std::optional<Phase> phase, const Feeds& inputs,
-                                 const Links& links, const std::vector<std::string>* fetch) {
+                                 const Links& links, const std::vector<Fetch>* fetch,
+                                 std::optional<size_t> stack_index) {
   auto it = graphs_.find(graph_name);
   if (it == graphs_.end()) throw Error("no engine for graph '" + graph_name + "'");
   Graph& g = it->second;
@@ -356,39 +441,89 @@ TensorMap DeviceExecutor::invoke(const std::string& graph_name, std::optional<Ph
   }
 
   std::map<std::string, std::vector<int64_t>> shapes;
-  std::map<std::string, const Buffer*> out_buffers;
+  std::map<std::string, const char*> out_ptrs;   // where each output's rows of this call lie
+  struct Move {   // a stacked call's rows written into the output's own-size buffer, then moved into place
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  std::vector<Move> moves;
+  const bool appending = stack_index && *stack_index > 0;
+  if (appending && (!g.called || !g.kv.empty()))
+    throw std::logic_error(where + ": call_stacked call " + std::to_string(*stack_index) + " without its call 0");
   for (const auto& name : g.outputs) {
     std::vector<int64_t> shape = g.graph->shape(name);
     const size_t bytes = checked_volume(shape, where + " output '" + name + "'") * dtype_size(g.dtypes.at(name));
     auto kv = g.kv.find(name);
     const Buffer& buf = kv != g.kv.end() ? kv->second.slot[write.at(name)] : g.buffers.at(name);
-    if (bytes > buf.bytes)
-      throw Error(where + ": output '" + name + "' " + shape_str(shape) + " exceeds its buffer (the profile maxima " +
-                  "of the manifest's engines section)");
+    size_t offset = 0;
+    std::vector<int64_t> total = shape;   // the output's shape after this call (a stacked run: every call's rows)
+    if (appending) {
+      const std::vector<int64_t>& before = g.latest_shapes.at(name);
+      if (shape.empty() || before.size() != shape.size() ||
+          !std::equal(shape.begin() + 1, shape.end(), before.begin() + 1))
+        throw Error(where + ": output '" + name + "' " + shape_str(shape) + " of call " +
+                    std::to_string(*stack_index) + " does not stack under the rows " + shape_str(before) +
+                    " of the calls before it");
+      offset = checked_volume(before, where + " output '" + name + "'") * dtype_size(g.dtypes.at(name));
+      total[0] += before[0];
+    }
+    if (offset + bytes > buf.bytes)
+      throw Error(where + ": output '" + name + "' " + shape_str(total) + " exceeds its buffer (the profile maxima " +
+                  "of the manifest's engines section" + (appending ? ", of every engine input of that name" : "") +
+                  ")");
+    char* at = static_cast<char*>(buf.ptr) + offset;
+    const bool in_place = bytes == 0 || reinterpret_cast<uintptr_t>(at) % kAddressAlignment == 0;
+    if (!in_place && !g.own_size.count(name))
+      throw std::logic_error(where + ": output '" + name + "' has no buffer of its own size to stack through");
+    char* bind = in_place ? at : static_cast<char*>(g.own_size.at(name).ptr);
+    if (!in_place) {
+      if (bytes > g.own_size.at(name).bytes)
+        throw Error(where + ": output '" + name + "' " + shape_str(shape) + " exceeds its buffer (the profile " +
+                    "maxima of the manifest's engines section)");
+      moves.push_back({at, bind, bytes});
+    }
     for (const auto& in : in_spans)
-      if (overlaps(buf.ptr, bytes, in.ptr, in.bytes))
+      if (overlaps(bind, bytes, in.ptr, in.bytes))
         throw std::logic_error(where + ": output '" + name + "' would overwrite input '" + in.name + "'");
-    g.graph->set_address(name, buf.ptr);
-    shapes[name] = std::move(shape);
-    out_buffers[name] = &buf;
+    g.graph->set_address(name, bind);
+    shapes[name] = std::move(total);
+    out_ptrs[name] = at;
   }
   g.graph->enqueue();
+  for (const auto& m : moves)
+    if (m.bytes) memory_->on_device(m.dst, m.src, m.bytes);
   for (auto& [present, kv] : g.kv) kv.latest = write.at(present);
   g.latest_shapes = shapes;
   g.called = true;
 
   TensorMap out;
-  std::vector<std::string> all;
-  if (!fetch) all = g.outputs;
-  for (const auto& name : fetch ? *fetch : all) {
-    auto s = shapes.find(name);
-    if (s == shapes.end()) throw Error(where + ": its engine has no output '" + name + "'");
+  std::vector<Fetch> all;
+  if (!fetch)
+    for (const auto& name : g.outputs) all.emplace_back(name);
+  for (const auto& f : fetch ? *fetch : all) {
+    auto s = shapes.find(f.name);
+    if (s == shapes.end()) throw Error(where + ": its engine has no output '" + f.name + "'");
     Tensor t;
-    t.dtype = g.dtypes.at(name);
+    t.dtype = g.dtypes.at(f.name);
     t.shape = s->second;
-    t.data.resize(t.nbytes());
-    if (t.nbytes()) memory_->to_host(t.data.data(), out_buffers.at(name)->ptr, t.nbytes());
-    out[name] = std::move(t);
+    const char* src = out_ptrs.at(f.name);
+    if (!f.last_position) {
+      t.data.resize(t.nbytes());
+      if (t.nbytes()) memory_->to_host(t.data.data(), src, t.nbytes());
+    } else {   // [rows, seq, ...]: each row's position seq - 1, one strided copy
+      if (t.shape.size() < 2 || t.shape[1] < 1)
+        throw Error(where + ": output '" + f.name + "' has the shape " + shape_str(t.shape) + ", which has no last " +
+                    "position to fetch");
+      const int64_t rows = t.shape[0], seq = t.shape[1];
+      t.shape[1] = 1;
+      const size_t width = t.nbytes() / static_cast<size_t>(std::max<int64_t>(rows, 1));
+      t.data.resize(t.nbytes());
+      if (t.nbytes())
+        memory_->to_host_strided(t.data.data(), src + static_cast<size_t>(seq - 1) * width, width,
+                                 static_cast<size_t>(rows), static_cast<size_t>(seq) * width);
+    }
+    out[f.name] = std::move(t);
   }
   memory_->synchronize();
   return out;

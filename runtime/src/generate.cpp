@@ -28,19 +28,6 @@ const Tensor& output(const TensorMap& m, const std::string& graph, const std::st
   return it->second;
 }
 
-// rows of same-width tensors stacked in order ([0, width] when there are none)
-Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype, int64_t width) {
-  int64_t total = 0;
-  for (const auto& p : parts) total += p.shape[0];
-  Tensor out = Tensor::zeros(dtype, {total, width});
-  size_t off = 0;
-  for (const auto& p : parts) {
-    std::memcpy(out.data.data() + off, p.data.data(), p.nbytes());
-    off += p.nbytes();
-  }
-  return out;
-}
-
 // DeepStack (graphs/spec.py): levels [first, last) of prefix, linked to the outputs of the same name of graph
 void link_levels(Links& links, const std::string& graph, const std::string& prefix, int first, int last) {
   for (int l = first; l < last; ++l) links[level_name(prefix, l)] = {graph, level_name(prefix, l)};
@@ -104,10 +91,10 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   const auto t0 = Clock::now();
   const int64_t rows = in.input_ids.shape[0];
 
-  // vision: one call per image, features (and DeepStack levels) concatenated in prompt order
+  // vision: one call per image (or temporal patch), features (and DeepStack levels) stacked in prompt order where
+  // the executor keeps them (TensorRT: in place on the GPU); embed's inputs are linked to them
   std::vector<std::string> vision_outputs{kImageFeatures};
   for (int l = 0; l < b.deepstack_layers; ++l) vision_outputs.push_back(level_name(kDeepstackFeatures, l));
-  std::map<std::string, std::vector<Tensor>> parts;
   std::vector<std::array<int64_t, 2>> call_grids;   // patch_grid with media grids: the (h, w) of each vision call
   for (const auto& row : in.row_grids)
     for (const auto& g : row)
@@ -121,11 +108,8 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
     if (!call_grids.empty()) grid = patch_grid_feeds(call_grids[i][0], call_grids[i][1], b.spatial_merge_size,
                                                      b.vision_window);
     for (const auto& [name, t] : call_grids.empty() ? b.vision_grid_feeds : grid) feeds[name] = &t;
-    TensorMap out = ex.run("vision", feeds);
-    for (const auto& name : vision_outputs) parts[name].push_back(std::move(out.at(name)));
+    ex.call_stacked("vision", Phase::Prefill, feeds, i);
   }
-  TensorMap vision;   // image_features and the DeepStack levels, [image tokens, hidden]
-  for (const auto& name : vision_outputs) vision[name] = concat_rows(parts[name], b.float_dtype, b.hidden_size);
   g.timings_ms["vision"] = ms_since(t0);
   const Tensor positions = prefill_positions(b, in.input_ids, in.attention_mask, in.video_seconds, in.row_grids);
   const Tensor candidates = find_candidates(b, in.input_ids);
@@ -136,7 +120,8 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
                 "'image_tokens.token_ids') in '" + kInputIds + "' " + shape_str(candidates.shape));
 
   // embed -> pre_k (TokenSelect) over the n prompt tokens. Executor::call keeps the tensors passed from graph to
-  // graph and the KV caches where the graphs ran (TensorRT: on the GPU); only kept_indices and the logits come back.
+  // graph and the KV caches where the graphs ran (TensorRT: on the GPU); only kept_indices and the logits come back
+  // (of the prefill: the last position's).
   // pre_links / post_links: the inputs of pre_k / post_k that earlier graphs of the same step produce
   Links pre_links{{kInputsEmbeds, {"embed", kInputsEmbeds}}};
   link_levels(pre_links, "embed", kDeepstackEmbeds, 0, b.deepstack_layers);
@@ -144,8 +129,14 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   link_levels(post_links, "pre_k", kKeptDeepstackEmbeds, b.k, std::max(b.k, b.deepstack_layers));
   auto t1 = Clock::now();
   Feeds embed_feeds{{kInputIds, &in.input_ids}};
-  for (const auto& [name, t] : vision) embed_feeds[name] = &t;
-  ex.call("embed", Phase::Prefill, embed_feeds, {}, {});
+  Links embed_links;   // image_features and the DeepStack levels, [image tokens, hidden], from the vision calls
+  const Tensor no_features = Tensor::zeros(b.float_dtype, {0, b.hidden_size});
+  for (const auto& name : vision_outputs)
+    if (in.images.empty())
+      embed_feeds[name] = &no_features;
+    else
+      embed_links[name] = {"vision", name};
+  ex.call("embed", Phase::Prefill, embed_feeds, embed_links, {});
   g.timings_ms["embed"] = ms_since(t1);
   t1 = Clock::now();
   const Tensor empty_kv = Tensor::zeros(b.float_dtype, {rows, b.num_kv_heads, 0, b.head_dim});
@@ -172,7 +163,8 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   feeds = {{kAttentionMask, &post_mask}};
   for (int i = b.k; i < b.num_layers; ++i)
     for (const char* kind : kKvKinds) feeds[past_name(i, kind)] = &empty_kv;
-  TensorMap post = ex.call("post_k", Phase::Prefill, feeds, post_links, {kLogits});
+  // only the last position's logits come back: [rows, 1, vocab]
+  TensorMap post = ex.call("post_k", Phase::Prefill, feeds, post_links, {Fetch(kLogits, true)});
   std::vector<int64_t> next = choose(output(post, "post_k", kLogits));
   g.timings_ms["post_k"] = ms_since(t2);
   g.timings_ms["prefill"] = ms_since(t0);
@@ -184,7 +176,6 @@ Generation generate(const Bundle& b, Executor& ex, const Inputs& in, int max_new
   g.tokens.assign(rows, {});
   std::vector<bool> finished(rows, false);
   Tensor mask = in.attention_mask;
-  const Tensor no_features = Tensor::zeros(b.float_dtype, {0, b.hidden_size});
   const Tensor no_candidates = Tensor::zeros(DType::I64, {rows, 0});
   const auto t3 = Clock::now();
   for (int step = 0; step < max_new_tokens; ++step) {

@@ -76,13 +76,20 @@ class CudaMemory final : public DeviceMemory {
   }
   void do_free(void* ptr) noexcept override { cudaFree(ptr); }
   void do_copy(void* dst, const void* src, size_t bytes, Copy kind) override {
-    const cudaMemcpyKind k = kind == Copy::HostToDevice   ? cudaMemcpyHostToDevice
-                             : kind == Copy::DeviceToHost ? cudaMemcpyDeviceToHost
-                                                          : cudaMemcpyDeviceToDevice;
-    cuda_check(cudaMemcpyAsync(dst, src, bytes, k, stream_), "cudaMemcpyAsync");
+    cuda_check(cudaMemcpyAsync(dst, src, bytes, to_kind(kind), stream_), "cudaMemcpyAsync");
+  }
+  void do_copy_strided(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
+                       Copy kind) override {
+    cuda_check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, to_kind(kind), stream_),
+               "cudaMemcpy2DAsync");
   }
 
  private:
+  static cudaMemcpyKind to_kind(Copy kind) {
+    return kind == Copy::HostToDevice   ? cudaMemcpyHostToDevice
+           : kind == Copy::DeviceToHost ? cudaMemcpyDeviceToHost
+                                        : cudaMemcpyDeviceToDevice;
+  }
   cudaStream_t stream_ = nullptr;
 };
 

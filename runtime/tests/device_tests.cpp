@@ -1,20 +1,27 @@
 // Unit tests of the device-resident executor's buffer logic (fastv/device_executor.hpp) on the CPU: DeviceExecutor
 // over host memory (make_host_memory) and fake compiled graphs that compute a small deterministic model with the
 // graph spec's I/O names, read their inputs from the addresses they are given and write their outputs to theirs,
-// as an engine does. Checked: generate() gives the tokens of the host path (Executor::call's default over run());
-// per decode step, exactly the logits come back to the host and exactly the step's token ids, masks and position
-// ids go to the device (no KV cache crosses); kept_indices come back once; no allocation after load; each KV cache
-// has two distinct buffers sized for prompt + new tokens; decode calls run on every engine's 'decode' profile; feed
-// dtypes, unknown (-1) dimensions and shapes outside the profiles are refused with one line. The fake model also has
-// a DeepStack variant (levels linked embed -> pre_k -> post_k).
+// as an engine does (at 256-byte aligned addresses only, as TensorRT takes them). Checked: generate() gives the
+// tokens of the host path (Executor::call's default over run()); the vision calls (one per image, or of 1 to 4
+// patches each as Qwen2.5-VL media of their own grids) copy nothing back: embed reads every call's rows, in prompt
+// order, on the device (rows that cannot start aligned in place are moved there on the device); the prefill copies
+// back kept_indices and the last position's logits only; per decode step, exactly the logits come back to the host
+// and exactly the step's token ids, masks and position ids go to the device (no KV cache crosses); no allocation
+// after load; each KV cache has two distinct buffers sized for prompt + new tokens; decode calls run on every
+// engine's 'decode' profile; feed dtypes, unknown (-1) dimensions, shapes outside the profiles and stacked vision
+// rows past their buffer are refused with one line. The fake model also has a DeepStack variant (levels linked
+// vision -> embed -> pre_k -> post_k).
 //
 // usage: fastv_device_tests
 #include "fastv/device_executor.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <iostream>
+#include <optional>
 #include <set>
 
 #include "check.hpp"
@@ -35,7 +42,11 @@ using fastv_test::passed;
 // engine limits: batch, prompt n, kept n' (= n - M + ceil(M / 2), the fake pre_k's pruning), new tokens T
 constexpr int64_t kHidden = 4, kHeads = 2, kHeadDim = 2, kLayers = 3, kK = 1, kVocab = 11, kPerImage = 4,
                   kImageToken = 10;
-constexpr int64_t kBatch = 2, kPrompt = 12, kKept = kPrompt - kPerImage + (kPerImage + 1) / 2, kNew = 8;
+// A vision call of p patches (pixel values [p, 3, 2, 2], p in [1, kMaxPatches]) gives p x M image tokens, as a
+// Qwen2.5-VL medium of its own grid does; the prompt holds at most kMaxImageTokens of them. Kept tokens: at most
+// n' = n - M + ceil(M / 2) (fastv_export/engines/profiles.py: a prompt holds its M image tokens).
+constexpr int64_t kBatch = 2, kPrompt = 32, kMaxImageTokens = 28, kMaxPatches = 4,
+                  kKept = kPrompt - kMaxImageTokens + (kMaxImageTokens + 1) / 2, kNew = 8;
 
 // DeepStack levels L of the fake model (0, or 2 > K: levels l < K are added in pre_k, l >= K pass to post_k)
 int g_levels = 0;
@@ -63,9 +74,9 @@ std::vector<IoSpec> io(const std::string& graph) {
     for (int l = first; l < g_levels; ++l) out.push_back({fastv::level_name(prefix, l), DType::F32, dims, input});
   };
   if (graph == "vision") {
-    out = {{fastv::kPixelValues, DType::F32, {"1", "3", "2", "2"}, true},
-           {fastv::kImageFeatures, DType::F32, {std::to_string(kPerImage), h}, false}};
-    levels(fastv::kDeepstackFeatures, 0, {std::to_string(kPerImage), h}, false);
+    out = {{fastv::kPixelValues, DType::F32, {"patches", "3", "2", "2"}, true},
+           {fastv::kImageFeatures, DType::F32, {"vision_tokens", h}, false}};
+    levels(fastv::kDeepstackFeatures, 0, {"vision_tokens", h}, false);
   } else if (graph == "embed") {
     out = {{fastv::kInputIds, DType::I64, {"batch", "seq"}, true},
            {fastv::kImageFeatures, DType::F32, {"image_tokens", h}, true},
@@ -110,8 +121,8 @@ json engines_section() {
             {"seq", {1, pre ? seq_max : 1}},
             {"past_seq", {pre ? 0 : 1, pre ? 0 : seq_max + kNew - 1}},
             {"total_seq", {pre ? 1 : 2, pre ? seq_max : seq_max + kNew}},
-            {"num_candidates", {0, pre ? kPerImage : 0}},
-            {"image_tokens", {0, pre ? kBatch * kPerImage : 0}}};
+            {"num_candidates", {0, pre ? kMaxImageTokens : 0}},
+            {"image_tokens", {0, pre ? kMaxImageTokens : 0}}};
         json shapes = json::object();
         for (const auto& t : io(g)) {
           if (!t.input) continue;
@@ -125,6 +136,10 @@ json engines_section() {
         profiles.push_back({{"name", p}, {"shapes", shapes}});
       }
     }
+    if (std::string(g) == "vision")   // a dynamic layout's one profile (fastv_export/engines/profiles.py)
+      profiles.push_back({{"name", "media"},
+                          {"shapes", {{fastv::kPixelValues, {{"min", {1, 3, 2, 2}}, {"opt", {1, 3, 2, 2}},
+                                                             {"max", {kMaxPatches, 3, 2, 2}}}}}}});
     engines[g] = {{"file", std::string(g) + ".engine"}, {"profiles", profiles}};
   }
   return {{"engines", engines}};
@@ -161,8 +176,9 @@ TensorMap fake_run(const std::string& graph, const std::map<std::string, const T
     const Tensor& px = *in.at(fastv::kPixelValues);
     float sum = 0;
     for (size_t i = 0; i < px.numel(); ++i) sum += px.float_at(i);
-    Tensor f = Tensor::zeros(DType::F32, {kPerImage, kHidden});
-    for (int64_t t = 0; t < kPerImage; ++t)
+    const int64_t tokens = px.shape[0] * kPerImage;
+    Tensor f = Tensor::zeros(DType::F32, {tokens, kHidden});
+    for (int64_t t = 0; t < tokens; ++t)
       for (int64_t j = 0; j < kHidden; ++j) f.as<float>()[t * kHidden + j] = 0.01f * sum + 0.3f * t + 0.1f * j;
     for (int l = 0; l < g_levels; ++l) {
       Tensor d = f;
@@ -297,8 +313,10 @@ class HostExecutor final : public fastv::Executor {
  public:
   std::string name() const override { return "host"; }
   TensorMap run(const std::string& graph, const fastv::Feeds& feeds) override {
+    if (graph == "embed" && !embed_features) embed_features = *feeds.at(fastv::kImageFeatures);
     return fake_run(graph, std::map<std::string, const Tensor*>(feeds.begin(), feeds.end()));
   }
+  std::optional<Tensor> embed_features;   // image_features of the first embed call
 };
 
 // A compiled graph as an engine behaves: shapes from the set input shapes, inputs read from and outputs written to
@@ -318,7 +336,13 @@ class FakeGraph final : public fastv::DeviceGraph {
   int num_profiles() const override { return graph_ == "vision" ? 1 : profiles; }
   void select_profile(int index) override { profile_ = index; }
   void set_input_shape(const std::string& name, const std::vector<int64_t>& shape) override { shapes_[name] = shape; }
-  void set_address(const std::string& name, void* ptr) override { addresses_[name] = ptr; }
+  void set_address(const std::string& name, void* ptr) override {   // TensorRT takes 256-byte aligned addresses
+    if (reinterpret_cast<uintptr_t>(ptr) % 256)
+      throw std::logic_error(graph_ + ": tensor '" + name + "' bound at an address not 256-byte aligned");
+    addresses_[name] = ptr;
+  }
+  std::vector<TensorMap> inputs_log;   // the inputs of each enqueue
+  std::function<void()> before_enqueue;   // called first in each enqueue
 
   std::vector<int64_t> shape(const std::string& name) const override {
     const IoSpec& s = spec(name);
@@ -329,6 +353,7 @@ class FakeGraph final : public fastv::DeviceGraph {
   }
 
   void enqueue() override {
+    if (before_enqueue) before_enqueue();
     profile_log.push_back(profile_);
     std::map<std::string, Tensor> ins;
     std::vector<std::pair<const char*, size_t>> spans;
@@ -342,6 +367,7 @@ class FakeGraph final : public fastv::DeviceGraph {
     }
     std::map<std::string, const Tensor*> view;
     for (const auto& [n, t] : ins) view[n] = &t;
+    inputs_log.push_back(ins);
     const TensorMap out = fake_run(graph_, view);
     for (const auto& s : io_) {
       if (s.input) continue;
@@ -373,6 +399,7 @@ class FakeGraph final : public fastv::DeviceGraph {
         for (size_t i = 0; i < s.dims.size(); ++i)
           if (s.dims[i] == d) return shapes_.at(s.name)[i];
     if (d == "kept_seq") return kept_length(dim("seq"), dim("num_candidates"));
+    if (d == "vision_tokens") return dim("patches") * kPerImage;
     if (d == "total_seq") return dim("past_seq") + dim("seq");
     return -1;
   }
@@ -402,8 +429,9 @@ Fakes device_executor(const fastv::Bundle& b, const std::function<void(FakeGraph
   return f;
 }
 
-// rows of prompt ids (left-padded with 0 to the longest) and their pixel values
-fastv::Inputs prompt(const std::vector<std::vector<int64_t>>& rows_ids) {
+// rows of prompt ids (left-padded with 0 to the longest) and their pixel values: one vision call of one patch per
+// M image tokens, or (patches) one call of patches[i] patches each, in prompt order
+fastv::Inputs prompt(const std::vector<std::vector<int64_t>>& rows_ids, std::vector<int64_t> patches = {}) {
   size_t n = 0;
   for (const auto& r : rows_ids) n = std::max(n, r.size());
   std::vector<int64_t> ids, mask;
@@ -423,8 +451,9 @@ fastv::Inputs prompt(const std::vector<std::vector<int64_t>>& rows_ids) {
   const auto rows = static_cast<int64_t>(rows_ids.size());
   in.input_ids = Tensor::from_i64({rows, static_cast<int64_t>(n)}, ids);
   in.attention_mask = Tensor::from_i64({rows, static_cast<int64_t>(n)}, mask);
-  for (int i = 0; i < images / kPerImage; ++i) {
-    Tensor px = Tensor::zeros(DType::F32, {1, 3, 2, 2});
+  if (patches.empty()) patches.assign(images / kPerImage, 1);
+  for (int i = 0; i < static_cast<int>(patches.size()); ++i) {
+    Tensor px = Tensor::zeros(DType::F32, {patches[i], 3, 2, 2});
     for (size_t e = 0; e < px.numel(); ++e) px.as<float>()[e] = 0.1f * static_cast<float>(i + 1) * (e % 5);
     in.images.push_back(std::move(px));
   }
@@ -484,11 +513,12 @@ Traffic operator-(const fastv::DeviceCounters& a, const fastv::DeviceCounters& b
           a.device_to_device_bytes - b.device_to_device_bytes, a.allocations - b.allocations};
 }
 
-void device_generation(const std::string& what, const std::vector<std::vector<int64_t>>& rows_ids, int max_new) {
+void device_generation(const std::string& what, const std::vector<std::vector<int64_t>>& rows_ids, int max_new,
+                       const std::vector<int64_t>& patches = {}) {
   const fastv::Bundle b = fake_bundle();
-  const fastv::Inputs in = prompt(rows_ids);
+  const fastv::Inputs in = prompt(rows_ids, patches);
   const int64_t rows = in.input_ids.shape[0], n = in.input_ids.shape[1];
-  const int64_t candidates = static_cast<int64_t>(in.images.size()) * kPerImage / rows;
+  const int64_t candidates = std::count(rows_ids[0].begin(), rows_ids[0].end(), kImageToken);
   const int64_t kept = kept_length(n, candidates);
 
   HostExecutor host;
@@ -512,6 +542,8 @@ void device_generation(const std::string& what, const std::vector<std::vector<in
     }
   check(sizes, what + ": each KV cache has two buffers of batch x heads x (prompt + new tokens) x head_dim");
 
+  std::vector<fastv::DeviceCounters> at_embed;   // at each embed call: the first after every vision call
+  f.graphs.at("embed")->before_enqueue = [&] { at_embed.push_back(ex.counters()); };
   std::vector<fastv::DeviceCounters> at_token;   // after prefill (step 0), then after each decode step
   fastv::GenerateOptions opts;
   opts.on_token = [&](int, const std::vector<int64_t>&) {
@@ -524,13 +556,38 @@ void device_generation(const std::string& what, const std::vector<std::vector<in
         what + ": kept positions equal the host path's");
   check(static_cast<int>(at_token.size()) == max_new, what + ": one callback per token");
 
-  // prefill: the vision features and, once, kept_indices and the logits come back
-  const Traffic pre = at_token.front() - loaded;
-  const size_t features = in.images.size() * kPerImage * kHidden * f32 * (1 + g_levels);   // + DeepStack levels
-  const size_t pre_d2h = features + rows * kept * sizeof(int64_t) + rows * kept * kVocab * f32;
-  check(pre.d2h == pre_d2h, what + ": prefill device -> host = vision features + kept_indices + logits (" +
-                                std::to_string(pre.d2h) + " vs " + std::to_string(pre_d2h) + ")");
-  check(pre.allocations == 0 && pre.d2d == 0, what + ": prefill allocates nothing");
+  // embed's image features: every vision call's rows in prompt order (computed here from the fake model)
+  Tensor stacked = Tensor::zeros(DType::F32, {0, kHidden});
+  size_t misplaced = 0;   // bytes of the vision calls whose rows do not start 256-byte aligned in the stacked buffer
+  for (const auto& px : in.images) {
+    const Tensor part = fake_run("vision", {{fastv::kPixelValues, &px}}).at(fastv::kImageFeatures);
+    if (stacked.nbytes() % 256) misplaced += part.nbytes();
+    stacked.shape[0] += part.shape[0];
+    stacked.data.insert(stacked.data.end(), part.data.begin(), part.data.end());
+  }
+  const auto& embed_log = f.graphs.at("embed")->inputs_log;
+  check(!embed_log.empty() && embed_log.front().at(fastv::kImageFeatures).shape == stacked.shape &&
+            embed_log.front().at(fastv::kImageFeatures).data == stacked.data,
+        what + ": embed's image_features on the device = every vision call's rows, in prompt order");
+  check(host.embed_features && host.embed_features->shape == stacked.shape && host.embed_features->data == stacked.data,
+        what + ": the host path's embed image_features = every vision call's rows, in prompt order");
+
+  // prefill: only kept_indices and the last position's logits come back; the vision features stay on the device
+  // (a vision call whose rows cannot start 256-byte aligned is moved into place on the device: its bytes, per level)
+  const Traffic vision = at_embed.front() - loaded, pre = at_token.front() - loaded;
+  check(vision.d2h == 0, what + ": the vision calls copy nothing back to the host (" + std::to_string(vision.d2h) +
+                             " bytes)");
+  check(vision.d2d == misplaced * (1 + g_levels),
+        what + ": the vision calls' device -> device bytes = their rows not aligned in place (" +
+            std::to_string(vision.d2d) + " vs " + std::to_string(misplaced * (1 + g_levels)) + ")");
+  const Traffic llm = at_token.front() - at_embed.front();   // embed, pre_k and post_k of the prefill
+  const size_t llm_d2h = rows * kept * sizeof(int64_t) + rows * 1 * kVocab * f32;
+  check(llm.d2h == llm_d2h, what + ": embed, pre_k, post_k prefill device -> host = kept_indices + the last " +
+                                "position's logits (" + std::to_string(llm.d2h) + " vs " + std::to_string(llm_d2h) +
+                                ")");
+  check(pre.d2h == vision.d2h + llm.d2h, what + ": prefill device -> host = the two above");
+  check(pre.d2d == vision.d2d, what + ": no device -> device copy after the vision calls");
+  check(pre.allocations == 0, what + ": prefill allocates nothing");
 
   bool exact = true;
   std::string first_bad;
@@ -592,7 +649,8 @@ void refusals() {
   // past the engines' new tokens: the decode profile refuses, naming it
   {
     Fakes f = device_executor(b);
-    const fastv::Inputs in = prompt({cat(cat({1, 2, 3}, image()), {4, 5, 6, 7, 8})});   // n tokens
+    const fastv::Inputs in =   // kPrompt tokens, kMaxImageTokens of them image tokens
+        prompt({cat(cat({1, 2}, std::vector<int64_t>(kMaxImageTokens, kImageToken)), {4, 5})}, {4, 1, 2});
     expect_error([&] { fastv::generate(b, *f.ex, in, kNew + 2); },
                  "of its 'decode' profile (manifest field 'engines.engines.pre_k.profiles'); rebuild with "
                  "larger --max-prompt/--max-batch/--max-new-tokens",
@@ -609,6 +667,28 @@ void refusals() {
                "a profile count differing from the manifest's");
 }
 
+// call_stacked: a run of vision calls with more rows than any engine input of that name takes; a call i > 0 first
+void stacked_refusals() {
+  const fastv::Bundle b = fake_bundle();
+  Fakes f = device_executor(b);
+  Tensor px = Tensor::zeros(DType::F32, {kMaxPatches, 3, 2, 2});
+  const fastv::Feeds feeds{{fastv::kPixelValues, &px}};
+  expect_error(
+      [&] {
+        for (size_t i = 0; i < 3; ++i) f.ex->call_stacked("vision", fastv::Phase::Prefill, feeds, i);
+      },
+      "graph 'vision': output 'image_features' [32, 4] exceeds its buffer", "stacked vision rows past the buffer");
+  Fakes g = device_executor(b);
+  bool refused = false;
+  try {
+    g.ex->call_stacked("vision", fastv::Phase::Prefill, feeds, 1);
+  } catch (const std::logic_error&) {
+    refused = true;
+  }
+  check(refused, "call_stacked: call 1 without call 0 is refused");
+  check(g.ex->counters().device_to_host_bytes == 0, "call_stacked copies nothing back");
+}
+
 }  // namespace
 
 int main() {
@@ -621,7 +701,18 @@ int main() {
     g_levels = 2;   // DeepStack: level 0 added in pre_k, level 1 passed to post_k
     device_generation("DeepStack, two rows", {cat(cat({1, 2}, image()), {4, 5, 6}), cat(cat({7}, image()), {8})}, 5);
     g_levels = 0;
+    // Qwen2.5-VL-like: vision calls of different sizes (4, 1 and 2 patches: 16, 4 and 8 image tokens), the first two
+    // written in place, the third (not 256-byte aligned there) moved into place on the device
+    device_generation("vision calls of 4, 1 and 2 patches",
+                      {cat(cat({1, 2}, std::vector<int64_t>(kMaxImageTokens, kImageToken)), {4, 5})}, 6, {4, 1, 2});
+    g_levels = 2;
+    device_generation("DeepStack, two rows, vision calls of 2, 1 and 1 patches",
+                      {cat(cat({1}, std::vector<int64_t>(8, kImageToken)), {4, 5}),
+                       cat(cat(cat({7}, image()), {8}), image())},
+                      4, {2, 1, 1});
+    g_levels = 0;
     refusals();
+    stacked_refusals();
   } catch (const std::exception& e) {
     check(false, std::string("uncaught: ") + e.what());
   }

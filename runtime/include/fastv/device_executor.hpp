@@ -1,9 +1,11 @@
 // The device-resident executor: the bundle's compiled graphs run where their memory lives (TensorRT: the GPU),
-// and the generation loop's tensors stay there. Only what generate() fetches (the logits of every step, the kept
-// indices once) is copied back to the host; the host copies up only the step's small inputs (token ids, masks,
-// position ids). Each KV cache has two device buffers, sized once at load for the longest sequence the engines
-// take (prompt + new tokens, the decode profile's maxima from the manifest's engines section): a call writes its
-// present into the buffer that does not hold its past, and the next decode step reads it as its past.
+// and the generation loop's tensors stay there: the vision calls' features (stacked in place, call after call), the
+// tensors passed from graph to graph, the KV caches. Only what generate() fetches (the kept indices once, the last
+// position's logits of the prefill, the logits of every decode step) is copied back to the host; the host copies up
+// only the pixel values and the steps' small inputs (token ids, masks, position ids). Each KV cache has two device
+// buffers, sized once at load for the longest sequence the engines take (prompt + new tokens, the decode profile's
+// maxima from the manifest's engines section): a call writes its present into the buffer that does not hold its
+// past, and the next decode step reads it as its past.
 //
 // Device memory and the compiled graphs sit behind two small interfaces (DeviceMemory, DeviceGraph), so that the
 // buffer logic here is tested on the CPU with host memory (runtime/tests/device_tests.cpp); the TensorRT executor
@@ -40,6 +42,8 @@ class DeviceMemory {
   void to_device(void* dst, const void* src, size_t bytes);
   void to_host(void* dst, const void* src, size_t bytes);
   void on_device(void* dst, const void* src, size_t bytes);
+  /// ``rows`` blocks of ``width`` bytes, ``src_pitch`` bytes apart on the device, packed on the host (one copy)
+  void to_host_strided(void* dst, const void* src, size_t width, size_t rows, size_t src_pitch);
   /// Waits for every copy and every graph call issued so far; throws Error when one failed.
   virtual void synchronize() = 0;
   const DeviceCounters& counters() const { return counters_; }
@@ -49,6 +53,9 @@ class DeviceMemory {
   virtual void* do_allocate(size_t bytes) = 0;
   virtual void do_free(void* ptr) noexcept = 0;
   virtual void do_copy(void* dst, const void* src, size_t bytes, Copy kind) = 0;
+  /// ``rows`` blocks of ``width`` bytes from ``src`` (``src_pitch`` apart) to ``dst`` (``dst_pitch`` apart)
+  virtual void do_copy_strided(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+                               size_t rows, Copy kind) = 0;
 
  private:
   DeviceCounters counters_;
@@ -101,9 +108,15 @@ class DeviceExecutor final : public Executor {
   /// host inputs, every output back to the host; the first profile that holds the input shapes
   TensorMap run(const std::string& graph, const Feeds& inputs) override;
   /// the phase's profile ("prefill", "decode"; the first that fits when the engine has none of that name);
-  /// linked inputs bound where their outputs lie; only ``fetch`` copied back
+  /// linked inputs bound where their outputs lie; only ``fetch`` copied back (a last_position fetch: one strided
+  /// copy of each row's last position)
   TensorMap call(const std::string& graph, Phase phase, const Feeds& inputs, const Links& links,
-                 const std::vector<std::string>& fetch) override;
+                 const std::vector<Fetch>& fetch) override;
+  /// call i > 0 writes each output in place after the rows of calls 0..i-1, in the output's buffer (sized for the
+  /// most rows an input of the same name takes in any engine); where that address is not 256-byte aligned (TensorRT
+  /// takes no other) the call writes into its own buffer and one device-to-device copy moves the rows into place.
+  /// Nothing comes back to the host.
+  void call_stacked(const std::string& graph, Phase phase, const Feeds& inputs, size_t index) override;
 
   const DeviceCounters& counters() const { return memory_->counters(); }
   /// the device bytes of one graph I/O tensor's buffers (a KV cache: its two buffers together); 0 if none
@@ -133,6 +146,10 @@ class DeviceExecutor final : public Executor {
     std::vector<std::string> inputs, outputs;
     std::map<std::string, DType> dtypes;
     std::map<std::string, Buffer> buffers;   // every input and output that is not a KV cache
+    /// outputs whose buffer was enlarged to an input of the same name of another engine (a stacked run of calls
+    /// fills it): a buffer of the engine's own size, which a call whose rows cannot be written in place writes
+    std::map<std::string, Buffer> own_size;
+    std::map<std::string, size_t> need;      // bytes of each buffer (KV caches: by present name), until allocated
     std::map<std::string, KvPair> kv;        // by present name
     std::map<std::string, std::string> past_of;   // past input -> its present output
     std::map<std::string, std::vector<int64_t>> latest_shapes;   // outputs of the latest call
@@ -140,8 +157,10 @@ class DeviceExecutor final : public Executor {
   };
 
   void load(const std::string& graph_name, const nlohmann::json& record, std::unique_ptr<DeviceGraph> graph);
+  void allocate_buffers();
+  /// stack_index: call_stacked's index (none: the call's outputs replace the graph's earlier ones)
   TensorMap invoke(const std::string& graph, std::optional<Phase> phase, const Feeds& inputs, const Links& links,
-                   const std::vector<std::string>* fetch);
+                   const std::vector<Fetch>* fetch, std::optional<size_t> stack_index = std::nullopt);
   Buffer allocate(size_t bytes);
   /// where the latest call of ``graph`` left ``output``
   const Buffer& output_buffer(const Graph& g, const std::string& output) const;

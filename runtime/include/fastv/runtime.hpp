@@ -19,6 +19,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fastv {
@@ -161,6 +162,14 @@ struct Link {
   std::string graph, output;
 };
 using Links = std::map<std::string, Link>;   // input name -> output
+/// An output of a call() to copy back to the host: whole, or (last_position) only the last position of each row of
+/// a [rows, seq, ...] output, as [rows, 1, ...] (post_k's prefill logits: the first token needs no other position).
+struct Fetch {
+  std::string name;
+  bool last_position = false;
+  Fetch(std::string n, bool last = false) : name(std::move(n)), last_position(last) {}   // NOLINT: implicit
+  Fetch(const char* n, bool last = false) : name(n), last_position(last) {}              // NOLINT: implicit
+};
 
 /// Runs one graph of the bundle by name with named inputs; returns every output by name.
 class Executor {
@@ -174,7 +183,13 @@ class Executor {
   /// default keeps every graph's latest outputs on the host and calls run(); the TensorRT executor
   /// (fastv/device_executor.hpp) keeps them on the GPU and copies back only ``fetch``.
   virtual TensorMap call(const std::string& graph, Phase phase, const Feeds& inputs, const Links& links,
-                         const std::vector<std::string>& fetch);
+                         const std::vector<Fetch>& fetch);
+  /// Call ``index`` of a run of calls of ``graph`` whose outputs stack along their first dimension (the vision calls
+  /// of a prefill: one per image or temporal patch, in prompt order): call 0 starts the run, call i > 0 appends its
+  /// rows after those of the calls before it. A link to an output of ``graph`` then reads the rows of every call of
+  /// the run; nothing comes back to the host. This default stacks them on the host (over run()); the TensorRT
+  /// executor writes each call's rows in place in one device buffer (fastv/device_executor.hpp).
+  virtual void call_stacked(const std::string& graph, Phase phase, const Feeds& inputs, size_t index);
 
  private:
   std::map<std::string, TensorMap> latest_;   // the default call(): each graph's outputs of its latest call
