@@ -180,12 +180,7 @@ DeviceExecutor::DeviceExecutor(const Bundle& b, std::string name, std::unique_pt
     allocate_buffers();
     memory_->synchronize();
   } catch (...) {
-    for (auto& [n, g] : graphs_) {
-      for (auto& [t, buf] : g.buffers) memory_->free(buf.ptr, buf.bytes);
-      for (auto& [t, buf] : g.own_size) memory_->free(buf.ptr, buf.bytes);
-      for (auto& [t, kv] : g.kv)
-        for (auto& s : kv.slot) memory_->free(s.ptr, s.bytes);
-    }
+    free_all();
     throw;
   }
 }
@@ -195,11 +190,15 @@ DeviceExecutor::~DeviceExecutor() {
     memory_->synchronize();
   } catch (...) {
   }
+  free_all();
+}
+
+void DeviceExecutor::free_all() {
   for (auto& [n, g] : graphs_) {
     for (auto& [t, buf] : g.buffers) memory_->free(buf.ptr, buf.bytes);
     for (auto& [t, buf] : g.own_size) memory_->free(buf.ptr, buf.bytes);
     for (auto& [t, kv] : g.kv)
-      for (auto& s : kv.slot) memory_->free(s.ptr, s.bytes);
+      for (auto& slot : kv.slot) memory_->free(slot.ptr, slot.bytes);
   }
 }
 

@@ -125,6 +125,7 @@ class DeviceExecutor final : public Executor {
   std::string profile_of_latest_call(const std::string& graph) const;
 
  private:
+  void free_all();   // every buffer this executor allocated (load failed, or destruction)
   struct Profile {
     std::string name;
     std::map<std::string, std::pair<std::vector<int64_t>, std::vector<int64_t>>> shapes;   // input -> (min, max)
