@@ -1,0 +1,179 @@
+"""Weight-only quantization of the exported decoder graphs with ONNX Runtime's quantization tools.
+
+Each decoder-layer MatMul whose weight is a constant (a Linear of ``adapter.layers()``, found by its exact values)
+gets ``DequantizeLinear(weight_q, scale) -> MatMul``, standard ONNX that ONNX Runtime (CPU) and TensorRT(-RTX)
+run: int4 block-wise by ``MatMulNBitsQuantizer`` in its QDQ form (opset 21), int8 per output channel by
+``quant_utils`` (opset 13 DequantizeLinear with an axis). Both symmetric, no zero point. The quantized weight is
+named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which parameter it replaces
+(fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as exported.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fastv_export.errors import FastVError
+from fastv_export.quantize.schemes import Scheme
+
+log = logging.getLogger(__name__)
+
+#: a quantized weight's initializer name: the torch parameter it came from, transposed (MatMul's [in, out])
+QUANT_NAME = re.compile(r"^(?P<param>.+)\.T_DQ_Q(?P<bits>\d+)$")
+
+
+@dataclass
+class GraphQuantization:
+    """What quantizing one graph did: the parameters replaced, their bytes before (float) and after (integer
+    weights + scales)."""
+    params: list[str]
+    float_bytes: int
+    quantized_bytes: int
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def decoder_linear_weights(adapter) -> dict[str, str]:
+    """sha256 of each decoder-layer Linear weight as the exported MatMul holds it ([in, out], i.e. transposed)
+    -> the torch parameter name in ``adapter.model``."""
+    import torch
+
+    names = {id(p): n for n, p in adapter.model.named_parameters()}
+    out = {}
+    for layer in adapter.layers():
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.detach()
+                out[_digest(w.t().contiguous().cpu().numpy())] = names[id(module.weight)]
+    return out
+
+
+def _targets(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, tuple[onnx.NodeProto, str]]:
+    """Initializer name -> (its MatMul, the torch parameter) for every MatMul whose weight is a decoder Linear."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        param = weights.get(_digest(numpy_helper.to_array(init)))
+        if param is not None and users[init.name] == 1:
+            node.name = node.name or f"fastv_quantized_matmul_{len(found)}"   # the quantizer selects by name
+            found[init.name] = (node, param)
+    return found
+
+
+def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
+    for init in model.graph.initializer:
+        if init.name == old:
+            init.name = new
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+
+
+#: ops whose meaning (not only their accepted types) changed between opset 18 and 21: refused by the opset raise
+CHANGED_BY_OPSET_21 = {"GroupNormalization"}
+
+
+def _raise_opset(model: onnx.ModelProto, version: int) -> None:
+    """Import the default domain at ``version`` in the model and its local functions (TokenSelect's body): the
+    changes from 18 to 21 to the ops these graphs use only add element types (int4, float8), so the meaning stays."""
+    used = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    if used & CHANGED_BY_OPSET_21:
+        raise FastVError(f"cannot raise the graph to opset {version}: it uses {sorted(used & CHANGED_BY_OPSET_21)}")
+    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
+        for o in imports:
+            if o.domain in ("", "ai.onnx") and o.version < version:
+                o.version = version
+    model.ir_version = max(model.ir_version, 10)
+
+
+def _quantize_int4(model: onnx.ModelProto, nodes: list[str], scheme: Scheme) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _raise_opset(model, scheme.min_opset)
+    # the quantizer takes every node of op_types_to_quantize unless excluded: exclude all but ``nodes``
+    others = [n.name for n in model.graph.node if n.name not in set(nodes)]
+    quantizer = MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=scheme.block_size, is_symmetric=True,
+                                     quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",),
+                                     nodes_to_exclude=others)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _quantize_int8(model: onnx.ModelProto, targets: list[str]) -> onnx.ModelProto:
+    """int8 per output channel: ORT's min-max parameters and quantizer per column (axis 1 of [in, out])."""
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_onnx_initializer
+
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes = []
+    for name in targets:
+        init = inits[name]
+        w = numpy_helper.to_array(init)
+        params = [compute_data_quant_params(w[:, j], onnx.TensorProto.INT8, symmetric=True)
+                  for j in range(w.shape[1])]
+        zero = np.array([p[0] for p in params], dtype=np.int8)
+        scale = np.array([p[1] for p in params], dtype=w.dtype)
+        if np.any(zero != 0):
+            raise FastVError(f"symmetric int8 quantization of {name} gave a non-zero zero point: a bug, please report")
+        q = quantize_onnx_initializer(init, onnx.TensorProto.INT8, zero, scale, axis=1,
+                                      quant_weight_name=f"{name}_DQ_Q8")
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend([q, numpy_helper.from_array(scale, f"{name}_DQ_scales")])
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [q.name, f"{name}_DQ_scales"], [f"{name}_DQ"],
+                                               name=f"{name}_DQ", axis=1))
+        for node in model.graph.node:
+            for i, n in enumerate(node.input):
+                if n == name:
+                    node.input[i] = f"{name}_DQ"
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes + nodes)        # constants first: the graph stays topologically sorted
+    return model
+
+
+def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Scheme) -> tuple[onnx.ModelProto,
+                                                                                             GraphQuantization]:
+    """Quantize the decoder-layer MatMul weights of ``model`` (``weights``: :func:`decoder_linear_weights`) with
+    ``scheme``; returns the new model and what was quantized."""
+    found = _targets(model, weights)
+    renamed = []
+    for old, (node, param) in found.items():
+        _rename(model, old, f"{param}.T")
+        renamed.append(f"{param}.T")
+    float_bytes = sum(_tensor_bytes(i) for i in model.graph.initializer if i.name in set(renamed))
+    if renamed:
+        if scheme.bits == 4:
+            model = _quantize_int4(model, [node.name for node, _ in found.values()], scheme)
+        else:
+            model = _quantize_int8(model, renamed)
+    default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if default.version < scheme.min_opset:
+        raise FastVError(f"the quantized graph needs opset {scheme.min_opset}, it has {default.version}: a bug")
+    left = {i.name for i in model.graph.initializer} & set(renamed)
+    if left:
+        raise FastVError(f"{len(left)} weights were not quantized (e.g. {sorted(left)[0]}): a bug, please report")
+    quantized = [i for i in model.graph.initializer
+                 if QUANT_NAME.match(i.name) or any(i.name.startswith(r + "_DQ_") for r in renamed)]
+    q_bytes = sum(_tensor_bytes(i) for i in quantized)
+    return model, GraphQuantization([r[:-2] for r in renamed], float_bytes, q_bytes)
