@@ -2,8 +2,9 @@
 
 Each decoder-layer MatMul whose weight is a constant (a Linear of ``adapter.layers()``, found by its exact values)
 gets ``DequantizeLinear(weight_q, scale) -> MatMul``, standard ONNX that ONNX Runtime (CPU) and TensorRT(-RTX)
-run: int4 block-wise by ``MatMulNBitsQuantizer`` in its QDQ form (opset 21), int8 per output channel by
-``quant_utils`` (opset 13 DequantizeLinear with an axis). Both symmetric, no zero point. The quantized weight is
+run, with ONNX Runtime's quantization parameters and quantizer (``quant_utils``): int4 in blocks of 128 rows of
+the reduction axis (opset 21 block-wise DequantizeLinear), int8 per output channel (opset 13 DequantizeLinear with
+an axis). Both symmetric: zero point 0 (not written) and positive scales, as TensorRT's ONNX parser requires. The quantized weight is
 named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which parameter it replaces
 (fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as exported.
 """
@@ -71,7 +72,6 @@ def _targets(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, tuple
             continue
         param = weights.get(_digest(numpy_helper.to_array(init)))
         if param is not None and users[init.name] == 1:
-            node.name = node.name or f"fastv_quantized_matmul_{len(found)}"   # the quantizer selects by name
             found[init.name] = (node, param)
     return found
 
@@ -107,41 +107,43 @@ def _raise_opset(model: onnx.ModelProto, version: int) -> None:
     model.ir_version = max(model.ir_version, 10)
 
 
-def _quantize_int4(model: onnx.ModelProto, nodes: list[str], scheme: Scheme) -> onnx.ModelProto:
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _quantize_weights(model: onnx.ModelProto, targets: list[str], scheme: Scheme) -> onnx.ModelProto:
+    """Replace each weight of ``targets`` ([in, out]) by ``DequantizeLinear(q, scale)``: ONNX Runtime's blocked
+    min-max parameters (``compute_scale_zp_blocked``, symmetric: zero point 0, positive scales as TensorRT requires)
+    and quantizer (``quantize_nparray``), over blocks of ``scheme.block_size`` rows, or all rows (per channel)."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp_blocked, pack_bytes_to_4bit, quantize_nparray
 
-    _raise_opset(model, scheme.min_opset)
-    # the quantizer takes every node of op_types_to_quantize unless excluded: exclude all but ``nodes``
-    others = [n.name for n in model.graph.node if n.name not in set(nodes)]
-    quantizer = MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=scheme.block_size, is_symmetric=True,
-                                     quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",),
-                                     nodes_to_exclude=others)
-    quantizer.process()
-    return quantizer.model.model
-
-
-def _quantize_int8(model: onnx.ModelProto, targets: list[str]) -> onnx.ModelProto:
-    """int8 per output channel: ORT's min-max parameters and quantizer per column (axis 1 of [in, out])."""
-    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_onnx_initializer
-
+    qtype = getattr(onnx.TensorProto, scheme.onnx_dtype)
+    if scheme.min_opset > 18:
+        _raise_opset(model, scheme.min_opset)
     inits = {i.name: i for i in model.graph.initializer}
     new_nodes = []
     for name in targets:
         init = inits[name]
         w = numpy_helper.to_array(init)
-        params = [compute_data_quant_params(w[:, j], onnx.TensorProto.INT8, symmetric=True)
-                  for j in range(w.shape[1])]
-        zero = np.array([p[0] for p in params], dtype=np.int8)
-        scale = np.array([p[1] for p in params], dtype=w.dtype)
-        if np.any(zero != 0):
-            raise FastVError(f"symmetric int8 quantization of {name} gave a non-zero zero point: a bug, please report")
-        q = quantize_onnx_initializer(init, onnx.TensorProto.INT8, zero, scale, axis=1,
-                                      quant_weight_name=f"{name}_DQ_Q8")
+        rows, cols = w.shape
+        block = scheme.block_size or rows
+        zero, scale = compute_scale_zp_blocked(w, qtype, axis=0, block_size=block, symmetric=True)
+        if np.any(zero != 0) or np.any(scale <= 0):
+            raise FastVError(f"symmetric quantization of {name} gave a zero point or a scale <= 0: a bug")
+        blocks = scale.shape[0]
+        padded = np.zeros((blocks * block, cols), w.dtype)
+        padded[:rows] = w
+        q = quantize_nparray(qtype, padded.reshape(blocks, block, cols), scale[:, None, :], zero[:, None, :])
+        q = np.asarray(q).reshape(blocks * block, cols)[:rows]
+        qname, sname = f"{name}_DQ_Q{scheme.bits}", f"{name}_DQ_scales"
+        if scheme.bits == 4:
+            tensor = onnx.helper.make_tensor(qname, qtype, [rows, cols],
+                                             bytes(pack_bytes_to_4bit(q.astype(np.int8).tobytes())), raw=True)
+            attrs = {"axis": 0, "block_size": block}
+        else:
+            tensor = numpy_helper.from_array(q.astype(np.int8), qname)
+            scale = scale.reshape(cols)                                   # per output channel: opset 13 form
+            attrs = {"axis": 1}
         model.graph.initializer.remove(init)
-        model.graph.initializer.extend([q, numpy_helper.from_array(scale, f"{name}_DQ_scales")])
-        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [q.name, f"{name}_DQ_scales"], [f"{name}_DQ"],
-                                               name=f"{name}_DQ", axis=1))
+        model.graph.initializer.extend([tensor, numpy_helper.from_array(scale.astype(w.dtype), sname)])
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [qname, sname], [f"{name}_DQ"],
+                                               name=f"{name}_DQ", **attrs))
         for node in model.graph.node:
             for i, n in enumerate(node.input):
                 if n == name:
@@ -163,10 +165,7 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Sche
         renamed.append(f"{param}.T")
     float_bytes = sum(_tensor_bytes(i) for i in model.graph.initializer if i.name in set(renamed))
     if renamed:
-        if scheme.bits == 4:
-            model = _quantize_int4(model, [node.name for node, _ in found.values()], scheme)
-        else:
-            model = _quantize_int8(model, renamed)
+        model = _quantize_weights(model, renamed, scheme)
     default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if default.version < scheme.min_opset:
         raise FastVError(f"the quantized graph needs opset {scheme.min_opset}, it has {default.version}: a bug")

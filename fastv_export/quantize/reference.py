@@ -34,7 +34,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block_size: int) -> 
     """DequantizeLinear of a 2-D weight without zero point, in torch: per-axis (``block_size`` 0; ``scale`` has
     one value per index of ``axis``) or block-wise (``scale`` has ceil(rows / block) entries along ``axis``)."""
     qt = torch.from_numpy(np.asarray(q).astype(np.int32)).to(torch.float32)
-    st = torch.from_numpy(np.asarray(scale, dtype=np.float32))
+    st = torch.from_numpy(np.array(scale, dtype=np.float32))
     if block_size:
         st = st.repeat_interleave(block_size, dim=axis).narrow(axis, 0, qt.shape[axis])
     else:

@@ -56,6 +56,6 @@ def check_target(scheme_name: str | None, compute_capabilities) -> None:
     for cc in compute_capabilities:
         digits = str(cc).upper().replace("SM_", "").replace("SM", "").replace(".", "")
         if digits.isdigit() and int(digits) < scheme.min_sm:
-            raise FastVError(f"a {scheme.name} weight-only bundle cannot be built for {cc}: TensorRT-RTX builds "
+            raise FastVError(f"a bundle with {scheme.name} weights cannot be built for {cc}: TensorRT-RTX builds "
                              f"quantized weights for SM{scheme.min_sm} and later; drop {cc} from "
                              "--compute-capability or export without --quantize")
