@@ -1,5 +1,5 @@
 """Quantized bundles: weight-only int8 / int4 decoder weights (ONNX Runtime's quantization tools), the manifest's
-``quantization`` section, and the quantized model's PyTorch reference (docs/design.md §12)."""
+``quantization`` section, and the quantized model's PyTorch reference (docs/design.md §10)."""
 from __future__ import annotations
 
 import logging

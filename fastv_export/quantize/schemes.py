@@ -29,7 +29,7 @@ class Scheme:
 
 
 #: TensorRT-RTX 1.7 builds DequantizeLinear -> MatMul weights ahead of time for SM80 and later; SM75 fails in
-#: its Myelin compiler for both forms (docs/design.md §12).
+#: its Myelin compiler for both forms (docs/design.md §10).
 SCHEMES: dict[str, Scheme] = {
     "int8": Scheme("int8", 8, 0, "INT8", 13, 80),
     "int4": Scheme("int4", 4, 128, "INT4", 21, 80),
