@@ -414,5 +414,8 @@ def format_report(report: dict) -> str:
         if c["forced_max_logits_error"] is not None:
             lines.append(f"      forced reference selection: logits err {c['forced_max_logits_error']:.2e}, "
                          f"tokens {'same' if c['forced_tokens_identical'] else 'DIFF'}")
+    if report.get("quantization"):
+        from fastv_export.quantize.gap import format_gaps
+        lines.extend(format_gaps(report["quantization"]))
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)

@@ -41,3 +41,15 @@ def quantization_gap(float_model, cfg, prompt, steps: int, tokens: np.ndarray, s
                            prefill_top1_agreement=float(np.mean(first.argmax(-1) == ref_first.argmax(-1))),
                            token_agreement=float(np.mean(np.asarray(tokens) == ref_tokens)),
                            selection_agreement=selection)
+
+
+def format_gaps(section: dict) -> list[str]:
+    """The validation table's lines for a quantized bundle: the reference used, then the gap per case."""
+    lines = [f"{section['scheme']} weights: compared with {section['reference']}; gap to the unquantized model "
+             "(reported, not bounded):",
+             f"{'batch':>5} {'prefill logits err':>19} {'max|logit|':>10} {'top-1':>6} {'tokens':>7} {'selection':>10}"]
+    for g in section["gap_to_unquantized"]:
+        lines.append(f"{g['batch']:>5} {g['prefill_logits_error']:>19.3e} {g['prefill_logits_max']:>10.2f} "
+                     f"{g['prefill_top1_agreement']:>6.0%} {g['token_agreement']:>7.0%} "
+                     f"{g['selection_agreement']:>10.1%}")
+    return lines
