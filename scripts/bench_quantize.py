@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for scheme in [s.strip() for s in args.schemes.split(",") if s.strip()]:
         bundle = Path(args.work) / f"{args.model}-{scheme}"
+        bundle.parent.mkdir(parents=True, exist_ok=True)
         if not (bundle / "manifest.json").is_file():
             export_bundle(bundle, FastVConfig(k=args.k, ratio="1/2"),
                           ExportOptions(model=args.model, quantize=None if scheme == "none" else scheme, force=True))

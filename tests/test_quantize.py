@@ -218,3 +218,15 @@ def test_dequantized_reference_replaces_the_parameters(tmp_path):
     assert apply_quantized_weights(lin, tmp_path) == 1
     scale = before.abs().amax(dim=1, keepdim=True) / 127
     torch.testing.assert_close(lin[0].weight, torch.round(before / scale) * scale, rtol=0, atol=1e-6)
+
+
+def test_schema_section_agrees_with_the_schemes():
+    """The manifest schema's quantization section names exactly the schemes the code offers, with their dtypes."""
+    from fastv_export.bundle.verify import manifest_schema
+
+    props = manifest_schema()["properties"]["quantization"]["properties"]
+    assert set(props["scheme"]["enum"]) == set(SCHEMES)
+    assert set(props["weight_dtype"]["enum"]) == {s.onnx_dtype for s in SCHEMES.values()}
+    assert set(props["bits"]["enum"]) == {s.bits for s in SCHEMES.values()}
+    assert set(props["granularity"]["enum"]) == {s.granularity for s in SCHEMES.values()}
+    assert "quantization" not in manifest_schema()["required"]       # float bundles have none
