@@ -122,7 +122,7 @@ def _quantize_weights(model: onnx.ModelProto, targets: list[str], scheme: Scheme
         init = inits[name]
         w = numpy_helper.to_array(init)
         rows, cols = w.shape
-        block = scheme.block_size or rows
+        block = min(scheme.block_size, rows) if scheme.block_size else rows   # a short weight: one block
         zero, scale = compute_scale_zp_blocked(w, qtype, axis=0, block_size=block, symmetric=True)
         if np.any(zero != 0) or np.any(scale <= 0):
             raise FastVError(f"symmetric quantization of {name} gave a zero point or a scale <= 0: a bug")
