@@ -4,9 +4,9 @@ Each decoder-layer MatMul whose weight is a constant (a Linear of ``adapter.laye
 gets ``DequantizeLinear(weight_q, scale) -> MatMul``, standard ONNX that ONNX Runtime (CPU) and TensorRT(-RTX)
 run, with ONNX Runtime's quantization parameters and quantizer (``quant_utils``): int4 in blocks of 128 rows of
 the reduction axis (opset 21 block-wise DequantizeLinear), int8 per output channel (opset 13 DequantizeLinear with
-an axis). Both symmetric: zero point 0 (not written) and positive scales, as TensorRT's ONNX parser requires. The quantized weight is
-named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which parameter it replaces
-(fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as exported.
+an axis). Both symmetric: zero point 0 (not written) and positive scales, as TensorRT's ONNX parser requires.
+The quantized weight is named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which
+parameter it replaces (fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as exported.
 """
 from __future__ import annotations
 
