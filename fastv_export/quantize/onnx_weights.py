@@ -6,7 +6,8 @@ run, with ONNX Runtime's quantization parameters and quantizer (``quant_utils``)
 the reduction axis (opset 21 block-wise DequantizeLinear), int8 per output channel (opset 13 DequantizeLinear with
 an axis). Both symmetric: zero point 0 (not written) and positive scales, as TensorRT's ONNX parser requires.
 The quantized weight is named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which
-parameter it replaces (fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as exported.
+parameter it replaces (fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as
+exported.
 """
 from __future__ import annotations
 
@@ -111,7 +112,12 @@ def _quantize_weights(model: onnx.ModelProto, targets: list[str], scheme: Scheme
     """Replace each weight of ``targets`` ([in, out]) by ``DequantizeLinear(q, scale)``: ONNX Runtime's blocked
     min-max parameters (``compute_scale_zp_blocked``, symmetric: zero point 0, positive scales as TensorRT requires)
     and quantizer (``quantize_nparray``), over blocks of ``scheme.block_size`` rows, or all rows (per channel)."""
-    from onnxruntime.quantization.quant_utils import compute_scale_zp_blocked, pack_bytes_to_4bit, quantize_nparray
+    try:
+        from onnxruntime.quantization.quant_utils import compute_scale_zp_blocked, pack_bytes_to_4bit, quantize_nparray
+    except ImportError as e:              # older ONNX Runtime releases lack the blocked helpers (1.31 has them)
+        import onnxruntime
+        raise FastVError(f"--quantize needs ONNX Runtime's blocked quantization helpers, which onnxruntime "
+                         f"{onnxruntime.__version__} lacks ({e}); pip install -U 'onnxruntime<1.32'") from e
 
     qtype = getattr(onnx.TensorProto, scheme.onnx_dtype)
     if scheme.min_opset > 18:
