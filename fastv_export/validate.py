@@ -290,12 +290,19 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
     if config_hash(adapter) != bundle.config_sha256:
         raise FastVError(f"{bundle.path}/manifest.json field 'source_model.config_sha256' does not match the "
                          f"model {str(source)!r}: the bundle is stale; re-export it")
+    float_model = None
+    if bundle.quantization is not None:      # the reference: the bundle's integer weights dequantized in PyTorch
+        import copy
+
+        from fastv_export.quantize.reference import apply_quantized_weights
+        float_model = copy.deepcopy(model)
+        apply_quantized_weights(model, bundle.path, {g: bundle.file(g).name for g in ("pre_k", "post_k")})
     if runner is None:
         from fastv_export.runtime.ort import OrtRunner
         runner = OrtRunner(bundle)
     out_dir = Path(report_dir) if report_dir else bundle.path / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = []
+    cases, gaps = [], []
     prompts = (_request_prompts(bundle, adapter, requests) if requests
                else [make_prompt(adapter, [12 + 5 * i for i in range(b)], num_images=1, seed=seed + b, media=media)
                      for b in batch_sizes])
@@ -332,12 +339,19 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
         case.failure = failure or ("" if ok else _why(case, tol))
         case.passed = ok and not failure
         cases.append(case)
+        if float_model is not None:
+            from fastv_export.quantize.gap import quantization_gap
+            gaps.append(quantization_gap(float_model, cfg, prompt, max_new_tokens, gen.tokens, run_logits,
+                                         gen.kept).to_dict())
     report = {"bundle": str(bundle.path), "model": bundle.source_name, "runner": runner.name,
               "media": ([asdict(x) for x in prompts[0].media] if requests and prompts[0].media else
                         None if media is None else [asdict(x) for x in media]),
               "requests": len(requests) if requests else 0,
               "fastv": cfg.to_manifest(), "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
               "cases": [asdict(c) for c in cases], "passed": all(c.passed for c in cases)}
+    if float_model is not None:
+        report["quantization"] = {"scheme": bundle.quantization_scheme, "reference": "the quantized model (the "
+                                  "bundle's integer weights dequantized in PyTorch)", "gap_to_unquantized": gaps}
     atomic_write_json(out_dir / "validation.json", report)
     return report
 
@@ -400,5 +414,8 @@ def format_report(report: dict) -> str:
         if c["forced_max_logits_error"] is not None:
             lines.append(f"      forced reference selection: logits err {c['forced_max_logits_error']:.2e}, "
                          f"tokens {'same' if c['forced_tokens_identical'] else 'DIFF'}")
+    if report.get("quantization"):
+        from fastv_export.quantize.gap import format_gaps
+        lines.extend(format_gaps(report["quantization"]))
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)

@@ -207,6 +207,16 @@ class Manifest:
         return self.raw["precision"]
 
     @property
+    def quantization(self) -> Mapping[str, Any] | None:
+        """The ``quantization`` section of a quantized bundle (weight-only decoder weights), None otherwise."""
+        return self.raw.get("quantization")
+
+    @property
+    def quantization_scheme(self) -> str | None:
+        """"int8" or "int4" for a quantized bundle, None otherwise."""
+        return (self.quantization or {}).get("scheme")
+
+    @property
     def float_dtype(self) -> np.dtype:
         """numpy dtype of the graphs' float tensors (the bundle's precision)."""
         return np.dtype(spec.PRECISIONS[self.precision])

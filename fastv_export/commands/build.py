@@ -103,9 +103,15 @@ def build_with_progress(bundle, options):
     the inputs are checked); returns the rebuilt Bundle."""
     from tqdm import tqdm
 
+    from fastv_export.bundle import Bundle, load_bundle
     from fastv_export.engines.build import build_engines
     from fastv_export.graphs import spec
+    from fastv_export.quantize import check_target
 
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    if options.backend != "tensorrt":           # TensorRT-RTX ahead of time: quantized weights need SM80+
+        check_target(bundle.quantization_scheme, options.compute_capabilities)
     bar = None
 
     def progress(graph: str) -> None:

@@ -19,6 +19,7 @@ examples:
   fastv-export export --out bundle                               # tiny-llava, K=2, R=1/2
   fastv-export export --model tiny-qwen2-vl --k 1 --r 3/4 --ranking mean --out qwen-bundle
   fastv-export export --dtype fp16 --out bundle-fp16 --force
+  fastv-export export --model tiny-llava-shapes --quantize int4 --out bundle-int4   # int4 weights, block 128
 then: fastv-export validate bundle
 """
 
@@ -33,13 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--external-data", action="store_true", default=None,
                         help="write every graph's weights beside it as <graph>.onnx.data (default: only graphs over "
                              "the 2 GB protobuf limit)")
+    parser.add_argument("--quantize", default="none", metavar="SCHEME",
+                        help="weight-only quantization of the decoder layers: none (default), int8 (per output "
+                             "channel) or int4 (blocks of 128); symmetric min-max, no calibration data")
 
 
 def run(args: argparse.Namespace) -> int:
     from fastv_export.export.onnx_export import ExportOptions, export_bundle
 
+    from fastv_export.quantize import get_scheme
+
     cfg = fastv_config_from_args(args)
+    scheme = get_scheme(args.quantize)          # an unknown scheme stops here, before the model loads
     out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
-                                                     external_data=args.external_data)).path
-    print(f"wrote {out} ({cfg.describe()}, {args.dtype}); next: fastv-export validate {out}")
+                                                     external_data=args.external_data,
+                                                     quantize=scheme and scheme.name)).path
+    what = args.dtype if scheme is None else f"{args.dtype}, {scheme.name} weights"
+    print(f"wrote {out} ({cfg.describe()}, {what}); next: fastv-export validate {out}")
     return 0

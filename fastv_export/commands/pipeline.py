@@ -52,10 +52,16 @@ def run(args: argparse.Namespace) -> int:
     from fastv_export.export.onnx_export import ExportOptions, export_bundle
     from fastv_export.validate import format_report, validate_bundle
 
+    from fastv_export.quantize import check_target, get_scheme
+
     cfg = fastv_config_from_args(args)
+    scheme = get_scheme(args.quantize)
     options = with_plugin_resolved(build_options_from_args(args))   # no plugin: stop here, before exporting
+    if options.backend != "tensorrt":
+        check_target(scheme and scheme.name, options.compute_capabilities)
     bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
-                                                        external_data=args.external_data))
+                                                        external_data=args.external_data,
+                                                        quantize=scheme and scheme.name))
     out = bundle.path
     print(f"1/3 exported {out} ({cfg.describe()}, {args.dtype})")
     report = validate_bundle(bundle, args.validate_tokens, (1, 3))   # the bundle as written: verified once

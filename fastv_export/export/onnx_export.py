@@ -37,6 +37,8 @@ class ExportOptions:
     force: bool = False
     #: weights beside each graph in ``<graph>.onnx.data``: True always, None when a graph is over 2 GB
     external_data: bool | None = None
+    #: weight-only quantization of the decoder layers (fastv_export/quantize): None, "int8" or "int4"
+    quantize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,12 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
     out = Path(out_dir)
     if options.dtype not in DTYPES:
         raise FastVError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    from fastv_export.quantize import get_scheme
+
+    scheme = get_scheme(options.quantize)
+    if scheme is not None and options.dtype != "fp32":
+        raise FastVError(f"--quantize {scheme.name} is available for --dtype fp32 bundles only (fp16 scales are not "
+                         "done yet); drop --dtype or --quantize")
     if cfg.k == 0:
         raise FastVError("export needs K >= 1 (K = 0 prunes before any decoder layer; use the PyTorch "
                          "reference for that ablation)")
@@ -212,8 +220,16 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
         specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data)
+        quantization = None
+        if scheme is not None:
+            from fastv_export.quantize import quantize_bundle_graphs
+
+            quantization = quantize_bundle_graphs(adapter, tmp, specs, written, scheme,
+                                                  lambda m, p: _save_proto(m, p, options.external_data))
         serving = write_serving_files(options.model, adapter.config, tmp)
-        manifest = write_manifest(tmp, export_manifest(adapter, cfg, options.dtype, options.model, out, specs,
-                                                       written, serving))
+        manifest = export_manifest(adapter, cfg, options.dtype, options.model, out, specs, written, serving)
+        if quantization is not None:
+            manifest["quantization"] = quantization
+        manifest = write_manifest(tmp, manifest)
     log.info("bundle written to %s", out)
     return Bundle(out, manifest)

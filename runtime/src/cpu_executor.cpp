@@ -28,6 +28,8 @@ def open_sessions(paths):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # quantized bundles: fused DequantizeLinear -> MatMul keeps float activations (fastv_export/runtime/ort.py)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return {g: ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for g, p in paths.items()}
 
 def run(session, feeds):

@@ -1,0 +1,55 @@
+"""What quantization costs: a quantized bundle's run against the UNquantized model's reference FastV."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class QuantizationGap:
+    """One validation case: the bundle's greedy run against the float model's reference FastV on the same prompt.
+    ``prefill_logits_error``: max |a - b| of the first step's logits (before the two runs can diverge);
+    ``token_agreement``: share of generated tokens equal position by position; ``selection_agreement``: share of
+    the kept image tokens that the float model keeps too (1.0 without candidates)."""
+    batch: int
+    prefill_logits_error: float
+    prefill_logits_max: float
+    prefill_top1_agreement: float
+    token_agreement: float
+    selection_agreement: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantization_gap(float_model, cfg, prompt, steps: int, tokens: np.ndarray, step_logits: np.ndarray,
+                     kept: np.ndarray) -> QuantizationGap:
+    """The gap of a run (``tokens`` [B, T], ``step_logits`` [B, T, V], ``kept`` [B, n']) to ``float_model``."""
+    from fastv_export.validate import _reference
+
+    ref_tokens, ref_logits, ref_kept, _, _ = _reference(float_model, cfg, prompt, steps)
+    first, ref_first = np.asarray(step_logits[:, 0], np.float64), np.asarray(ref_logits[:, 0], np.float64)
+    if ref_kept is None or kept.size == 0:
+        selection = 1.0
+    else:
+        ref_kept = np.asarray(ref_kept)
+        selection = float(np.mean([len(set(kept[r].tolist()) & set(ref_kept[r].tolist())) / max(1, kept.shape[1])
+                                   for r in range(kept.shape[0])]))
+    return QuantizationGap(batch=int(tokens.shape[0]), prefill_logits_error=float(np.abs(first - ref_first).max()),
+                           prefill_logits_max=float(np.abs(ref_first).max()),
+                           prefill_top1_agreement=float(np.mean(first.argmax(-1) == ref_first.argmax(-1))),
+                           token_agreement=float(np.mean(np.asarray(tokens) == ref_tokens)),
+                           selection_agreement=selection)
+
+
+def format_gaps(section: dict) -> list[str]:
+    """The validation table's lines for a quantized bundle: the reference used, then the gap per case."""
+    lines = [f"{section['scheme']} weights: compared with {section['reference']}; gap to the unquantized model "
+             "(reported, not bounded):",
+             f"{'batch':>5} {'prefill logits err':>19} {'max|logit|':>10} {'top-1':>6} {'tokens':>7} {'selection':>10}"]
+    for g in section["gap_to_unquantized"]:
+        lines.append(f"{g['batch']:>5} {g['prefill_logits_error']:>19.3e} {g['prefill_logits_max']:>10.2f} "
+                     f"{g['prefill_top1_agreement']:>6.0%} {g['token_agreement']:>7.0%} "
+                     f"{g['selection_agreement']:>10.1%}")
+    return lines

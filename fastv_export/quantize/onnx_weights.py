@@ -1,0 +1,184 @@
+"""Weight-only quantization of the exported decoder graphs with ONNX Runtime's quantization tools.
+
+Each decoder-layer MatMul whose weight is a constant (a Linear of ``adapter.layers()``, found by its exact values)
+gets ``DequantizeLinear(weight_q, scale) -> MatMul``, standard ONNX that ONNX Runtime (CPU) and TensorRT(-RTX)
+run, with ONNX Runtime's quantization parameters and quantizer (``quant_utils``): int4 in blocks of 128 rows of
+the reduction axis (opset 21 block-wise DequantizeLinear), int8 per output channel (opset 13 DequantizeLinear with
+an axis). Both symmetric: zero point 0 (not written) and positive scales, as TensorRT's ONNX parser requires.
+The quantized weight is named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which
+parameter it replaces (fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as
+exported.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fastv_export.errors import FastVError
+from fastv_export.quantize.schemes import Scheme
+
+log = logging.getLogger(__name__)
+
+#: a quantized weight's initializer name: the torch parameter it came from, transposed (MatMul's [in, out])
+QUANT_NAME = re.compile(r"^(?P<param>.+)\.T_DQ_Q(?P<bits>\d+)$")
+
+
+@dataclass
+class GraphQuantization:
+    """What quantizing one graph did: the parameters replaced, their bytes before (float) and after (integer
+    weights + scales)."""
+    params: list[str]
+    float_bytes: int
+    quantized_bytes: int
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def decoder_linear_weights(adapter) -> dict[str, str]:
+    """sha256 of each decoder-layer Linear weight as the exported MatMul holds it ([in, out], i.e. transposed)
+    -> the torch parameter name in ``adapter.model``."""
+    import torch
+
+    names = {id(p): n for n, p in adapter.model.named_parameters()}
+    out = {}
+    for layer in adapter.layers():
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.detach()
+                out[_digest(w.t().contiguous().cpu().numpy())] = names[id(module.weight)]
+    return out
+
+
+def _targets(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, tuple[onnx.NodeProto, str]]:
+    """Initializer name -> (its MatMul, the torch parameter) for every MatMul whose weight is a decoder Linear."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        param = weights.get(_digest(numpy_helper.to_array(init)))
+        if param is not None and users[init.name] == 1:
+            found[init.name] = (node, param)
+    return found
+
+
+def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
+    for init in model.graph.initializer:
+        if init.name == old:
+            init.name = new
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+
+
+#: ops whose meaning (not only their accepted types) changed between opset 18 and 21: refused by the opset raise
+CHANGED_BY_OPSET_21 = {"GroupNormalization"}
+
+
+def _raise_opset(model: onnx.ModelProto, version: int) -> None:
+    """Import the default domain at ``version`` in the model and its local functions (TokenSelect's body): the
+    changes from 18 to 21 to the ops these graphs use only add element types (int4, float8), so the meaning stays."""
+    used = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    if used & CHANGED_BY_OPSET_21:
+        raise FastVError(f"cannot raise the graph to opset {version}: it uses {sorted(used & CHANGED_BY_OPSET_21)}")
+    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
+        for o in imports:
+            if o.domain in ("", "ai.onnx") and o.version < version:
+                o.version = version
+    model.ir_version = max(model.ir_version, 10)
+
+
+def _quantize_weights(model: onnx.ModelProto, targets: list[str], scheme: Scheme) -> onnx.ModelProto:
+    """Replace each weight of ``targets`` ([in, out]) by ``DequantizeLinear(q, scale)``: ONNX Runtime's blocked
+    min-max parameters (``compute_scale_zp_blocked``, symmetric: zero point 0, positive scales as TensorRT requires)
+    and quantizer (``quantize_nparray``), over blocks of ``scheme.block_size`` rows, or all rows (per channel)."""
+    try:
+        from onnxruntime.quantization.quant_utils import compute_scale_zp_blocked, pack_bytes_to_4bit, quantize_nparray
+    except ImportError as e:              # older ONNX Runtime releases lack the blocked helpers (1.31 has them)
+        import onnxruntime
+        raise FastVError(f"--quantize needs ONNX Runtime's blocked quantization helpers, which onnxruntime "
+                         f"{onnxruntime.__version__} lacks ({e}); pip install -U 'onnxruntime<1.32'") from e
+
+    qtype = getattr(onnx.TensorProto, scheme.onnx_dtype)
+    if scheme.min_opset > 18:
+        _raise_opset(model, scheme.min_opset)
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes = []
+    for name in targets:
+        init = inits[name]
+        w = numpy_helper.to_array(init)
+        rows, cols = w.shape
+        block = min(scheme.block_size, rows) if scheme.block_size else rows   # a short weight: one block
+        zero, scale = compute_scale_zp_blocked(w, qtype, axis=0, block_size=block, symmetric=True)
+        if np.any(zero != 0) or np.any(scale <= 0):
+            raise FastVError(f"symmetric quantization of {name} gave a zero point or a scale <= 0: a bug")
+        blocks = scale.shape[0]
+        padded = np.zeros((blocks * block, cols), w.dtype)
+        padded[:rows] = w
+        q = quantize_nparray(qtype, padded.reshape(blocks, block, cols), scale[:, None, :], zero[:, None, :])
+        q = np.asarray(q).reshape(blocks * block, cols)[:rows]
+        qname, sname = f"{name}_DQ_Q{scheme.bits}", f"{name}_DQ_scales"
+        if scheme.bits == 4:
+            tensor = onnx.helper.make_tensor(qname, qtype, [rows, cols],
+                                             bytes(pack_bytes_to_4bit(q.astype(np.int8).tobytes())), raw=True)
+            attrs = {"axis": 0, "block_size": block}
+        else:
+            tensor = numpy_helper.from_array(q.astype(np.int8), qname)
+            scale = scale.reshape(cols)                                   # per output channel: opset 13 form
+            attrs = {"axis": 1}
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend([tensor, numpy_helper.from_array(scale.astype(w.dtype), sname)])
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [qname, sname], [f"{name}_DQ"],
+                                               name=f"{name}_DQ", **attrs))
+        for node in model.graph.node:
+            for i, n in enumerate(node.input):
+                if n == name:
+                    node.input[i] = f"{name}_DQ"
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes + nodes)        # constants first: the graph stays topologically sorted
+    return model
+
+
+def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Scheme) -> tuple[onnx.ModelProto,
+                                                                                             GraphQuantization]:
+    """Quantize the decoder-layer MatMul weights of ``model`` (``weights``: :func:`decoder_linear_weights`) with
+    ``scheme``; returns the new model and what was quantized."""
+    found = _targets(model, weights)
+    renamed = []
+    for old, (node, param) in found.items():
+        _rename(model, old, f"{param}.T")
+        renamed.append(f"{param}.T")
+    float_bytes = sum(_tensor_bytes(i) for i in model.graph.initializer if i.name in set(renamed))
+    if renamed:
+        model = _quantize_weights(model, renamed, scheme)
+    default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if default.version < scheme.min_opset:
+        raise FastVError(f"the quantized graph needs opset {scheme.min_opset}, it has {default.version}: a bug")
+    left = {i.name for i in model.graph.initializer} & set(renamed)
+    if left:
+        raise FastVError(f"{len(left)} weights were not quantized (e.g. {sorted(left)[0]}): a bug, please report")
+    quantized = [i for i in model.graph.initializer
+                 if QUANT_NAME.match(i.name) or any(i.name.startswith(r + "_DQ_") for r in renamed)]
+    q_bytes = sum(_tensor_bytes(i) for i in quantized)
+    return model, GraphQuantization([r[:-2] for r in renamed], float_bytes, q_bytes)
