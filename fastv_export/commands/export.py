@@ -5,6 +5,7 @@ import argparse
 
 from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
 from fastv_export.graphs import spec
+from fastv_export.memory import add_memory_argument
 
 HELP = "export a model with FastV as vision / embed / pre-K (+TokenSelect) / post-K ONNX graphs"
 DESCRIPTION = """\
@@ -33,13 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--external-data", action="store_true", default=None,
                         help="write every graph's weights beside it as <graph>.onnx.data (default: only graphs over "
                              "the 2 GB protobuf limit)")
+    add_memory_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastv_export.export.onnx_export import ExportOptions, export_bundle
-
     cfg = fastv_config_from_args(args)
-    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
-                                                     external_data=args.external_data)).path
+    out = measured_export(args, cfg).path
     print(f"wrote {out} ({cfg.describe()}, {args.dtype}); next: fastv-export validate {out}")
     return 0
+
+
+def measured_export(args: argparse.Namespace, cfg):
+    """export_bundle of the arguments, after the memory check (stops if the estimate does not fit), its peak
+    RSS recorded in BUNDLE/logs/stages.json (shared with `fastv-export pipeline`)."""
+    from fastv_export import memory
+    from fastv_export.export.onnx_export import ExportOptions, export_bundle
+
+    est, available = memory.preflight(lambda: memory.export_estimate(args.model, args.dtype),
+                                      memory.EXPORT_ADVICE[args.dtype], args.ignore_memory_check)
+    with memory.measure("export", est, available) as record:
+        bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
+                                                            external_data=args.external_data))
+    memory.record_stages(bundle.path, record, previous={})
+    return bundle
