@@ -1,9 +1,16 @@
 """Export a HF VLM with FastV into a bundle: vision / embed / pre-K (+TokenSelect) / post-K ONNX
-graphs and manifest.json, written atomically (temporary directory, then rename)."""
+graphs and manifest.json, written atomically (temporary directory, then rename).
+
+Memory: while the PyTorch model is loaded every graph is written with its weights as external data, streamed from
+the model's tensors (torch.onnx's ONNX IR) or moved out of the ModelProto in place (onnx), so no graph's weights
+are held twice beside the model; once the model is freed, a graph meant to be one file (under 2 GB, no
+--external-data) is read back and written whole (``finish_graphs``: 2x that graph at most, the model gone)."""
 from __future__ import annotations
 
+import gc
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,7 +81,8 @@ def _dynamo_program(module: torch.nn.Module, args: tuple, graph: spec.GraphSpec,
 
 def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) -> None:
     """Write ``model`` to ``path``, its weights in ``<file>.data`` beside it when ``external_data`` (None: when
-    the model does not fit one protobuf)."""
+    the model does not fit one protobuf). With external data, onnx moves each tensor's bytes out of ``model``
+    into the file (in place: ``model`` is left without its weights)."""
     if external_data is None:
         external_data = model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF
     onnx.save(model, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
@@ -82,6 +90,30 @@ def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) 
     data = path.with_name(f"{path.name}.data")
     if data.is_file():                      # onnx writes it 0600: give it the mode of the bundle's other files
         data.chmod(path.stat().st_mode & 0o777)
+
+
+def finish_graphs(out: Path, graphs: dict[str, spec.GraphSpec], external_data: bool | None) -> None:
+    """The graphs of ``out`` (written with external data) in their final form, then checked: unless
+    ``external_data`` is True, a graph whose file and data together fit one protobuf (2 GB) is read back and
+    written as one file (the data file removed). Call it with the PyTorch model freed: it holds one graph's
+    weights twice (loaded, then serialized)."""
+    from fastv_export.graphs.schema import register_schema
+
+    for g in graphs.values():
+        path = out / g.file
+        data = path.with_name(f"{path.name}.data")
+        if external_data is not True and data.is_file() and \
+                path.stat().st_size + data.stat().st_size < onnx.checker.MAXIMUM_PROTOBUF:
+            model = onnx.load(str(path))                 # the weights read back into the proto
+            mode = path.stat().st_mode & 0o777
+            os.remove(data)
+            onnx.save(model, str(path))
+            path.chmod(mode)
+            del model
+            gc.collect()
+    register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
+    for g in graphs.values():
+        onnx.checker.check_model(str(out / g.file), full_check=True)
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphSpec, opset: int,
@@ -94,9 +126,14 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphS
         with torch.no_grad():
             torch.onnx.export(module, args, buffer, input_names=graph.input_names,
                               output_names=graph.output_names, dynamo=False, opset_version=opset)
-        model = onnx.load_from_string(buffer.getvalue())
+        model = onnx.ModelProto()
+        view = buffer.getbuffer()
+        model.ParseFromString(view)          # from the buffer itself: no copy of the serialized graph
+        view.release()
+        del buffer
+        written = _proto_written(model)
         _save_proto(model, path, external_data)
-        return _proto_written(model)
+        return written
     program = _dynamo_program(module, args, graph, opset)
     written = WrittenGraph({"inputs": _ir_io(program.model.graph.inputs),
                             "outputs": _ir_io(program.model.graph.outputs)},
@@ -137,10 +174,12 @@ def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: i
 
 
 def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, out: Path, opset: int,
-                  external_data: bool | None = None) -> tuple[dict[str, spec.GraphSpec], dict[str, WrittenGraph]]:
-    """Write the four graphs of :func:`spec.bundle_graphs` into ``out``, each once (weights as external data:
-    see :class:`ExportOptions`); return their specs and what each holds as written."""
-    from fastv_export.graphs.schema import register_schema
+                  external_data: bool | None = None,
+                  finish: bool = True) -> tuple[dict[str, spec.GraphSpec], dict[str, WrittenGraph]]:
+    """Write the four graphs of :func:`spec.bundle_graphs` into ``out``, each once with its weights as external
+    data, then (``finish``) in their final form (:func:`finish_graphs`, ``external_data``: see
+    :class:`ExportOptions`); return their specs and what each holds as written. ``finish=False`` leaves that to
+    the caller, to do once the model is freed."""
     from fastv_export.graphs.surgery import insert_token_select
     from fastv_export.prompts import make_prompt
 
@@ -154,7 +193,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
 
     # vision: one call (a default-sized image, or one unit of a dynamic layout) -> [tokens, D]
     written["vision"] = _export(Vision(adapter).eval(), adapter.vision_example(pixels), out / graphs["vision"].file,
-                                graphs["vision"], opset, tracer=adapter.vision_tracer, external_data=external_data)
+                                graphs["vision"], opset, tracer=adapter.vision_tracer, external_data=True)
     steps.update()
 
     # embed: token embedding + image features at the image-token positions
@@ -162,7 +201,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     ids[0, 2], ids[1, 3] = adapter.image_token_ids()[0], adapter.image_token_ids()[0]
     feats = [torch.randn(2, shape.hidden_size, dtype=dtype) for _ in range(1 + deepstack)]
     written["embed"] = _export(Embed(adapter).eval(), tuple([ids, *feats]), out / graphs["embed"].file,
-                               graphs["embed"], opset, external_data=external_data)
+                               graphs["embed"], opset, external_data=True)
     steps.update()
 
     # pre-K: layers < K, then TokenSelect (graph surgery on the exported model in memory)
@@ -176,8 +215,8 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
                                 seed=cfg.seed, scale=float(adapter.layers()[k - 1].self_attn.scaling),
                                 position_rank=rank, k=k, deepstack=deepstack)
     del program
-    _save_proto(model, out / graphs["pre_k"].file, external_data)
     written["pre_k"] = _proto_written(model)
+    _save_proto(model, out / graphs["pre_k"].file, True)    # the weights moved out of the proto into the file
     del model
     steps.update()
 
@@ -185,12 +224,11 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, num_layers - k)
     levels = [torch.randn(hidden.shape, dtype=dtype) for _ in range(k, max(k, deepstack))]
     written["post_k"] = _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv, *levels),
-                                out / graphs["post_k"].file, graphs["post_k"], opset, external_data=external_data)
+                                out / graphs["post_k"].file, graphs["post_k"], opset, external_data=True)
     steps.update()
     steps.close()
-    register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
-    for g in graphs.values():
-        onnx.checker.check_model(str(out / g.file), full_check=True)
+    if finish:
+        finish_graphs(out, graphs, external_data)
     return graphs, written
 
 
@@ -211,9 +249,12 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         model = load_model(options.model, attn_implementation="eager", dtype=dtype)
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
-        specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data)
+        specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data, finish=False)
         serving = write_serving_files(options.model, adapter.config, tmp)
-        manifest = write_manifest(tmp, export_manifest(adapter, cfg, options.dtype, options.model, out, specs,
-                                                       written, serving))
+        manifest = export_manifest(adapter, cfg, options.dtype, options.model, out, specs, written, serving)
+        del model, adapter                        # the graphs are finished without the PyTorch model in memory
+        gc.collect()
+        finish_graphs(tmp, specs, options.external_data)
+        manifest = write_manifest(tmp, manifest)
     log.info("bundle written to %s", out)
     return Bundle(out, manifest)
