@@ -7,7 +7,6 @@ are held twice beside the model; once the model is freed, a graph meant to be on
 --external-data) is read back and written whole (``finish_graphs``: 2x that graph at most, the model gone)."""
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import os
@@ -24,6 +23,7 @@ from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_directory
 from fastv_export.graphs import spec
+from fastv_export.memory import release_freed
 from fastv_export.export.modules import Embed, PostK, PreK, Vision
 from fastv_export.presets import load_model
 
@@ -92,28 +92,94 @@ def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) 
         data.chmod(path.stat().st_mode & 0o777)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+#: protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _write_whole(path: Path, data: Path, out: Path, chunk: int = 64 << 20) -> bool:
+    """Write the graph ``path`` (its initializers' weights in ``data``) to ``out`` as one file without holding the
+    weights: the graph without those initializers, then a second ``graph`` field holding only them (protobuf
+    merges a message field that appears twice), each tensor's bytes copied from ``data`` in chunks. False (nothing
+    written) when some weights are not initializers stored in ``data`` with an offset and a length."""
+    model = onnx.load(str(path), load_external_data=False)
+    heads, kept = [], []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            kept.append(onnx.TensorProto.FromString(t.SerializeToString()))
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") != data.name or "length" not in info:
+            return False
+        head = onnx.TensorProto.FromString(t.SerializeToString())
+        head.ClearField("external_data")
+        head.ClearField("data_location")
+        heads.append((head.SerializeToString(), int(info.get("offset", 0)), int(info["length"])))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    from onnx.external_data_helper import _get_all_tensors
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)):
+        return False
+    entries = []
+    for head, offset, length in heads:
+        body = len(head) + len(_field(_TENSOR_RAW_DATA, length)) + length
+        entries.append((_field(_GRAPH_INITIALIZER, body) + head + _field(_TENSOR_RAW_DATA, length), offset, length))
+    with open(out, "wb") as f, open(data, "rb") as src:
+        f.write(model.SerializeToString())
+        f.write(_field(_MODEL_GRAPH, sum(len(prefix) + length for prefix, _, length in entries)))
+        for prefix, offset, length in entries:
+            f.write(prefix)
+            src.seek(offset)
+            left = length
+            while left:
+                block = src.read(min(chunk, left))
+                if not block:
+                    raise FastVError(f"{data} ends before the weights {path.name} lists; re-export")
+                f.write(block)
+                left -= len(block)
+    return True
+
+
 def finish_graphs(out: Path, graphs: dict[str, spec.GraphSpec], external_data: bool | None) -> None:
-    """The graphs of ``out`` (written with external data) in their final form, then checked: unless
-    ``external_data`` is True, a graph whose file and data together fit one protobuf (2 GB) is read back and
-    written as one file (the data file removed). Call it with the PyTorch model freed: it holds one graph's
-    weights twice (loaded, then serialized)."""
+    """The graphs of ``out`` (written with external data) checked, then in their final form: unless
+    ``external_data`` is True, a graph whose file and data together fit one protobuf (2 GB) is written as one
+    file, its weights copied from the data file in chunks (:func:`_write_whole`; the data file removed)."""
     from fastv_export.graphs.schema import register_schema
 
+    register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
+    for g in graphs.values():   # checked with the weights outside: the checker then holds no weights
+        onnx.checker.check_model(str(out / g.file), full_check=True)
     for g in graphs.values():
         path = out / g.file
         data = path.with_name(f"{path.name}.data")
         if external_data is not True and data.is_file() and \
                 path.stat().st_size + data.stat().st_size < onnx.checker.MAXIMUM_PROTOBUF:
-            model = onnx.load(str(path))                 # the weights read back into the proto
             mode = path.stat().st_mode & 0o777
+            tmp = path.with_name(f"{path.name}.whole")
+            if not _write_whole(path, data, tmp):        # weights elsewhere than the initializers: the slow way
+                model = onnx.load(str(path))
+                serialized = model.SerializeToString()
+                del model
+                tmp.write_bytes(serialized)
+                del serialized
+            os.replace(tmp, path)
             os.remove(data)
-            onnx.save(model, str(path))
             path.chmod(mode)
-            del model
-            gc.collect()
-    register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
-    for g in graphs.values():
-        onnx.checker.check_model(str(out / g.file), full_check=True)
+            release_freed()
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphSpec, opset: int,
@@ -253,7 +319,7 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         serving = write_serving_files(options.model, adapter.config, tmp)
         manifest = export_manifest(adapter, cfg, options.dtype, options.model, out, specs, written, serving)
         del model, adapter                        # the graphs are finished without the PyTorch model in memory
-        gc.collect()
+        release_freed()
         finish_graphs(tmp, specs, options.external_data)
         manifest = write_manifest(tmp, manifest)
     log.info("bundle written to %s", out)
