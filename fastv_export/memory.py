@@ -40,10 +40,11 @@ GiB = 1 << 30
 BASE_BYTES = 1 * GiB
 #: peak RSS over the bytes of the weights the stage holds (``weights`` below), measured:
 #: - export: 1.27x the fp16 weights (LLaVA-1.5-7B-shaped, 13.5 GB) and 1.39x the fp32 weights (1.1B LLaVA, 4.4 GB)
-#:   before the export held the vision graph once; the larger, rounded up;
+#:   before the graphs were written with external data while the model is loaded; since then bench-llava (fp32,
+#:   1.00 GiB of weights) peaks at 1.83 GiB (3.96 GiB before), 0.3 GiB of it the interpreter; rounded up to 1.4x;
 #: - validate: the PyTorch model (fp32) and the ONNX Runtime sessions are no longer held together (validate.py):
-#:   the larger of the two phases, measured 1.3x the fp32 weights on bench-llava (1.07 GB) where the old order
-#:   took 2.6x (1.1B LLaVA); rounded up to 1.5x;
+#:   bench-llava (fp32, 1.00 GiB of weights) peaks at 1.9-2.3 GiB (2.89 GiB before), 0.3 GiB of it the interpreter,
+#:   where the old order took 2.6x the weights (1.1B LLaVA); 1.5x;
 #: - build: TensorRT-RTX's ahead-of-time build, ~2.7x the weights of the largest graph (post_k, 1.1B LLaVA).
 RATIOS = {"export": 1.4, "validate": 1.5, "build": 2.7}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2}
@@ -83,6 +84,20 @@ def reset_peak() -> bool:
     return hwm is not None and rss is not None and hwm <= rss + 64 * 1024 * 1024
 
 
+def release_freed() -> None:
+    """Collect garbage and hand the allocator's free memory back to the system (glibc ``malloc_trim``: after a
+    model is freed its pages would otherwise stay resident in the heap and count in the next phase's peak)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):          # not glibc: the pages are reused by the next allocations instead
+        pass
+
+
 def parse_size(text: str) -> int:
     """``12345``, ``512M``, ``1.5G`` (binary units, optional ``B`` / ``iB``) -> bytes."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.I)
@@ -93,7 +108,7 @@ def parse_size(text: str) -> int:
 
 
 def gib(n: int | float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 100 else f"{n / (1 << 20):.1f} MiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------------------ available

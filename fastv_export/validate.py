@@ -15,7 +15,6 @@ the reference), with tolerances by precision (``TOLERANCES``) or given (``--atol
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_write_json
 from fastv_export.graphs import spec
+from fastv_export.memory import release_freed
 from fastv_export.presets import load_model
 from fastv_export.prompts import Prompt, make_prompt
 from fastv_export.reference import apply_fastv
@@ -307,7 +307,7 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
     refs = [_reference(torch_model, cfg, prompt, max_new_tokens) for prompt in prompts]
     inputs = [(_images(prompt, adapter), _video_seconds(prompt)) for prompt in prompts]
     del torch_model, adapter
-    gc.collect()
+    release_freed()
 
     # 2. the runner (the model freed): every generation, the forced-selection ones included
     owned = runner is None
@@ -348,7 +348,7 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
     del refs
     if owned:
         runner = None                                     # the sessions closed before the model is loaded again
-        gc.collect()
+        release_freed()
 
     # 3. each graph against its PyTorch module on the feeds the runner's prefill gave it (the model again)
     torch_model = load_model(source)
@@ -361,7 +361,7 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
         case.failure = failure or ("" if ok else _why(case, tol))
         case.passed = ok and not failure
     del torch_model, adapter, gens
-    gc.collect()
+    release_freed()
     report = {"bundle": str(bundle.path), "model": bundle.source_name, "runner": runner_name,
               "media": ([asdict(x) for x in prompts[0].media] if requests and prompts[0].media else
                         None if media is None else [asdict(x) for x in media]),
