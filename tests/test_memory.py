@@ -258,3 +258,30 @@ def test_validation_never_holds_the_model_and_a_session_together(exported_bundle
     assert report["passed"]
     assert len(sessions) == 4 and len(models) >= 1, (len(sessions), len(models))
     assert overlaps == []
+
+
+# ------------------------------------------------------------------------------------------------ lean export
+def test_a_graph_made_whole_from_its_data_file_equals_the_graph(exported_bundle, tmp_path):
+    """The export's streamed one-file writer (weights copied from <graph>.onnx.data in chunks) gives the same graph
+    as onnx's own: same nodes, inputs, outputs and initializers (compared as arrays), and ONNX Runtime loads it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from fastv_export.export.onnx_export import _write_whole
+
+    original = onnx.load(str(exported_bundle() / "post_k.onnx"))
+    external = tmp_path / "post_k.onnx"
+    onnx.save_model(onnx.ModelProto.FromString(original.SerializeToString()), str(external),   # (converts in place)
+                    save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="post_k.onnx.data", size_threshold=0)
+    whole = tmp_path / "whole.onnx"
+    assert _write_whole(external, tmp_path / "post_k.onnx.data", whole, chunk=4096)   # many chunks per tensor
+    got = onnx.load(str(whole))
+    assert list(got.graph.node) == list(original.graph.node)
+    assert got.graph.input == original.graph.input and got.graph.output == original.graph.output
+    arrays = {t.name: numpy_helper.to_array(t) for t in got.graph.initializer}
+    expected = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    assert arrays.keys() == expected.keys() and len(expected) > 10
+    assert all(arrays[k].dtype == expected[k].dtype and np.array_equal(arrays[k], expected[k]) for k in expected)
+    ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
