@@ -19,6 +19,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_write_json
 from fastv_export.graphs import spec
+from fastv_export.memory import release_freed
 from fastv_export.presets import load_model
 from fastv_export.prompts import Prompt, make_prompt
 from fastv_export.reference import apply_fastv
@@ -265,7 +267,8 @@ def _graph_checks(gen: Generation, adapter, cfg: FastVConfig, prompt: Prompt, ru
 def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 3),
                     report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None,
                     media: list[Media] | None = None, model: str | Path | None = None, atol: float | None = None,
-                    rtol: float | None = None, requests: list | None = None) -> dict:
+                    rtol: float | None = None, requests: list | None = None,
+                    open_runner: Callable[[Bundle], Runner] | None = None) -> dict:
     """Compare ``runner`` (default: ONNX Runtime on ``bundle``, a verified Bundle or a directory verified
     here) with the PyTorch reference; writes validation.json (+ Polygraphy RunResults) and returns the
     report. ``media``: the images and videos of every prompt (default: one image of the exported size);
@@ -273,7 +276,12 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
     ``atol``/``rtol``: the float comparisons' absolute and relative terms (default: by precision,
     ``TOLERANCES``); ``requests``: real requests (:class:`fastv_export.frontend.Request`, e.g. from
     ``load_requests``) instead of synthetic prompts, each one case, through the front end loaded from the
-    bundle (its own tokenizer, processor and chat template)."""
+    bundle (its own tokenizer, processor and chat template).
+
+    Memory: the PyTorch model and the runner are never held together (unless the caller passes an open
+    ``runner``): the reference runs first for every prompt and only what is compared is kept, the model is
+    freed, then the runner is opened (``open_runner(bundle)``, default ONNX Runtime), generates and is closed,
+    and the model is loaded again for the graph checks on the feeds the runner's prefill gave each graph."""
     if runner is not None:
         bundle = runner.bundle                        # a runner holds a verified bundle
     elif not isinstance(bundle, Bundle):
@@ -285,31 +293,36 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
     if model is None and bundle.source_checkpoint is not None and not Path(source).is_dir():
         raise FastVError(f"the checkpoint this bundle was exported from is not at {source} (manifest field "
                          "'source_model.checkpoint', relative to the bundle); pass --model DIR")
-    model = load_model(source)
-    adapter = get_adapter(model)
+    out_dir = Path(report_dir) if report_dir else bundle.path / "validation"
+
+    # 1. the reference (the PyTorch model, no runner open): prompts, reference tokens, logits and selection
+    torch_model = load_model(source)
+    adapter = get_adapter(torch_model)
     if config_hash(adapter) != bundle.config_sha256:
         raise FastVError(f"{bundle.path}/manifest.json field 'source_model.config_sha256' does not match the "
                          f"model {str(source)!r}: the bundle is stale; re-export it")
-    float_model = None
-    if bundle.quantization is not None:      # the reference: the bundle's integer weights dequantized in PyTorch
-        import copy
-
-        from fastv_export.quantize.reference import apply_quantized_weights
-        float_model = copy.deepcopy(model)
-        apply_quantized_weights(model, bundle.path, {g: bundle.file(g).name for g in ("pre_k", "post_k")})
-    if runner is None:
-        from fastv_export.runtime.ort import OrtRunner
-        runner = OrtRunner(bundle)
-    out_dir = Path(report_dir) if report_dir else bundle.path / "validation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cases, gaps = [], []
     prompts = (_request_prompts(bundle, adapter, requests) if requests
                else [make_prompt(adapter, [12 + 5 * i for i in range(b)], num_images=1, seed=seed + b, media=media)
                      for b in batch_sizes])
-    for prompt in prompts:
+    float_refs = None
+    if bundle.quantization is not None:   # the unquantized model's run first (the gap), then the reference proper:
+        float_refs = [_reference(torch_model, cfg, prompt, max_new_tokens)[:3] for prompt in prompts]
+        _quantized_weights(torch_model, bundle)       # the bundle's integer weights dequantized in PyTorch
+    refs = [_reference(torch_model, cfg, prompt, max_new_tokens) for prompt in prompts]
+    inputs = [(_images(prompt, adapter), _video_seconds(prompt)) for prompt in prompts]
+    del torch_model, adapter
+    release_freed()
+
+    # 2. the runner (the model freed): every generation, the forced-selection ones included
+    owned = runner is None
+    if owned:
+        runner = open_runner(bundle) if open_runner is not None else _ort_runner(bundle)
+    runner_name = runner.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases, gens, gaps = [], [], []
+    for i, (prompt, (ref_tokens, ref_logits, ref_kept, scores, cands), (images, seconds)) in \
+            enumerate(zip(prompts, refs, inputs)):
         b = int(prompt.input_ids.shape[0])
-        ref_tokens, ref_logits, ref_kept, scores, cands = _reference(model, cfg, prompt, max_new_tokens)
-        images, seconds = _images(prompt, adapter), _video_seconds(prompt)
         ids, mask = prompt.input_ids.numpy(), prompt.attention_mask.numpy()
         gen = generate(runner, ids, mask, images, max_new_tokens, video_seconds=seconds, media=prompt.media)
         run_logits = np.stack(gen.step_logits, axis=1)
@@ -333,27 +346,56 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
             case.forced_logits_close = forced_close.passed
             case.forced_tokens_identical = bool(np.array_equal(forced.tokens, ref_tokens))
             ok = case.forced_tokens_identical and forced_close.passed
-        case.graphs = _graph_checks(gen, adapter, cfg, prompt, runner.name, tol["graph"], tol["rtol"],
-                                    tol["graph_scaled"], out_dir, f"batch{b}")
-        ok = ok and all(g["passed"] for g in case.graphs.values())
+            del forced
+        case.failure, case.passed = failure, ok          # completed with the graph checks below
+        cases.append(case)
+        gens.append(gen)
+        if float_refs is not None:
+            from fastv_export.quantize.gap import quantization_gap
+            gaps.append(quantization_gap(float_refs[i], gen.tokens, run_logits, gen.kept).to_dict())
+    del refs
+    if owned:
+        runner = None                                     # the sessions closed before the model is loaded again
+        release_freed()
+
+    # 3. each graph against its PyTorch module on the feeds the runner's prefill gave it (the model again)
+    torch_model = load_model(source)
+    if bundle.quantization is not None:
+        _quantized_weights(torch_model, bundle)
+    adapter = get_adapter(torch_model)
+    for case, gen, prompt in zip(cases, gens, prompts):
+        case.graphs = _graph_checks(gen, adapter, cfg, prompt, runner_name, tol["graph"], tol["rtol"],
+                                    tol["graph_scaled"], out_dir, f"batch{case.batch}")
+        ok = case.passed and all(g["passed"] for g in case.graphs.values())
+        failure = case.failure
         case.failure = failure or ("" if ok else _why(case, tol))
         case.passed = ok and not failure
-        cases.append(case)
-        if float_model is not None:
-            from fastv_export.quantize.gap import quantization_gap
-            gaps.append(quantization_gap(float_model, cfg, prompt, max_new_tokens, gen.tokens, run_logits,
-                                         gen.kept).to_dict())
-    report = {"bundle": str(bundle.path), "model": bundle.source_name, "runner": runner.name,
+    del torch_model, adapter, gens
+    release_freed()
+    report = {"bundle": str(bundle.path), "model": bundle.source_name, "runner": runner_name,
               "media": ([asdict(x) for x in prompts[0].media] if requests and prompts[0].media else
                         None if media is None else [asdict(x) for x in media]),
               "requests": len(requests) if requests else 0,
               "fastv": cfg.to_manifest(), "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
               "cases": [asdict(c) for c in cases], "passed": all(c.passed for c in cases)}
-    if float_model is not None:
+    if float_refs is not None:
         report["quantization"] = {"scheme": bundle.quantization_scheme, "reference": "the quantized model (the "
                                   "bundle's integer weights dequantized in PyTorch)", "gap_to_unquantized": gaps}
     atomic_write_json(out_dir / "validation.json", report)
     return report
+
+
+def _quantized_weights(model, bundle: Bundle) -> None:
+    """``model``'s quantized weights replaced (in place) by the bundle's integers dequantized in PyTorch."""
+    from fastv_export.quantize.reference import apply_quantized_weights
+
+    apply_quantized_weights(model, bundle.path, {g: bundle.file(g).name for g in ("pre_k", "post_k")})
+
+
+def _ort_runner(bundle: Bundle) -> Runner:
+    from fastv_export.runtime.ort import OrtRunner
+
+    return OrtRunner(bundle)
 
 
 def _request_prompts(bundle: Bundle, adapter, requests: list) -> list[Prompt]:

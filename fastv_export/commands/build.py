@@ -5,6 +5,7 @@ import argparse
 
 from fastv_export.engines.profiles import DEFAULT_TEXT_TOKENS, BuildLimits
 from fastv_export.errors import FastVError
+from fastv_export.memory import add_memory_argument
 
 HELP = "build the bundle's TensorRT engines (TensorRT 10 on this GPU, or TensorRT-RTX ahead of time)"
 _D = BuildLimits()
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_build_arguments(parser)
     parser.add_argument("--print-trtexec", action="store_true",
                         help="print the trtexec command lines for these engines and exit (builds nothing)")
+    add_memory_argument(parser)
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +131,21 @@ def build_with_progress(bundle, options):
             bar.close()
 
 
+def measured_build(bundle, options, ignore_memory_check: bool):
+    """build_with_progress after the memory check (stops if the estimate does not fit), its peak RSS recorded in
+    BUNDLE/logs/stages.json (the log of the earlier stages kept: the build replaces the bundle directory)."""
+    from fastv_export import memory
+
+    est, available = memory.preflight(lambda: memory.build_estimate(bundle), memory.BUILD_ADVICE[bundle.precision],
+                                      ignore_memory_check)
+    previous = memory.read_stage_log(bundle.path)
+    with memory.measure("build", est, available) as record:
+        rebuilt = build_with_progress(bundle, options)
+    record.extra = {"backend": rebuilt.engines.backend}
+    memory.record_stages(rebuilt.path, record, previous=previous)
+    return rebuilt
+
+
 def run(args: argparse.Namespace) -> int:
     from fastv_export.bundle import load_bundle
     from fastv_export.engines.build import format_summary, trtexec_script
@@ -138,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         print(trtexec_script(load_bundle(args.bundle), options.limits, use_plugin=options.use_plugin), end="")
         return 0
     bundle = load_bundle(args.bundle)                      # a wrong bundle first, then a missing plugin
-    section = build_with_progress(bundle, with_plugin_resolved(options)).engines
+    section = measured_build(bundle, with_plugin_resolved(options), args.ignore_memory_check).engines
     print(format_summary(section))
     print(f"wrote the engines into {args.bundle} (manifest.json 'engines'; trtexec lines: "
           f"{args.bundle}/{section.trtexec_script})")

@@ -5,6 +5,7 @@ import argparse
 
 from fastv_export.commands.common import add_fastv_arguments, add_model_argument, fastv_config_from_args
 from fastv_export.graphs import spec
+from fastv_export.memory import add_memory_argument
 
 HELP = "export a model with FastV as vision / embed / pre-K (+TokenSelect) / post-K ONNX graphs"
 DESCRIPTION = """\
@@ -37,18 +38,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="none", metavar="SCHEME",
                         help="weight-only quantization of the decoder layers: none (default), int8 (per output "
                              "channel) or int4 (blocks of 128); symmetric min-max, no calibration data")
+    add_memory_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastv_export.export.onnx_export import ExportOptions, export_bundle
-
     from fastv_export.quantize import get_scheme
 
     cfg = fastv_config_from_args(args)
     scheme = get_scheme(args.quantize)          # an unknown scheme stops here, before the model loads
-    out = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
-                                                     external_data=args.external_data,
-                                                     quantize=scheme and scheme.name)).path
+    out = measured_export(args, cfg, scheme).path
     what = args.dtype if scheme is None else f"{args.dtype}, {scheme.name} weights"
     print(f"wrote {out} ({cfg.describe()}, {what}); next: fastv-export validate {out}")
     return 0
+
+
+def measured_export(args: argparse.Namespace, cfg, scheme=None):
+    """export_bundle of the arguments, after the memory check (stops if the estimate does not fit), its peak
+    RSS recorded in BUNDLE/logs/stages.json (shared with `fastv-export pipeline`)."""
+    from fastv_export import memory
+    from fastv_export.export.onnx_export import ExportOptions, export_bundle
+
+    est, available = memory.preflight(lambda: memory.export_estimate(args.model, args.dtype),
+                                      memory.EXPORT_ADVICE[args.dtype], args.ignore_memory_check)
+    with memory.measure("export", est, available) as record:
+        bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
+                                                            external_data=args.external_data,
+                                                            quantize=scheme and scheme.name))
+    memory.record_stages(bundle.path, record, previous={})
+    return bundle

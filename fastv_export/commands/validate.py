@@ -5,6 +5,7 @@ import argparse
 
 from fastv_export.commands.common import add_runner_argument
 from fastv_export.errors import FastVError
+from fastv_export.memory import add_memory_argument
 
 HELP = "compare a bundle's ONNX graphs with the PyTorch reference FastV (exit 0 only if all pass)"
 DESCRIPTION = """\
@@ -61,10 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="PRESET|DIR",
                         help="the source model to compare with (default: the bundle's preset, or the checkpoint "
                              "directory it was exported from, found relative to the bundle)")
+    add_memory_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastv_export.validate import format_report, validate_bundle
+    from fastv_export.validate import format_report
 
     try:
         sizes = tuple(int(x) for x in args.batch_sizes.split(","))
@@ -80,11 +82,30 @@ def run(args: argparse.Namespace) -> int:
     requests = _requests(args)
     if requests and media:
         raise FastVError("--media describes synthetic prompts; with --request / --image / --prompt leave it out")
-    runner = open_runner(load_bundle(args.bundle), args.runner)
-    report = validate_bundle(runner.bundle, args.max_new_tokens, sizes, args.report_dir, runner=runner, media=media,
-                             model=args.model, atol=args.atol, rtol=args.rtol, requests=requests)
+    bundle = load_bundle(args.bundle)
+    report = measured_validation(bundle, args.model, args.ignore_memory_check, max_new_tokens=args.max_new_tokens,
+                                 batch_sizes=sizes, report_dir=args.report_dir, media=media, atol=args.atol,
+                                 rtol=args.rtol, requests=requests,
+                                 open_runner=lambda b: open_runner(b, args.runner))
     print(format_report(report))
     return 0 if report["passed"] else 1
+
+
+def measured_validation(bundle, model: str | None, ignore_memory_check: bool, **kwargs) -> dict:
+    """validate_bundle (``kwargs``) after the memory check (stops if the estimate does not fit), its peak RSS
+    recorded in BUNDLE/logs/stages.json (shared with `fastv-export pipeline`). The runner is opened inside, once the
+    PyTorch reference is freed (``open_runner``)."""
+    from fastv_export import memory
+    from fastv_export.validate import validate_bundle
+
+    source = model or bundle.source
+    est, available = memory.preflight(lambda: memory.validate_estimate(source), memory.VALIDATE_ADVICE,
+                                      ignore_memory_check)
+    with memory.measure("validate", est, available) as record:
+        report = validate_bundle(bundle, model=model, **kwargs)
+    record.extra = {"passed": report["passed"], "runner": report["runner"]}
+    memory.record_stages(bundle.path, record)
+    return report
 
 
 def _requests(args: argparse.Namespace) -> list | None:

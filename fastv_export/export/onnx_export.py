@@ -1,9 +1,15 @@
 """Export a HF VLM with FastV into a bundle: vision / embed / pre-K (+TokenSelect) / post-K ONNX
-graphs and manifest.json, written atomically (temporary directory, then rename)."""
+graphs and manifest.json, written atomically (temporary directory, then rename).
+
+Memory: while the PyTorch model is loaded every graph is written with its weights as external data, streamed from
+the model's tensors (torch.onnx's ONNX IR) or moved out of the ModelProto in place (onnx), so no graph's weights
+are held twice beside the model; once the model is freed, a graph meant to be one file (under 2 GB, no
+--external-data) is read back and written whole (``finish_graphs``: 2x that graph at most, the model gone)."""
 from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +23,7 @@ from fastv_export.config import FastVConfig
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_directory
 from fastv_export.graphs import spec
+from fastv_export.memory import release_freed
 from fastv_export.export.modules import Embed, PostK, PreK, Vision
 from fastv_export.presets import load_model
 
@@ -76,7 +83,8 @@ def _dynamo_program(module: torch.nn.Module, args: tuple, graph: spec.GraphSpec,
 
 def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) -> None:
     """Write ``model`` to ``path``, its weights in ``<file>.data`` beside it when ``external_data`` (None: when
-    the model does not fit one protobuf)."""
+    the model does not fit one protobuf). With external data, onnx moves each tensor's bytes out of ``model``
+    into the file (in place: ``model`` is left without its weights)."""
     if external_data is None:
         external_data = model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF
     onnx.save(model, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
@@ -84,6 +92,103 @@ def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) 
     data = path.with_name(f"{path.name}.data")
     if data.is_file():                      # onnx writes it 0600: give it the mode of the bundle's other files
         data.chmod(path.stat().st_mode & 0o777)
+
+
+def _resave_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Rewrite a graph loaded whole from ``path`` (its weights in memory) with fresh external data: the old
+    data file goes first (onnx appends to an existing one)."""
+    path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+    _save_proto(model, path, True)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+#: protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _write_whole(path: Path, data: Path, out: Path, chunk: int = 64 << 20) -> bool:
+    """Write the graph ``path`` (its initializers' weights in ``data``) to ``out`` as one file without holding the
+    weights: the graph without those initializers, then a second ``graph`` field holding only them (protobuf
+    merges a message field that appears twice), each tensor's bytes copied from ``data`` in chunks. False (nothing
+    written) when some weights are not initializers stored in ``data`` with an offset and a length."""
+    model = onnx.load(str(path), load_external_data=False)
+    heads, kept = [], []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            kept.append(onnx.TensorProto.FromString(t.SerializeToString()))
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") != data.name or "length" not in info:
+            return False
+        head = onnx.TensorProto.FromString(t.SerializeToString())
+        head.ClearField("external_data")
+        head.ClearField("data_location")
+        heads.append((head.SerializeToString(), int(info.get("offset", 0)), int(info["length"])))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    from onnx.external_data_helper import _get_all_tensors
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)):
+        return False
+    entries = []
+    for head, offset, length in heads:
+        body = len(head) + len(_field(_TENSOR_RAW_DATA, length)) + length
+        entries.append((_field(_GRAPH_INITIALIZER, body) + head + _field(_TENSOR_RAW_DATA, length), offset, length))
+    with open(out, "wb") as f, open(data, "rb") as src:
+        f.write(model.SerializeToString())
+        f.write(_field(_MODEL_GRAPH, sum(len(prefix) + length for prefix, _, length in entries)))
+        for prefix, offset, length in entries:
+            f.write(prefix)
+            src.seek(offset)
+            left = length
+            while left:
+                block = src.read(min(chunk, left))
+                if not block:
+                    raise FastVError(f"{data} ends before the weights {path.name} lists; re-export")
+                f.write(block)
+                left -= len(block)
+    return True
+
+
+def finish_graphs(out: Path, graphs: dict[str, spec.GraphSpec], external_data: bool | None) -> None:
+    """The graphs of ``out`` (written with external data) checked, then in their final form: unless
+    ``external_data`` is True, a graph whose file and data together fit one protobuf (2 GB) is written as one
+    file, its weights copied from the data file in chunks (:func:`_write_whole`; the data file removed)."""
+    from fastv_export.graphs.schema import register_schema
+
+    register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
+    for g in graphs.values():   # checked with the weights outside: the checker then holds no weights
+        onnx.checker.check_model(str(out / g.file), full_check=True)
+    for g in graphs.values():
+        path = out / g.file
+        data = path.with_name(f"{path.name}.data")
+        if external_data is not True and data.is_file() and \
+                path.stat().st_size + data.stat().st_size < onnx.checker.MAXIMUM_PROTOBUF:
+            mode = path.stat().st_mode & 0o777
+            tmp = path.with_name(f"{path.name}.whole")
+            if not _write_whole(path, data, tmp):        # weights elsewhere than the initializers: the slow way
+                model = onnx.load(str(path))
+                serialized = model.SerializeToString()
+                del model
+                tmp.write_bytes(serialized)
+                del serialized
+            os.replace(tmp, path)
+            os.remove(data)
+            path.chmod(mode)
+            release_freed()
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphSpec, opset: int,
@@ -96,9 +201,14 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, graph: spec.GraphS
         with torch.no_grad():
             torch.onnx.export(module, args, buffer, input_names=graph.input_names,
                               output_names=graph.output_names, dynamo=False, opset_version=opset)
-        model = onnx.load_from_string(buffer.getvalue())
+        model = onnx.ModelProto()
+        view = buffer.getbuffer()
+        model.ParseFromString(view)          # from the buffer itself: no copy of the serialized graph
+        view.release()
+        del buffer
+        written = _proto_written(model)
         _save_proto(model, path, external_data)
-        return _proto_written(model)
+        return written
     program = _dynamo_program(module, args, graph, opset)
     written = WrittenGraph({"inputs": _ir_io(program.model.graph.inputs),
                             "outputs": _ir_io(program.model.graph.outputs)},
@@ -139,10 +249,12 @@ def _example_decoder_inputs(adapter: ModelAdapter, dtype: torch.dtype, layers: i
 
 
 def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, out: Path, opset: int,
-                  external_data: bool | None = None) -> tuple[dict[str, spec.GraphSpec], dict[str, WrittenGraph]]:
-    """Write the four graphs of :func:`spec.bundle_graphs` into ``out``, each once (weights as external data:
-    see :class:`ExportOptions`); return their specs and what each holds as written."""
-    from fastv_export.graphs.schema import register_schema
+                  external_data: bool | None = None,
+                  finish: bool = True) -> tuple[dict[str, spec.GraphSpec], dict[str, WrittenGraph]]:
+    """Write the four graphs of :func:`spec.bundle_graphs` into ``out``, each once with its weights as external
+    data, then (``finish``) in their final form (:func:`finish_graphs`, ``external_data``: see
+    :class:`ExportOptions`); return their specs and what each holds as written. ``finish=False`` leaves that to
+    the caller, to do once the model is freed."""
     from fastv_export.graphs.surgery import insert_token_select
     from fastv_export.prompts import make_prompt
 
@@ -156,7 +268,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
 
     # vision: one call (a default-sized image, or one unit of a dynamic layout) -> [tokens, D]
     written["vision"] = _export(Vision(adapter).eval(), adapter.vision_example(pixels), out / graphs["vision"].file,
-                                graphs["vision"], opset, tracer=adapter.vision_tracer, external_data=external_data)
+                                graphs["vision"], opset, tracer=adapter.vision_tracer, external_data=True)
     steps.update()
 
     # embed: token embedding + image features at the image-token positions
@@ -164,7 +276,7 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     ids[0, 2], ids[1, 3] = adapter.image_token_ids()[0], adapter.image_token_ids()[0]
     feats = [torch.randn(2, shape.hidden_size, dtype=dtype) for _ in range(1 + deepstack)]
     written["embed"] = _export(Embed(adapter).eval(), tuple([ids, *feats]), out / graphs["embed"].file,
-                               graphs["embed"], opset, external_data=external_data)
+                               graphs["embed"], opset, external_data=True)
     steps.update()
 
     # pre-K: layers < K, then TokenSelect (graph surgery on the exported model in memory)
@@ -178,8 +290,8 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
                                 seed=cfg.seed, scale=float(adapter.layers()[k - 1].self_attn.scaling),
                                 position_rank=rank, k=k, deepstack=deepstack)
     del program
-    _save_proto(model, out / graphs["pre_k"].file, external_data)
     written["pre_k"] = _proto_written(model)
+    _save_proto(model, out / graphs["pre_k"].file, True)    # the weights moved out of the proto into the file
     del model
     steps.update()
 
@@ -187,12 +299,11 @@ def export_graphs(adapter: ModelAdapter, cfg: FastVConfig, dtype: torch.dtype, o
     hidden, mask, pos, kv = _example_decoder_inputs(adapter, dtype, num_layers - k)
     levels = [torch.randn(hidden.shape, dtype=dtype) for _ in range(k, max(k, deepstack))]
     written["post_k"] = _export(PostK(adapter, k).eval(), (hidden, mask, pos, *kv, *levels),
-                                out / graphs["post_k"].file, graphs["post_k"], opset, external_data=external_data)
+                                out / graphs["post_k"].file, graphs["post_k"], opset, external_data=True)
     steps.update()
     steps.close()
-    register_schema()   # the checker then verifies the TokenSelect node and infers its kept_seq outputs
-    for g in graphs.values():
-        onnx.checker.check_model(str(out / g.file), full_check=True)
+    if finish:
+        finish_graphs(out, graphs, external_data)
     return graphs, written
 
 
@@ -219,17 +330,19 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         model = load_model(options.model, attn_implementation="eager", dtype=dtype)
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
-        specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data)
+        specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data, finish=False)
         quantization = None
         if scheme is not None:
             from fastv_export.quantize import quantize_bundle_graphs
 
-            quantization = quantize_bundle_graphs(adapter, tmp, specs, written, scheme,
-                                                  lambda m, p: _save_proto(m, p, options.external_data))
+            quantization = quantize_bundle_graphs(adapter, tmp, specs, written, scheme, _resave_with_external_data)
         serving = write_serving_files(options.model, adapter.config, tmp)
         manifest = export_manifest(adapter, cfg, options.dtype, options.model, out, specs, written, serving)
         if quantization is not None:
             manifest["quantization"] = quantization
+        del model, adapter                        # the graphs are finished without the PyTorch model in memory
+        release_freed()
+        finish_graphs(tmp, specs, options.external_data)
         manifest = write_manifest(tmp, manifest)
     log.info("bundle written to %s", out)
     return Bundle(out, manifest)

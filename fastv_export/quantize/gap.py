@@ -23,12 +23,12 @@ class QuantizationGap:
         return asdict(self)
 
 
-def quantization_gap(float_model, cfg, prompt, steps: int, tokens: np.ndarray, step_logits: np.ndarray,
+def quantization_gap(float_reference: tuple, tokens: np.ndarray, step_logits: np.ndarray,
                      kept: np.ndarray) -> QuantizationGap:
-    """The gap of a run (``tokens`` [B, T], ``step_logits`` [B, T, V], ``kept`` [B, n']) to ``float_model``."""
-    from fastv_export.validate import _reference
-
-    ref_tokens, ref_logits, ref_kept, _, _ = _reference(float_model, cfg, prompt, steps)
+    """The gap of a run (``tokens`` [B, T], ``step_logits`` [B, T, V], ``kept`` [B, n']) to the float model's
+    reference FastV on the same prompt: ``float_reference`` = (tokens, step logits, kept) as
+    :func:`fastv_export.validate._reference` returns them first."""
+    ref_tokens, ref_logits, ref_kept = float_reference
     first, ref_first = np.asarray(step_logits[:, 0], np.float64), np.asarray(ref_logits[:, 0], np.float64)
     if ref_kept is None or kept.size == 0:
         selection = 1.0
