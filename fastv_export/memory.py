@@ -235,8 +235,10 @@ def build_estimate(bundle) -> Estimate:
     """The engine build holds one graph at a time: the largest graph's weights (its .onnx and external data)."""
     files = bundle.files
     sizes = {}
-    for graph, entry in bundle.raw["graphs"].items():
-        name = entry["file"]
+    from fastv_export.graphs.spec import GRAPHS
+
+    for graph in GRAPHS:
+        name = bundle.file(graph).name
         sizes[graph] = sum(files[f]["bytes"] for f in (name, f"{name}.data") if f in files)
     graph = max(sizes, key=sizes.get)
     return Estimate("build", sizes[graph], RATIOS["build"], f"the largest graph ({graph})")
