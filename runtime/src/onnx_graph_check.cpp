@@ -227,8 +227,7 @@ Graph read_graph(std::istream& in, uint64_t size) {
       model.skip(wire);
       continue;
     }
-    seen = true;
-    g = Graph();   // a repeated message field: protobuf merges; a second graph field does not occur in practice
+    seen = true;   // a message field given twice is merged (protobuf): the export writes the weights in a second one
     Wire graph = model.sub();
     while (graph.more()) {
       auto [gf, gw] = graph.tag();
