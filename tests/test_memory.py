@@ -36,7 +36,7 @@ def test_peak_of_a_stage_sees_its_allocation_and_is_reset_for_the_next():
         del a
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the kernel's peak, before the next reset
     with memory.measure("small") as small:
-        b = _touch(16 * MiB)
+        b = _touch(64 * MiB)   # over glibc's largest mmap threshold (32 MiB): fresh pages, not freed ones reused
         del b
     assert big.peak_reset and small.peak_reset
     # independent: the allocation is resident at once, so the stage's peak is at least start + 256 MiB
@@ -45,8 +45,8 @@ def test_peak_of_a_stage_sees_its_allocation_and_is_reset_for_the_next():
     # getrusage reports the same high-water mark (reset by clear_refs too)
     assert abs(maxrss - big.peak_rss_bytes) <= 8 * MiB
     # the second stage's peak was reset: it does not carry the first stage's 256 MiB
-    assert small.peak_rss_bytes < big.peak_rss_bytes - 200 * MiB
-    assert small.peak_rss_bytes >= small.start_rss_bytes + 15 * MiB
+    assert small.peak_rss_bytes < big.peak_rss_bytes - 150 * MiB
+    assert small.peak_rss_bytes >= small.start_rss_bytes + 60 * MiB
     assert big.seconds >= 0 and big.finished.endswith("Z")
 
 
@@ -192,7 +192,8 @@ def test_override_exports_anyway_and_records_the_peak(tmp_path, capsys, monkeypa
     assert "export needs about" in caplog.text and "going on (--ignore-memory-check)" in caplog.text
     assert "export: peak RSS" in caplog.text               # -v logs the stage's peak
     rec = json.loads((out / "logs" / "stages.json").read_text())["stages"]["export"]
-    assert rec["peak_rss_bytes"] >= rec["start_rss_bytes"] > 0
+    # the start is read just before the reset: pages freed in between lower the reset mark a little
+    assert rec["peak_rss_bytes"] >= rec["start_rss_bytes"] - 4 * MiB and rec["start_rss_bytes"] > 0
     assert rec["available_bytes"] == 64 * MiB and rec["estimate_bytes"] > 64 * MiB
     # the log is outside the manifest: the bundle still verifies, and lists no log file
     from fastv_export.bundle import load_bundle
