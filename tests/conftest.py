@@ -10,13 +10,16 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 
+from tests import cpp_requests
 from tests.helpers import PRESET_NAMES, once_per_run, shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +243,66 @@ def pytest_configure(config) -> None:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# ------------------------------------------------------------------- fastv-run request tests (test_cpp_request*.py)
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> tuple[Path, Path]:
+    """The trained demo as a user's checkpoint (scripts/demo_checkpoint.py) exported to a bundle, and its
+    held-out images with questions.txt (image, question, answer)."""
+    root = shared_dir(tmp_path_factory) / "cpp-request-demo"
+
+    def make(tmp: Path) -> None:
+        subprocess.run([sys.executable, str(cpp_requests.ROOT / "scripts" / "demo_checkpoint.py"), str(tmp / "checkpoint"),
+                        "--images", str(tmp / "images"), "--count", str(cpp_requests.HELD_OUT)], check=True, capture_output=True)
+        from fastv_export.config import FastVConfig
+        from fastv_export.export import ExportOptions, export_bundle
+
+        export_bundle(tmp / "bundle", FastVConfig(k=2, ratio="1/2"), ExportOptions(model=str(tmp / "checkpoint")))
+
+    once_per_run(root, make)
+    return root / "bundle", root / "images"
+
+
+@pytest.fixture(scope="session")
+def user_bundle(tmp_path_factory):
+    """``user_bundle(family)`` -> a bundle exported from tests/user_checkpoints.py's checkpoint (llava,
+    qwen2_5_vl), once per run."""
+    from tests import user_checkpoints as uc
+
+    root = shared_dir(tmp_path_factory) / "cpp-request-user"
+
+    def get(family: str) -> Path:
+        def make(tmp: Path) -> None:
+            from fastv_export.config import FastVConfig
+            from fastv_export.export import ExportOptions, export_bundle
+
+            tmp.mkdir(parents=True)
+            checkpoint = uc.user_checkpoint(tmp / "checkpoints", family)
+            export_bundle(tmp / "bundle", FastVConfig(k=2, ratio="1/2"), ExportOptions(model=str(checkpoint)))
+
+        return once_per_run(root / family, make) / "bundle"
+    return get
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory) -> dict[str, Path]:
+    """PNG and JPEG test pictures: square ones (every preset's exported grid) and user-style sizes."""
+    from tests import user_checkpoints as uc
+
+    out = shared_dir(tmp_path_factory) / "cpp-request-pictures"
+
+    def make(tmp: Path) -> None:
+        from PIL import Image
+
+        tmp.mkdir(parents=True)
+        rng = np.random.RandomState(0)
+        for name, (w, h) in {"square.png": (64, 64), "square2.png": (80, 80), "wide.png": (96, 40)}.items():
+            Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(tmp / name)
+        (tmp / "user").mkdir()
+        uc.test_images(tmp / "user")
+
+    once_per_run(out, make)
+    found = {p.name: p for p in out.iterdir() if p.is_file()}
+    found.update({f"user/{p.name}": p for p in (out / "user").iterdir()})
+    return found

@@ -96,3 +96,15 @@ def fastv_run_error(proc) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("fastv-run: error: ")
     return lines[0]
+
+
+def json_nodes(value, path: tuple = ()):
+    """Every (path, value) of a JSON document, containers and leaves, depth first (paths are tuples of keys and
+    list indices)."""
+    yield path, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from json_nodes(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from json_nodes(v, path + (i,))

@@ -22,7 +22,7 @@ import pytest
 from fastv_export.bundle import MANIFEST, load_bundle
 from fastv_export.errors import FastVError
 from fastv_export.files import sha256
-from tests.helpers import once_per_run, shared_dir
+from tests.helpers import json_nodes, once_per_run, shared_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorrt]   # the fixture exports and builds (~1 min on 2 cores)
 
@@ -60,17 +60,6 @@ def _snapshot(path: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir()) if f.is_file()}
 
 
-def _nodes(value, path=()):
-    """Every (path, value) of the manifest, containers and leaves, depth first."""
-    yield path, value
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _nodes(v, path + (k,))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _nodes(v, path + (i,))
-
-
 def _pick(rng, paths):
     """A path, the top-level section first chosen uniformly (else the engines' profiles dominate)."""
     sections = sorted({p[0] for p in paths})
@@ -103,7 +92,7 @@ def _kind(v) -> str:
 
 # ---------------------------------------------------------------------------------------------- mutations
 def remove_field(m, rng):
-    paths = [p for p, _ in _nodes(m) if p and isinstance(p[-1], str) and p[-1] not in OPTIONAL]
+    paths = [p for p, _ in json_nodes(m) if p and isinstance(p[-1], str) and p[-1] not in OPTIONAL]
     path = _pick(rng, paths)
     del _get(m, path[:-1])[path[-1]]
     return f"removed {path}"
@@ -111,7 +100,7 @@ def remove_field(m, rng):
 
 def remove_item(m, rng):
     # eos ids may be none (a model without EOS stops at max_new_tokens only): removing one is no corruption
-    paths = [p for p, _ in _nodes(m) if p and isinstance(p[-1], int) and "targets" not in p
+    paths = [p for p, _ in json_nodes(m) if p and isinstance(p[-1], int) and "targets" not in p
              and "eos_token_id" not in p and "eos_token_ids" not in p]
     path = _pick(rng, paths)
     del _get(m, path[:-1])[path[-1]]
@@ -119,7 +108,7 @@ def remove_item(m, rng):
 
 
 def retype(m, rng):
-    paths = [p for p, v in _nodes(m) if p and _last_key(p) not in ("eos_token_id", "pad_token_id")]
+    paths = [p for p, v in json_nodes(m) if p and _last_key(p) not in ("eos_token_id", "pad_token_id")]
     path = _pick(rng, paths)
     old = _get(m, path)
     choices = [v for v in WRONG_TYPES if _kind(v) != _kind(old) and v is not None
@@ -145,7 +134,7 @@ def out_of_range(m, rng):
         path = rng.choice(sorted(RANGE_FIELDS))
         new = rng.choice(RANGE_FIELDS[path])
     else:   # any integer made negative
-        path = _pick(rng, [p for p, v in _nodes(m) if p and _kind(v) == "int"])
+        path = _pick(rng, [p for p, v in json_nodes(m) if p and _kind(v) == "int"])
         new = rng.choice([-1, -3, -(2**40)])
     old = _get(m, path)
     _set(m, path, new)
