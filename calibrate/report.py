@@ -443,7 +443,8 @@ def plot_weights(table: Table, metric: str, path: str | Path) -> None:
     ax.scatter([r.weight_bytes / 2**20 for r in front], [r.eq5_ratio for r in front], s=220, facecolors="none",
                edgecolors="black", linewidths=1.5, zorder=3, label="Pareto front")
     for r in front:
-        ax.annotate(f"{100 * r.quality(metric):.1f}% K={r.k} R={r.r}", (r.weight_bytes / 2**20, r.eq5_ratio),
+        ratio = "0" if Fraction(r.r) == 0 else r.r
+        ax.annotate(f"{r.quantize} K={r.k} R={ratio}: {100 * r.quality(metric):.1f}%", (r.weight_bytes / 2**20, r.eq5_ratio),
                     textcoords="offset points", xytext=(8, 4), fontsize=7)
     if len({r.weight_bytes for r in rows}) > 1:
         from matplotlib.ticker import NullFormatter
@@ -460,8 +461,9 @@ def plot_weights(table: Table, metric: str, path: str | Path) -> None:
                  f"{table.data}; circled: not dominated in weights, FLOPs and {metric})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     legend = ax.legend(fontsize=8, loc="best")
-    for handle in legend.legend_handles:
-        if hasattr(handle, "set_facecolor") and handle.get_label() != "Pareto front":
+    for handle, text in zip(legend.legend_handles, legend.get_texts()):
+        if text.get_text() != "Pareto front":
+            handle.set_array(None)
             handle.set_facecolor("lightgray")
     fig.tight_layout()
     buf = io.BytesIO()
