@@ -202,7 +202,8 @@ def summarize(result: SweepResult, model_name: str, data: str, shape,
             if scheme == NONE:
                 continue
             runs = [it["quantized"][scheme] for it in result.items]
-            quantized[scheme] = {"accuracy": mean(b["correct"] for b in runs), "accuracy_se": _se(b["correct"] for b in runs),
+            quantized[scheme] = {"accuracy": mean(b["correct"] for b in runs),
+                                 "accuracy_se": _se(b["correct"] for b in runs),
                                  "kl": mean(b["kl"] for b in runs), "top1": mean(b["top1"] for b in runs),
                                  "sequence": mean(b["sequence"] for b in runs), "weight_bytes": wbytes(scheme)}
     return Table(model=model_name, data=data, prompts=len(result.items),
@@ -245,7 +246,8 @@ def weight_front(rows: list[Row], metric: str) -> list[Row]:
     pts = [r for r in rows if r.quality(metric) is not None and r.weight_bytes is not None]
 
     def better_or_equal(o: Row, r: Row) -> bool:
-        return o.weight_bytes <= r.weight_bytes and o.eq5_ratio <= r.eq5_ratio and o.quality(metric) >= r.quality(metric)
+        return (o.weight_bytes <= r.weight_bytes and o.eq5_ratio <= r.eq5_ratio
+                and o.quality(metric) >= r.quality(metric))
 
     def same(o: Row, r: Row) -> bool:
         return (o.weight_bytes, o.eq5_ratio, o.quality(metric)) == (r.weight_bytes, r.eq5_ratio, r.quality(metric))
@@ -293,7 +295,8 @@ def recommend(table: Table, metric: str, max_flops_ratio: float | None = None,
         if not rows:
             raise FastVError(f"no swept point fits --max-weight-bytes {max_weight_bytes} "
                              f"({human_bytes(max_weight_bytes)}): the smallest, {smallest.label}, needs "
-                             f"{smallest.weight_bytes} bytes ({human_bytes(smallest.weight_bytes)}) of decoder weights; "
+                             f"{smallest.weight_bytes} bytes ({human_bytes(smallest.weight_bytes)}) of decoder "
+                             "weights; "
                              "raise the budget or add a smaller scheme to --quantize")
     if max_flops_ratio is not None:
         parts.append(f"eq5_ratio <= {max_flops_ratio:g}")
@@ -444,7 +447,8 @@ def plot_weights(table: Table, metric: str, path: str | Path) -> None:
                edgecolors="black", linewidths=1.5, zorder=3, label="Pareto front")
     for r in front:
         ratio = "0" if Fraction(r.r) == 0 else r.r
-        ax.annotate(f"{r.quantize} K={r.k} R={ratio}: {100 * r.quality(metric):.1f}%", (r.weight_bytes / 2**20, r.eq5_ratio),
+        ax.annotate(f"{r.quantize} K={r.k} R={ratio}: {100 * r.quality(metric):.1f}%",
+                    (r.weight_bytes / 2**20, r.eq5_ratio),
                     textcoords="offset points", xytext=(8, 4), fontsize=7)
     if len({r.weight_bytes for r in rows}) > 1:
         from matplotlib.ticker import NullFormatter

@@ -49,13 +49,14 @@ def markdown(rows: list[dict], sizes: dict[str, dict], k: int, questions: int) -
     base = sizes.get("none")
     lines += ["", "Decoder weights, measured: pre_k.onnx + post_k.onnx file bytes, and the decoder layers' weights "
               "(integers + scales) as the manifest counts them:", "",
-              "| weights | pre_k + post_k bytes | x fp32 | decoder-layer weight bytes | x fp32 |", "|---|---|---|---|---|"]
+              "| weights | pre_k + post_k bytes | x fp32 | decoder-layer weight bytes | x fp32 |",
+              "|---|---|---|---|---|"]
     for scheme, s in sizes.items():
         ratio = f"{s['file_bytes'] / base['file_bytes']:.3f}" if base else "-"
         lw = s["layer_weight_bytes"]
         lratio = f"{lw / s['layer_float_bytes']:.3f}" if lw is not None else "1.000"
-        lines.append(f"| {scheme} | {s['file_bytes']:,} | {ratio} | {lw if lw is not None else s['layer_float_bytes']:,} "
-                     f"| {lratio} |")
+        shown = lw if lw is not None else s["layer_float_bytes"]
+        lines.append(f"| {scheme} | {s['file_bytes']:,} | {ratio} | {shown:,} | {lratio} |")
     if base and "int4" in sizes:
         r4 = sizes["int4"]["file_bytes"] / base["file_bytes"]
         lines += ["", f"int4 / fp32 decoder graph bytes: {r4:.3f} ({'meets' if r4 <= INT4_LIMIT else 'MISSES'} "
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from fastv_export.bundle import load_bundle
     from fastv_export.calibrate.dataset import demo_items
     from fastv_export.calibrate.sweep import evaluate_from_scratch
     from fastv_export.config import FastVConfig
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model, attn_implementation="eager")
         if scheme != "none":
             apply_quantized_weights(model, bundle)
-        section = json.loads((bundle / "manifest.json").read_text()).get("quantization") or {}
+        section = load_bundle(bundle, check_onnx=False).quantization or {}
         float_layers = sum(m.weight.numel() * m.weight.element_size() for layer in _layers(model)
                            for m in layer.modules() if isinstance(m, torch.nn.Linear))
         sizes[scheme] = {"file_bytes": sum((bundle / f).stat().st_size for f in DECODER_GRAPHS),

@@ -191,20 +191,17 @@ def run(args: argparse.Namespace) -> int:
 def quantized_bundle(model: str, scheme: str, out: Path, spec) -> Path:
     """OUT/quantized/SCHEME: a bundle of ``model`` exported with ``scheme``'s weights (the export's quantizer and
     calibration), reused when one of the same model and scheme is there."""
-    import json
-
+    from fastv_export.bundle import load_bundle
     from fastv_export.config import FastVConfig
     from fastv_export.export.onnx_export import ExportOptions, export_bundle
 
     path = Path(out) / "quantized" / scheme
-    manifest = path / "manifest.json"
-    if manifest.is_file():
+    if (path / "manifest.json").is_file():
         try:
-            doc = json.loads(manifest.read_text())
-            if (doc.get("quantization") or {}).get("scheme") == scheme and \
-                    doc.get("source_model", {}).get("name") == Path(str(model)).name:
+            bundle = load_bundle(path, check_onnx=False)
+            if bundle.quantization_scheme == scheme and bundle.source_name == Path(str(model)).name:
                 return path
-        except (OSError, json.JSONDecodeError):
+        except FastVError:
             pass
         log.info("%s holds another bundle: exporting it again", path)
     path.parent.mkdir(parents=True, exist_ok=True)
