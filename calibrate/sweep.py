@@ -14,6 +14,12 @@ prompt position + 1 + t, 1-D or M-RoPE). This is exactly what
 :func:`~fastv_export.reference.fastv.apply_fastv` with ``generate`` computes from scratch (the tests
 check both agree).
 
+Quantized weights (``SweepSpec.quantize``: ``none`` and the weight-only schemes of
+:data:`fastv_export.quantize.SCHEMES`) add an axis: each scheme runs the same configurations on the
+quantized model's PyTorch reference (a model with the bundle's integer weights dequantized,
+:mod:`fastv_export.quantize.reference`), and compares them with the UNquantized unpruned model (its
+first-token logits and greedy tokens from the float pass, recomputed when a resumed sweep skipped it).
+
 The authors' re-rank-every-step semantics (:func:`~fastv_export.reference.rerank.generate_rerank`)
 cannot share anything (every step re-ranks and re-runs the whole sequence); it runs per
 configuration when asked for.
@@ -29,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -40,6 +46,7 @@ from fastv_export.config import FastVConfig, parse_ratio
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_write_text
 from fastv_export.graphs.op import RANKINGS
+from fastv_export.quantize import NONE, get_scheme
 from fastv_export.reference.capture import capture_query_key
 from fastv_export.reference.decode import Prefilled, greedy_decode, prefill
 from fastv_export.reference.fastv import apply_fastv
@@ -59,23 +66,42 @@ def config_key(cfg: FastVConfig) -> str:
     return f"K={cfg.k} R={cfg.r.numerator}/{cfg.r.denominator} {cfg.ranking}"
 
 
+def point_key(scheme: str, cfg: FastVConfig) -> str:
+    """A point of the sweep: the configuration's name, after the scheme for quantized weights
+    (``int4 K=2 R=1/2 last``; unquantized: ``K=2 R=1/2 last``)."""
+    return config_key(cfg) if scheme == NONE else f"{scheme} {config_key(cfg)}"
+
+
+def decoder_linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(out, in) of every Linear weight in the decoder layers: the weights the quantization schemes replace."""
+    return [tuple(m.weight.shape) for layer in get_adapter(model).layers() for m in layer.modules()
+            if isinstance(m, nn.Linear)]
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """The grid: every K with every ranking and every R (K = 0 admits only ``random``: a ranking
     that needs attention is skipped there), ``tokens`` greedy tokens per prompt, and the decode
-    ``semantics`` to measure (``prefill``: prune once, this project's; ``rerank``: the authors')."""
+    ``semantics`` to measure (``prefill``: prune once, this project's; ``rerank``: the authors'), for each
+    weight ``quantize`` scheme (``none``: the model as loaded)."""
     ks: tuple[int, ...] = (0, 1, 2, 3)
     ratios: tuple[Fraction, ...] = (Fraction(1, 2), Fraction(3, 4), Fraction(9, 10))
     rankings: tuple[str, ...] = ("last", "mean")
     tokens: int = 6
     semantics: tuple[str, ...] = ("prefill",)
     seed: int = 0
+    quantize: tuple[str, ...] = (NONE,)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", tuple(sorted(set(int(k) for k in self.ks))))
         object.__setattr__(self, "ratios", tuple(sorted(set(parse_ratio(r) for r in self.ratios))))
         object.__setattr__(self, "rankings", tuple(dict.fromkeys(self.rankings)))
         object.__setattr__(self, "semantics", tuple(dict.fromkeys(self.semantics)))
+        object.__setattr__(self, "quantize", tuple(dict.fromkeys(self.quantize)))
+        if not self.quantize:
+            raise FastVError(f"the quantization axis is empty: give at least one scheme, e.g. {NONE}")
+        for name in self.quantize:
+            get_scheme(name)                   # one line naming the choices for an unknown scheme
         if not self.ks or not self.ratios or not self.rankings:
             raise FastVError("the sweep is empty: give at least one K, one R and one ranking")
         if any(k < 0 for k in self.ks):
@@ -99,14 +125,18 @@ class SweepSpec:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ks": list(self.ks), "ratios": [f"{r.numerator}/{r.denominator}" for r in self.ratios],
-                "rankings": list(self.rankings), "tokens": self.tokens, "semantics": list(self.semantics),
-                "seed": self.seed}
+        d = {"ks": list(self.ks), "ratios": [f"{r.numerator}/{r.denominator}" for r in self.ratios],
+             "rankings": list(self.rankings), "tokens": self.tokens, "semantics": list(self.semantics),
+             "seed": self.seed}
+        if self.quantize != (NONE,):           # results files of unquantized sweeps keep their header
+            d["quantize"] = list(self.quantize)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SweepSpec":
         return cls(ks=tuple(d["ks"]), ratios=tuple(Fraction(r) for r in d["ratios"]), rankings=tuple(d["rankings"]),
-                   tokens=int(d["tokens"]), semantics=tuple(d["semantics"]), seed=int(d.get("seed", 0)))
+                   tokens=int(d["tokens"]), semantics=tuple(d["semantics"]), seed=int(d.get("seed", 0)),
+                   quantize=tuple(d.get("quantize", [NONE])))
 
 
 @dataclass
@@ -160,6 +190,8 @@ class Session:
         for k in spec.ks:
             FastVConfig(k=k, ratio=0, ranking="random").check_layers(num_layers)
         self.eos = self.adapter.text_config.eos_token_id
+        #: the unpruned first-token logits [V] of the prompt :func:`evaluate_item` ran last
+        self.unpruned_logits: torch.Tensor | None = None
 
     @torch.no_grad()
     def prefix(self, item: CalibrationItem) -> Prefix:
@@ -285,13 +317,32 @@ def kept_share(scores: torch.Tensor, kept: torch.Tensor, candidates: torch.Tenso
     return float(scores[0].double()[is_kept].sum()) / total if total > 0 else float("nan")
 
 
-def evaluate_item(session: Session, item: CalibrationItem, configs: list[FastVConfig]) -> tuple[dict, dict]:
-    """All configurations on one prompt: (baseline record, {config_key: ItemResult})."""
+@dataclass
+class Reference:
+    """What the points of a prompt are compared with: the unquantized, unpruned model's first-token logits [V]
+    and greedy tokens."""
+    logits: torch.Tensor
+    tokens: list[int]
+
+
+def evaluate_item(session: Session, item: CalibrationItem, configs: list[FastVConfig], scheme: str = NONE,
+                  reference: Reference | None = None) -> tuple[dict, dict]:
+    """All configurations on one prompt: (baseline record, {point_key: ItemResult}). ``session``'s model carries
+    ``scheme``'s weights; the comparison is with ``reference`` (default: this model's own unpruned run). The
+    baseline record of a quantized scheme also holds its unpruned run's comparison (``kl``, ``top1``,
+    ``sequence``, ``prefix``) and, for the float pass, the unpruned first-token ``logits`` are kept out of it
+    (:func:`run_sweep` holds them in memory)."""
     prefix = session.prefix(item)
-    base_tokens = session.baseline_tokens(prefix)
+    own_tokens = session.baseline_tokens(prefix)
+    ref = reference or Reference(prefix.logits, own_tokens)
+    base_tokens = ref.tokens
     m, n = prefix.candidates.shape[1], prefix.n
-    baseline = {"tokens": base_tokens, "correct": _correct(item.answer, base_tokens), "image_tokens": m,
+    baseline = {"tokens": own_tokens, "correct": _correct(item.answer, own_tokens), "image_tokens": m,
                 "text_tokens": n - m}
+    if reference is not None:
+        same, pre = compare(base_tokens, own_tokens)
+        baseline.update(kl=kl_divergence(ref.logits, prefix.logits), top1=int(prefix.logits.argmax()) == base_tokens[0],
+                        sequence=same, prefix=pre)
     out: dict[str, ItemResult] = {}
     score_cache: dict[tuple[int, str], torch.Tensor] = {}
     for cfg in configs:
@@ -311,14 +362,15 @@ def evaluate_item(session: Session, item: CalibrationItem, configs: list[FastVCo
             share = kept_share(score_cache[share_key], kept, prefix.candidates) if m else None
         else:
             share = None
-        res = ItemResult(kl=kl_divergence(prefix.logits, logits), top1=int(logits.argmax()) == base_tokens[0],
+        res = ItemResult(kl=kl_divergence(ref.logits, logits), top1=int(logits.argmax()) == base_tokens[0],
                          sequence=same, prefix=pre, correct=_correct(item.answer, tokens), kept_attention=share,
                          image_tokens=m, kept_image_tokens=cfg.keep_count(m), text_tokens=n - m, tokens=tokens)
         if "rerank" in session.spec.semantics:
             rr = session.rerank_tokens(item, cfg)
             res.rerank_sequence = rr == base_tokens
             res.rerank_correct = _correct(item.answer, rr)
-        out[config_key(cfg)] = res
+        out[point_key(scheme, cfg)] = res
+    session.unpruned_logits = prefix.logits.clone()
     return baseline, out
 
 
@@ -356,12 +408,13 @@ def _from_scratch(model: nn.Module, item: CalibrationItem, cfg: FastVConfig,
 # ---- the resumable results file -----------------------------------------------------------------
 
 class ResultsFile:
-    """JSONL: a header line (the sweep and the data), then one line per finished prompt."""
+    """JSONL: a header line (the sweep and the data), then one line per finished prompt and weight scheme (a
+    quantized scheme's lines name it in ``quantize``)."""
 
     def __init__(self, path: str | Path | None, header: dict[str, Any]) -> None:
         self.path = Path(path) if path else None
         self.header = header
-        self.done: dict[int, dict] = {}
+        self.done: dict[tuple[str, int], dict] = {}
         if self.path is None:
             return
         if self.path.exists():
@@ -376,15 +429,19 @@ class ResultsFile:
                 raise FastVError(f"{self.path} holds the results of a different sweep (model, data or grid); "
                                  "delete it or pass another --results file")
             for rec in records[1:]:
-                self.done[int(rec["index"])] = rec
+                self.done[self.key(rec)] = rec
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
             log.info("resuming %s: %d prompts already done", self.path, len(self.done))
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"header": header}) + "\n")
 
+    @staticmethod
+    def key(record: dict) -> tuple[str, int]:
+        return record.get("quantize", NONE), int(record["index"])
+
     def append(self, record: dict) -> None:
-        self.done[int(record["index"])] = record
+        self.done[self.key(record)] = record
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -395,16 +452,27 @@ class ResultsFile:
 class SweepResult:
     spec: SweepSpec
     configs: list[FastVConfig]
-    items: list[dict]              # per prompt: {"index", "name", "baseline", "results": {key: ItemResult dict}}
-    seconds: float
+    items: list[dict]              # per prompt: {"index", "name", "baseline", "results": {point_key: ItemResult dict},
+    seconds: float                 #   "quantized": {scheme: its unpruned run's baseline record}} (quantized sweeps)
 
     def item_results(self, key: str) -> list[ItemResult]:
         return [ItemResult.from_dict(it["results"][key]) for it in self.items]
 
+    def points(self) -> list[tuple[str, FastVConfig]]:
+        """(scheme, configuration) of every point, scheme by scheme."""
+        return [(scheme, cfg) for scheme in self.spec.quantize for cfg in self.configs]
+
+
+#: a quantized model for a scheme name: the model's PyTorch reference with that scheme's weights
+QuantizedModel = Callable[[str], nn.Module]
+
 
 def run_sweep(model: nn.Module, items: list[CalibrationItem], spec: SweepSpec, results: str | Path | None = None,
-              header: dict[str, Any] | None = None, progress: bool = True) -> SweepResult:
-    """Measure every configuration of ``spec`` on every prompt of ``items`` (prefix reuse)."""
+              header: dict[str, Any] | None = None, progress: bool = True,
+              quantized_model: QuantizedModel | None = None) -> SweepResult:
+    """Measure every configuration of ``spec`` on every prompt of ``items`` (prefix reuse), for each weight scheme
+    of ``spec.quantize``: ``none`` on ``model``, the others on ``quantized_model(scheme)`` (asked for only while a
+    scheme has prompts left), compared with ``model``'s unpruned run."""
     from tqdm import tqdm
 
     if not items:
@@ -413,21 +481,54 @@ def run_sweep(model: nn.Module, items: list[CalibrationItem], spec: SweepSpec, r
     if longest > spec.tokens:
         raise FastVError(f"--tokens {spec.tokens} is shorter than the longest reference answer ({longest} tokens), "
                          f"so no answer could be complete: pass --tokens {longest} or more")
+    quantized = [s for s in spec.quantize if s != NONE]
+    if quantized and quantized_model is None:
+        raise FastVError(f"the sweep asks for {', '.join(quantized)} weights but no quantized model was given")
     configs = spec.configs()
     session = Session(model, spec)
     head = {"spec": spec.to_dict(), "items": [it.name for it in items], **(header or {})}
     store = ResultsFile(results, head)
     start = time.perf_counter()
-    todo = [i for i in range(len(items)) if i not in store.done]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="calibrate", unit="prompt",
+    todo = {s: [i for i in range(len(items)) if (s, i) not in store.done] for s in (NONE, *quantized)}
+    total = len(items) * (1 + len(quantized))
+    bar = tqdm(total=total, initial=total - sum(map(len, todo.values())), desc="calibrate", unit="prompt",
                disable=not progress)
-    for i in todo:
-        baseline, res = evaluate_item(session, items[i], configs)
+    # the float pass: the unpruned reference of every prompt (and the unquantized points when swept)
+    float_configs = configs if NONE in spec.quantize else []
+    references: dict[int, torch.Tensor] = {}
+    for i in todo[NONE]:
+        baseline, res = evaluate_item(session, items[i], float_configs)
+        references[i] = session.unpruned_logits
         store.append({"index": i, "name": items[i].name, "baseline": baseline,
                       "results": {k: v.to_dict() for k, v in res.items()}})
         bar.update(1)
+    needed = sorted({i for s in quantized for i in todo[s]} - set(references))
+    for i in needed:                              # a resumed sweep: the float logits again (no configuration)
+        evaluate_item(session, items[i], [])
+        references[i] = session.unpruned_logits
+    for scheme in quantized:
+        if not todo[scheme]:
+            continue
+        qsession = Session(quantized_model(scheme), spec)
+        for i in todo[scheme]:
+            ref = Reference(references[i], store.done[(NONE, i)]["baseline"]["tokens"])
+            baseline, res = evaluate_item(qsession, items[i], configs, scheme, ref)
+            store.append({"index": i, "name": items[i].name, "quantize": scheme, "baseline": baseline,
+                          "results": {k: v.to_dict() for k, v in res.items()}})
+            bar.update(1)
+        del qsession
     bar.close()
-    ordered = [store.done[i] for i in range(len(items))]
+    ordered = []
+    for i in range(len(items)):
+        rec = dict(store.done[(NONE, i)])
+        if quantized:
+            rec["results"] = dict(rec["results"])
+            rec["quantized"] = {}
+            for scheme in quantized:
+                q = store.done[(scheme, i)]
+                rec["results"].update(q["results"])
+                rec["quantized"][scheme] = q["baseline"]
+        ordered.append(rec)
     return SweepResult(spec, configs, ordered, time.perf_counter() - start)
 
 

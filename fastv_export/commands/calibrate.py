@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from fastv_export.commands.common import add_model_argument
 from fastv_export.errors import FastVError
 from fastv_export.graphs import spec as graph_spec
+from fastv_export.quantize.schemes import NONE, SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,16 @@ for the other presets) or a folder with images and prompts.jsonl, one object per
 {{"image": "a.png", "prompt": "USER: <image>\\nQuestion? ASSISTANT:", "answer": "yes"}} (text needs the
 checkpoint's processor) or {{"image": "a.png", "prompt_ids": [...], "answer_ids": [...]}}.
 
-Writes OUT/calibration.csv, OUT/calibration.json (table, frontier, recommendation), OUT/pareto.png.
+Quantized weights (--quantize none,int8,int4; the weight-only schemes of `fastv-export export --quantize`): each
+scheme's bundle is exported once into OUT/quantized/SCHEME (reused when there; the export's own quantizer) and its
+integer weights, dequantized in PyTorch (the quantized model's reference, as `validate` uses), run the same
+points; KL and agreement stay against the unquantized unpruned model. Bytes of weights: the decoder layers'
+weights under each scheme (integers + scales). --max-weight-bytes 300MB recommends the most accurate point whose
+weights fit (--tolerance: a quality that close to the best counts as equal; the cheapest of those wins).
+
+Writes OUT/calibration.csv, OUT/calibration.json (table, frontiers, recommendation), OUT/calibration.md,
+OUT/pareto.png and OUT/pareto_weights.png (bytes of weights x FLOPs, the Pareto front with the quality as the
+constraint).
 
 examples:
   fastv-export calibrate --out calib                                  # the trained demo, K 0-3 x R x last/mean
@@ -46,6 +57,7 @@ examples:
   fastv-export calibrate --out calib --min-agreement 0.99 --export bundle --force
   fastv-export calibrate --model bench-llava --k 2,4,8 --r 1/4,1/2,3/4,9/10 --tokens 1 --size 8 --out calib-bench
   fastv-export calibrate --model path/to/llava-1.5-7b-hf --data path/to/calib-folder --out calib-7b
+  fastv-export calibrate --out calib-q --k 2 --r 0,1/2,3/4 --quantize none,int8,int4 --max-weight-bytes 1MB
 """
 
 
@@ -77,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="greedy tokens compared per prompt, at least the longest answer (default 6)")
     g.add_argument("--semantics", default="prefill,rerank", metavar="prefill[,rerank]",
                    help="decode semantics measured side by side (default prefill,rerank)")
+    g.add_argument("--quantize", default=NONE, metavar="SCHEME,...",
+                   help=f"decoder weight schemes swept: {', '.join([NONE, *SCHEMES])} (default {NONE})")
     c = parser.add_argument_group("recommendation")
     c.add_argument("--metric", default=None,
                    help="quality metric: top1, sequence, accuracy, rerank_sequence, rerank_accuracy "
@@ -85,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="best quality among configurations with Eq. 5 FLOPs ratio <= X")
     c.add_argument("--min-agreement", type=float, default=None, metavar="Q",
                    help="cheapest configuration whose metric is >= Q (e.g. 0.99)")
+    c.add_argument("--max-weight-bytes", default=None, metavar="N",
+                   help="best quality among points whose decoder weights fit in N bytes (300MB, 1.5GiB, 2000000)")
+    c.add_argument("--tolerance", type=float, default=0.0, metavar="T",
+                   help="under a budget, a metric within T of the best counts as equal and the cheapest such point "
+                        "is recommended (default 0: the best, ties to the cheaper)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="DIR", help="directory for calibration.csv/.json and pareto.png")
     o.add_argument("--results", default=None, metavar="FILE.jsonl",
@@ -108,10 +127,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.size < 1:
         raise FastVError(f"the calibration set is empty (--size {args.size}): pass --size 1 or more")
-    if args.export and args.max_flops_ratio is None and args.min_agreement is None:
-        raise FastVError("--export exports the recommended configuration: give --max-flops-ratio or --min-agreement")
+    constrained = any(v is not None for v in (args.max_flops_ratio, args.min_agreement, args.max_weight_bytes))
+    if args.export and not constrained:
+        raise FastVError("--export exports the recommended configuration: give --max-flops-ratio, --max-weight-bytes "
+                         "or --min-agreement")
+    budget = report.parse_bytes(args.max_weight_bytes) if args.max_weight_bytes is not None else None
     spec = sweep.SweepSpec(ks=tuple(args.k), ratios=tuple(_split(args.r)), rankings=tuple(_split(args.ranking)),
-                           tokens=args.tokens, semantics=tuple(_split(args.semantics)), seed=args.seed)
+                           tokens=args.tokens, semantics=tuple(_split(args.semantics)), seed=args.seed,
+                           quantize=tuple(_split(args.quantize)))
+    if spec.quantize != (NONE,) and args.dtype != "fp32":
+        raise FastVError(f"--quantize is measured on fp32 bundles only (--dtype {args.dtype}); drop --dtype")
     data = args.data or ("demo" if args.model == DEMO_MODEL else "synthetic")
     if data == "demo" and args.model != DEMO_MODEL:
         raise FastVError(f"--data demo is the task {DEMO_MODEL} was trained on; use --data synthetic or a folder "
@@ -123,20 +148,24 @@ def run(args: argparse.Namespace) -> int:
     items = dataset.load_items(data, adapter, args.size, model=args.model)
     header = {"model": str(args.model), "data": str(data), "size": args.size}
     result = sweep.run_sweep(model, items, spec, results=args.results or out / "results.jsonl", header=header,
-                             progress=not args.no_progress)
-    table = report.summarize(result, str(args.model), str(data), adapter.decoder_shape())
+                             progress=not args.no_progress,
+                             quantized_model=lambda scheme: quantized_model(args.model, scheme, out, spec))
+    table = report.summarize(result, str(args.model), str(data), adapter.decoder_shape(),
+                             sweep.decoder_linear_shapes(model), args.dtype)
     metric = args.metric or ("accuracy" if table.has("accuracy") else "top1")
     report.checked_metric(table, metric)
     rec = None
-    if args.max_flops_ratio is not None or args.min_agreement is not None:
-        rec = report.recommend(table, metric, args.max_flops_ratio, args.min_agreement)
+    if constrained:
+        rec = report.recommend(table, metric, args.max_flops_ratio, args.min_agreement, budget, args.tolerance)
     paths = report.write_outputs(table, out, metric, rec)
     latency = None
     if args.export and rec is not None:
         from fastv_export.export.onnx_export import ExportOptions, export_bundle
 
         cfg = rec.row.config(seed=args.seed)
-        bundle = export_bundle(args.export, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force))
+        quantize = None if rec.row.quantize == NONE else rec.row.quantize
+        bundle = export_bundle(args.export, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
+                                                               quantize=quantize))
         latency = _ort_prefill_ms(bundle, items[0])
         rec_doc = rec.to_dict() | {"bundle": str(bundle.path), "ort_prefill_ms": latency}
         doc = json.loads(paths["json"].read_text())
@@ -150,12 +179,48 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} ({table.prompts} prompts, {result.seconds:.1f} s)")
     if rec is not None:
         r = rec.row
+        weights = f", decoder weights {report.human_bytes(r.weight_bytes)}" if r.weight_bytes is not None else ""
         print(f"recommended under {rec.constraint}: {r.key} ({metric} {r.quality(metric):.4f}, Eq. 5 FLOPs ratio "
-              f"{r.eq5_ratio:.3f}, KV cache ratio {r.kv_ratio:.3f})")
+              f"{r.eq5_ratio:.3f}, KV cache ratio {r.kv_ratio:.3f}{weights})")
         if args.export:
             print(f"exported to {args.export}; ONNX Runtime prefill of the first prompt: {latency:.2f} ms; "
                   f"next: fastv-export validate {args.export}")
     return 0
+
+
+def quantized_bundle(model: str, scheme: str, out: Path, spec) -> Path:
+    """OUT/quantized/SCHEME: a bundle of ``model`` exported with ``scheme``'s weights (the export's quantizer and
+    calibration), reused when one of the same model and scheme is there."""
+    from fastv_export.bundle import load_bundle
+    from fastv_export.config import FastVConfig
+    from fastv_export.export.onnx_export import ExportOptions, export_bundle
+
+    path = Path(out) / "quantized" / scheme
+    if (path / "manifest.json").is_file():
+        try:
+            bundle = load_bundle(path, check_onnx=False)
+            if bundle.quantization_scheme == scheme and bundle.source_name == Path(str(model)).name:
+                return path
+        except FastVError:
+            pass
+        log.info("%s holds another bundle: exporting it again", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = max(spec.ks) if max(spec.ks) >= 1 else 1            # the weights are the same for every K
+    log.info("exporting %s with %s weights to %s", model, scheme, path)
+    export_bundle(path, FastVConfig(k=k, ratio="1/2"), ExportOptions(model=model, quantize=scheme, force=True))
+    return path
+
+
+def quantized_model(model: str, scheme: str, out: Path, spec):
+    """The quantized model's PyTorch reference for ``scheme``: ``model`` loaded afresh with the integer weights of
+    :func:`quantized_bundle` dequantized (fastv_export.quantize.reference)."""
+    from fastv_export.presets import load_model
+    from fastv_export.quantize.reference import apply_quantized_weights
+
+    bundle = quantized_bundle(model, scheme, out, spec)
+    m = load_model(model)
+    apply_quantized_weights(m, bundle)
+    return m
 
 
 def _ort_prefill_ms(b, item, repeats: int = 3) -> float:
