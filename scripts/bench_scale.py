@@ -378,6 +378,8 @@ class StageResult:
     peak_source: str = ""             # "stages.json" or "ru_maxrss"
     weight_bytes: int | None = None
     ratio: float | None = None        # peak / weights
+    start_rss_bytes: int | None = None     # the stage's RSS when it started (the interpreter and imports)
+    estimate_bytes: int | None = None      # what the stage's memory check estimated (fastv_export/memory.py)
     error: str = ""
     command: list[str] = field(default_factory=list)
 
@@ -453,6 +455,7 @@ def run_stage(stage: str, shape: Shape, checkpoint: Path, bundle: Path, args: ar
     else:
         result.peak_rss_bytes, result.peak_source = maxrss, "ru_maxrss"
     result.weight_bytes = rec.get("weight_bytes") or fallback_weight_bytes(stage, params, dtype, bundle)
+    result.start_rss_bytes, result.estimate_bytes = rec.get("start_rss_bytes"), rec.get("estimate_bytes")
     if result.weight_bytes:
         result.ratio = round(result.peak_rss_bytes / result.weight_bytes, 3)
     return result
