@@ -561,8 +561,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{shape.name}] {stage} FAILED after {fmt_seconds(r.seconds)}: {r.error}", flush=True)
                     failed = True
                     break
-                bound = "" if r.ratio is None else (" (<= %.2fx)" % args.max_ratio if r.ratio <= args.max_ratio
-                                                    else " (OVER %.2fx)" % args.max_ratio)
+                bound = "" if r.ratio is None else (f" (<= {args.max_ratio:.2f}x)" if r.ratio <= args.max_ratio
+                                                    else f" (OVER {args.max_ratio:.2f}x)")
                 ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
                 print(f"[{shape.name}] {stage}: {fmt_seconds(r.seconds)}, peak RSS {fmt_bytes(r.peak_rss_bytes)} "
                       f"({r.peak_source}), weights {fmt_bytes(r.weight_bytes)}, peak/weights {ratio}{bound}",
