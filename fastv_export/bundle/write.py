@@ -36,8 +36,9 @@ def encode_runs(tokens: Sequence[int]) -> list[list[int]]:
     return runs
 
 
-#: config keys that say where a model was loaded from, not what it is (a moved checkpoint is the same model)
-LOCATION_KEYS = ("_name_or_path", "_commit_hash")
+#: config keys that say where a model was loaded from and at which dtype, not what it is (a moved checkpoint is the
+#: same model; an fp16 export is validated against the fp32 reference of the same checkpoint)
+LOCATION_KEYS = ("_name_or_path", "_commit_hash", "dtype", "torch_dtype")
 
 
 def config_hash(adapter: ModelAdapter) -> str:
