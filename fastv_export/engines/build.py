@@ -330,10 +330,10 @@ def _copy_bundle(bundle: Bundle, dst: Path) -> dict[str, dict]:
 
 
 def check_quantized_support(bundle: Bundle, backend: str, version: str, gpu: str | None) -> None:
-    """FastVError in one line when ``backend`` ``version`` (TensorRT 10: or this ``gpu``, "SM87-...") cannot build
-    the bundle's quantized weights (fastv_export/quantize/schemes.py)."""
+    """FastVError in one line when ``backend`` ``version`` cannot build the bundle's quantized weights, or (TensorRT
+    10) this ``gpu`` ("SM87-...") has no float8 for fp8 weights (fastv_export/quantize/schemes.py)."""
     check_backend(bundle.quantization_scheme, backend, version)
-    if backend == "tensorrt" and gpu and gpu.startswith("SM"):
+    if backend == "tensorrt" and gpu and gpu.startswith("SM") and bundle.quantization_scheme == "fp8":
         check_target(bundle.quantization_scheme, [gpu.split("-", 1)[0]])
 
 
