@@ -46,8 +46,8 @@ def _ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------- schemes, refusals
 def test_unknown_scheme_is_one_line():
     with pytest.raises(FastVError) as e:
-        get_scheme("fp8")
-    assert "'fp8'" in str(e.value) and "int8" in str(e.value) and "\n" not in str(e.value)
+        get_scheme("fp4")
+    assert "'fp4'" in str(e.value) and "int8" in str(e.value) and "\n" not in str(e.value)
     assert get_scheme("none") is None and get_scheme(None) is None
 
 

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the 2 GB protobuf limit)")
     parser.add_argument("--quantize", default="none", metavar="SCHEME",
                         help="weight-only quantization of the decoder layers: none (default), int8 (per output "
-                             "channel) or int4 (blocks of 128); symmetric min-max, no calibration data")
+                             "channel), int4 (blocks of 128) or fp8 (float8 e4m3 per output channel; engines for "
+                             "SM89 and later); symmetric min-max, no calibration data")
     add_memory_argument(parser)
 
 

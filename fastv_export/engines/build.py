@@ -36,6 +36,7 @@ from fastv_export.engines.timing_cache import apply_timing_cache, cache_name, is
 from fastv_export.errors import FastVError
 from fastv_export.files import atomic_directory, atomic_write_text, sha256
 from fastv_export.graphs import op, spec
+from fastv_export.quantize.schemes import check_backend, check_target, trtexec_guard
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def trtexec_script(manifest: Manifest, limits: BuildLimits, use_plugin: bool = T
              f'{TRTEXEC_CACHE_VAR}="timing.tensorrt-${{trt_version:-unknown}}-'
              "$(printf '%s' \"${gpu:-unknown-gpu}\" | tr -cs 'A-Za-z0-9.+-' '_').cache\"",
              'case "$timing_cache" in *unknown*) rm -f "$timing_cache" ;; esac   # unnamed: never reused']
+    head += trtexec_guard(manifest.quantization_scheme)    # a quantized bundle: the GPU's compute capability
     return "\n".join(head + trtexec_lines(manifest, limits, use_plugin)) + "\n"
 
 
@@ -327,6 +329,14 @@ def _copy_bundle(bundle: Bundle, dst: Path) -> dict[str, dict]:
     return {name: entry for name, entry in listed.items() if (dst / name).is_file()}
 
 
+def check_quantized_support(bundle: Bundle, backend: str, version: str, gpu: str | None) -> None:
+    """FastVError in one line when ``backend`` ``version`` cannot build the bundle's quantized weights, or (TensorRT
+    10) this ``gpu`` ("SM87-...") has no float8 for fp8 weights (fastv_export/quantize/schemes.py)."""
+    check_backend(bundle.quantization_scheme, backend, version)
+    if backend == "tensorrt" and gpu and gpu.startswith("SM") and bundle.quantization_scheme == "fp8":
+        check_target(bundle.quantization_scheme, [gpu.split("-", 1)[0]])
+
+
 def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOptions(),
                   progress: Callable[[str], None] | None = None) -> Bundle:
     """Build the engines of ``bundle`` (a verified :class:`Bundle`, or a directory, verified here) and
@@ -345,6 +355,7 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
             raise FastVError(f"plugin library {plugin} does not exist: build it with scripts/build_plugin.sh, "
                              "or pass --no-plugin to build TokenSelect's ONNX function body")
     gpu = current_gpu() if backend == "tensorrt" else None
+    check_quantized_support(bundle, backend, version, gpu)
     cache_key = targets if backend == "tensorrt-rtx" else [gpu or "unknown-gpu"]
     cache_file_name = cache_name(backend, version, cache_key)
     cache_file = bundle.path / cache_file_name

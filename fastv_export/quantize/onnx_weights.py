@@ -160,6 +160,47 @@ def _quantize_weights(model: onnx.ModelProto, targets: list[str], scheme: Scheme
     return model
 
 
+#: the fp8 scheme's weight type and its largest finite value
+FP8_DTYPE, FP8_MAX = "FLOAT8E4M3FN", 448.0
+
+
+def fp8_weight(w: np.ndarray, qname: str) -> tuple[onnx.TensorProto, np.ndarray]:
+    """A [in, out] float weight as float8 e4m3fn with one scale per output channel (absmax / 448, so nothing
+    saturates; an all-zero channel gets scale 1), rounded to nearest even by ONNX Runtime's quantizer
+    (``quantize_nparray``, which runs ONNX's QuantizeLinear); returns the weight tensor and the scales [out]."""
+    from onnxruntime.quantization.quant_utils import quantize_nparray
+
+    absmax = np.abs(w).max(axis=0)
+    scale = np.where(absmax > 0, absmax / FP8_MAX, 1.0).astype(w.dtype)
+    q = quantize_nparray(onnx.TensorProto.FLOAT8E4M3FN, w, scale, 0)
+    return numpy_helper.from_array(np.asarray(q), qname), scale
+
+
+def _quantize_weights_fp8(model: onnx.ModelProto, targets: list[str], scheme: Scheme) -> onnx.ModelProto:
+    """Replace each weight of ``targets`` ([in, out]) by ``DequantizeLinear(q_fp8, scale, axis=1)`` (opset 19:
+    float8 inputs), per output channel, no zero point (docs/design.md §10)."""
+    _raise_opset(model, scheme.min_opset)
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes = []
+    for name in targets:
+        init = inits[name]
+        w = numpy_helper.to_array(init)
+        qname, sname = f"{name}_DQ_Q{scheme.bits}", f"{name}_DQ_scales"
+        tensor, scale = fp8_weight(w, qname)
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend([tensor, numpy_helper.from_array(scale, sname)])
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [qname, sname], [f"{name}_DQ"], name=f"{name}_DQ",
+                                               axis=1))
+        for node in model.graph.node:
+            for i, n in enumerate(node.input):
+                if n == name:
+                    node.input[i] = f"{name}_DQ"
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes + nodes)        # constants first: the graph stays topologically sorted
+    return model
+
+
 def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Scheme) -> tuple[onnx.ModelProto,
                                                                                              GraphQuantization]:
     """Quantize the decoder-layer MatMul weights of ``model`` (``weights``: :func:`decoder_linear_weights`) with
@@ -171,7 +212,8 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Sche
         renamed.append(f"{param}.T")
     float_bytes = sum(_tensor_bytes(i) for i in model.graph.initializer if i.name in set(renamed))
     if renamed:
-        model = _quantize_weights(model, renamed, scheme)
+        rewrite = _quantize_weights_fp8 if scheme.onnx_dtype == FP8_DTYPE else _quantize_weights
+        model = rewrite(model, renamed, scheme)
     default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if default.version < scheme.min_opset:
         raise FastVError(f"the quantized graph needs opset {scheme.min_opset}, it has {default.version}: a bug")

@@ -33,7 +33,7 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block_size: int) -> torch.Tensor:
     """DequantizeLinear of a 2-D weight without zero point, in torch: per-axis (``block_size`` 0; ``scale`` has
     one value per index of ``axis``) or block-wise (``scale`` has ceil(rows / block) entries along ``axis``)."""
-    qt = torch.from_numpy(np.asarray(q).astype(np.int32)).to(torch.float32)
+    qt = torch.from_numpy(np.asarray(q).astype(np.float32))          # integers or float8: exact
     st = torch.from_numpy(np.array(scale, dtype=np.float32))
     if block_size:
         st = st.repeat_interleave(block_size, dim=axis).narrow(axis, 0, qt.shape[axis])

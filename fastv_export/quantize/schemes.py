@@ -1,6 +1,7 @@
 """Weight-only quantization schemes of a bundle and what each needs of a TensorRT target."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from fastv_export.errors import FastVError
@@ -29,10 +30,13 @@ class Scheme:
 
 
 #: TensorRT-RTX 1.7 builds DequantizeLinear -> MatMul weights ahead of time for SM80 and later; SM75 fails in
-#: its Myelin compiler for both forms (docs/design.md §10).
+#: its Myelin compiler for both integer forms. float8 e4m3fn weights (opset 19 DequantizeLinear, one scale per
+#: output channel) build for SM89 and SM120 only: for SM80 / SM86 it says "Cannot compile for target(s) sm86,
+#: because the model contains HW-specific datatypes: fp8_e4m3" (docs/design.md §10).
 SCHEMES: dict[str, Scheme] = {
     "int8": Scheme("int8", 8, 0, "INT8", 13, 80),
     "int4": Scheme("int4", 4, 128, "INT4", 21, 80),
+    "fp8": Scheme("fp8", 8, 0, "FLOAT8E4M3FN", 19, 89),
 }
 NONE = "none"
 
@@ -43,7 +47,7 @@ def get_scheme(name: str | None) -> Scheme | None:
         return None
     if name not in SCHEMES:
         raise FastVError(f"unknown quantization scheme {name!r}; choose one of {', '.join([NONE, *SCHEMES])} "
-                         "(weight-only; fp8 is not available yet)")
+                         "(weight-only)")
     return SCHEMES[name]
 
 
@@ -56,6 +60,43 @@ def check_target(scheme_name: str | None, compute_capabilities) -> None:
     for cc in compute_capabilities:
         digits = str(cc).upper().replace("SM_", "").replace("SM", "").replace(".", "")
         if digits.isdigit() and int(digits) < scheme.min_sm:
-            raise FastVError(f"a bundle with {scheme.name} weights cannot be built for {cc}: TensorRT-RTX builds "
-                             f"quantized weights for SM{scheme.min_sm} and later; drop {cc} from "
-                             "--compute-capability or export without --quantize")
+            why = (f"float8 needs SM{scheme.min_sm} (Ada) or later, Jetson Orin (SM87) included"
+                   if scheme.onnx_dtype.startswith("FLOAT8") else f"TensorRT-RTX builds quantized weights for "
+                   f"SM{scheme.min_sm} and later")
+            raise FastVError(f"a bundle with {scheme.name} weights cannot be built for {cc}: {why}; drop {cc} from "
+                             "--compute-capability or export with another --quantize")
+
+
+#: the first TensorRT whose ONNX parser imports each scheme's DequantizeLinear weights (onnx-tensorrt changelog):
+#: per-axis int8 8.0, float8 9.0, int4 (block-wise, opset 21) 10.0 EA. TensorRT-RTX 1.7 builds all three.
+TENSORRT_SINCE: dict[str, tuple[int, int]] = {"int8": (8, 0), "fp8": (9, 0), "int4": (10, 0)}
+
+
+def check_backend(scheme_name: str | None, backend: str, version: str) -> None:
+    """FastVError in one line when TensorRT ``version`` (``backend`` "tensorrt") predates the import of
+    ``scheme_name``'s DequantizeLinear weights; TensorRT-RTX versions are not checked (1.7 measured)."""
+    scheme = get_scheme(scheme_name)
+    if scheme is None or backend != "tensorrt":
+        return
+    since = TENSORRT_SINCE[scheme.name]
+    have = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if len(have) < 2 or have < since:
+        raise FastVError(f"TensorRT {version} cannot build this bundle's {scheme.name} weights ({scheme.onnx_dtype} "
+                         f"DequantizeLinear came in TensorRT {since[0]}.{since[1]}); upgrade TensorRT, build ahead of "
+                         "time with --backend tensorrt-rtx, or export with another --quantize")
+
+
+def trtexec_guard(scheme_name: str | None) -> list[str]:
+    """Shell lines for build_engines.sh that stop it, with one line, on a GPU below the scheme's minimum compute
+    capability (the device's ``nvidia-smi``; Jetson Orin, SM87, by its device-tree model): none for float bundles."""
+    scheme = get_scheme(scheme_name)
+    if scheme is None:
+        return []
+    need = f"{scheme.min_sm // 10}.{scheme.min_sm % 10}"
+    return [f"# {scheme.name} weights need compute capability {need} or later",
+            "cc=$( (nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null || true) | head -n1)",
+            "case \"$gpu\" in *Orin*) cc=8.7 ;; esac",
+            f"if [ -n \"$cc\" ] && awk -v c=\"$cc\" 'BEGIN {{ exit !(c < {need}) }}'; then",
+            (f"  echo \"this bundle's {scheme.name} weights need compute capability {need} or later; this GPU has "
+             "$cc: export it with another --quantize\" >&2; exit 2"),
+            "fi"]
