@@ -173,6 +173,25 @@ def test_export_that_does_not_fit_stops_before_writing(tmp_path, capsys, monkeyp
     assert rc == 2 and "--dtype fp16" not in err and "more memory" in err and not out.exists()
 
 
+def test_export_under_a_real_address_space_limit_stops_in_one_line(tmp_path):
+    """The too-big case for real: the CLI in a process whose address space is limited (ulimit -v) below what
+    bench-llava's fp32 export needs (1.4 x 1 GiB + 1 GiB) stops with the one line, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    limit = 2400 << 20
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "fastv_export.cli", "export", "--model", "bench-llava", "--out", "b"],
+                          cwd=tmp_path, capture_output=True, text=True, preexec_fn=limited, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "export needs about 2.40 GiB" in err and "(ulimit -v)" in err and "--dtype fp16" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pipeline_that_cannot_validate_stops_before_exporting(tmp_path, capsys, monkeypatch):
     # validation's need is checked first, before anything is exported
     monkeypatch.setenv(memory.AVAILABLE_ENV, str(memory.validate_estimate("tiny-llava").bytes - 1))
