@@ -352,7 +352,7 @@ def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
         atomic_write(out, write)
         layers = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
         cache = serialized_timing_cache(config)
-        del parser, network, builder, config          # before the weights' maps close
+        parser = network = builder = config = None     # released before the weights' maps close
     activation = None
     with open(out, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
         loaded = trt.Runtime(logger).deserialize_cuda_engine(plan)     # on this GPU: the activation memory
@@ -416,7 +416,8 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
             profs = list(profiles[graph].values())
             name = f"{graph}{ENGINE_SUFFIX}"
             if backend == "tensorrt-rtx":
-                built = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache, bundle.precision, tmp / name)
+                built = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache, bundle.precision,
+                                   tmp / name)
             else:
                 built = _build_trt10(bundle.file(graph), profs, graph_plugin, cache, bundle.precision, tmp / name)
             layers, cache = built.layer_types, built.timing_cache
