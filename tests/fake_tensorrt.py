@@ -6,6 +6,7 @@ else a registered plugin (so a TokenSelect node that still has its function body
 plugin layer, as on those parsers)."""
 from __future__ import annotations
 
+import ctypes
 import importlib.machinery
 import types
 from dataclasses import dataclass, field
@@ -17,15 +18,21 @@ PLUGIN_KEY = ("TokenSelect", "1", "fastv")
 
 @dataclass
 class Record:
-    parsed: list[bytes] = field(default_factory=list)            # model bytes handed to OnnxParser.parse
+    parsed: list[bytes] = field(default_factory=list)            # model bytes handed to parse / load_model_proto
+    #: per lean parse (load_model_proto): initializer name -> the bytes load_initializer pointed at
+    initializers: list[dict[str, bytes]] = field(default_factory=list)
+    streamed: int = 0                                             # builds written through an IStreamWriter
     configs: list["Config"] = field(default_factory=list)         # every builder config, in order
     loaded_libraries: list[str] = field(default_factory=list)     # every plugin registry load_library call
     built: int = 0
 
 
-def make_module(version: str = "10.1.0", *, unreadable_cache: bool = False) -> tuple[types.ModuleType, Record]:
+def make_module(version: str = "10.1.0", *, unreadable_cache: bool = False,
+                lean: bool = True) -> tuple[types.ModuleType, Record]:
     """(the module, its record). ``unreadable_cache``: create_timing_cache returns None for a non-empty
-    cache that this stand-in did not write (as TensorRT does for a cache it cannot read)."""
+    cache that this stand-in did not write (as TensorRT does for a cache it cannot read). ``lean``: the
+    parser offers load_model_proto / load_initializer / parse_model_proto and the builder
+    build_serialized_network_to_stream (TensorRT 10.x); without, only parse and build_serialized_network."""
     rec = Record()
     own = b"+timings of %d" % id(rec)        # what this stand-in appends to a cache it wrote
     trt = types.ModuleType("tensorrt")
@@ -92,7 +99,30 @@ def make_module(version: str = "10.1.0", *, unreadable_cache: bool = False) -> t
 
         def parse(self, data):
             rec.parsed.append(bytes(data))
-            model = onnx.load_from_string(bytes(data))
+            return self._import(onnx.load_from_string(bytes(data)))
+
+        def _load_model_proto(self, data, path=None):
+            rec.parsed.append(bytes(data))
+            self.loaded = onnx.load_from_string(bytes(data))
+            rec.initializers.append({})
+            return True
+
+        def _load_initializer(self, name, address, size):
+            tensors = {t.name: t for t in self.loaded.graph.initializer}
+            if name not in tensors:
+                return False
+            rec.initializers[-1][name] = ctypes.string_at(address, size)   # what TensorRT would read there
+            return True
+
+        def _parse_model_proto(self):
+            external = {t.name for t in self.loaded.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+            missing = external - set(rec.initializers[-1])
+            if missing:
+                self.errors.append(ParserError(f"initializers not given: {sorted(missing)}"))
+                return False
+            return self._import(self.loaded)
+
+        def _import(self, model):
             functions = {(f.domain, f.name): f for f in model.functions}
             for node in model.graph.node:
                 if node.domain in ("", "ai.onnx"):
@@ -182,6 +212,25 @@ def make_module(version: str = "10.1.0", *, unreadable_cache: bool = False) -> t
             rec.built += 1
             return b"engine of %d layers" % network.num_layers
 
+        def _build_serialized_network_to_stream(self, network, config, writer):
+            rec.built += 1
+            rec.streamed += 1
+            data = b"engine of %d layers" % network.num_layers
+            for i in range(0, len(data), 7):            # in chunks, as TensorRT writes
+                if writer.write(data[i:i + 7]) != len(data[i:i + 7]):
+                    return False
+            return True
+
+    class IStreamWriter:
+        def __init__(self):
+            pass
+
+    if lean:
+        OnnxParser.load_model_proto = OnnxParser._load_model_proto
+        OnnxParser.load_initializer = OnnxParser._load_initializer
+        OnnxParser.parse_model_proto = OnnxParser._parse_model_proto
+        Builder.build_serialized_network_to_stream = Builder._build_serialized_network_to_stream
+
     class Runtime:
         def __init__(self, logger):
             pass
@@ -191,6 +240,7 @@ def make_module(version: str = "10.1.0", *, unreadable_cache: bool = False) -> t
 
     for name, value in dict(Logger=Logger, NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag,
                             BuilderFlag=BuilderFlag, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
+                            IStreamWriter=IStreamWriter,
                             get_plugin_registry=lambda: registry).items():
         setattr(trt, name, value)
     return trt, rec

@@ -249,6 +249,17 @@ def test_bundles_with_external_data_validate_and_build(tmp_path, capsys):
         assert all((b / f).stat().st_nlink == 1 for f in files), "a bundle file is still hard-linked"
 
 
+def _stand_in_engine(*args):
+    """In place of engines.build._build_rtx: writes 13 bytes to the engine file (its last argument)."""
+    import hashlib
+
+    from fastv_export.engines import build
+
+    data = b"not an engine"
+    Path(args[-1]).write_bytes(data)
+    return build.BuiltEngine(hashlib.sha256(data).hexdigest(), len(data), ["MATRIX_MULTIPLY"], b"")
+
+
 @pytest.mark.slow
 @pytest.mark.tensorrt
 def test_one_function_writes_the_manifest(tmp_path, monkeypatch):
@@ -277,7 +288,7 @@ def test_one_function_writes_the_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files, "atomic_write", spy)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(build, "_build_rtx", lambda *a: build.BuiltEngine(b"not an engine", ["MATRIX_MULTIPLY"], b""))
+    monkeypatch.setattr(build, "_build_rtx", _stand_in_engine)
     bundle = export_bundle(tmp_path / "b", FastVConfig(k=2, ratio="1/2"), ExportOptions())
     build.build_engines(bundle, build.BuildOptions(backend="tensorrt-rtx", use_plugin=False))
     assert len(writers) == 2, writers
@@ -293,7 +304,7 @@ def test_an_inconsistent_engines_section_is_refused_before_anything_is_written(e
     from fastv_export.bundle import load_bundle
     from fastv_export.engines import build
 
-    monkeypatch.setattr(build, "_build_rtx", lambda *a: build.BuiltEngine(b"not an engine", ["MATRIX_MULTIPLY"], b""))
+    monkeypatch.setattr(build, "_build_rtx", _stand_in_engine)
     options = build.BuildOptions(backend="tensorrt-rtx", use_plugin=False)
     good = shutil.copytree(exported_bundle("tiny-llava", 2, "1/2"), tmp_path / "good")
     assert load_bundle(build.build_engines(good, options).path).engines.engines["post_k"].bytes == 13  # a control

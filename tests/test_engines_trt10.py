@@ -60,6 +60,16 @@ def _options(plugin: Path | None, backend: str = "tensorrt") -> build.BuildOptio
                               use_plugin=plugin is not None, limits=LIMITS)
 
 
+def _stand_in_file_build(out, layers: list[str]):
+    """What trt_rtx.build_engine_to_file returns, for a stand-in engine written to ``out``."""
+    import hashlib
+
+    from fastv_export.engines import trt_rtx
+
+    Path(out).write_bytes(b"engine")
+    return trt_rtx.FileBuild(hashlib.sha256(b"engine").hexdigest(), 6, layers, [], b"cache")
+
+
 def _token_select(model: onnx.ModelProto) -> tuple[onnx.NodeProto, list[onnx.FunctionProto]]:
     nodes = [n for n in model.graph.node if (n.domain, n.op_type) == (op.OP_DOMAIN, op.OP_TYPE)]
     assert len(nodes) == 1
@@ -76,19 +86,19 @@ def test_fp32_engines_are_built_without_tf32(trt10, bundle_copy):
 
 
 def test_tensorrt_rtx_builds_of_fp32_bundles_clear_tf32(bundle_copy, monkeypatch):
-    """build_engines asks TensorRT-RTX for no TF32 on an fp32 bundle, and build_engine_aot clears the flag
-    on the real TensorRT-RTX builder config (on by default there too)."""
+    """build_engines asks TensorRT-RTX for no TF32 on an fp32 bundle, and the builder config of build_engine_aot (and
+    build_engine_to_file: the same config) clears the flag on the real TensorRT-RTX builder (on by default)."""
     from fastv_export.engines import trt_rtx
 
     trt = trt_rtx.import_trt()
     calls = []
     real_build = trt_rtx.build_engine_aot
 
-    def recorder(model, **kwargs):
+    def recorder(onnx_path, out, **kwargs):
         calls.append(kwargs)
-        return trt_rtx.AotBuild(b"engine", ["MATRIX_MULTIPLY"], [], b"cache")
+        return _stand_in_file_build(out, ["MATRIX_MULTIPLY"])
 
-    monkeypatch.setattr(trt_rtx, "build_engine_aot", recorder)
+    monkeypatch.setattr(trt_rtx, "build_engine_to_file", recorder)
     build.build_engines(bundle_copy, _options(None, "tensorrt-rtx"))
     assert [c["tf32"] for c in calls] == [False] * 4
 
@@ -154,12 +164,13 @@ def test_tensorrt_rtx_gets_pre_k_without_the_function_body_too(bundle_copy, plug
 
     handed = []
 
-    def recorder(model, **kwargs):
+    def recorder(onnx_path, out, transform, **kwargs):
+        model = transform(onnx.load(str(onnx_path)))
         handed.append(model)
         has_node = any(n.op_type == op.OP_TYPE for n in model.graph.node)
-        return trt_rtx.AotBuild(b"engine", ["PLUGIN_V3"] if has_node else ["MATRIX_MULTIPLY"], [], b"cache")
+        return _stand_in_file_build(out, ["PLUGIN_V3"] if has_node else ["MATRIX_MULTIPLY"])
 
-    monkeypatch.setattr(trt_rtx, "build_engine_aot", recorder)
+    monkeypatch.setattr(trt_rtx, "build_engine_to_file", recorder)
     monkeypatch.setattr(trt_rtx, "plugin_library", lambda path: contextlib.nullcontext())
     build.build_engines(bundle_copy, _options(plugin_file, "tensorrt-rtx"))
     pre_k = [m for m in handed if any(n.op_type == op.OP_TYPE for n in m.graph.node)]
@@ -264,8 +275,9 @@ def test_trtexec_script_builds_without_tf32_loads_the_plugin_and_names_its_cache
     from fastv_export.engines import trt_rtx
     import contextlib
 
-    monkeypatch.setattr(trt_rtx, "build_engine_aot", lambda model, **kw: trt_rtx.AotBuild(
-        b"engine", ["PLUGIN_V3"] if any(n.op_type == op.OP_TYPE for n in model.graph.node) else ["SHUFFLE"], [], b""))
+    monkeypatch.setattr(trt_rtx, "build_engine_to_file", lambda path, out, transform, **kw: _stand_in_file_build(
+        out, ["PLUGIN_V3"] if any(n.op_type == op.OP_TYPE for n in transform(onnx.load(str(path))).graph.node)
+        else ["SHUFFLE"]))
     monkeypatch.setattr(trt_rtx, "plugin_library", lambda path: contextlib.nullcontext())
     lib = tmp_path / op.PLUGIN_LIBRARY
     lib.write_bytes(b"stand-in")

@@ -17,6 +17,7 @@ version-compatible): a runtime loads ``libfastv_plugins.so`` from the bundle.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -217,8 +218,9 @@ def trtexec_script(manifest: Manifest, limits: BuildLimits, use_plugin: bool = T
 # ---------------------------------------------------------------------------------------------- build
 @dataclass
 class BuiltEngine:
-    """One engine as a backend built it."""
-    data: bytes
+    """One engine as a backend built it, written to its file."""
+    sha256: str                 # of the file, as written
+    bytes: int
     layer_types: list[str]
     timing_cache: bytes
     #: device memory for activations (TensorRT's device_memory_size_v2) when the engine could be
@@ -259,24 +261,41 @@ def _load_graph(path: Path) -> onnx.ModelProto:
 
 
 def _build_rtx(onnx_path: Path, profiles: list[dict], targets: list[str], plugin: Path | None,
-               timing_cache: bytes, precision: str) -> BuiltEngine:
+               timing_cache: bytes, precision: str, out: Path) -> BuiltEngine:
+    """TensorRT-RTX ahead of time, the engine written to ``out``; the graph's weights are held once (the parser
+    reads them in place, the engine streams to the file: :func:`trt_rtx.build_engine_to_file`)."""
     from fastv_export.engines import trt_rtx
 
-    model = model_for_parser(_load_graph(onnx_path), plugin is not None)
-    kwargs = dict(compute_capabilities=targets, profiles=profiles or None, timing_cache=timing_cache,
-                  min_severity="WARNING", tf32=precision != "fp32")
+    kwargs = dict(transform=lambda m: model_for_parser(m, plugin is not None), compute_capabilities=targets,
+                  profiles=profiles or None, timing_cache=timing_cache, min_severity="WARNING",
+                  tf32=precision != "fp32")
     if plugin is None:
-        built = trt_rtx.build_engine_aot(model, **kwargs)
+        built = trt_rtx.build_engine_to_file(onnx_path, out, **kwargs)
     else:   # registered for this build only (unless the caller had loaded it already)
         with trt_rtx.plugin_library(plugin):
-            built = trt_rtx.build_engine_aot(model, **kwargs)
-    return BuiltEngine(built.engine, built.layer_types, built.timing_cache)
+            built = trt_rtx.build_engine_to_file(onnx_path, out, **kwargs)
+    return BuiltEngine(built.sha256, built.bytes, built.layer_types, built.timing_cache)
+
+
+def _lean_trt10(parser, builder) -> bool:
+    """Whether this TensorRT 10 takes a weight-less graph with its weights in place (load_model_proto,
+    load_initializer: 10.x) and streams the engine to a writer (build_serialized_network_to_stream)."""
+    return all(hasattr(parser, a) for a in ("load_model_proto", "load_initializer", "parse_model_proto")) and \
+        hasattr(builder, "build_serialized_network_to_stream")
 
 
 def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
-                 timing_cache: bytes, precision: str) -> BuiltEngine:
-    """TensorRT 10 on this machine's GPU (CI drives it with a stand-in TensorRT module: no GPU there)."""
+                 timing_cache: bytes, precision: str, out: Path) -> BuiltEngine:
+    """TensorRT 10 on this machine's GPU, the engine written to ``out`` (CI drives it with a stand-in TensorRT
+    module: no GPU there). Where this TensorRT offers them, the weights are held once as in :func:`_build_rtx`;
+    else the graph is parsed from its serialized model and the engine returned whole, as before."""
+    import contextlib
+    import mmap
+
     import tensorrt as trt
+
+    from fastv_export.engines import graph_weights
+    from fastv_export.files import atomic_write
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -284,32 +303,65 @@ def _build_trt10(onnx_path: Path, profiles: list[dict], plugin: Path | None,
         load_plugin_library("tensorrt", plugin)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    model = model_for_parser(_load_graph(onnx_path), plugin is not None)
-    if not parser.parse(model.SerializeToString()):
-        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
-        raise FastVError(f"TensorRT could not parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-    apply_timing_cache(config, timing_cache)
-    # TensorRT serializes plugin libraries only into version-compatible engines
-    serialize_plugin = plugin is not None and config.get_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if serialize_plugin:
-        config.plugins_to_serialize = [str(plugin)]
-    for prof in profiles:
-        p = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in prof.items():
-            p.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(p)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise FastVError(f"TensorRT could not build {onnx_path.name}")
-    layers = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
-    loaded = trt.Runtime(logger).deserialize_cuda_engine(engine)     # on this GPU: the activation memory
+    lean = _lean_trt10(parser, builder)
+    with contextlib.ExitStack() as stack:
+        if lean:
+            model = model_for_parser(graph_weights.skeleton(onnx_path), plugin is not None)
+            refs = graph_weights.weight_refs(model, onnx_path)
+            weights = stack.enter_context(graph_weights.MappedWeights(refs))
+            ok = parser.load_model_proto(model.SerializeToString(), str(onnx_path))
+            for ref in refs if ok else ():
+                ok = ok and (ref.length == 0 or parser.load_initializer(ref.name, weights.address(ref), ref.length))
+            ok = ok and parser.parse_model_proto()
+        else:
+            ok = parser.parse(model_for_parser(_load_graph(onnx_path), plugin is not None).SerializeToString())
+        if not ok:
+            errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+            raise FastVError(f"TensorRT could not parse {onnx_path.name}: {errors or 'no error was reported'}")
+        config = builder.create_builder_config()
+        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+        apply_timing_cache(config, timing_cache)
+        # TensorRT serializes plugin libraries only into version-compatible engines
+        serialize_plugin = plugin is not None and config.get_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if serialize_plugin:
+            config.plugins_to_serialize = [str(plugin)]
+        for prof in profiles:
+            p = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in prof.items():
+                p.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(p)
+        written: list[graph_weights.WrittenStream] = []
+
+        def write(f) -> None:
+            if lean:
+                writer = graph_weights.stream_writer(trt, f)
+                with weights.dropping():
+                    ok = builder.build_serialized_network_to_stream(network, config, writer)
+                if writer.result.error is not None:
+                    raise FastVError(f"the engine could not be written to {out} ({writer.result.error})")
+                if not ok or writer.result.bytes == 0:
+                    raise FastVError(f"TensorRT could not build {onnx_path.name}")
+                written.append(writer.result)
+                return
+            engine = builder.build_serialized_network(network, config)
+            if engine is None:
+                raise FastVError(f"TensorRT could not build {onnx_path.name}")
+            data = memoryview(engine)
+            f.write(data)
+            written.append(graph_weights.WrittenStream(len(data), hashlib.sha256(data).hexdigest()))
+
+        atomic_write(out, write)
+        layers = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
+        cache = serialized_timing_cache(config)
+        parser = network = builder = config = None     # released before the weights' maps close
     activation = None
-    if loaded is not None:
-        activation = int(getattr(loaded, "device_memory_size_v2", None) or loaded.device_memory_size)
-    return BuiltEngine(bytes(engine), layers, serialized_timing_cache(config), activation, bool(serialize_plugin))
+    with open(out, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+        loaded = trt.Runtime(logger).deserialize_cuda_engine(plan)     # on this GPU: the activation memory
+        if loaded is not None:
+            activation = int(getattr(loaded, "device_memory_size_v2", None) or loaded.device_memory_size)
+        del loaded
+    return BuiltEngine(written[0].sha256, written[0].bytes, layers, cache, activation, bool(serialize_plugin))
 
 
 def _copy_bundle(bundle: Bundle, dst: Path) -> dict[str, dict]:
@@ -373,11 +425,13 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
             start = time.perf_counter()
             graph_plugin = plugin if graph == "pre_k" else None
             profs = list(profiles[graph].values())
+            name = f"{graph}{ENGINE_SUFFIX}"
             if backend == "tensorrt-rtx":
-                built = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache, bundle.precision)
+                built = _build_rtx(bundle.file(graph), profs, targets, graph_plugin, cache, bundle.precision,
+                                   tmp / name)
             else:
-                built = _build_trt10(bundle.file(graph), profs, graph_plugin, cache, bundle.precision)
-            data, layers, cache = built.data, built.layer_types, built.timing_cache
+                built = _build_trt10(bundle.file(graph), profs, graph_plugin, cache, bundle.precision, tmp / name)
+            layers, cache = built.layer_types, built.timing_cache
             serialized = serialized or built.plugin_serialized
             n_plugin = layers.count(PLUGIN_LAYER)
             if graph == "pre_k" and n_plugin != (1 if plugin else 0):
@@ -385,10 +439,8 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions = BuildOpti
                                  f"{1 if plugin else 0}: " + ("the plugin library did not provide TokenSelect "
                                                              f"({plugin})" if plugin else "the function body was "
                                                              "not expanded"))
-            name = f"{graph}{ENGINE_SUFFIX}"
-            (tmp / name).write_bytes(data)
             engines[graph] = Engine(
-                file=name, sha256=sha256(tmp / name), bytes=len(data),
+                file=name, sha256=built.sha256, bytes=built.bytes,
                 profiles=[Profile(p, dict(shapes)) for p, shapes in profiles[graph].items()],
                 kv_cache_bytes_at_max=kv_cache_bytes(bundle, options.limits, graph),
                 activation_bytes=built.activation_bytes, layers=len(layers), plugin_layers=n_plugin,

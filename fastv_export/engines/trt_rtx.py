@@ -10,6 +10,8 @@ layers included) converts, which layers it becomes and which output shapes Tenso
 - :func:`parse_onnx` parses a model into a network and reports its layer types and output shapes.
 - :func:`build_engine_aot` builds a serialized engine for ``compute_capabilities`` and returns
   ``(engine bytes, layer types, log messages)``; failures raise :class:`TrtBuildError` carrying the log.
+- :func:`build_engine_to_file` builds a graph file's engine into a file holding the weights once (the parser
+  reads them in place, the engine streams to the file: :mod:`fastv_export.engines.graph_weights`).
 """
 from __future__ import annotations
 
@@ -24,12 +26,15 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import onnx
 
 from fastv_export.engines.timing_cache import apply_timing_cache, serialized_timing_cache
 from fastv_export.errors import FastVError
+
+if TYPE_CHECKING:
+    from fastv_export.engines import graph_weights
 
 TRT_RTX_VERSION = "1.7.1.116"
 TRT_RTX_PACKAGES = (f"tensorrt-rtx-cu13-libs=={TRT_RTX_VERSION}", f"tensorrt-rtx-cu13-bindings=={TRT_RTX_VERSION}")
@@ -346,6 +351,12 @@ def _compute_capability(trt, name: str):
     return members[key]
 
 
+def _check_targets(trt, compute_capabilities: Sequence[str]) -> list:
+    if not compute_capabilities:
+        raise FastVError("name at least one compute capability to build for (e.g. SM86)")
+    return [_compute_capability(trt, c) for c in compute_capabilities]
+
+
 def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | None = None,
                      compute_capabilities: Sequence[str] = DEFAULT_TARGETS, profiles: Sequence[Profile] | None = None,
                      workspace_bytes: int | None = None, min_severity: str = "INFO",
@@ -362,11 +373,23 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
     and later), True sets it, None leaves the builder's default.
     """
     trt = import_trt()
-    if not compute_capabilities:
-        raise FastVError("name at least one compute capability to build for (e.g. SM86)")
-    targets = [_compute_capability(trt, c) for c in compute_capabilities]
+    _check_targets(trt, compute_capabilities)
     net = parsed or parse_onnx(model, plugin_library=plugin_library, min_severity=min_severity,
                                capture_stderr=capture_stderr)
+    config = _aot_config(trt, net, compute_capabilities, profiles, workspace_bytes, timing_cache, tf32)
+    with capture_messages(net.messages, net.min_severity, stderr=capture_stderr):
+        serialized = net.builder.build_serialized_network(net.network, config)
+    if serialized is None:
+        raise TrtBuildError(f"TensorRT-RTX could not build the engine for {', '.join(compute_capabilities)}",
+                            net.messages)
+    cache = b"" if timing_cache is None else serialized_timing_cache(config)
+    return AotBuild(bytes(serialized), net.layer_types, list(net.messages), cache)
+
+
+def _aot_config(trt, net: ParsedNetwork, compute_capabilities: Sequence[str], profiles: Sequence[Profile] | None,
+                workspace_bytes: int | None, timing_cache: bytes | None, tf32: bool | None):
+    """The builder config of an ahead-of-time build: targets, workspace, TF32, timing cache, profiles."""
+    targets = _check_targets(trt, compute_capabilities)
     config = net.builder.create_builder_config()
     config.num_compute_capabilities = len(targets)
     for i, cc in enumerate(targets):
@@ -388,13 +411,91 @@ def build_engine_aot(model: ModelLike, *, plugin_library: str | os.PathLike | No
                 raise FastVError(f"profile names {name!r}, which is not an input ({', '.join(net.input_shapes)})")
             p.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
         config.add_optimization_profile(p)
-    with capture_messages(net.messages, net.min_severity, stderr=capture_stderr):
-        serialized = net.builder.build_serialized_network(net.network, config)
-    if serialized is None:
-        raise TrtBuildError(f"TensorRT-RTX could not build the engine for {', '.join(compute_capabilities)}",
-                            net.messages)
-    cache = b"" if timing_cache is None else serialized_timing_cache(config)
-    return AotBuild(bytes(serialized), net.layer_types, list(net.messages), cache)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- lean builds
+class FileBuild(NamedTuple):
+    """An engine built into a file: its ``sha256`` and ``bytes`` as written."""
+    sha256: str
+    bytes: int
+    layer_types: list[str]
+    messages: list[LogMessage]
+    timing_cache: bytes = b""
+
+
+def parse_into(trt, net: ParsedNetwork, onnx_path: str | os.PathLike, weights: "graph_weights.MappedWeights",
+               model: onnx.ModelProto, refs: Sequence["graph_weights.WeightRef"]) -> None:
+    """Hand ``net``'s parser the weight-less ``model`` (the skeleton of ``onnx_path``) and each initializer of
+    ``refs`` in place in ``weights``; raises TrtBuildError when parsing fails."""
+    parser = net.parser
+    with capture_messages(net.messages, net.min_severity):
+        ok = parser.load_model_proto(model.SerializeToString(), str(onnx_path))
+        for ref in refs if ok else ():
+            if ref.length and not parser.load_initializer(ref.name, weights.address(ref), ref.length):
+                net.messages.append(LogMessage("ERROR", f"ONNX parser refused the bytes of initializer {ref.name!r}"))
+                ok = False
+                break
+        ok = ok and parser.parse_model_proto()
+    if not ok:
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            net.messages.append(LogMessage("ERROR", f"ONNX parser: {err.desc()} (node {err.node()} "
+                                                    f"{err.node_name()!r}, op {err.node_operator()!r})"))
+        raise TrtBuildError(f"TensorRT-RTX could not parse {Path(onnx_path).name}", net.messages)
+
+
+def build_engine_to_file(onnx_path: str | os.PathLike, out: str | os.PathLike, *,
+                         transform: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+                         compute_capabilities: Sequence[str] = DEFAULT_TARGETS,
+                         profiles: Sequence[Profile] | None = None, workspace_bytes: int | None = None,
+                         min_severity: str = "INFO", capture_stderr: bool = True,
+                         timing_cache: bytes | None = None, tf32: bool | None = None) -> FileBuild:
+    """:func:`build_engine_aot` of the graph file ``onnx_path`` into the file ``out`` (written atomically), holding
+    the graph's weights once: the parser gets the graph's skeleton (``transform``, e.g. without a function body,
+    applied to it) and every initializer in place in a read-only map of its file, and the engine streams to
+    ``out`` (hashed as it is written) instead of being returned whole. A plugin library the graph needs must be
+    loaded (:func:`plugin_library`). Nothing is left at ``out`` (nor a temporary file) when the build fails."""
+    from fastv_export.engines import graph_weights
+    from fastv_export.files import atomic_write
+
+    trt = import_trt()
+    _check_targets(trt, compute_capabilities)
+    model = graph_weights.skeleton(onnx_path)
+    if transform is not None:
+        model = transform(model)
+    refs = graph_weights.weight_refs(model, onnx_path)
+    logger = shared_logger()
+    result: list[FileBuild] = []
+
+    def write(f) -> None:
+        messages: list[LogMessage] = []
+        with graph_weights.MappedWeights(refs) as weights:
+            with capture_messages(messages, min_severity, stderr=capture_stderr):
+                builder = trt.Builder(logger)
+                network = builder.create_network(0)
+                parser = trt.OnnxParser(network, logger)
+            net = ParsedNetwork(builder, network, parser, min_severity, messages)
+            try:
+                parse_into(trt, net, onnx_path, weights, model, refs)
+                config = _aot_config(trt, net, compute_capabilities, profiles, workspace_bytes, timing_cache, tf32)
+                writer = graph_weights.stream_writer(trt, f)
+                with weights.dropping(), capture_messages(messages, min_severity, stderr=capture_stderr):
+                    ok = builder.build_serialized_network_to_stream(network, config, writer)
+                if writer.result.error is not None:
+                    raise FastVError(f"the engine could not be written to {out} ({writer.result.error})")
+                if not ok or writer.result.bytes == 0:
+                    raise TrtBuildError(f"TensorRT-RTX could not build {Path(onnx_path).name} for "
+                                        f"{', '.join(compute_capabilities)}", messages)
+                cache = b"" if timing_cache is None else serialized_timing_cache(config)
+                result.append(FileBuild(writer.result.sha256, writer.result.bytes, net.layer_types, list(messages),
+                                        cache))
+            finally:       # the parser and builder go before the maps they point into
+                del net, parser, network, builder
+                config = writer = None
+
+    atomic_write(out, write)
+    return result[0]
 
 
 def with_static_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
