@@ -18,6 +18,11 @@ class Scheme:
     onnx_dtype: str             # the weights' ONNX element type
     min_opset: int              # the default-domain opset the DequantizeLinear form needs
     min_sm: int                 # the lowest TensorRT-RTX ahead-of-time target that builds it (measured)
+    algorithm: str = "min-max"  # how the scales are found: from the weights alone, or "awq-lite" (calibration data)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.algorithm != "min-max"
 
     @property
     def granularity(self) -> str:
@@ -25,7 +30,8 @@ class Scheme:
 
     def to_manifest(self) -> dict:
         return {"scheme": self.name, "weight_dtype": self.onnx_dtype, "bits": self.bits,
-                "granularity": self.granularity, "block_size": self.block_size or None, "symmetric": True}
+                "granularity": self.granularity, "block_size": self.block_size or None, "symmetric": True,
+                "algorithm": self.algorithm}
 
 
 #: TensorRT-RTX 1.7 builds DequantizeLinear -> MatMul weights ahead of time for SM80 and later; SM75 fails in
@@ -33,6 +39,8 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     "int8": Scheme("int8", 8, 0, "INT8", 13, 80),
     "int4": Scheme("int4", 4, 128, "INT4", 21, 80),
+    # ModelOpt's INT4_AWQ_CFG: int4 blocks of 128 with activation-aware scales from a calibration set
+    "int4-awq": Scheme("int4-awq", 4, 128, "INT4", 21, 80, "awq-lite"),
 }
 NONE = "none"
 
