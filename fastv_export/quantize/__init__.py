@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 
 METHOD = ("weight-only: symmetric, round to nearest, each group's scale from its absolute maximum (min-max); "
           "activations, attention, norms and the KV cache stay in the bundle's float precision")
-AWQ_METHOD = ("weight-only int4 AWQ: per-Linear activation scales searched by NVIDIA ModelOpt (awq_lite, INT4_AWQ_CFG: "
-              "alpha grid step 0.1) on the calibration set, averaged over Linears that share an input, folded into "
-              "the RMSNorm weight before q/k/v and gate/up, into v_proj / up_proj rows where exact, else a Mul before "
-              "the MatMul; block scales amax / 7 from ModelOpt's per-block amax, integers round to nearest in [-8, 7]")
+AWQ_METHOD = ("weight-only int4 AWQ: NVIDIA ModelOpt's awq_full on the calibration set (INT4_AWQ_CFG's awq_lite "
+              "per-Linear activation scale search, alpha grid step 0.1, then awq_clip's per-block amax search); input "
+              "scales folded exactly into the RMSNorm weight (when q/k/v or gate/up share one) or into v_proj / "
+              "up_proj rows, else a Mul before the MatMul; block scales amax / 7, integers round to nearest in [-8, 7]")
 
 
 def quantize_bundle_graphs(adapter: ModelAdapter, out: Path, specs: Mapping[str, spec.GraphSpec],

@@ -18,7 +18,7 @@ class Scheme:
     onnx_dtype: str             # the weights' ONNX element type
     min_opset: int              # the default-domain opset the DequantizeLinear form needs
     min_sm: int                 # the lowest TensorRT-RTX ahead-of-time target that builds it (measured)
-    algorithm: str = "min-max"  # how the scales are found: from the weights alone, or "awq-lite" (calibration data)
+    algorithm: str = "min-max"  # how the scales are found: from the weights alone, or "awq-full" (calibration data)
 
     @property
     def calibrated(self) -> bool:
@@ -40,7 +40,7 @@ SCHEMES: dict[str, Scheme] = {
     "int8": Scheme("int8", 8, 0, "INT8", 13, 80),
     "int4": Scheme("int4", 4, 128, "INT4", 21, 80),
     # ModelOpt's INT4_AWQ_CFG: int4 blocks of 128 with activation-aware scales from a calibration set
-    "int4-awq": Scheme("int4-awq", 4, 128, "INT4", 21, 80, "awq-lite"),
+    "int4-awq": Scheme("int4-awq", 4, 128, "INT4", 21, 80, "awq-full"),
 }
 NONE = "none"
 
