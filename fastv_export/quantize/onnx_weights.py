@@ -235,6 +235,7 @@ def quantize_graph_given(model: onnx.ModelProto, weights: dict[str, str], given:
         if g.pre_scale is not None:
             pname = f"{param}.AWQ_PRE_SCALE"
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(g.pre_scale, np.float32), pname))
+            q_bytes += _tensor_bytes(model.graph.initializer[-1])       # the input scale counts with the weight
             model.graph.node.append(onnx.helper.make_node("Mul", [node.input[0], pname], [f"{pname}_out"],
                                                           name=f"{pname}_Mul"))
             node.input[0] = f"{pname}_out"
