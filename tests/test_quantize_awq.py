@@ -188,6 +188,26 @@ def test_int4_awq_bundle_validates_in_onnxruntime(tmp_path_factory, one_thread):
     assert all(0 < g["prefill_logits_error"] < g["prefill_logits_max"] for g in gaps)
 
 
+@pytest.mark.slow
+def test_int4_awq_bundle_builds_with_tensorrt_rtx(tmp_path_factory, one_thread):
+    """TensorRT-RTX builds the int4-awq bundle ahead of time for SM86 (TokenSelect as its function body): int4
+    DequantizeLinear layers, the Muls as elementwise layers; SM75 refused in one line."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    from fastv_export.bundle import load_bundle
+    from fastv_export.commands.build import build_with_progress
+    from fastv_export.engines.build import BuildOptions
+    from fastv_export.engines.trt_rtx import parse_onnx
+    from tests.helpers import copy_bundle
+
+    path = copy_bundle(_awq_bundle(tmp_path_factory), tmp_path_factory.mktemp("trt"))
+    built = build_with_progress(load_bundle(path), BuildOptions(compute_capabilities=("SM86",), use_plugin=False))
+    assert all(built.engines.engines[g].bytes > 0 for g in ("pre_k", "post_k"))
+    layers = parse_onnx(path / "post_k.onnx").layer_types
+    assert layers.count("DEQUANTIZE") == 7 * (load_bundle(path).num_layers - 2)
+    with pytest.raises(FastVError, match="SM80"):
+        build_with_progress(load_bundle(path), BuildOptions(compute_capabilities=("SM75",), use_plugin=False))
+
+
 # ------------------------------------------------------------------------------ bad calibration, one line
 @pytest.fixture(scope="module")
 def demo_adapter():
