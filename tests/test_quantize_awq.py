@@ -107,6 +107,36 @@ def test_folded_model_equals_modelopt_fake_quant(searched):
     assert (_logits(model, inputs) - expected).abs().max() > 1e-2
 
 
+@pytest.mark.slow
+def test_equal_shared_scales_fold_into_the_norms(searched):
+    """When q/k/v (and gate/up) carry one input scale (here made so by ModelOpt's own averaging step), it goes into
+    the RMSNorm weight before them, no Mul is left for them, and the folded model still computes ModelOpt's."""
+    from modelopt.torch.export.quant_utils import preprocess_linear_fusion
+
+    from fastv_export.adapters import get_adapter
+    from fastv_export.presets import load_model
+    from fastv_export.quantize import awq
+
+    model, adapter, qmodel = searched
+    work = copy.deepcopy(qmodel)
+    with torch.no_grad():
+        for layer in get_adapter(work).layers():
+            preprocess_linear_fusion([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                                     resmooth_only=True)
+            preprocess_linear_fusion([layer.mlp.gate_proj, layer.mlp.up_proj], resmooth_only=True)
+    inputs = _held_out(6)
+    expected = _logits(work, inputs)
+    shared = get_adapter(work).layers()[0].self_attn.q_proj.input_quantizer.pre_quant_scale.detach().clone()
+    result = awq.fold(work, get_adapter(work))
+    n = len(adapter.layers())
+    assert result.folding() == {"norms": 2 * n, "linears": n, "mul": n}       # only o_proj keeps its Mul
+    norm = "model.language_model.layers.0.input_layernorm.weight"
+    torch.testing.assert_close(result.norms[norm], dict(model.named_parameters())[norm] * shared)
+    folded = load_model(DEMO, attn_implementation="eager")
+    awq.apply_quantized(folded, result)
+    torch.testing.assert_close(_logits(folded, inputs), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_integers_are_on_modelopt_grid():
     """AwqLinear.integers: scale amax / 7 per block, q in [-8, 7], and q x scale within half a step of W."""
     from fastv_export.quantize.awq import AwqLinear
