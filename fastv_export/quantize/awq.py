@@ -193,8 +193,9 @@ def fold(qmodel: torch.nn.Module, adapter_of_qmodel) -> AwqResult:
             w = lin.weight.detach().to(torch.float32).clone()
             amax = lin.weight_quantizer.amax.detach().to(torch.float32).reshape(w.shape[0], -1).clone()
             pre = getattr(lin.input_quantizer, "_pre_quant_scale", None)
-            if getattr(lin, "bias", None) is not None:
-                raise FastVError(f"int4-awq: {names[id(lin.weight)]} has a bias, not handled yet; use --quantize int4")
+            if getattr(lin, "bias", None) is not None and rows.get(id(lin)) is not None:    # Qwen2's v_proj under MHA
+                raise FastVError(f"int4-awq: {names[id(lin.weight)]} has a bias and a folded row scale, not handled "
+                                 "yet; use --quantize int4")
             linears[names[id(lin.weight)]] = AwqLinear(w, amax, None if pre is None
                                                        else pre.detach().to(torch.float32).clone(),
                                                        rows.get(id(lin)))
