@@ -21,6 +21,7 @@ examples:
   fastv-export export --model tiny-qwen2-vl --k 1 --r 3/4 --ranking mean --out qwen-bundle
   fastv-export export --dtype fp16 --out bundle-fp16 --force
   fastv-export export --model tiny-llava-shapes --quantize int4 --out bundle-int4   # int4 weights, block 128
+  fastv-export export --model tiny-llava-shapes --quantize int4-awq --calibration demo --out bundle-awq
 then: fastv-export validate bundle
 """
 
@@ -38,7 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="none", metavar="SCHEME",
                         help="weight-only quantization of the decoder layers: none (default), int8 (per output "
                              "channel), int4 (blocks of 128) or fp8 (float8 e4m3 per output channel; engines for "
-                             "SM89 and later); symmetric min-max, no calibration data")
+                             "SM89 and later), symmetric min-max without calibration data; or int4-awq (blocks of "
+                             "128, AWQ scales from NVIDIA ModelOpt on --calibration)")
+    parser.add_argument("--calibration", default=None, metavar="SET",
+                        help="int4-awq's calibration data: demo (the tiny-llava-shapes task's train split; the "
+                             "default for that preset), synthetic (the default otherwise) or a folder of images + "
+                             "prompts.jsonl (as `fastv-export calibrate` takes)")
+    parser.add_argument("--calibration-size", type=int, default=64, metavar="N",
+                        help="at most N calibration prompts (default 64)")
     add_memory_argument(parser)
 
 
@@ -64,6 +72,8 @@ def measured_export(args: argparse.Namespace, cfg, scheme=None):
     with memory.measure("export", est, available) as record:
         bundle = export_bundle(args.out, cfg, ExportOptions(model=args.model, dtype=args.dtype, force=args.force,
                                                             external_data=args.external_data,
-                                                            quantize=scheme and scheme.name))
+                                                            quantize=scheme and scheme.name,
+                                                            calibration=getattr(args, "calibration", None),
+                                                            calibration_size=getattr(args, "calibration_size", 64)))
     memory.record_stages(bundle.path, record, previous={})
     return bundle

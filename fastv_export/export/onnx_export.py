@@ -46,6 +46,9 @@ class ExportOptions:
     external_data: bool | None = None
     #: weight-only quantization of the decoder layers (fastv_export/quantize): None, "int8" or "int4"
     quantize: str | None = None
+    #: calibration data of a calibrated scheme (int4-awq): "demo", "synthetic" or a folder; None: the default
+    calibration: str | None = None
+    calibration_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,9 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
     if scheme is not None and options.dtype != "fp32":
         raise FastVError(f"--quantize {scheme.name} is available for --dtype fp32 bundles only (fp16 scales are not "
                          "done yet); drop --dtype or --quantize")
+    if options.calibration is not None and (scheme is None or not scheme.calibrated):
+        raise FastVError(f"--calibration is for a calibrated scheme (--quantize int4-awq), not "
+                         f"--quantize {options.quantize or 'none'}; drop --calibration")
     if cfg.k == 0:
         raise FastVError("export needs K >= 1 (K = 0 prunes before any decoder layer; use the PyTorch "
                          "reference for that ablation)")
@@ -330,12 +336,18 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
         model = load_model(options.model, attn_implementation="eager", dtype=dtype)
         adapter = get_adapter(model)
         cfg.check_layers(adapter.decoder_shape().num_layers)
+        awq = None
+        if scheme is not None and scheme.calibrated:      # the model's scales folded before the graphs are traced
+            from fastv_export.quantize.awq import calibrate_export
+
+            awq = calibrate_export(model, adapter, options.model, options.calibration, options.calibration_size)
         specs, written = export_graphs(adapter, cfg, dtype, tmp, options.opset, options.external_data, finish=False)
         quantization = None
         if scheme is not None:
             from fastv_export.quantize import quantize_bundle_graphs
 
-            quantization = quantize_bundle_graphs(adapter, tmp, specs, written, scheme, _resave_with_external_data)
+            quantization = quantize_bundle_graphs(adapter, tmp, specs, written, scheme, _resave_with_external_data,
+                                                  awq)
         serving = write_serving_files(options.model, adapter.config, tmp)
         manifest = export_manifest(adapter, cfg, options.dtype, options.model, out, specs, written, serving)
         if quantization is not None:

@@ -12,6 +12,7 @@ exported.
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import re
 from dataclasses import dataclass
@@ -224,3 +225,83 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Sche
                  if QUANT_NAME.match(i.name) or any(i.name.startswith(r + "_DQ_") for r in renamed)]
     q_bytes = sum(_tensor_bytes(i) for i in quantized)
     return model, GraphQuantization([r[:-2] for r in renamed], float_bytes, q_bytes)
+
+
+# ------------------------------------------------------------------------------- given integers (int4-awq)
+#: a folded float weight the reference must take from the graph (an RMSNorm's, with AWQ scales folded in)
+FOLDED_NAME = re.compile(r"^(?P<param>.+)\.AWQ_FOLDED$")
+#: the input scale of a Mul before a quantized MatMul: ``<the Linear's weight parameter>.AWQ_PRE_SCALE``
+PRE_SCALE_NAME = re.compile(r"^(?P<param>.+)\.AWQ_PRE_SCALE$")
+
+
+@dataclass
+class GivenWeight:
+    """One Linear's integers as computed elsewhere (AWQ): ``q`` [in, out] int8 in [-8, 7], ``scale``
+    [blocks, out] float32 over blocks of ``block`` rows, and an optional input multiplier ``pre_scale`` [in]."""
+    q: np.ndarray
+    scale: np.ndarray
+    block: int
+    pre_scale: np.ndarray | None = None
+
+
+def quantize_graph_given(model: onnx.ModelProto, weights: dict[str, str], given: dict[str, GivenWeight],
+                         folded: dict[str, str]) -> tuple[onnx.ModelProto, GraphQuantization, int, int]:
+    """Write the decoder MatMul weights of ``model`` as int4 ``DequantizeLinear(q, scale)`` with the integers and
+    scales of ``given`` (torch parameter -> :class:`GivenWeight`), a ``Mul`` by ``pre_scale`` before the MatMul
+    where one is given, and name the folded float weights (``folded``: sha256 -> torch parameter) ``<param>
+    .AWQ_FOLDED`` so that the reference finds them. Returns the model, what was quantized, the folded weights
+    named and the Muls inserted."""
+    found = _targets(model, weights)
+    inits = {i.name: i for i in model.graph.initializer}
+    _raise_opset(model, 21)
+    new_nodes, float_bytes, q_bytes, params = [], 0, 0, []
+    for old, (node, param) in found.items():
+        if param not in given:
+            raise FastVError(f"no AWQ integers for {param}: a bug, please report")
+        g, init = given[param], inits[old]
+        rows, cols = init.dims
+        if g.q.shape != (rows, cols) or g.scale.shape != (math.ceil(rows / g.block), cols):
+            raise FastVError(f"the AWQ integers of {param} do not fit its MatMul [{rows}, {cols}]: a bug")
+        float_bytes += _tensor_bytes(init)
+        base = f"{param}.T"
+        qname, sname = f"{base}_DQ_Q4", f"{base}_DQ_scales"
+        tensors = [onnx.helper.make_tensor(qname, onnx.TensorProto.INT4, [rows, cols],
+                                           bytes(_pack_int4(g.q)), raw=True),
+                   numpy_helper.from_array(np.ascontiguousarray(g.scale, np.float32), sname)]
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend(tensors)
+        q_bytes += sum(_tensor_bytes(t) for t in tensors)
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [qname, sname], [f"{base}_DQ"],
+                                               name=f"{base}_DQ", axis=0, block_size=g.block))
+        node.input[1] = f"{base}_DQ"
+        if g.pre_scale is not None:
+            pname = f"{param}.AWQ_PRE_SCALE"
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(g.pre_scale, np.float32), pname))
+            q_bytes += _tensor_bytes(model.graph.initializer[-1])       # the input scale counts with the weight
+            model.graph.node.append(onnx.helper.make_node("Mul", [node.input[0], pname], [f"{pname}_out"],
+                                                          name=f"{pname}_Mul"))
+            node.input[0] = f"{pname}_out"
+        params.append(param)
+    muls = [n for n in model.graph.node if n.op_type == "Mul" and n.name.endswith(".AWQ_PRE_SCALE_Mul")]
+    named = 0
+    for init in list(model.graph.initializer):
+        param = folded.get(_digest(numpy_helper.to_array(init))) if len(init.dims) == 1 else None
+        if param is not None:
+            _rename(model, init.name, f"{param}.AWQ_FOLDED")
+            named += 1
+    nodes = [n for n in model.graph.node if n not in muls]
+    del model.graph.node[:]
+    order = []
+    for n in nodes:                              # each Mul just before its MatMul: the graph stays sorted
+        order.extend(m for m in muls if m.output[0] in n.input)
+        order.append(n)
+    model.graph.node.extend(new_nodes + order)
+    return model, GraphQuantization(params, float_bytes, q_bytes), named, len(muls)
+
+
+def _pack_int4(q: np.ndarray) -> bytes:
+    """Signed 4-bit values, two per byte, low nibble first (ONNX's INT4 layout)."""
+    flat = np.ascontiguousarray(q, np.int8).reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()

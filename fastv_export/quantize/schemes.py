@@ -19,6 +19,11 @@ class Scheme:
     onnx_dtype: str             # the weights' ONNX element type
     min_opset: int              # the default-domain opset the DequantizeLinear form needs
     min_sm: int                 # the lowest TensorRT-RTX ahead-of-time target that builds it (measured)
+    algorithm: str = "min-max"  # how the scales are found: from the weights alone, or "awq-full" (calibration data)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.algorithm != "min-max"
 
     @property
     def granularity(self) -> str:
@@ -26,7 +31,8 @@ class Scheme:
 
     def to_manifest(self) -> dict:
         return {"scheme": self.name, "weight_dtype": self.onnx_dtype, "bits": self.bits,
-                "granularity": self.granularity, "block_size": self.block_size or None, "symmetric": True}
+                "granularity": self.granularity, "block_size": self.block_size or None, "symmetric": True,
+                "algorithm": self.algorithm}
 
 
 #: TensorRT-RTX 1.7 builds DequantizeLinear -> MatMul weights ahead of time for SM80 and later; SM75 fails in
@@ -36,6 +42,8 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     "int8": Scheme("int8", 8, 0, "INT8", 13, 80),
     "int4": Scheme("int4", 4, 128, "INT4", 21, 80),
+    # ModelOpt's AWQ (awq_full): int4 blocks of 128 with activation-aware scales from a calibration set
+    "int4-awq": Scheme("int4-awq", 4, 128, "INT4", 21, 80, "awq-full"),
     "fp8": Scheme("fp8", 8, 0, "FLOAT8E4M3FN", 19, 89),
 }
 NONE = "none"
@@ -67,9 +75,9 @@ def check_target(scheme_name: str | None, compute_capabilities) -> None:
                              "--compute-capability or export with another --quantize")
 
 
-#: the first TensorRT whose ONNX parser imports each scheme's DequantizeLinear weights (onnx-tensorrt changelog):
-#: per-axis int8 8.0, float8 9.0, int4 (block-wise, opset 21) 10.0 EA. TensorRT-RTX 1.7 builds all three.
-TENSORRT_SINCE: dict[str, tuple[int, int]] = {"int8": (8, 0), "fp8": (9, 0), "int4": (10, 0)}
+#: the first TensorRT whose ONNX parser imports DequantizeLinear weights of each element type (onnx-tensorrt
+#: changelog): per-axis int8 8.0, float8 9.0, int4 (block-wise, opset 21) 10.0 EA. TensorRT-RTX 1.7 builds all three.
+TENSORRT_SINCE: dict[str, tuple[int, int]] = {"INT8": (8, 0), "FLOAT8E4M3FN": (9, 0), "INT4": (10, 0)}
 
 
 def check_backend(scheme_name: str | None, backend: str, version: str) -> None:
@@ -78,7 +86,7 @@ def check_backend(scheme_name: str | None, backend: str, version: str) -> None:
     scheme = get_scheme(scheme_name)
     if scheme is None or backend != "tensorrt":
         return
-    since = TENSORRT_SINCE[scheme.name]
+    since = TENSORRT_SINCE[scheme.onnx_dtype]
     have = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
     if len(have) < 2 or have < since:
         raise FastVError(f"TensorRT {version} cannot build this bundle's {scheme.name} weights ({scheme.onnx_dtype} "
