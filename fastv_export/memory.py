@@ -103,6 +103,67 @@ def release_freed() -> None:
         pass
 
 
+#: madvise(2)'s MADV_PAGEOUT (Linux 5.4): reclaim the range's pages; clean file pages are dropped (a later read
+#: faults them back from the file), pages a process wrote are kept (they would need swap): no data is ever lost
+_MADV_PAGEOUT = 21
+
+
+def _file_mappings(paths: set[str]) -> list[tuple[int, int]]:
+    """(start, length) of this process's mappings of the files ``paths`` (/proc/self/maps)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].rstrip("\n") in paths:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi - lo))
+    except OSError:
+        pass
+    return out
+
+
+@contextlib.contextmanager
+def dropping_file_pages(paths, interval_s: float = 0.05) -> Iterator[None]:
+    """While the block runs, a thread reclaims this process's resident, unmodified pages of its mappings of the
+    files ``paths`` every ``interval_s`` (``madvise(MADV_PAGEOUT)``; a later read faults the bytes back in from the
+    file; a page the process wrote is never dropped). Loading a checkpoint through safetensors' memory maps (private
+    copy-on-write maps) otherwise keeps every page read resident until the load ends: a 7 GB bf16 checkpoint loaded
+    in fp32 peaked at the fp32 weights + 3-7 GiB of mapped file pages. Linux only; elsewhere, or on a kernel without
+    MADV_PAGEOUT, the block runs as it is."""
+    import ctypes
+    import ctypes.util
+    import threading
+
+    wanted = {os.path.realpath(p) for p in paths}
+    try:
+        madvise = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        madvise = None
+    if not wanted or madvise is None or not os.path.exists("/proc/self/maps"):
+        yield
+        return
+    stop = threading.Event()
+
+    def drop() -> None:
+        for start, length in _file_mappings(wanted):
+            madvise(start, length, _MADV_PAGEOUT)
+
+    def run() -> None:
+        while not stop.wait(interval_s):
+            drop()
+
+    thread = threading.Thread(target=run, name="fastv-checkpoint-pages", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        drop()
+
+
 def parse_size(text: str) -> int:
     """``12345``, ``512M``, ``1.5G`` (binary units, optional ``B`` / ``iB``) -> bytes."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.I)

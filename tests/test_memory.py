@@ -305,3 +305,65 @@ def test_a_graph_made_whole_from_its_data_file_equals_the_graph(exported_bundle,
     assert arrays.keys() == expected.keys() and len(expected) > 10
     assert all(arrays[k].dtype == expected[k].dtype and np.array_equal(arrays[k], expected[k]) for k in expected)
     ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------------- checkpoint file pages
+def test_dropping_file_pages_releases_a_read_only_mapping_and_keeps_its_bytes(tmp_path):
+    """A read-only map of a 64 MiB file, every page read (resident), is released by the page dropper; its bytes
+    read again are the file's (an independent read)."""
+    import mmap
+
+    data = np.random.default_rng(0).integers(0, 256, 64 * MiB, dtype=np.uint8)
+    path = tmp_path / "shard.bin"
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mm, dtype=np.uint8)
+    before = memory.current_rss()
+    assert int(view[::4096].sum()) >= 0                         # fault every page in
+    resident = memory.current_rss()
+    assert resident - before > 48 * MiB
+    with memory.dropping_file_pages([path], interval_s=0.01):
+        pass
+    assert memory.current_rss() < resident - 48 * MiB
+    assert np.array_equal(view, data)
+    del view
+    mm.close()
+
+
+def test_dropping_file_pages_never_loses_a_written_page_of_a_private_map(tmp_path):
+    """A private copy-on-write map (safetensors maps shards so) whose first page the process wrote keeps that write
+    through the page dropper; the file is unchanged."""
+    import mmap
+
+    path = tmp_path / "shard.bin"
+    path.write_bytes(bytes(8 * MiB))
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    mm[:5] = b"hello"
+    mm[4096 * 7: 4096 * 7 + 3] = b"abc"
+    with memory.dropping_file_pages([path], interval_s=0.01):
+        pass
+    assert mm[:5] == b"hello" and mm[4096 * 7: 4096 * 7 + 3] == b"abc" and mm[5:4096] == bytes(4091)
+    mm.close()
+    assert path.read_bytes() == bytes(8 * MiB)
+
+
+def test_a_checkpoint_loads_the_same_weights_with_its_pages_dropped(tmp_path):
+    """load_model on a checkpoint directory (pages dropped while loading) gives the weights a plain
+    from_pretrained gives, bit for bit, in bf16 -> fp32 and fp16 -> fp16."""
+    import torch
+    import transformers
+
+    from fastv_export.presets import build_preset, load_model
+
+    src = build_preset("tiny-llava")
+    ckpt = tmp_path / "ckpt"
+    src.to(torch.bfloat16).save_pretrained(ckpt)
+    assert list(ckpt.glob("*.safetensors"))
+    for dtype in (None, torch.float16):
+        got = load_model(str(ckpt), dtype=dtype).state_dict()
+        want = transformers.LlavaForConditionalGeneration.from_pretrained(
+            ckpt, local_files_only=True, dtype=dtype or torch.float32).state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -238,7 +238,11 @@ def load_model(spec: str | Path = DEFAULT_MODEL, attn_implementation: str = "sdp
 
     adapter_class_for(archs[0])  # unsupported architecture -> clear error before loading weights
     log.info("loading %s from %s", archs[0], path)
+    from fastv_export.memory import dropping_file_pages
+
     cls = getattr(transformers, archs[0])
-    model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation,
-                                dtype=dtype or torch.float32)
+    # the shards' pages are released as they are read: the weights are held once (in the load dtype), not twice
+    with dropping_file_pages(path.glob("*.safetensors")):
+        model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation,
+                                    dtype=dtype or torch.float32)
     return model.eval()
