@@ -168,14 +168,16 @@ def _printed_ratios(stdout: str) -> dict[tuple[str, str], float]:
 @pytest.mark.slow
 @pytest.mark.tensorrt
 def test_small_shapes_run_export_validate_build(tmp_path, plugin_library):
+    """small-llava (fp16: an fp16 checkpoint export validates, not refused as stale) through export, validate and
+    build (CI time: the Qwen2.5-VL small shape runs the same code; `--shape small-qwen2.5-vl` by hand)."""
     pytest.importorskip("tensorrt_rtx_bindings")
     work = tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "small-llava,small-qwen2.5-vl", "--stages",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "small-llava", "--stages",
                            "export,validate,build", "--workdir", str(work), "--plugin-lib", str(plugin_library),
                            "--keep"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((work / "bench_scale.json").read_text())
-    assert [s["shape"] for s in report["shapes"]] == ["small-llava", "small-qwen2.5-vl"]
+    assert [s["shape"] for s in report["shapes"]] == ["small-llava"]
     assert report["machine"]["cores"] >= 1 and report["machine"]["memory_bytes"] > 0
     printed = _printed_ratios(proc.stdout)
     for entry in report["shapes"]:
@@ -191,7 +193,7 @@ def test_small_shapes_run_export_validate_build(tmp_path, plugin_library):
     validation = json.loads((work / "small-llava-fp16-bundle" / "validation" / "validation.json").read_text())
     assert validation  # written by a passing validate
     rows = (work / "bench_scale.md").read_text().splitlines()
-    assert len(rows) == 2 + 6 and all("cores" in r for r in rows[2:])
+    assert len(rows) == 2 + 3 and all("cores" in r for r in rows[2:])
 
 
 def test_a_failing_stage_stops_with_its_one_line_error(tmp_path):
