@@ -6,8 +6,9 @@ run, with ONNX Runtime's quantization parameters and quantizer (``quant_utils``)
 the reduction axis (opset 21 block-wise DequantizeLinear), int8 per output channel (opset 13 DequantizeLinear with
 an axis). Both symmetric: zero point 0 (not written) and positive scales, as TensorRT's ONNX parser requires.
 The quantized weight is named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which
-parameter it replaces (fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as
-exported.
+parameter it replaces (fastv_export/quantize/reference.py). lm_head (post_k.onnx) and the vision tower's and
+projector's Linears (vision.onnx) are quantized the same way when ``--quantize-parts`` names them; the embeddings
+stay as exported.
 """
 from __future__ import annotations
 
@@ -55,6 +56,31 @@ def decoder_linear_weights(adapter) -> dict[str, str]:
             if isinstance(module, torch.nn.Linear):
                 w = module.weight.detach()
                 out[_digest(w.t().contiguous().cpu().numpy())] = names[id(module.weight)]
+    return out
+
+
+def _module_weight_name(model, module) -> str:
+    """``<module path>.weight`` of ``module`` in ``model``: the module's own name, also when its weight is shared
+    (tied lm_head and token embedding: named_parameters would name the embedding)."""
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is module)
+
+
+def lm_head_weights(adapter) -> dict[str, str]:
+    """sha256 of lm_head's weight as post_k's last MatMul holds it ([in, out]) -> ``<lm_head path>.weight``."""
+    head = adapter.lm_head()
+    return {_digest(head.weight.detach().t().contiguous().cpu().numpy()): _module_weight_name(adapter.model, head)}
+
+
+def vision_linear_weights(adapter) -> dict[str, str]:
+    """sha256 of each Linear weight of the vision path ([in, out]) -> its torch parameter name: every Linear of
+    the model outside the language model and lm_head (the vision tower and the projector)."""
+    import torch
+
+    text = {id(m) for m in adapter.text_model().modules()} | {id(adapter.lm_head())}
+    out = {}
+    for name, module in adapter.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and id(module) not in text:
+            out[_digest(module.weight.detach().t().contiguous().cpu().numpy())] = f"{name}.weight"
     return out
 
 
@@ -216,13 +242,12 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Sche
         rewrite = _quantize_weights_fp8 if scheme.onnx_dtype == FP8_DTYPE else _quantize_weights
         model = rewrite(model, renamed, scheme)
     default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if default.version < scheme.min_opset:
+    if renamed and default.version < scheme.min_opset:
         raise FastVError(f"the quantized graph needs opset {scheme.min_opset}, it has {default.version}: a bug")
     left = {i.name for i in model.graph.initializer} & set(renamed)
     if left:
         raise FastVError(f"{len(left)} weights were not quantized (e.g. {sorted(left)[0]}): a bug, please report")
-    quantized = [i for i in model.graph.initializer
-                 if QUANT_NAME.match(i.name) or any(i.name.startswith(r + "_DQ_") for r in renamed)]
+    quantized = [i for i in model.graph.initializer if any(i.name.startswith(r + "_DQ_") for r in renamed)]
     q_bytes = sum(_tensor_bytes(i) for i in quantized)
     return model, GraphQuantization([r[:-2] for r in renamed], float_bytes, q_bytes)
 
