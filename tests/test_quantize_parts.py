@@ -99,6 +99,36 @@ def test_shared_lm_head_initializer_is_refused():
     assert "lm_head.weight" in str(e.value) and "drop lm_head" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("rows", [40, 200])
+def test_int4_reduction_dims_off_the_block(rows):
+    """Vision Linears may have a reduction dim under 128 (one block of all rows) or not divisible by 128 (a last,
+    shorter block): ONNX Runtime runs the graph and each weight is within half a step of its own block's grid."""
+    import onnxruntime as ort
+
+    from fastv_export.quantize.onnx_weights import _digest, quantize_graph
+
+    w = np.random.default_rng(rows).standard_normal((rows, 24)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((2, rows)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, rows])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    out, info = quantize_graph(model, {_digest(w): "v.fc.weight"}, SCHEMES["int4"])
+    assert info.params == ["v.fc.weight"]
+    dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear")
+    assert {a.name: a.i for a in dq.attribute}["block_size"] == min(rows, 128)
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    y = ort.InferenceSession(out.SerializeToString(), so).run(None, {"x": x})[0]
+    blocks = [w[i:i + 128] for i in range(0, rows, 128)]          # independent: each block's own absmax grid
+    deq = np.concatenate([np.clip(np.round(b / (2 * np.abs(b).max(0) / 15)), -8, 7) * (2 * np.abs(b).max(0) / 15)
+                          for b in blocks])
+    half = np.concatenate([np.broadcast_to(np.abs(b).max(0) / 15, b.shape) for b in blocks])
+    assert np.all(np.abs(deq - w) <= half * (1 + 1e-5))
+    np.testing.assert_allclose(y, x @ deq, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------- whole bundles
 def _bundle(tmp_path_factory, scheme: str) -> Path:
     from fastv_export.config import FastVConfig
