@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write every graph's weights beside it as <graph>.onnx.data (default: only graphs over "
                              "the 2 GB protobuf limit)")
     parser.add_argument("--quantize", default="none", metavar="SCHEME",
-                        help="weight-only quantization of the decoder layers: none (default), int8 (per output "
-                             "channel), int4 (blocks of 128) or fp8 (float8 e4m3 per output channel; engines for "
+                        help="weight-only quantization of the decoder layers (and of --quantize-parts): none (default), "
+                             "int8 (per output channel), int4 (blocks of 128) or fp8 (float8 e4m3 per output channel; engines for "
                              "SM89 and later), symmetric min-max without calibration data; or int4-awq (blocks of "
                              "128, AWQ scales from NVIDIA ModelOpt on --calibration)")
     parser.add_argument("--quantize-parts", default=None, metavar="PART,...",
