@@ -129,6 +129,32 @@ def test_int4_reduction_dims_off_the_block(rows):
     np.testing.assert_allclose(y, x @ deq, rtol=1e-4, atol=1e-4)
 
 
+def test_gemm_linear_weights_are_quantized():
+    """A vision tower traced with Linear as Gemm(x, W [out, in], b, transB=1) (Qwen2-VL's, Qwen2.5-VL's) gets the
+    same [in, out] DequantizeLinear weight; ONNX Runtime computes x W_q^T + b with the independent int8 grid."""
+    import onnxruntime as ort
+
+    from fastv_export.quantize.onnx_weights import _digest, quantize_graph
+
+    rng = np.random.default_rng(3)
+    w, b = rng.standard_normal((24, 40)).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 24])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    out, info = quantize_graph(model, {_digest(w.T.copy()): "visual.fc.weight"}, SCHEMES["int8"])
+    assert info.params == ["visual.fc.weight"]
+    assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "Gemm"]
+    scale = np.abs(w).max(axis=1, keepdims=True) / 127                      # per output channel
+    deq = np.round(w / scale) * scale
+    so = ort.SessionOptions()                                   # as runtime/ort.py: float activations
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    y = ort.InferenceSession(out.SerializeToString(), so).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq.T + b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- whole bundles
 def _bundle(tmp_path_factory, scheme: str) -> Path:
     from fastv_export.config import FastVConfig

@@ -113,8 +113,8 @@ def _check_found(graph: str, found: list[str], wanted: dict[str, str], file: str
                          "node, e.g. a tied token embedding): it cannot be quantized alone; drop lm_head from "
                          "--quantize-parts")
     if graph == "vision" and wanted and not set(wanted.values()) & set(found):
-        raise FastVError(f"{file} has none of the vision tower's Linear weights as a MatMul weight (e.g. traced as "
-                         "Gemm): drop vision from --quantize-parts")
+        raise FastVError(f"{file} has none of the vision tower's Linear weights as a MatMul or Gemm weight of its "
+                         "own: drop vision from --quantize-parts")
     if graph == "vision" and missing:
         log.info("%d vision Linear weights are not in %s (layers the model does not use): left out", len(missing),
                  file)

@@ -84,8 +84,44 @@ def vision_linear_weights(adapter) -> dict[str, str]:
     return out
 
 
+def _gemm_attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _untranspose_gemm_weights(model: onnx.ModelProto, weights: dict[str, str]) -> int:
+    """``Gemm(x, W, b, transB=1)`` with a Linear's [out, in] weight of ``weights`` (a graph traced with TorchScript
+    or a 2-D Linear input, e.g. Qwen2-VL's vision tower) rewritten exactly as ``Gemm(x, W^T, b)``, so that the weight
+    is [in, out] as a MatMul holds it; returns how many."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = _gemm_attrs(node)
+        if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or users[node.input[1]] != 1:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        w = numpy_helper.to_array(init).T.copy()
+        if _digest(w) not in weights:
+            continue
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+        for a in node.attribute:
+            if a.name == "transB":
+                a.i = 0
+        done += 1
+    return done
+
+
 def _targets(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, tuple[onnx.NodeProto, str]]:
-    """Initializer name -> (its MatMul, the torch parameter) for every MatMul whose weight is a decoder Linear."""
+    """Initializer name -> (its MatMul, the torch parameter) for every MatMul (or Gemm without transposes and with
+    alpha 1) whose [in, out] weight is one of ``weights``."""
     inits = {i.name: i for i in model.graph.initializer}
     users: dict[str, int] = {}
     for node in model.graph.node:
@@ -93,7 +129,9 @@ def _targets(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, tuple
             users[name] = users.get(name, 0) + 1
     found = {}
     for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+        gemm = node.op_type == "Gemm" and len(node.input) >= 2 and not _gemm_attrs(node).get("transA", 0) \
+            and not _gemm_attrs(node).get("transB", 0) and _gemm_attrs(node).get("alpha", 1.0) == 1.0
+        if not (gemm or (node.op_type == "MatMul" and len(node.input) == 2)) or node.input[1] not in inits:
             continue
         init = inits[node.input[1]]
         if len(init.dims) != 2 or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
@@ -232,6 +270,8 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Sche
                                                                                              GraphQuantization]:
     """Quantize the decoder-layer MatMul weights of ``model`` (``weights``: :func:`decoder_linear_weights`) with
     ``scheme``; returns the new model and what was quantized."""
+    if any(n.op_type == "Gemm" for n in model.graph.node):
+        _untranspose_gemm_weights(model, weights)
     found = _targets(model, weights)
     renamed = []
     for old, (node, param) in found.items():
