@@ -389,7 +389,7 @@ def _quantized_weights(model, bundle: Bundle) -> None:
     """``model``'s quantized weights replaced (in place) by the bundle's integers dequantized in PyTorch."""
     from fastv_export.quantize.reference import apply_quantized_weights
 
-    apply_quantized_weights(model, bundle.path, {g: bundle.file(g).name for g in ("pre_k", "post_k")})
+    apply_quantized_weights(model, bundle.path, {g: bundle.file(g).name for g in ("pre_k", "post_k", "vision")})
 
 
 def _ort_runner(bundle: Bundle) -> Runner:

@@ -59,11 +59,12 @@ def _flops_lines(model: str, bundle, section) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from fastv_export import memory
     from fastv_export.engines.build import gpu_target, format_summary
-    from fastv_export.quantize import check_target, get_scheme
+    from fastv_export.quantize import check_target, get_scheme, parse_parts
     from fastv_export.validate import format_report
 
     cfg = fastv_config_from_args(args)
     scheme = get_scheme(args.quantize)
+    parse_parts(args.quantize_parts, args.quantize)          # a bad --quantize-parts stops before anything runs
     options = with_plugin_resolved(build_options_from_args(args))   # no plugin: stop here, before exporting
     if options.backend != "tensorrt":
         check_target(scheme and scheme.name, options.compute_capabilities)

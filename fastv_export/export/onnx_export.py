@@ -49,6 +49,8 @@ class ExportOptions:
     #: calibration data of a calibrated scheme (int4-awq): "demo", "synthetic" or a folder; None: the default
     calibration: str | None = None
     calibration_size: int = 64
+    #: what ``quantize`` covers (fastv_export/quantize/schemes.py PARTS): "decoder", and "lm_head", "vision"
+    quantize_parts: tuple[str, ...] = ("decoder",)
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,7 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
     out = Path(out_dir)
     if options.dtype not in DTYPES:
         raise FastVError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    from fastv_export.quantize import get_scheme
+    from fastv_export.quantize import DEFAULT_PARTS, get_scheme, parse_parts
 
     scheme = get_scheme(options.quantize)
     if scheme is not None and options.dtype != "fp32":
@@ -328,6 +330,8 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
     if options.calibration is not None and (scheme is None or not scheme.calibrated):
         raise FastVError(f"--calibration is for a calibrated scheme (--quantize int4-awq), not "
                          f"--quantize {options.quantize or 'none'}; drop --calibration")
+    if tuple(options.quantize_parts) != DEFAULT_PARTS:
+        parse_parts(",".join(options.quantize_parts), options.quantize)     # the same one-line refusals as the CLI
     if cfg.k == 0:
         raise FastVError("export needs K >= 1 (K = 0 prunes before any decoder layer; use the PyTorch "
                          "reference for that ablation)")
@@ -347,7 +351,7 @@ def export_bundle(out_dir: str | Path, cfg: FastVConfig, options: ExportOptions 
             from fastv_export.quantize import quantize_bundle_graphs
 
             quantization = quantize_bundle_graphs(adapter, tmp, specs, written, scheme, _resave_with_external_data,
-                                                  awq)
+                                                  awq, tuple(options.quantize_parts))
         serving = write_serving_files(options.model, adapter.config, tmp)
         manifest = export_manifest(adapter, cfg, options.dtype, options.model, out, specs, written, serving)
         if quantization is not None:

@@ -6,8 +6,9 @@ run, with ONNX Runtime's quantization parameters and quantizer (``quant_utils``)
 the reduction axis (opset 21 block-wise DequantizeLinear), int8 per output channel (opset 13 DequantizeLinear with
 an axis). Both symmetric: zero point 0 (not written) and positive scales, as TensorRT's ONNX parser requires.
 The quantized weight is named ``<torch parameter name>.T_DQ_Q<bits>`` so that the PyTorch reference finds which
-parameter it replaces (fastv_export/quantize/reference.py). lm_head, the embeddings and the vision tower stay as
-exported.
+parameter it replaces (fastv_export/quantize/reference.py). lm_head (post_k.onnx) and the vision tower's and
+projector's Linears (vision.onnx) are quantized the same way when ``--quantize-parts`` names them; the embeddings
+stay as exported.
 """
 from __future__ import annotations
 
@@ -58,8 +59,69 @@ def decoder_linear_weights(adapter) -> dict[str, str]:
     return out
 
 
+def _module_weight_name(model, module) -> str:
+    """``<module path>.weight`` of ``module`` in ``model``: the module's own name, also when its weight is shared
+    (tied lm_head and token embedding: named_parameters would name the embedding)."""
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is module)
+
+
+def lm_head_weights(adapter) -> dict[str, str]:
+    """sha256 of lm_head's weight as post_k's last MatMul holds it ([in, out]) -> ``<lm_head path>.weight``."""
+    head = adapter.lm_head()
+    return {_digest(head.weight.detach().t().contiguous().cpu().numpy()): _module_weight_name(adapter.model, head)}
+
+
+def vision_linear_weights(adapter) -> dict[str, str]:
+    """sha256 of each Linear weight of the vision path ([in, out]) -> its torch parameter name: every Linear of
+    the model outside the language model and lm_head (the vision tower and the projector)."""
+    import torch
+
+    text = {id(m) for m in adapter.text_model().modules()} | {id(adapter.lm_head())}
+    out = {}
+    for name, module in adapter.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and id(module) not in text:
+            out[_digest(module.weight.detach().t().contiguous().cpu().numpy())] = f"{name}.weight"
+    return out
+
+
+def _gemm_attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _untranspose_gemm_weights(model: onnx.ModelProto, weights: dict[str, str]) -> int:
+    """``Gemm(x, W, b, transB=1)`` with a Linear's [out, in] weight of ``weights`` (a graph traced with TorchScript
+    or a 2-D Linear input, e.g. Qwen2-VL's vision tower) rewritten exactly as ``Gemm(x, W^T, b)``, so that the weight
+    is [in, out] as a MatMul holds it; returns how many."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = _gemm_attrs(node)
+        if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or users[node.input[1]] != 1:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        w = numpy_helper.to_array(init).T.copy()
+        if _digest(w) not in weights:
+            continue
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+        for a in node.attribute:
+            if a.name == "transB":
+                a.i = 0
+        done += 1
+    return done
+
+
 def _targets(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, tuple[onnx.NodeProto, str]]:
-    """Initializer name -> (its MatMul, the torch parameter) for every MatMul whose weight is a decoder Linear."""
+    """Initializer name -> (its MatMul, the torch parameter) for every MatMul (or Gemm without transposes and with
+    alpha 1) whose [in, out] weight is one of ``weights``."""
     inits = {i.name: i for i in model.graph.initializer}
     users: dict[str, int] = {}
     for node in model.graph.node:
@@ -67,7 +129,9 @@ def _targets(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, tuple
             users[name] = users.get(name, 0) + 1
     found = {}
     for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+        gemm = node.op_type == "Gemm" and len(node.input) >= 2 and not _gemm_attrs(node).get("transA", 0) \
+            and not _gemm_attrs(node).get("transB", 0) and _gemm_attrs(node).get("alpha", 1.0) == 1.0
+        if not (gemm or (node.op_type == "MatMul" and len(node.input) == 2)) or node.input[1] not in inits:
             continue
         init = inits[node.input[1]]
         if len(init.dims) != 2 or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
@@ -206,6 +270,8 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Sche
                                                                                              GraphQuantization]:
     """Quantize the decoder-layer MatMul weights of ``model`` (``weights``: :func:`decoder_linear_weights`) with
     ``scheme``; returns the new model and what was quantized."""
+    if any(n.op_type == "Gemm" for n in model.graph.node):
+        _untranspose_gemm_weights(model, weights)
     found = _targets(model, weights)
     renamed = []
     for old, (node, param) in found.items():
@@ -216,13 +282,12 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Sche
         rewrite = _quantize_weights_fp8 if scheme.onnx_dtype == FP8_DTYPE else _quantize_weights
         model = rewrite(model, renamed, scheme)
     default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if default.version < scheme.min_opset:
+    if renamed and default.version < scheme.min_opset:
         raise FastVError(f"the quantized graph needs opset {scheme.min_opset}, it has {default.version}: a bug")
     left = {i.name for i in model.graph.initializer} & set(renamed)
     if left:
         raise FastVError(f"{len(left)} weights were not quantized (e.g. {sorted(left)[0]}): a bug, please report")
-    quantized = [i for i in model.graph.initializer
-                 if QUANT_NAME.match(i.name) or any(i.name.startswith(r + "_DQ_") for r in renamed)]
+    quantized = [i for i in model.graph.initializer if any(i.name.startswith(r + "_DQ_") for r in renamed)]
     q_bytes = sum(_tensor_bytes(i) for i in quantized)
     return model, GraphQuantization([r[:-2] for r in renamed], float_bytes, q_bytes)
 

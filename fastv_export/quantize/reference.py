@@ -6,7 +6,9 @@ over each block of ``block_size`` rows of the reduction axis (or taken per outpu
 DequantizeLinear computes it; ``<param>`` of the model is set to ``W`` transposed back to Linear's [out, in].
 An int4-awq bundle also holds float weights with AWQ scales folded in (``<param>.AWQ_FOLDED``, RMSNorm weights:
 copied as they are) and input scales left as a ``Mul`` before a MatMul (``<weight param>.AWQ_PRE_SCALE``: the same
-product as a forward pre-hook of that Linear).
+product as a forward pre-hook of that Linear). The weights of every quantized part are found this way: the decoder
+layers' (pre_k, post_k), lm_head's (post_k) and the vision Linears' (vision). A tied lm_head gets its own parameter
+(the token embedding keeps the float table, as embed.onnx does).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from fastv_export.quantize.onnx_weights import FOLDED_NAME, PRE_SCALE_NAME, QUAN
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_GRAPHS = ("pre_k", "post_k")
+#: the graphs that may hold quantized weights (vision: with ``--quantize-parts ...,vision``; a missing file is skipped)
+QUANTIZED_GRAPHS = ("pre_k", "post_k", "vision")
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -51,6 +54,8 @@ def dequantized_weights(bundle_dir: str | Path, files: dict[str, str] | None = N
     files = files or {g: f"{g}.onnx" for g in QUANTIZED_GRAPHS}
     out: dict[str, torch.Tensor] = {}
     for graph in QUANTIZED_GRAPHS:
+        if graph not in files or not (Path(bundle_dir) / files[graph]).is_file():
+            continue
         model = onnx.load(str(Path(bundle_dir) / files[graph]))
         inits = {i.name: i for i in model.graph.initializer}
         for node in model.graph.node:
@@ -77,6 +82,8 @@ def pre_scales(bundle_dir: str | Path, files: dict[str, str] | None = None) -> d
     files = files or {g: f"{g}.onnx" for g in QUANTIZED_GRAPHS}
     out: dict[str, torch.Tensor] = {}
     for graph in QUANTIZED_GRAPHS:
+        if graph not in files or not (Path(bundle_dir) / files[graph]).is_file():
+            continue
         for init in onnx.load(str(Path(bundle_dir) / files[graph])).graph.initializer:
             match = PRE_SCALE_NAME.match(init.name)
             if match is not None:
@@ -90,14 +97,31 @@ def apply_quantized_weights(model: torch.nn.Module, bundle_dir: str | Path, file
     from fastv_export.quantize.awq import install_pre_scales
 
     weights = dequantized_weights(bundle_dir, files)
-    params = dict(model.named_parameters())
+    shared = _shared_parameters(model)
     with torch.no_grad():
         for name, w in weights.items():
-            if name not in params or params[name].shape != w.shape:
+            module_name, _, attr = name.rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                module = None
+            param = getattr(module, attr, None)
+            if not isinstance(param, torch.nn.Parameter) or param.shape != w.shape:
                 raise FastVError(f"the bundle's quantized weight {name} does not match the model: re-export it")
-            params[name].copy_(w.to(params[name].dtype))
+            if id(param) in shared:       # tied (lm_head and the token embedding): only this module's copy changes
+                setattr(module, attr, torch.nn.Parameter(w.to(param.dtype), requires_grad=param.requires_grad))
+            else:
+                param.copy_(w.to(param.dtype))
     scales = pre_scales(bundle_dir, files)
     install_pre_scales(model, scales)
     log.info("reference: %d weights replaced by their dequantized (or folded) values, %d input scales",
              len(weights), len(scales))
     return len(weights)
+
+
+def _shared_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters held by more than one module (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, n in seen.items() if n > 1}

@@ -48,6 +48,32 @@ SCHEMES: dict[str, Scheme] = {
 }
 NONE = "none"
 
+#: the parts of a model `export --quantize-parts` can quantize (one place for their names): the decoder layers'
+#: Linears (pre_k.onnx, post_k.onnx; always), lm_head (post_k.onnx's last MatMul), the vision tower's and
+#: projector's Linears (vision.onnx); with the manifest's ``quantization.quantized`` key of each
+PARTS: dict[str, str] = {"decoder": "decoder_layers", "lm_head": "lm_head", "vision": "vision_tower"}
+DEFAULT_PARTS: tuple[str, ...] = ("decoder",)
+
+
+def parse_parts(text: str | None, scheme_name: str | None) -> tuple[str, ...]:
+    """The parts named in ``--quantize-parts`` (comma-separated; None: the default, the decoder layers), in
+    :data:`PARTS` order; FastVError in one line for an unknown part, a list without decoder, or parts given
+    without a scheme (``scheme_name`` None or "none")."""
+    if text is None:
+        return DEFAULT_PARTS
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PARTS]
+    if unknown:
+        raise FastVError(f"unknown --quantize-parts part {unknown[0]!r}; choose from {', '.join(PARTS)} "
+                         "(comma-separated, decoder included)")
+    if get_scheme(scheme_name) is None:
+        raise FastVError("--quantize-parts needs a scheme: add --quantize int8|int4|int4-awq|fp8, or drop "
+                         "--quantize-parts")
+    if "decoder" not in names:
+        raise FastVError(f"--quantize-parts {text} leaves out decoder, which every quantized bundle quantizes; "
+                         f"write --quantize-parts decoder,{','.join(names) or 'lm_head'}")
+    return tuple(p for p in PARTS if p in names)
+
 
 def get_scheme(name: str | None) -> Scheme | None:
     """The scheme called ``name`` (None or "none": no quantization); FastVError naming the choices otherwise."""
