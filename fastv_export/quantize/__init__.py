@@ -8,8 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-import onnx
-
 from fastv_export.quantize.schemes import (DEFAULT_PARTS, NONE, PARTS, SCHEMES, Scheme, check_target, get_scheme,
                                           parse_parts)
 
@@ -43,6 +41,7 @@ def quantize_bundle_graphs(adapter: ModelAdapter, out: Path, specs: Mapping[str,
     manifest's ``quantization`` section. ``awq`` (int4-awq): the folded model's integers, scales and input scales
     of the decoder layers, the graphs exported from the model with its folded float weights
     (:func:`fastv_export.quantize.awq.apply_float`); lm_head and vision then take min-max int4 blocks."""
+    import onnx   # here, not at the top: `fastv-export --help` and `flops` import the scheme names without onnx
     import onnxruntime
 
     from fastv_export.quantize.onnx_weights import (decoder_linear_weights, lm_head_weights, quantize_graph,
