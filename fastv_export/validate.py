@@ -268,7 +268,7 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
                     report_dir: str | Path | None = None, seed: int = 0, runner: Runner | None = None,
                     media: list[Media] | None = None, model: str | Path | None = None, atol: float | None = None,
                     rtol: float | None = None, requests: list | None = None,
-                    open_runner: Callable[[Bundle], Runner] | None = None) -> dict:
+                    open_runner: Callable[[Bundle], Runner] | None = None, fail_on_gap: bool = False) -> dict:
     """Compare ``runner`` (default: ONNX Runtime on ``bundle``, a verified Bundle or a directory verified
     here) with the PyTorch reference; writes validation.json (+ Polygraphy RunResults) and returns the
     report. ``media``: the images and videos of every prompt (default: one image of the exported size);
@@ -276,7 +276,9 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
     ``atol``/``rtol``: the float comparisons' absolute and relative terms (default: by precision,
     ``TOLERANCES``); ``requests``: real requests (:class:`fastv_export.frontend.Request`, e.g. from
     ``load_requests``) instead of synthetic prompts, each one case, through the front end loaded from the
-    bundle (its own tokenizer, processor and chat template).
+    bundle (its own tokenizer, processor and chat template). A quantized bundle is compared with its quantized
+    reference; its gap to the unquantized model is reported with a verdict against its own tolerance
+    (``fastv_export.quantize.gap.GAP_TOLERANCE``), which fails the validation only with ``fail_on_gap``.
 
     Memory: the PyTorch model and the runner are never held together (unless the caller passes an open
     ``runner``): the reference runs first for every prompt and only what is compared is kept, the model is
@@ -379,8 +381,15 @@ def validate_bundle(bundle: Bundle | str | Path, max_new_tokens: int = 32, batch
               "fastv": cfg.to_manifest(), "precision": precision, "tolerances": tol, "max_new_tokens": max_new_tokens,
               "cases": [asdict(c) for c in cases], "passed": all(c.passed for c in cases)}
     if float_refs is not None:
+        from fastv_export.quantize.gap import GAP_TOLERANCE, over_tolerance
+
+        over = over_tolerance(gaps, GAP_TOLERANCE)
         report["quantization"] = {"scheme": bundle.quantization_scheme, "reference": "the quantized model (the "
-                                  "bundle's integer weights dequantized in PyTorch)", "gap_to_unquantized": gaps}
+                                  "bundle's integer weights dequantized in PyTorch)", "gap_to_unquantized": gaps,
+                                  "gap_tolerance": GAP_TOLERANCE, "gap_over_tolerance": over,
+                                  "fail_on_gap": fail_on_gap}
+        if over and fail_on_gap:
+            report["passed"] = False
     atomic_write_json(out_dir / "validation.json", report)
     return report
 

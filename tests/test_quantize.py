@@ -16,7 +16,7 @@ from fastv_export.errors import FastVError
 from fastv_export.quantize import SCHEMES, check_target, get_scheme
 from fastv_export.quantize.onnx_weights import decoder_linear_weights, quantize_graph
 from fastv_export.quantize.reference import dequantize
-from tests.helpers import once_per_run, run_cli, shared_dir
+from tests.helpers import copy_bundle, once_per_run, run_cli, shared_dir
 
 
 def _matmul_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -230,3 +230,44 @@ def test_schema_section_agrees_with_the_schemes():
     assert set(props["bits"]["enum"]) == {s.bits for s in SCHEMES.values()}
     assert set(props["granularity"]["enum"]) == {s.granularity for s in SCHEMES.values()}
     assert "quantization" not in manifest_schema()["required"]       # float bundles have none
+
+
+# ------------------------------------------------------------------------------------------- the gap's tolerance
+def _gap(batch, top1, selection):
+    return {"batch": batch, "prefill_logits_error": 0.5, "prefill_logits_max": 9.0, "prefill_top1_agreement": top1,
+            "token_agreement": 0.5, "selection_agreement": selection}
+
+
+def test_gap_over_tolerance_names_each_shortfall():
+    from fastv_export.quantize.gap import over_tolerance
+
+    tol = {"prefill_top1_agreement": 0.9, "selection_agreement": 0.9}
+    assert over_tolerance([_gap(1, 1.0, 0.9), _gap(3, 0.95, 1.0)], tol) == []
+    assert over_tolerance([_gap(1, 1.0, 0.85), _gap(3, 2 / 3, float("nan"))], tol) == [
+        "batch 1: selection_agreement 85.0% < 90%", "batch 3: prefill_top1_agreement 66.7% < 90%",
+        "batch 3: selection_agreement nan% < 90%"]
+
+
+@pytest.mark.slow
+def test_validate_fails_on_the_gap_only_when_asked(tmp_path_factory, monkeypatch, capsys):
+    """The demo's int8 bundle is within the gap's tolerance and passes; under a tolerance nothing meets it reports
+    OVER and still passes, and fails with fail_on_gap (the CLI's --fail-on-gap: exit 1)."""
+    from fastv_export.bundle import load_bundle
+    from fastv_export.quantize import gap
+    from fastv_export.validate import format_report, validate_bundle
+
+    path = _bundle(tmp_path_factory, "tiny-llava-shapes", "int8")
+    kwargs = dict(max_new_tokens=2, batch_sizes=(1,))
+    report = validate_bundle(load_bundle(path), report_dir=tmp_path_factory.mktemp("v"), **kwargs)
+    assert report["passed"] and report["quantization"]["gap_over_tolerance"] == []
+    assert "within it" in format_report(report)
+    monkeypatch.setattr(gap, "GAP_TOLERANCE", {"prefill_top1_agreement": 1.5, "selection_agreement": 0.0})
+    report = validate_bundle(load_bundle(path), report_dir=tmp_path_factory.mktemp("v"), **kwargs)
+    assert report["passed"] and report["quantization"]["gap_over_tolerance"] == [
+        "batch 1: prefill_top1_agreement 100.0% < 150%"]
+    assert "OVER it: batch 1" in format_report(report)
+    report = validate_bundle(load_bundle(path), report_dir=tmp_path_factory.mktemp("v"), fail_on_gap=True, **kwargs)
+    assert not report["passed"]
+    rc, _ = run_cli(capsys, ["validate", str(copy_bundle(path, tmp_path_factory.mktemp("c"))), "--max-new-tokens",
+                             "2", "--batch-sizes", "1", "--fail-on-gap"])
+    assert rc == 1
