@@ -252,3 +252,46 @@ def test_all_parts_build_with_tensorrt_rtx(tmp_path_factory, plugin_library):
     assert all(engines[g].bytes > 0 for g in ("vision", "pre_k", "post_k", "embed"))
     for graph, n in (("vision", 8), ("post_k", 15), ("pre_k", 14)):     # every quantized weight: one DEQUANTIZE
         assert parse_onnx(path / f"{graph}.onnx", plugin_library=plugin_library).layer_types.count("DEQUANTIZE") == n
+
+
+@pytest.mark.slow
+def test_tied_embeddings_checkpoint_quantizes_lm_head_alone_and_validates(tmp_path):
+    """A user-style Qwen2.5-VL checkpoint with tied embeddings (as Qwen2.5-VL-3B ships): --quantize-parts
+    decoder,lm_head quantizes post_k's copy of the table, embed.onnx keeps the float table (equal to the HF
+    embedding), post_k's dequantized lm_head is within half a step of the same table, and validate passes."""
+    import transformers
+
+    from fastv_export.bundle import load_bundle
+    from fastv_export.config import FastVConfig
+    from fastv_export.export import ExportOptions, export_bundle
+    from fastv_export.validate import validate_bundle
+    from tests import user_checkpoints as uc
+
+    ckpt = uc.qwen2_5_vl_checkpoint(tmp_path / "ckpt")
+    config = transformers.AutoConfig.from_pretrained(ckpt, local_files_only=True)
+    config.tie_word_embeddings = config.get_text_config().tie_word_embeddings = True
+    torch.manual_seed(0)
+    transformers.Qwen2_5_VLForConditionalGeneration(config).save_pretrained(ckpt)    # the table saved once, tied
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, local_files_only=True,
+                                                                         dtype=torch.float32)
+    table = hf.get_input_embeddings().weight.detach().double().numpy()
+    assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()  # tied
+    out = tmp_path / "b"
+    export_bundle(out, FastVConfig(k=2, ratio="1/2"), ExportOptions(model=str(ckpt), quantize="int8",
+                                                                   quantize_parts=("decoder", "lm_head")))
+    embed_floats = [numpy_helper.to_array(i) for i in onnx.load(str(out / "embed.onnx")).graph.initializer
+                    if i.data_type == TensorProto.FLOAT and tuple(i.dims) == table.shape]
+    assert len(embed_floats) == 1 and np.array_equal(embed_floats[0], table.astype(np.float32))
+    post = onnx.load(str(out / "post_k.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in post.graph.initializer}
+    assert not any(v.dtype == np.float32 and v.shape in (table.shape, table.T.shape) for v in inits.values())
+    heads = [n for n in post.graph.node if n.op_type == "DequantizeLinear" and inits[n.input[0]].shape == table.T.shape]
+    assert len(heads) == 1
+    q, scale = inits[heads[0].input[0]].astype(np.float64), inits[heads[0].input[1]].astype(np.float64)
+    deq = q * scale.reshape(1, -1)                                  # int8 per output channel: [hidden, vocab]
+    assert np.all(np.abs(deq - table.T) <= scale.reshape(1, -1) / 2 * (1 + 1e-5) + 1e-12)
+    bundle = load_bundle(out)
+    parts = bundle.quantization["quantized"]
+    assert parts["lm_head"] is True and parts["embeddings"] is False
+    report = validate_bundle(bundle, max_new_tokens=4, batch_sizes=(1,), report_dir=tmp_path / "v")
+    assert report["passed"], [c["failure"] for c in report["cases"]]
