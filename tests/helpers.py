@@ -108,3 +108,38 @@ def json_nodes(value, path: tuple = ()):
     elif isinstance(value, list):
         for i, v in enumerate(value):
             yield from json_nodes(v, path + (i,))
+
+
+# ------------------------------------------------------------------------------------- quantized weight graphs
+def matmul_model(weights: dict):
+    """x [2, K] -> MatMul(x, w_i) for each named [K, N] weight, opset 18 (as the exporter writes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, outs, inits = [], [], []
+    k = next(iter(weights.values())).shape[0]
+    for i, (name, w) in enumerate(weights.items()):
+        inits.append(numpy_helper.from_array(w, f"val_{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"val_{i}"], [f"y{i}"], name=f"node_linear_{i}"))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, w.shape[1]]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])], outs,
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def weight_digests(weights: dict) -> dict[str, str]:
+    """sha256 of each weight's bytes -> its name (how the quantizer finds a parameter's initializer)."""
+    import hashlib
+
+    import numpy as np
+
+    return {hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(): name for name, w in weights.items()}
+
+
+def ort_outputs(model, x) -> list:
+    """``model``'s outputs for input ``x`` in ONNX Runtime, DequantizeLinear -> MatMul run as written (accuracy level
+    0 for the fused MatMulNBits, as the project's sessions set it)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(model.SerializeToString(), so).run(None, {"x": x})

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -16,31 +15,7 @@ from fastv_export.errors import FastVError
 from fastv_export.quantize import SCHEMES, check_target, get_scheme
 from fastv_export.quantize.onnx_weights import decoder_linear_weights, quantize_graph
 from fastv_export.quantize.reference import dequantize
-from tests.helpers import copy_bundle, once_per_run, run_cli, shared_dir
-
-
-def _matmul_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """x [2, K] -> MatMul(x, w_i) for each named [K, N] weight, opset 18 (as the exporter writes)."""
-    nodes, outs, inits = [], [], []
-    k = next(iter(weights.values())).shape[0]
-    for i, (name, w) in enumerate(weights.items()):
-        inits.append(numpy_helper.from_array(w, f"val_{i}"))
-        nodes.append(helper.make_node("MatMul", ["x", f"val_{i}"], [f"y{i}"], name=f"node_linear_{i}"))
-        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, w.shape[1]]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])], outs,
-                              inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-
-
-def _digests(weights: dict[str, np.ndarray]) -> dict[str, str]:
-    import hashlib
-    return {hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(): name for name, w in weights.items()}
-
-
-def _ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(model.SerializeToString(), so).run(None, {"x": x})
+from tests.helpers import copy_bundle, matmul_model, once_per_run, ort_outputs, run_cli, shared_dir, weight_digests
 
 
 # ------------------------------------------------------------------------------------------- schemes, refusals
@@ -78,8 +53,8 @@ def test_quantize_graph_rounds_each_weight_to_its_grid(scheme):
     weights = {"layers.0.q.weight": rng.standard_normal((256, 64)).astype(np.float32),
                "layers.0.o.weight": (rng.standard_normal((256, 32)) * 0.02).astype(np.float32)}
     other = rng.standard_normal((256, 16)).astype(np.float32)        # not a decoder weight: stays float
-    model = _matmul_model({**weights, "lm_head": other})
-    out, info = quantize_graph(model, _digests(weights), SCHEMES[scheme])
+    model = matmul_model({**weights, "lm_head": other})
+    out, info = quantize_graph(model, weight_digests(weights), SCHEMES[scheme])
     onnx.checker.check_model(out, full_check=True)
     assert sorted(info.params) == sorted(weights) and info.float_bytes == sum(w.nbytes for w in weights.values())
     inits = {i.name: i for i in out.graph.initializer}
@@ -105,7 +80,7 @@ def test_quantize_graph_rounds_each_weight_to_its_grid(scheme):
         assert np.all(scale > 0)                                     # TensorRT's parser refuses scales <= 0
         assert np.all(np.abs(deq - w) <= s_full / 2 + 1e-6 * np.abs(w).max())   # round to nearest
     x = rng.standard_normal((2, 256)).astype(np.float32)
-    y = _ort(out, x)
+    y = ort_outputs(out, x)
     ref = [x.astype(np.float64) @ w.astype(np.float64) for w in [*weights.values(), other]]
     np.testing.assert_allclose(y[2], ref[2], rtol=1e-5, atol=1e-5)  # the float weight is untouched
     for got, want in zip(y[:2], ref[:2]):
@@ -118,10 +93,10 @@ def test_torch_dequantize_matches_onnxruntime(scheme):
     a multiple of the block (the last block is short)."""
     rng = np.random.default_rng(2)
     weights = {"layers.1.mlp.weight": rng.standard_normal((200, 48)).astype(np.float32)}
-    out, _ = quantize_graph(_matmul_model(weights), _digests(weights), SCHEMES[scheme])
+    out, _ = quantize_graph(matmul_model(weights), weight_digests(weights), SCHEMES[scheme])
     dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear")
     out.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
-    ort_w = _ort(out, np.zeros((2, 200), np.float32))[-1]
+    ort_w = ort_outputs(out, np.zeros((2, 200), np.float32))[-1]
     inits = {i.name: i for i in out.graph.initializer}
     attrs = {a.name: a.i for a in dq.attribute}
     mine = dequantize(numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]]),
@@ -211,7 +186,7 @@ def test_dequantized_reference_replaces_the_parameters(tmp_path):
 
     lin = torch.nn.Sequential(torch.nn.Linear(128, 16, bias=False))
     w = lin[0].weight.detach().t().contiguous().numpy()
-    out, _ = quantize_graph(_matmul_model({"0.weight": w}), _digests({"0.weight": w}), SCHEMES["int8"])
+    out, _ = quantize_graph(matmul_model({"0.weight": w}), weight_digests({"0.weight": w}), SCHEMES["int8"])
     for g in ("pre_k", "post_k"):
         onnx.save(out, str(tmp_path / f"{g}.onnx"))
     before = lin[0].weight.detach().clone()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -23,32 +22,9 @@ from fastv_export.quantize import SCHEMES, check_target, get_scheme
 from fastv_export.quantize.onnx_weights import quantize_graph
 from fastv_export.quantize.reference import dequantize
 from fastv_export.quantize.schemes import check_backend, trtexec_guard
-from tests.helpers import copy_bundle, once_per_run, shared_dir
+from tests.helpers import copy_bundle, matmul_model, once_per_run, ort_outputs, shared_dir, weight_digests
 
 E4M3_MAX = 448.0
-
-
-def _matmul_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """x [2, K] -> MatMul(x, w_i) for each named [K, N] weight, opset 18 (as the exporter writes)."""
-    nodes, outs, inits = [], [], []
-    k = next(iter(weights.values())).shape[0]
-    for i, (name, w) in enumerate(weights.items()):
-        inits.append(numpy_helper.from_array(w, f"val_{i}"))
-        nodes.append(helper.make_node("MatMul", ["x", f"val_{i}"], [f"y{i}"], name=f"node_linear_{i}"))
-        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, w.shape[1]]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])], outs,
-                              inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-
-
-def _digests(weights: dict[str, np.ndarray]) -> dict[str, str]:
-    return {hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(): name for name, w in weights.items()}
-
-
-def _ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(model.SerializeToString(), so).run(None, {"x": x})
 
 
 def _dq_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -86,8 +62,8 @@ def test_fp8_rewrite_rounds_to_the_e4m3_grid_and_runs_in_onnxruntime():
     weights = {"model.layers.0.self_attn.q_proj.weight": rng.standard_normal((200, 48)).astype(np.float32),
                "model.layers.0.mlp.down_proj.weight": (rng.standard_normal((200, 24)) * 0.02).astype(np.float32)}
     weights["model.layers.0.mlp.down_proj.weight"][:, 3] = 0          # an all-zero channel: scale 1, q 0
-    model = _matmul_model(weights)
-    out, info = quantize_graph(model, _digests(weights), SCHEMES["fp8"])
+    model = matmul_model(weights)
+    out, info = quantize_graph(model, weight_digests(weights), SCHEMES["fp8"])
     onnx.checker.check_model(out, full_check=True)
     assert next(o.version for o in out.opset_import if o.domain == "") == 19
     assert sorted(info.params) == sorted(weights) and info.float_bytes == sum(w.nbytes for w in weights.values())
@@ -109,7 +85,7 @@ def test_fp8_rewrite_rounds_to_the_e4m3_grid_and_runs_in_onnxruntime():
     x = rng.standard_normal((2, 200)).astype(np.float32)
     dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and "q_proj" in n.input[0])
     out.graph.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
-    y = _ort(out, x)
+    y = ort_outputs(out, x)
     w = weights["model.layers.0.self_attn.q_proj.weight"]
     torch_w = dequantize(numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]]), 1,
                          0).numpy()
@@ -127,7 +103,7 @@ def test_fp8_weight_only_builds_for_sm89_and_sm120_not_sm86():
 
     rng = np.random.default_rng(4)
     weights = {"model.layers.0.mlp.up_proj.weight": rng.standard_normal((256, 128)).astype(np.float32)}
-    out, _ = quantize_graph(_matmul_model(weights), _digests(weights), SCHEMES["fp8"])
+    out, _ = quantize_graph(matmul_model(weights), weight_digests(weights), SCHEMES["fp8"])
     for cc in ("SM89", "SM120"):
         built = trt_rtx.build_engine_aot(out, compute_capabilities=[cc])
         assert len(built.engine) > 0 and "DEQUANTIZE" in built.layer_types

@@ -211,17 +211,31 @@ def _quantize_weights(model: onnx.ModelProto, targets: list[str], scheme: Scheme
             tensor = numpy_helper.from_array(q.astype(np.int8), qname)
             scale = scale.reshape(cols)                                   # per output channel: opset 13 form
             attrs = {"axis": 1}
-        model.graph.initializer.remove(init)
-        model.graph.initializer.extend([tensor, numpy_helper.from_array(scale.astype(w.dtype), sname)])
-        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [qname, sname], [f"{name}_DQ"],
-                                               name=f"{name}_DQ", **attrs))
-        for node in model.graph.node:
-            for i, n in enumerate(node.input):
-                if n == name:
-                    node.input[i] = f"{name}_DQ"
-    nodes = list(model.graph.node)
+        new_nodes.append(_dequantized(model, init, tensor, numpy_helper.from_array(scale.astype(w.dtype), sname),
+                                      attrs))
+    return _with_first(model, new_nodes)
+
+
+def _dequantized(model: onnx.ModelProto, init: onnx.TensorProto, q: onnx.TensorProto, scale: onnx.TensorProto,
+                 attrs: dict) -> onnx.NodeProto:
+    """The weight ``init`` replaced by ``q`` and ``scale``: returns ``DequantizeLinear(q, scale, **attrs)``, whose
+    output ``<weight>_DQ`` every node that read the weight now reads."""
+    name = init.name
+    model.graph.initializer.remove(init)
+    model.graph.initializer.extend([q, scale])
+    for node in model.graph.node:
+        for i, n in enumerate(node.input):
+            if n == name:
+                node.input[i] = f"{name}_DQ"
+    return onnx.helper.make_node("DequantizeLinear", [q.name, scale.name], [f"{name}_DQ"], name=f"{name}_DQ",
+                                 **attrs)
+
+
+def _with_first(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """``nodes`` (constants' DequantizeLinear) put before the graph's nodes: the graph stays topologically sorted."""
+    rest = list(model.graph.node)
     del model.graph.node[:]
-    model.graph.node.extend(new_nodes + nodes)        # constants first: the graph stays topologically sorted
+    model.graph.node.extend(nodes + rest)
     return model
 
 
@@ -252,18 +266,8 @@ def _quantize_weights_fp8(model: onnx.ModelProto, targets: list[str], scheme: Sc
         w = numpy_helper.to_array(init)
         qname, sname = f"{name}_DQ_Q{scheme.bits}", f"{name}_DQ_scales"
         tensor, scale = fp8_weight(w, qname)
-        model.graph.initializer.remove(init)
-        model.graph.initializer.extend([tensor, numpy_helper.from_array(scale, sname)])
-        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [qname, sname], [f"{name}_DQ"], name=f"{name}_DQ",
-                                               axis=1))
-        for node in model.graph.node:
-            for i, n in enumerate(node.input):
-                if n == name:
-                    node.input[i] = f"{name}_DQ"
-    nodes = list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes + nodes)        # constants first: the graph stays topologically sorted
-    return model
+        new_nodes.append(_dequantized(model, init, tensor, numpy_helper.from_array(scale, sname), {"axis": 1}))
+    return _with_first(model, new_nodes)
 
 
 def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], scheme: Scheme) -> tuple[onnx.ModelProto,
