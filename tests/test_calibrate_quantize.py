@@ -15,6 +15,7 @@ from fastv_export.adapters import get_adapter
 from fastv_export.calibrate import dataset, report, sweep
 from fastv_export.errors import FastVError
 from fastv_export.presets import load_model
+from tests.helpers import run_cli
 
 DEMO = "tiny-llava-shapes"
 
@@ -172,10 +173,9 @@ def test_max_weight_bytes_recommends_the_most_accurate_point_that_fits():
 # ---- the command line -----------------------------------------------------------------------------------------------
 
 def _cli_error(argv, capsys) -> str:
-    rc = cli.main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
+    """The one-line refusal (exit 2) of ``fastv-export argv``."""
+    rc, err = run_cli(capsys, argv)
+    assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
     return err
 
 
