@@ -225,8 +225,10 @@ def _build_peak(graph: Path, out: Path) -> int:
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
 def test_a_build_holds_the_weights_once(tmp_path, external):
     """Builds of a 64 MiB and a 256 MiB graph (MatMul chains, fp32) in fresh processes: the 192 MiB more weights
-    raise the build's peak RSS by at most 1.3x their bytes. (The builder keeps its own copy of the weights, which
-    it writes into the engine; the build before this change held the weights 4-5 times: 5.2x measured here.)
+    raise the build's peak RSS by at most 1.6x their bytes. (The builder keeps its own copy of the weights, which
+    it writes into the engine: 1.0x measured alone, up to 1.34x under the parallel test suite, where the thread
+    dropping the maps' pages runs late; one more copy of ours would be >= 2x; the build before this change held
+    the weights 4-5 times: 4.0-5.2x measured here.)
     Comparing two sizes cancels what does not grow with the weights: the interpreter, the builder's own memory
     and the one 64 MiB chunk of the engine that the stream writer receives as Python bytes."""
     small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
@@ -235,7 +237,7 @@ def test_a_build_holds_the_weights_once(tmp_path, external):
     p_small = _build_peak(small, tmp_path / "small.engine")
     p_big = _build_peak(big, tmp_path / "big.engine")
     ratio = (p_big - p_small) / (w_big - w_small)
-    assert ratio <= 1.3, f"{(p_big - p_small) / 2**20:.0f} MiB more peak RSS for {(w_big - w_small) / 2**20:.0f} " \
+    assert ratio <= 1.6, f"{(p_big - p_small) / 2**20:.0f} MiB more peak RSS for {(w_big - w_small) / 2**20:.0f} " \
                          f"MiB more weights ({ratio:.2f}x)"
     assert (tmp_path / "big.engine").stat().st_size > w_big            # the weights are in the engine
 
